@@ -1,0 +1,3 @@
+from d1sync_dagster.cli import main
+
+raise SystemExit(main())

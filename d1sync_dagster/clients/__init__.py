@@ -1,0 +1,1 @@
+"""Thin, real I/O: Postgres/PGMQ (psycopg) and D1 (HTTP API over httpx, or a local SQLite file)."""

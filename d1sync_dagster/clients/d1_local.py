@@ -1,0 +1,119 @@
+"""D1 as a local SQLite file: the embedded default, with D1's limits enforced so local runs fail where
+production would (100 bound parameters, 100 KB statements, no BEGIN/COMMIT, parameters as strings)."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from d1sync_dagster.clients.d1 import (
+    MAX_BOUND_PARAMS,
+    MAX_STATEMENT_BYTES,
+    Param,
+    QueryResult,
+    Statement,
+    encode_statements,
+)
+from d1sync_dagster.errors import D1Error
+
+_TRANSACTION_WORDS = re.compile(r"^\s*(BEGIN|COMMIT|END|ROLLBACK|SAVEPOINT|RELEASE)\b", re.IGNORECASE)
+
+
+def split_statements(sql: str) -> list[str]:
+    """Split on top-level semicolons, using SQLite's own notion of a complete statement."""
+    out, cur = [], ""
+    for part in sql.split(";"):
+        cur += part + ";"
+        if sqlite3.complete_statement(cur):
+            if cur.strip(" \t\r\n;"):
+                out.append(cur.strip().rstrip(";").strip())
+            cur = ""
+    if cur.strip(" \t\r\n;"):
+        out.append(cur.strip().rstrip(";").strip())
+    return out
+
+
+class LocalD1Client:
+    """A SQLite file behind the `D1Client` interface; a batch is one transaction, as in D1."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if str(path) != ":memory:":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        # SQLite itself enforces D1's limits, so nothing that D1 would refuse slips through.
+        self._conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, MAX_BOUND_PARAMS)
+        self._conn.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, MAX_STATEMENT_BYTES)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA busy_timeout=10000")
+        self._lock = threading.Lock()
+        self.requests = 0
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def batch(self, statements: Sequence[Statement]) -> list[QueryResult]:
+        if not statements:
+            return []
+        encoded = encode_statements(statements)
+        return self._run([(q["sql"], q["params"]) for q in encoded])
+
+    def query(self, sql: str, params: Sequence[Param] = ()) -> list[QueryResult]:
+        (encoded,) = encode_statements([Statement(sql, tuple(params))])
+        parts = split_statements(sql)
+        if not parts:
+            raise D1Error("No SQL statements detected.", statement_index=0)
+        if len(parts) > 1 and params:
+            raise D1Error("a query with several statements cannot take params", statement_index=0)
+        return self._run([(p, encoded["params"] if len(parts) == 1 else []) for p in parts])
+
+    def raw(self, sql: str, params: Sequence[Param] = ()) -> tuple[list[str], list[list[Any]], dict[str, Any]]:
+        """Rows as arrays, like the HTTP API's `/raw`."""
+        (encoded,) = encode_statements([Statement(sql, tuple(params))])
+        with self._lock:
+            self.requests += 1
+            try:
+                cur = self._conn.execute(sql, encoded["params"])
+                rows = [list(r) for r in cur.fetchall()]
+            except sqlite3.Error as e:
+                raise D1Error(f"D1 (local) refused the statement: {e}", statement_index=0) from None
+        cols = [d[0] for d in cur.description or []]
+        return cols, rows, {"rows_read": len(rows), "rows_written": 0}
+
+    def _run(self, stmts: list[tuple[str, list[str | None]]]) -> list[QueryResult]:
+        for i, (sql, _) in enumerate(stmts):
+            if _TRANSACTION_WORDS.match(sql):
+                raise D1Error("D1 refuses BEGIN/COMMIT/SAVEPOINT; a batch is already a transaction", statement_index=i)
+        out = []
+        with self._lock:
+            self.requests += 1
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for i, (sql, params) in enumerate(stmts):
+                    before = self._conn.total_changes
+                    started = time.perf_counter()
+                    try:
+                        cur = self._conn.execute(sql, params)
+                        rows = cur.fetchall()
+                    except sqlite3.Error as e:
+                        raise D1Error(f"D1 (local) refused the statement: {e}", statement_index=i, code=7500) from None
+                    cols = [d[0] for d in cur.description or []]
+                    changes = self._conn.total_changes - before
+                    meta = {
+                        "changes": changes,
+                        "rows_written": changes,
+                        "rows_read": len(rows),
+                        "last_row_id": cur.lastrowid,
+                        "duration": (time.perf_counter() - started) * 1000,
+                    }
+                    out.append(QueryResult([dict(zip(cols, r, strict=True)) for r in rows], meta))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return out

@@ -1,0 +1,1 @@
+"""Dagster wiring only: resources, assets, checks, sensors, jobs, schedules."""

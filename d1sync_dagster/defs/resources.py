@@ -1,0 +1,44 @@
+"""Resources hand out clients; they hold settings (secrets through `dg.EnvVar`) and no business logic."""
+
+
+from typing import Optional
+
+import dagster as dg
+from pydantic import Field
+
+from d1sync_dagster.clients.d1 import D1Client
+from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.config import D1Settings
+from d1sync_dagster.sql.capture import DEFAULT_QUEUE
+
+
+class PostgresResource(dg.ConfigurableResource):
+    """The source Postgres with PGMQ. Use a session connection (port 5432), not the transaction pooler."""
+
+    database_url: str = Field(description="postgresql:// URL; pass it as dg.EnvVar('DATABASE_URL')")
+    queue: str = Field(default=DEFAULT_QUEUE, description="PGMQ queue that the capture triggers write to")
+
+    def get_client(self) -> PgmqClient:
+        return PgmqClient(self.database_url, queue=self.queue)
+
+
+class D1Resource(dg.ConfigurableResource):
+    """Cloudflare D1: the HTTP API when `account_id` is set, otherwise the local SQLite file `local_path`."""
+
+    local_path: Optional[str] = Field(default=None, description="SQLite file used as D1 (embedded default)")
+    account_id: Optional[str] = Field(default=None, description="Cloudflare account id")
+    database_id: Optional[str] = Field(default=None, description="D1 database id")
+    api_token: Optional[str] = Field(default=None, description="API token with D1 edit rights; pass as dg.EnvVar")
+    base_url: str = Field(default="https://api.cloudflare.com/client/v4", description="API base URL")
+
+    def settings(self) -> D1Settings:
+        return D1Settings(
+            local_path=None if self.account_id else (self.local_path or ".d1sync/local.sqlite"),
+            account_id=self.account_id,
+            database_id=self.database_id,
+            api_token=self.api_token,
+            base_url=self.base_url,
+        )
+
+    def get_client(self) -> D1Client:
+        return self.settings().client()

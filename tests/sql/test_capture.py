@@ -1,0 +1,146 @@
+"""The generated capture migration, applied to a real Postgres with PGMQ and exercised."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.engine.setup import setup_postgres
+from d1sync_dagster.schema import load_schema, parse_schema
+from d1sync_dagster.sql.capture import migration
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = load_schema(ROOT / "schema.json")
+UUID = "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"
+
+
+@pytest.fixture
+def pg(source_db):
+    with PgmqClient(source_db) as client:
+        setup_postgres(client, SCHEMA)
+        yield client
+
+
+def messages(pg, queue="replicate_data"):
+    rows = pg.execute(f"SELECT msg_id, message FROM pgmq.q_{queue} ORDER BY msg_id")
+    return [m for _, m in rows]
+
+
+def test_checked_in_migration_is_the_generated_one():
+    out = subprocess.run(
+        [sys.executable, "-m", "d1sync_dagster", "generate-sql", "--schema", str(ROOT / "schema.json")],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    ).stdout
+    assert out == (ROOT / "supabase_migration.sql").read_text()
+    assert out == migration(SCHEMA)
+
+
+def test_migration_file_runs_as_is_twice(source_db):
+    text = (ROOT / "supabase_migration.sql").read_text()
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute(text.encode())
+        conn.execute(text.encode())
+        queues = [r[0] for r in conn.execute("SELECT queue_name FROM pgmq.meta ORDER BY 1")]
+        triggers = conn.execute("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'd1sync_capture_%'").fetchone()[0]
+    assert queues == ["replicate_data", "replicate_data_dlq"]
+    assert triggers == 8
+
+
+def test_insert_sends_seed_shaped_messages_with_replicated_columns_only(pg):
+    pg.execute(
+        "INSERT INTO apps (id, owner_id, name, settings, icon, secret_note) "
+        "VALUES (1, %s, 'x', '{\"b\": 1}', '\\xdeadbeef', 'hidden')",
+        [UUID],
+    )
+    (m,) = messages(pg)
+    assert set(m) == {"record", "old_record", "type", "table"}
+    assert m["type"] == "INSERT" and m["table"] == "apps" and m["old_record"] is None
+    assert set(m["record"]) == set(SCHEMA.table("apps").columns)
+    assert "secret_note" not in m["record"]
+    assert m["record"]["icon"] == "\\xdeadbeef"
+    assert m["record"]["settings"] == {"b": 1}
+
+
+def test_update_sends_old_and_new(pg):
+    pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
+    pg.execute("UPDATE apps SET name = 'y' WHERE id = 1")
+    m = messages(pg)[-1]
+    assert m["type"] == "UPDATE"
+    assert (m["old_record"]["name"], m["record"]["name"]) == ("x", "y")
+
+
+def test_update_of_unreplicated_column_or_same_value_sends_nothing(pg):
+    pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
+    pg.execute("UPDATE apps SET secret_note = 'changed'")
+    pg.execute("UPDATE apps SET name = 'x'")
+    assert len(messages(pg)) == 1
+
+
+def test_delete_sends_old_record(pg):
+    pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
+    pg.execute("DELETE FROM apps")
+    m = messages(pg)[-1]
+    assert m["type"] == "DELETE" and m["record"] is None and m["old_record"]["id"] == 1
+
+
+def test_truncate_sends_one_barrier(pg):
+    pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x'), (2, 'y')")
+    pg.execute("TRUNCATE apps")
+    m = messages(pg)[-1]
+    assert m == {"record": None, "old_record": None, "type": "TRUNCATE", "table": "apps"}
+
+
+def test_primary_key_change_deletes_old_key_then_upserts_new(pg):
+    # Inserted 2 before 1 so the heap-order update moves 2->3 before 1->2 (the key is not deferrable).
+    pg.execute("INSERT INTO apps (id, name) VALUES (2, 'b'), (1, 'a')")
+    pg.execute("UPDATE apps SET id = id + 1")  # key 1 disappears, 2 and 3 carry new state
+    batch = messages(pg)[2:]
+    assert (batch[0]["type"], batch[0]["old_record"]["id"]) == ("DELETE", 1)
+    assert {m["type"] for m in batch[1:]} == {"UPDATE"}
+    assert {m["record"]["id"]: m["record"]["name"] for m in batch[1:]} == {2: "a", 3: "b"}
+
+
+def test_composite_key_change(pg):
+    pg.execute("INSERT INTO app_versions (app_id, version) VALUES (1, '1.0')")
+    pg.execute("UPDATE app_versions SET version = '2.0'")
+    batch = messages(pg)[1:]
+    assert [m["type"] for m in batch] == ["DELETE", "UPDATE"]
+    assert batch[0]["old_record"]["version"] == "1.0" and batch[1]["record"]["version"] == "2.0"
+
+
+def test_bigint_beyond_2_53_is_exact_in_the_message(pg):
+    pg.execute("INSERT INTO apps (id, name) VALUES (9007199254740993, 'big')")
+    raw = pg.execute("SELECT message->'record'->>'id' FROM pgmq.q_replicate_data")[0][0]
+    assert raw == "9007199254740993"
+    assert messages(pg)[0]["record"]["id"] == 9007199254740993
+
+
+def test_rollback_sends_nothing(pg):
+    with pg.conn.transaction(force_rollback=True):
+        pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
+    assert messages(pg) == []
+
+
+def test_bulk_insert_of_10k_rows_is_one_send_batch(pg):
+    pg.execute("INSERT INTO apps (id, name) SELECT g, 'n' || g FROM generate_series(1, 10000) g")
+    n, distinct_vt, ids = pg.execute(
+        "SELECT count(*), count(DISTINCT vt), count(DISTINCT message->'record'->>'id') FROM pgmq.q_replicate_data"
+    )[0]
+    assert n == 10000 and ids == 10000
+    # One send_batch call gives every message the same visibility time; separate calls would not.
+    assert distinct_vt == 1
+
+
+def test_wide_table_over_50_columns_and_hostile_names(pg):
+    cols = {f"c{i}": "INTEGER" for i in range(70)} | {"order": "TEXT", "my col": "TEXT", "naïve": "TEXT"}
+    schema = parse_schema({"select": {"primaryKey": "order", "columns": cols}})
+    ddl = ", ".join(f'"{c}" {"text" if t == "TEXT" else "int"}' for c, t in cols.items())
+    pg.execute(f'CREATE TABLE "select" ({ddl}, PRIMARY KEY ("order"))')
+    setup_postgres(pg, schema)
+    pg.execute('INSERT INTO "select" ("order", "my col", "naïve", c69) VALUES (\'k\', \'v\', \'ü\', 69)')
+    m = messages(pg)[-1]
+    assert m["table"] == "select" and len(m["record"]) == 73
+    assert (m["record"]["my col"], m["record"]["naïve"], m["record"]["c69"]) == ("v", "ü", 69)
