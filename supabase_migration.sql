@@ -31,27 +31,26 @@ DECLARE
   msgs jsonb[];
 BEGIN
   IF TG_OP = 'INSERT' THEN
-    SELECT pg_catalog.array_agg(pg_catalog.jsonb_build_object('record', pg_catalog.jsonb_build_object('id', n."id", 'owner_id', n."owner_id", 'name', n."name", 'is_public', n."is_public", 'settings', n."settings", 'rating', n."rating", 'icon', n."icon", 'created_at', n."created_at"), 'old_record', NULL, 'type', 'INSERT', 'table', 'apps'))
-      INTO msgs FROM new_rows n;
+    INSERT INTO pgmq."q_replicate_data" (vt, message)
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', pg_catalog.to_jsonb(r), 'old_record', NULL, 'type', 'INSERT', 'table', 'apps') AS m FROM (SELECT "id", "owner_id", "name", "is_public", "settings", "rating", "icon", "created_at" FROM new_rows) r) s;
   ELSIF TG_OP = 'DELETE' THEN
-    SELECT pg_catalog.array_agg(pg_catalog.jsonb_build_object('record', NULL, 'old_record', pg_catalog.jsonb_build_object('id', o."id", 'owner_id', o."owner_id", 'name', o."name", 'is_public', o."is_public", 'settings', o."settings", 'rating', o."rating", 'icon', o."icon", 'created_at', o."created_at"), 'type', 'DELETE', 'table', 'apps'))
-      INTO msgs FROM old_rows o;
+    INSERT INTO pgmq."q_replicate_data" (vt, message)
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', pg_catalog.to_jsonb(r), 'type', 'DELETE', 'table', 'apps') AS m FROM (SELECT "id", "owner_id", "name", "is_public", "settings", "rating", "icon", "created_at" FROM old_rows) r) s;
   ELSIF TG_OP = 'UPDATE' THEN
-    WITH o AS (SELECT o."id" AS k0, pg_catalog.jsonb_build_object('id', o."id", 'owner_id', o."owner_id", 'name', o."name", 'is_public', o."is_public", 'settings', o."settings", 'rating', o."rating", 'icon', o."icon", 'created_at', o."created_at") AS r FROM old_rows o),
-         n AS (SELECT n."id" AS k0, pg_catalog.jsonb_build_object('id', n."id", 'owner_id', n."owner_id", 'name', n."name", 'is_public', n."is_public", 'settings', n."settings", 'rating', n."rating", 'icon', n."icon", 'created_at', n."created_at") AS r FROM new_rows n)
-    SELECT pg_catalog.array_agg(m ORDER BY ord) INTO msgs FROM (
-      SELECT 0 AS ord, pg_catalog.jsonb_build_object('record', NULL, 'old_record', o.r, 'type', 'DELETE', 'table', 'apps') AS m
-        FROM o WHERE NOT EXISTS (SELECT 1 FROM n WHERE n.k0 = o.k0)
-      UNION ALL
-      SELECT 1 AS ord, pg_catalog.jsonb_build_object('record', n.r, 'old_record', o.r, 'type', 'UPDATE', 'table', 'apps') AS m
-        FROM n LEFT JOIN o ON n.k0 = o.k0
-        WHERE o.r IS DISTINCT FROM n.r
-    ) changes;
+    INSERT INTO pgmq."q_replicate_data" (vt, message)
+      SELECT pg_catalog.now(), m FROM (WITH o AS (SELECT r."id" AS k0, pg_catalog.to_jsonb(r) AS r FROM (SELECT "id", "owner_id", "name", "is_public", "settings", "rating", "icon", "created_at" FROM old_rows) r),
+           n AS (SELECT r."id" AS k0, pg_catalog.to_jsonb(r) AS r FROM (SELECT "id", "owner_id", "name", "is_public", "settings", "rating", "icon", "created_at" FROM new_rows) r)
+      SELECT m FROM (
+        SELECT 0 AS ord, pg_catalog.jsonb_build_object('record', NULL, 'old_record', o.r, 'type', 'DELETE', 'table', 'apps') AS m
+          FROM o WHERE NOT EXISTS (SELECT 1 FROM n WHERE n.k0 = o.k0)
+        UNION ALL
+        SELECT 1 AS ord, pg_catalog.jsonb_build_object('record', n.r, 'old_record', o.r, 'type', 'UPDATE', 'table', 'apps') AS m
+          FROM n LEFT JOIN o ON n.k0 = o.k0
+          WHERE o.r IS DISTINCT FROM n.r
+      ) c ORDER BY ord) s;
   ELSIF TG_OP = 'TRUNCATE' THEN
-    msgs := ARRAY[pg_catalog.jsonb_build_object('record', NULL, 'old_record', NULL, 'type', 'TRUNCATE', 'table', 'apps')];
-  END IF;
-  IF msgs IS NOT NULL THEN
-    PERFORM pgmq.send_batch('replicate_data', msgs);
+    INSERT INTO pgmq."q_replicate_data" (vt, message)
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', NULL, 'type', 'TRUNCATE', 'table', 'apps') AS m) s;
   END IF;
   RETURN NULL;
 END
@@ -76,27 +75,26 @@ DECLARE
   msgs jsonb[];
 BEGIN
   IF TG_OP = 'INSERT' THEN
-    SELECT pg_catalog.array_agg(pg_catalog.jsonb_build_object('record', pg_catalog.jsonb_build_object('app_id', n."app_id", 'version', n."version", 'manifest', n."manifest", 'downloads', n."downloads", 'released_at', n."released_at"), 'old_record', NULL, 'type', 'INSERT', 'table', 'app_versions'))
-      INTO msgs FROM new_rows n;
+    INSERT INTO pgmq."q_replicate_data" (vt, message)
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', pg_catalog.to_jsonb(r), 'old_record', NULL, 'type', 'INSERT', 'table', 'app_versions') AS m FROM (SELECT "app_id", "version", "manifest", "downloads", "released_at" FROM new_rows) r) s;
   ELSIF TG_OP = 'DELETE' THEN
-    SELECT pg_catalog.array_agg(pg_catalog.jsonb_build_object('record', NULL, 'old_record', pg_catalog.jsonb_build_object('app_id', o."app_id", 'version', o."version", 'manifest', o."manifest", 'downloads', o."downloads", 'released_at', o."released_at"), 'type', 'DELETE', 'table', 'app_versions'))
-      INTO msgs FROM old_rows o;
+    INSERT INTO pgmq."q_replicate_data" (vt, message)
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', pg_catalog.to_jsonb(r), 'type', 'DELETE', 'table', 'app_versions') AS m FROM (SELECT "app_id", "version", "manifest", "downloads", "released_at" FROM old_rows) r) s;
   ELSIF TG_OP = 'UPDATE' THEN
-    WITH o AS (SELECT o."app_id" AS k0, o."version" AS k1, pg_catalog.jsonb_build_object('app_id', o."app_id", 'version', o."version", 'manifest', o."manifest", 'downloads', o."downloads", 'released_at', o."released_at") AS r FROM old_rows o),
-         n AS (SELECT n."app_id" AS k0, n."version" AS k1, pg_catalog.jsonb_build_object('app_id', n."app_id", 'version', n."version", 'manifest', n."manifest", 'downloads', n."downloads", 'released_at', n."released_at") AS r FROM new_rows n)
-    SELECT pg_catalog.array_agg(m ORDER BY ord) INTO msgs FROM (
-      SELECT 0 AS ord, pg_catalog.jsonb_build_object('record', NULL, 'old_record', o.r, 'type', 'DELETE', 'table', 'app_versions') AS m
-        FROM o WHERE NOT EXISTS (SELECT 1 FROM n WHERE n.k0 = o.k0 AND n.k1 = o.k1)
-      UNION ALL
-      SELECT 1 AS ord, pg_catalog.jsonb_build_object('record', n.r, 'old_record', o.r, 'type', 'UPDATE', 'table', 'app_versions') AS m
-        FROM n LEFT JOIN o ON n.k0 = o.k0 AND n.k1 = o.k1
-        WHERE o.r IS DISTINCT FROM n.r
-    ) changes;
+    INSERT INTO pgmq."q_replicate_data" (vt, message)
+      SELECT pg_catalog.now(), m FROM (WITH o AS (SELECT r."app_id" AS k0, r."version" AS k1, pg_catalog.to_jsonb(r) AS r FROM (SELECT "app_id", "version", "manifest", "downloads", "released_at" FROM old_rows) r),
+           n AS (SELECT r."app_id" AS k0, r."version" AS k1, pg_catalog.to_jsonb(r) AS r FROM (SELECT "app_id", "version", "manifest", "downloads", "released_at" FROM new_rows) r)
+      SELECT m FROM (
+        SELECT 0 AS ord, pg_catalog.jsonb_build_object('record', NULL, 'old_record', o.r, 'type', 'DELETE', 'table', 'app_versions') AS m
+          FROM o WHERE NOT EXISTS (SELECT 1 FROM n WHERE n.k0 = o.k0 AND n.k1 = o.k1)
+        UNION ALL
+        SELECT 1 AS ord, pg_catalog.jsonb_build_object('record', n.r, 'old_record', o.r, 'type', 'UPDATE', 'table', 'app_versions') AS m
+          FROM n LEFT JOIN o ON n.k0 = o.k0 AND n.k1 = o.k1
+          WHERE o.r IS DISTINCT FROM n.r
+      ) c ORDER BY ord) s;
   ELSIF TG_OP = 'TRUNCATE' THEN
-    msgs := ARRAY[pg_catalog.jsonb_build_object('record', NULL, 'old_record', NULL, 'type', 'TRUNCATE', 'table', 'app_versions')];
-  END IF;
-  IF msgs IS NOT NULL THEN
-    PERFORM pgmq.send_batch('replicate_data', msgs);
+    INSERT INTO pgmq."q_replicate_data" (vt, message)
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', NULL, 'type', 'TRUNCATE', 'table', 'app_versions') AS m) s;
   END IF;
   RETURN NULL;
 END

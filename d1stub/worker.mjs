@@ -163,7 +163,7 @@ export default {
 };
 
 function fakeResponse(fault) {
-  if (fault.reset) throw new Error("injected connection reset");
+  if (fault.crash) throw new Error("injected worker crash");
   return new Response(JSON.stringify(fault.body ?? { result: null, success: false, errors: [{ code: 10000 + fault.status, message: `injected ${fault.status}` }], messages: [] }), {
     status: fault.status,
     headers: { "content-type": "application/json", ...(fault.headers ?? {}) },

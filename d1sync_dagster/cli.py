@@ -17,7 +17,7 @@ from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.engine.setup import setup
 from d1sync_dagster.errors import ConfigError, D1Error, D1SyncError, QueueError, SchemaError
 from d1sync_dagster.schema import load_schema
-from d1sync_dagster.sql.capture import migration
+from d1sync_dagster.sql.capture import example_source_tables, migration
 from d1sync_dagster.sql.d1_ddl import schema_ddl
 
 
@@ -35,6 +35,8 @@ def _cmd_setup(args: argparse.Namespace) -> int:
     d1_settings = config.d1_settings()
     url = config.database_url()
     with PgmqClient(url, queue=args.queue) as pg:
+        if args.create_example_tables:
+            pg.execute(example_source_tables())
         d1 = d1_settings.client()
         try:
             result = setup(pg, d1, schema)
@@ -73,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("setup", help="create queue and triggers in Postgres, tables and indexes in D1 (idempotent)")
     common(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument(
+        "--create-example-tables",
+        action="store_true",
+        help="first create the Postgres tables of the example schema.json if missing (demo and first run)",
+    )
     p.set_defaults(func=_cmd_setup)
     return parser
 

@@ -33,7 +33,7 @@ from d1sync_dagster.config import pgmq_sql
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = ROOT / "d1stub"
-EXAMPLE_TABLES = (ROOT / "examples" / "source_tables.sql").read_text()
+EXAMPLE_TABLES = (ROOT / "d1sync_dagster" / "sql" / "example_source_tables.sql").read_text()
 
 
 def _answers(url: str) -> bool:
@@ -86,7 +86,9 @@ def pg_url(pg_admin_url: str, pg_template: str) -> Iterator[str]:
     """A fresh database with PGMQ for this test only."""
     name = f"d1sync_t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(pg_template)))
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(pg_template))
+        )
     try:
         yield _with_db(pg_admin_url, name)
     finally:

@@ -117,7 +117,9 @@ def test_identifiers_without_quotes_or_nul_are_accepted_or_refused_with_a_reason
         assert check_identifier(name) == name
     except ValueError as e:
         assert str(e)  # only length, surrounding spaces or a reserved prefix may refuse it
-        assert name != name.strip() or len(name.encode()) > 63 or name.lower().startswith(("sqlite_", "_cf_", "_d1sync"))
+        assert (
+            name != name.strip() or len(name.encode()) > 63 or name.lower().startswith(("sqlite_", "_cf_", "_d1sync"))
+        )
 
 
 @pytest.mark.parametrize("name", ["order", "select", "my column", "naïve_ütf", "表"])

@@ -100,9 +100,7 @@ def check_statement(stmt: Statement, index: int) -> None:
         )
     size = len(stmt.sql.encode())
     if size > MAX_STATEMENT_BYTES:
-        raise D1LimitError(
-            f"statement is {size} bytes long, D1 allows {MAX_STATEMENT_BYTES}", statement_index=index
-        )
+        raise D1LimitError(f"statement is {size} bytes long, D1 allows {MAX_STATEMENT_BYTES}", statement_index=index)
 
 
 def encode_statements(statements: Sequence[Statement]) -> list[dict[str, Any]]:
@@ -224,7 +222,10 @@ class HttpD1Client:
             pass
         message = message.replace(self._token, "***")[:500]
         retryable = status == 429 or status >= 500
-        hint = {401: " (check CLOUDFLARE_API_TOKEN and its D1 permission)", 404: " (check the account and database ids)"}
+        hint = {
+            401: " (check CLOUDFLARE_API_TOKEN and its D1 permission)",
+            404: " (check the account and database ids)",
+        }
         index = 0 if single and code == 7500 else None
         return D1Error(
             f"D1 HTTP API returned {status}, code {code}: {message}{hint.get(status, '')}",

@@ -1,6 +1,5 @@
 """Jobs that are not asset materializations."""
 
-
 import dagster as dg
 
 from d1sync_dagster.defs.resources import D1Resource, PostgresResource

@@ -1,8 +1,6 @@
 """Resources hand out clients; they hold settings (secrets through `dg.EnvVar`) and no business logic."""
 
 
-from typing import Optional
-
 import dagster as dg
 from pydantic import Field
 
@@ -25,10 +23,10 @@ class PostgresResource(dg.ConfigurableResource):
 class D1Resource(dg.ConfigurableResource):
     """Cloudflare D1: the HTTP API when `account_id` is set, otherwise the local SQLite file `local_path`."""
 
-    local_path: Optional[str] = Field(default=None, description="SQLite file used as D1 (embedded default)")
-    account_id: Optional[str] = Field(default=None, description="Cloudflare account id")
-    database_id: Optional[str] = Field(default=None, description="D1 database id")
-    api_token: Optional[str] = Field(default=None, description="API token with D1 edit rights; pass as dg.EnvVar")
+    local_path: str | None = Field(default=None, description="SQLite file used as D1 (embedded default)")
+    account_id: str | None = Field(default=None, description="Cloudflare account id")
+    database_id: str | None = Field(default=None, description="D1 database id")
+    api_token: str | None = Field(default=None, description="API token with D1 edit rights; pass as dg.EnvVar")
     base_url: str = Field(default="https://api.cloudflare.com/client/v4", description="API base URL")
 
     def settings(self) -> D1Settings:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 from d1sync_dagster.clients.d1 import D1Client, Statement
 from d1sync_dagster.clients.pgmq import PgmqClient
-from d1sync_dagster.errors import QueueError
+from d1sync_dagster.errors import QueueError, SchemaError
 from d1sync_dagster.schema import Schema
 from d1sync_dagster.sql.capture import migration
 from d1sync_dagster.sql.d1_ddl import schema_ddl, upsert_meta
@@ -33,6 +33,16 @@ def setup_postgres(pg: PgmqClient, schema: Schema) -> None:
                 f"PGMQ is not installed in this database and could not be created ({e}); on Supabase enable "
                 "the pgmq extension, elsewhere install it (https://github.com/pgmq/pgmq)"
             ) from None
+    missing = [
+        f"{t.spec.source_schema}.{t.name}"
+        for t in schema.tables
+        if pg.execute("SELECT to_regclass(%s) IS NULL", [f'"{t.spec.source_schema}"."{t.name}"'])[0][0]
+    ]
+    if missing:
+        raise SchemaError(
+            f"source table(s) {', '.join(missing)} named in schema.json do not exist in Postgres; create them "
+            "or remove them from schema.json"
+        )
     pg.execute(migration(schema, queue=pg.queue))
 
 

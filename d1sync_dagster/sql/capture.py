@@ -1,8 +1,12 @@
 """The Postgres side: queue, capture trigger functions and triggers, generated from the schema.
 
 Design:
-- Statement-level triggers with transition tables, one `pgmq.send_batch` per statement, so a bulk write
-  pays one queue call instead of one per row.
+- Statement-level triggers with transition tables: a bulk write pays one queue write per statement instead
+  of one `pgmq.send` per row. By default that write is one `INSERT ... SELECT` into the queue table
+  `pgmq.q_<queue>` filling exactly the columns `pgmq.send_batch` fills (`vt`, `message`; `msg_id` and
+  `enqueued_at` from their defaults), which benchmarks/trigger_overhead.py measured well ahead of building
+  an array for `pgmq.send_batch` (which unnests it into the same INSERT). `via="send_batch"` generates the
+  API call instead, for installs that forbid writing the queue table.
 - Messages keep the seed's shape `{"record", "old_record", "type", "table"}`; `record`/`old_record` carry
   only the replicated columns (the queue never holds columns the replica does not need).
 - UPDATE rows are paired old-to-new by primary key. A new row whose replicated columns equal its old row is
@@ -12,20 +16,24 @@ Design:
 - TRUNCATE sends one TRUNCATE message, a barrier for the consumer.
 - Functions are SECURITY DEFINER with an empty search_path, so app roles writing rows need no PGMQ rights
   and nothing can be hijacked through search_path.
-- The file uses only what PGMQ 1.4 has (`create`, `send`, `send_batch(text, jsonb[])`), which Supabase runs.
+- The file uses only what PGMQ 1.4 has (`create`, `send_batch(text, jsonb[])`, the `q_<queue>` table with
+  `vt` and `message`), which Supabase runs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
+from typing import Literal
 
 from d1sync_dagster.schema import Schema, Table
 from d1sync_dagster.sql.quoting import check_queue_name, ident, literal
 
 DEFAULT_QUEUE = "replicate_data"
 FUNCTION_SCHEMA = "d1sync"
-# jsonb_build_object takes at most 100 arguments (50 pairs); longer column lists are concatenated.
-_PAIRS_PER_CALL = 50
+#: How a statement's messages enter the queue: one INSERT into the queue table (default, measured faster in
+#: benchmarks/trigger_overhead.py) or one pgmq.send_batch call.
+SendVia = Literal["insert", "send_batch"]
 
 
 def dlq_name(queue: str) -> str:
@@ -47,14 +55,11 @@ def source_relation(table: Table) -> str:
     return f"{ident(table.spec.source_schema)}.{ident(table.name)}"
 
 
-def record_expr(table: Table, alias: str) -> str:
-    """A jsonb object of the replicated columns of row `alias`."""
-    pairs = [f"{literal(c)}, {alias}.{ident(c)}" for c in table.columns]
-    calls = [
-        "pg_catalog.jsonb_build_object(" + ", ".join(pairs[i : i + _PAIRS_PER_CALL]) + ")"
-        for i in range(0, len(pairs), _PAIRS_PER_CALL)
-    ]
-    return " || ".join(calls)
+def _rows(table: Table, transition: str) -> str:
+    """A subquery over a transition table keeping only the replicated columns, so `to_jsonb(r)` of its rows
+    is the record (one pass, any number of columns)."""
+    cols = ", ".join(ident(c) for c in table.columns)
+    return f"(SELECT {cols} FROM {transition}) r"
 
 
 def _message(table: Table, record: str, old_record: str, op: str) -> str:
@@ -64,41 +69,53 @@ def _message(table: Table, record: str, old_record: str, op: str) -> str:
     )
 
 
-def capture_function(table: Table, queue: str) -> str:
+def _enqueue(queue: str, select: str, via: SendVia) -> str:
+    if via == "send_batch":
+        return (
+            f"msgs := ARRAY(SELECT m FROM ({select}) s);\n"
+            f"    IF pg_catalog.cardinality(msgs) > 0 THEN PERFORM pgmq.send_batch({literal(queue)}, msgs); END IF;"
+        )
+    # One INSERT into the queue table, with the columns pgmq.send_batch itself fills (vt, message): the
+    # same rows, without building, copying and unnesting an array of every message of the statement.
+    return f"INSERT INTO pgmq.{ident('q_' + queue)} (vt, message)\n      SELECT pg_catalog.now(), m FROM ({select}) s;"
+
+
+def capture_function(table: Table, queue: str, *, via: SendVia = "insert") -> str:
     """`CREATE OR REPLACE FUNCTION` for the table's capture trigger function."""
-    q = literal(check_queue_name(queue))
-    keys = [f"{ident(k)} AS k{i}" for i, k in enumerate(table.key)]
+    check_queue_name(queue)
+    keys = ", ".join(f"r.{ident(k)} AS k{i}" for i, k in enumerate(table.key))
     join = " AND ".join(f"n.k{i} = o.k{i}" for i in range(len(table.key)))
-    o_cols = ", ".join(f"o.{k}" for k in keys)
-    n_cols = ", ".join(f"n.{k}" for k in keys)
     fn = f"{ident(FUNCTION_SCHEMA)}.{ident(function_name(table))}"
+    insert = (
+        f"SELECT {_message(table, 'pg_catalog.to_jsonb(r)', 'NULL', 'INSERT')} AS m FROM {_rows(table, 'new_rows')}"
+    )
+    delete = (
+        f"SELECT {_message(table, 'NULL', 'pg_catalog.to_jsonb(r)', 'DELETE')} AS m FROM {_rows(table, 'old_rows')}"
+    )
+    update = f"""WITH o AS (SELECT {keys}, pg_catalog.to_jsonb(r) AS r FROM {_rows(table, "old_rows")}),
+           n AS (SELECT {keys}, pg_catalog.to_jsonb(r) AS r FROM {_rows(table, "new_rows")})
+      SELECT m FROM (
+        SELECT 0 AS ord, {_message(table, "NULL", "o.r", "DELETE")} AS m
+          FROM o WHERE NOT EXISTS (SELECT 1 FROM n WHERE {join})
+        UNION ALL
+        SELECT 1 AS ord, {_message(table, "n.r", "o.r", "UPDATE")} AS m
+          FROM n LEFT JOIN o ON {join}
+          WHERE o.r IS DISTINCT FROM n.r
+      ) c ORDER BY ord"""
+    truncate = f"SELECT {_message(table, 'NULL', 'NULL', 'TRUNCATE')} AS m"
     return f"""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $fn$
 DECLARE
   msgs jsonb[];
 BEGIN
   IF TG_OP = 'INSERT' THEN
-    SELECT pg_catalog.array_agg({_message(table, record_expr(table, "n"), "NULL", "INSERT")})
-      INTO msgs FROM new_rows n;
+    {_enqueue(queue, insert, via)}
   ELSIF TG_OP = 'DELETE' THEN
-    SELECT pg_catalog.array_agg({_message(table, "NULL", record_expr(table, "o"), "DELETE")})
-      INTO msgs FROM old_rows o;
+    {_enqueue(queue, delete, via)}
   ELSIF TG_OP = 'UPDATE' THEN
-    WITH o AS (SELECT {o_cols}, {record_expr(table, "o")} AS r FROM old_rows o),
-         n AS (SELECT {n_cols}, {record_expr(table, "n")} AS r FROM new_rows n)
-    SELECT pg_catalog.array_agg(m ORDER BY ord) INTO msgs FROM (
-      SELECT 0 AS ord, {_message(table, "NULL", "o.r", "DELETE")} AS m
-        FROM o WHERE NOT EXISTS (SELECT 1 FROM n WHERE {join})
-      UNION ALL
-      SELECT 1 AS ord, {_message(table, "n.r", "o.r", "UPDATE")} AS m
-        FROM n LEFT JOIN o ON {join}
-        WHERE o.r IS DISTINCT FROM n.r
-    ) changes;
+    {_enqueue(queue, update, via)}
   ELSIF TG_OP = 'TRUNCATE' THEN
-    msgs := ARRAY[{_message(table, "NULL", "NULL", "TRUNCATE")}];
-  END IF;
-  IF msgs IS NOT NULL THEN
-    PERFORM pgmq.send_batch({q}, msgs);
+    {_enqueue(queue, truncate, via)}
   END IF;
   RETURN NULL;
 END
@@ -152,7 +169,12 @@ $$;
 CREATE SCHEMA IF NOT EXISTS {ident(FUNCTION_SCHEMA)};"""
 
 
-def migration(schema: Schema, *, queue: str = DEFAULT_QUEUE) -> str:
+def example_source_tables() -> str:
+    """DDL of the Postgres tables that the example `schema.json` replicates (demo, tests, benchmarks)."""
+    return (importlib.resources.files("d1sync_dagster.sql") / "example_source_tables.sql").read_text(encoding="utf-8")
+
+
+def migration(schema: Schema, *, queue: str = DEFAULT_QUEUE, via: SendVia = "insert") -> str:
     """The whole Postgres migration for `schema`: runnable as-is in the Supabase SQL editor, idempotent."""
     parts = [
         "-- d1sync capture migration, generated by `d1sync generate-sql` from schema.json.",
@@ -161,5 +183,10 @@ def migration(schema: Schema, *, queue: str = DEFAULT_QUEUE) -> str:
         queue_setup(queue),
     ]
     for table in schema.tables:
-        parts += ["", f"-- {table.name} -> D1 table {table.target}", capture_function(table, queue), triggers(table)]
+        parts += [
+            "",
+            f"-- {table.name} -> D1 table {table.target}",
+            capture_function(table, queue, via=via),
+            triggers(table),
+        ]
     return "\n".join(parts) + "\n"

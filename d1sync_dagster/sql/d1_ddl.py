@@ -68,7 +68,10 @@ def drop_table(table: Table) -> str:
 
 def create_meta_table() -> str:
     """The key/value table where d1sync records what it applied."""
-    return f"CREATE TABLE IF NOT EXISTS {ident(META_TABLE)} (key TEXT NOT NULL PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID"
+    return (
+        f"CREATE TABLE IF NOT EXISTS {ident(META_TABLE)} "
+        "(key TEXT NOT NULL PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID"
+    )
 
 
 def upsert_meta() -> str:

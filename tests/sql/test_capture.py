@@ -32,7 +32,10 @@ def messages(pg, queue="replicate_data"):
 def test_checked_in_migration_is_the_generated_one():
     out = subprocess.run(
         [sys.executable, "-m", "d1sync_dagster", "generate-sql", "--schema", str(ROOT / "schema.json")],
-        capture_output=True, text=True, check=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
     ).stdout
     assert out == (ROOT / "supabase_migration.sql").read_text()
     assert out == migration(SCHEMA)
@@ -124,14 +127,20 @@ def test_rollback_sends_nothing(pg):
     assert messages(pg) == []
 
 
-def test_bulk_insert_of_10k_rows_is_one_send_batch(pg):
-    pg.execute("INSERT INTO apps (id, name) SELECT g, 'n' || g FROM generate_series(1, 10000) g")
-    n, distinct_vt, ids = pg.execute(
-        "SELECT count(*), count(DISTINCT vt), count(DISTINCT message->'record'->>'id') FROM pgmq.q_replicate_data"
-    )[0]
-    assert n == 10000 and ids == 10000
-    # One send_batch call gives every message the same visibility time; separate calls would not.
-    assert distinct_vt == 1
+@pytest.mark.parametrize("via", ["insert", "send_batch"])
+def test_bulk_insert_of_10k_rows_is_one_queue_write(source_db, via):
+    with PgmqClient(source_db) as pg:
+        pg.execute(migration(SCHEMA, via=via))
+        pg.execute("INSERT INTO apps (id, name) SELECT g, 'n' || g FROM generate_series(1, 10000) g")
+        n, distinct_vt, ids, span = pg.execute(
+            "SELECT count(*), count(DISTINCT vt), count(DISTINCT message->'record'->>'id'), "
+            "max(msg_id) - min(msg_id) + 1 FROM pgmq.q_replicate_data"
+        )[0]
+        assert n == 10000 and ids == 10000 and span == 10000
+        # One queue write per statement gives every message the same visibility time; per-row sends would not.
+        assert distinct_vt == 1
+        pg.execute("UPDATE apps SET name = name || '!' WHERE id <= 5000")
+        assert pg.execute("SELECT count(*) FROM pgmq.q_replicate_data WHERE message->>'type' = 'UPDATE'")[0][0] == 5000
 
 
 def test_wide_table_over_50_columns_and_hostile_names(pg):

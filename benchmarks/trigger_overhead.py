@@ -1,0 +1,103 @@
+"""Trigger overhead on a bulk insert: plain insert vs d1sync's statement-level capture (default: one INSERT
+into the queue table; and the `send_batch` variant) vs the seed's per-row trigger calling `pgmq.send`.
+
+    .venv/bin/python benchmarks/trigger_overhead.py [--rows 100000] [--repeat 3]
+
+Prints the median time of each variant and the ratios; the README quotes one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import fresh_database  # noqa: E402
+from d1sync_dagster.schema import load_schema  # noqa: E402
+from d1sync_dagster.sql.capture import example_source_tables, migration  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SEED_PER_ROW = """
+CREATE OR REPLACE FUNCTION public.seed_per_row() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM pgmq.send('replicate_data', jsonb_build_object(
+    'record', CASE WHEN TG_OP = 'DELETE' THEN NULL ELSE to_jsonb(NEW) END,
+    'old_record', CASE WHEN TG_OP = 'INSERT' THEN NULL ELSE to_jsonb(OLD) END,
+    'type', TG_OP, 'table', TG_TABLE_NAME));
+  RETURN NULL;
+END $$;
+CREATE TRIGGER seed_per_row AFTER INSERT OR UPDATE OR DELETE ON public.apps
+  FOR EACH ROW EXECUTE FUNCTION public.seed_per_row();
+"""
+
+INSERT = """
+INSERT INTO public.apps (id, owner_id, name, is_public, settings, rating, created_at)
+SELECT g, gen_random_uuid(), 'app ' || g, g %% 2 = 0, jsonb_build_object('n', g, 'tags', jsonb_build_array('a', 'b')),
+       g / 7.0, now()
+FROM generate_series(1, %s) g
+"""
+
+
+def reset(conn: psycopg.Connection, variant: str) -> None:
+    conn.execute("DROP TABLE IF EXISTS public.apps CASCADE; DROP TABLE IF EXISTS public.app_versions CASCADE")
+    conn.execute(example_source_tables().encode())
+    conn.execute("SELECT pgmq.purge_queue('replicate_data')")
+    if variant == "d1sync":
+        conn.execute(migration(load_schema(ROOT / "schema.json")).encode())
+    elif variant == "send_batch":
+        conn.execute(migration(load_schema(ROOT / "schema.json"), via="send_batch").encode())
+    elif variant == "per-row":
+        conn.execute(SEED_PER_ROW.encode())
+    conn.execute("CHECKPOINT")
+
+
+def measure(url: str, variant: str, rows: int) -> tuple[float, int]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        reset(conn, variant)
+        started = time.perf_counter()
+        conn.execute(INSERT, [rows])
+        elapsed = time.perf_counter() - started
+        queued = conn.execute("SELECT count(*) FROM pgmq.q_replicate_data").fetchone()[0]
+    return elapsed, queued
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rows", type=int, default=100_000)
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    with fresh_database() as url:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(migration(load_schema(ROOT / "schema.json")).split("-- apps ->")[0].encode())
+            version = conn.execute("SELECT current_setting('server_version')").fetchone()[0]
+        times: dict[str, list[float]] = {"plain": [], "d1sync": [], "send_batch": [], "per-row": []}
+        for _ in range(args.repeat):
+            for variant in times:  # interleaved, so drift on the machine hits every variant alike
+                elapsed, queued = measure(url, variant, args.rows)
+                expected = 0 if variant == "plain" else args.rows
+                assert queued == expected, f"{variant}: {queued} messages queued, expected {expected}"
+                times[variant].append(elapsed)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"bulk insert of {args.rows:,} rows into apps, PostgreSQL {version}, median of {args.repeat}")
+    for k, v in med.items():
+        print(f"  {k:10s} {v:7.3f} s   {args.rows / v:>10,.0f} rows/s")
+    print(f"  d1sync capture overhead: {med['d1sync'] / med['plain']:.2f}x a plain insert")
+    print(f"  per-row pgmq.send overhead: {med['per-row'] / med['plain']:.2f}x a plain insert")
+    print(f"  d1sync via pgmq.send_batch overhead: {med['send_batch'] / med['plain']:.2f}x a plain insert")
+    extra = {k: med[k] - med["plain"] for k in med}
+    print(f"  d1sync is {med['per-row'] / med['d1sync']:.2f}x faster than the per-row design in total time")
+    print(
+        f"  time the capture adds: d1sync {extra['d1sync']:.3f} s, send_batch {extra['send_batch']:.3f} s, "
+        f"per-row {extra['per-row']:.3f} s: {extra['per-row'] / extra['d1sync']:.2f}x less than per-row"
+    )
+
+
+if __name__ == "__main__":
+    main()

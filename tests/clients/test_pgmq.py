@@ -1,0 +1,84 @@
+"""The PGMQ client against real Postgres with PGMQ installed from the pgmq package's SQL."""
+
+import pytest
+
+from d1sync_dagster.clients.pgmq import PgmqClient, is_pooled, redact
+from d1sync_dagster.errors import QueueError
+
+
+@pytest.fixture
+def pg(pg_url):
+    with PgmqClient(pg_url, queue="q_test") as client:
+        client.execute("SELECT pgmq.create('q_test')")
+        yield client
+
+
+def test_send_read_delete_in_msg_id_order(pg):
+    ids = pg.send_batch([{"n": i} for i in range(5)])
+    assert ids == sorted(ids) and len(ids) == 5
+    msgs = pg.read(vt=30, qty=10)
+    assert [m.msg_id for m in msgs] == ids
+    assert [m.message for m in msgs] == [{"n": i} for i in range(5)]
+    assert all(m.read_ct == 1 for m in msgs)
+    assert pg.read(vt=30, qty=10) == []  # hidden by the visibility timeout
+    assert pg.delete(ids[:2]) == ids[:2]
+    assert pg.metrics().queue_length == 3
+
+
+def test_visibility_timeout_zero_makes_messages_readable_again(pg):
+    pg.send_batch([{"a": 1}])
+    assert len(pg.read(vt=0, qty=1)) == 1
+    (again,) = pg.read(vt=30, qty=1)
+    assert again.read_ct == 2
+
+
+def test_archive_moves_messages_out_of_the_queue(pg):
+    ids = pg.send_batch([{"a": 1}, {"a": 2}])
+    assert pg.archive(ids) == ids
+    assert pg.metrics().queue_length == 0
+    assert pg.execute("SELECT count(*) FROM pgmq.a_q_test")[0][0] == 2
+
+
+def test_metrics_report_depth_and_age(pg):
+    m = pg.metrics()
+    assert (m.queue_name, m.queue_length, m.oldest_msg_age_sec) == ("q_test", 0, None)
+    pg.send_batch([{"a": 1}])
+    m = pg.metrics()
+    assert m.queue_length == 1 and m.oldest_msg_age_sec is not None and m.total_messages == 1
+
+
+def test_purge_empties_the_queue(pg):
+    pg.send_batch([{"a": i} for i in range(3)])
+    assert pg.purge() == 3
+    assert pg.metrics().queue_length == 0
+
+
+def test_empty_id_lists_do_nothing(pg):
+    assert pg.delete([]) == [] and pg.archive([]) == [] and pg.send_batch([]) == []
+
+
+def test_advisory_lock_excludes_a_second_session(pg, pg_url):
+    with PgmqClient(pg_url) as other:
+        with pg.advisory_lock("apply:q_test") as got:
+            assert got
+            with other.advisory_lock("apply:q_test") as got_other:
+                assert not got_other
+        with other.advisory_lock("apply:q_test") as got_after:
+            assert got_after
+
+
+def test_pooler_url_is_detected_and_lock_refused():
+    assert is_pooled("postgresql://u:p@db.example.com:6543/postgres")
+    assert not is_pooled("postgresql://u:p@db.example.com:5432/postgres")
+
+
+def test_unreachable_postgres_error_hides_the_password():
+    with pytest.raises(QueueError) as e:
+        PgmqClient("postgresql://user:hunter2secret@127.0.0.1:1/db", connect_timeout=2)
+    assert "hunter2secret" not in str(e.value)
+    assert "***" in str(e.value) and "cannot connect" in str(e.value)
+
+
+def test_redact_hides_passwords_in_urls_and_keyword_strings():
+    assert redact("postgresql://u:pw@h:5432/d") == "postgresql://u:***@h:5432/d"
+    assert "pw" not in redact("host=h password=pw user=u")

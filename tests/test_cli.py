@@ -1,0 +1,93 @@
+"""The `d1sync` command line, run as users run it."""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+
+import psycopg
+
+from tests.conftest import ROOT
+
+
+def run(*args, env=None, cwd=ROOT):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("CLOUDFLARE_", "DATABASE_URL", "D1_"))}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "d1sync_dagster", *args], capture_output=True, text=True, env=full_env, cwd=cwd
+    )
+
+
+def test_generate_sql_for_d1_prints_the_ddl():
+    out = run("generate-sql", "--target", "d1")
+    assert out.returncode == 0
+    assert 'CREATE TABLE IF NOT EXISTS "apps"' in out.stdout and "WITHOUT ROWID" in out.stdout
+
+
+def test_setup_local_backend_is_idempotent(source_db, tmp_path):
+    env = {"DATABASE_URL": source_db, "D1_LOCAL_PATH": str(tmp_path / "d1.sqlite")}
+    first = run("setup", "--json", env=env)
+    assert first.returncode == 0, first.stderr
+    second = run("setup", "--json", env=env)
+    assert second.returncode == 0, second.stderr
+    result = json.loads(second.stdout)
+    assert result["tables"] == ["apps", "app_versions"] and result["d1_backend"] == "local"
+    with sqlite3.connect(tmp_path / "d1.sqlite") as conn:
+        version = conn.execute("SELECT value FROM _d1sync_meta WHERE key = 'schema_version'").fetchone()[0]
+    assert version == result["schema_version"]
+    with psycopg.connect(source_db) as conn:
+        n = conn.execute("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'd1sync_capture_%'").fetchone()[0]
+    assert n == 8
+
+
+def test_setup_http_backend(source_db, d1_standin):
+    d1_standin.reset()
+    env = {
+        "DATABASE_URL": source_db,
+        "CLOUDFLARE_ACCOUNT_ID": d1_standin.account_id,
+        "CLOUDFLARE_D1_DATABASE_ID": d1_standin.database_id,
+        "CLOUDFLARE_API_TOKEN": d1_standin.api_token,
+        "CLOUDFLARE_API_BASE_URL": f"{d1_standin.base_url}/client/v4",
+    }
+    out = run("setup", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "D1 backend http" in out.stdout
+    (res,) = d1_standin.client().query("SELECT value FROM _d1sync_meta WHERE key = 'schema_version'")
+    assert len(res.results) == 1
+
+
+def test_invalid_schema_exits_2_with_the_reason(tmp_path):
+    bad = tmp_path / "schema.json"
+    bad.write_text(json.dumps({"t": {"primaryKey": "nope", "columns": {"id": "INTEGER"}}}))
+    out = run("generate-sql", "--schema", str(bad))
+    assert out.returncode == 2
+    assert "table 't'" in out.stderr and "not among columns" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_unreachable_postgres_exits_3_without_the_password(tmp_path):
+    out = run(
+        "setup",
+        env={"DATABASE_URL": "postgresql://u:s3cretpw@127.0.0.1:1/x", "D1_LOCAL_PATH": str(tmp_path / "d.sqlite")},
+    )
+    assert out.returncode == 3
+    assert "cannot connect to Postgres" in out.stderr and "s3cretpw" not in out.stderr + out.stdout
+
+
+def test_unreachable_d1_exits_3_and_keeps_the_token_secret(source_db):
+    env = {
+        "DATABASE_URL": source_db,
+        "CLOUDFLARE_ACCOUNT_ID": "a",
+        "CLOUDFLARE_D1_DATABASE_ID": "d",
+        "CLOUDFLARE_API_TOKEN": "tok-never-print-me",
+        "CLOUDFLARE_API_BASE_URL": "http://127.0.0.1:1/client/v4",
+    }
+    out = run("setup", env=env)
+    assert out.returncode == 3
+    assert "unreachable" in out.stderr and "tok-never-print-me" not in out.stderr + out.stdout
+
+
+def test_partial_cloudflare_config_is_a_clear_error():
+    out = run("setup", env={"CLOUDFLARE_ACCOUNT_ID": "a", "DATABASE_URL": "postgresql://x@127.0.0.1:1/x"})
+    assert out.returncode == 2
+    assert "missing: CLOUDFLARE_D1_DATABASE_ID, CLOUDFLARE_API_TOKEN" in out.stderr
