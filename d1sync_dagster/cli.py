@@ -1,6 +1,7 @@
 """The `d1sync` command: parses arguments, builds clients from the environment, calls engine functions.
 
-Exit codes: 0 success, 1 the operation ran and found a problem, 2 bad configuration or input, 3 a service
+Exit codes: 0 success, 1 the operation ran and found a problem (apply: messages were dead-lettered, or
+another apply was running), 2 bad configuration or input, 3 a service
 (Postgres or D1) failed or could not be reached.
 """
 
@@ -13,8 +14,11 @@ import sys
 from collections.abc import Sequence
 
 from d1sync_dagster import config
+from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.engine.apply import ApplyOptions, apply
 from d1sync_dagster.engine.setup import setup
+from d1sync_dagster.engine.status import status
 from d1sync_dagster.errors import ConfigError, D1Error, D1SyncError, QueueError, SchemaError
 from d1sync_dagster.schema import load_schema
 from d1sync_dagster.sql.capture import example_source_tables, migration
@@ -58,6 +62,69 @@ def _cmd_setup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clients(args: argparse.Namespace) -> tuple[PgmqClient, D1Client]:
+    d1_settings = config.d1_settings()
+    pg = PgmqClient(config.database_url(), queue=args.queue)
+    return pg, d1_settings.client()
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    schema = load_schema(args.schema)
+    options = ApplyOptions(
+        batch_size=args.batch_size,
+        vt_seconds=args.vt,
+        max_messages=args.max_messages,
+        max_seconds=args.max_seconds,
+    )
+    pg, d1 = _clients(args)
+    try:
+        report = apply(pg, d1, schema, options)
+    finally:
+        pg.close()
+        d1.close()
+    if args.json:
+        print(json.dumps(report.to_json(), default=str))
+    elif report.skipped:
+        print(f"apply skipped: {report.skipped}")
+    else:
+        for name, t in report.tables.items():
+            if t.messages:
+                print(
+                    f"{name}: {t.messages} messages, {t.upserts} upserts, {t.deletes} deletes, "
+                    f"{t.dead_lettered} dead-lettered, {t.rows_written} rows written, lag {t.lag_seconds or 0:.1f}s"
+                )
+        print(
+            f"applied {report.messages} messages in {report.duration_seconds:.2f}s "
+            f"({report.changes_per_second:,.0f}/s), {report.requests} D1 requests, "
+            f"{report.rows_per_request:,.0f} rows/request, {report.dead_lettered} dead-lettered"
+            + ("" if report.drained else " (budget reached; the queue is not empty)")
+        )
+    if report.skipped:
+        return 1
+    return 0 if report.dead_lettered == 0 else 1
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    schema = load_schema(args.schema)
+    pg, d1 = _clients(args)
+    try:
+        st = status(pg, d1, schema)
+    finally:
+        pg.close()
+        d1.close()
+    if args.json:
+        print(json.dumps(st.to_json()))
+        return 0
+    age = "-" if st.oldest_message_age_seconds is None else f"{st.oldest_message_age_seconds}s"
+    print(f"queue {st.queue}: {st.queue_depth} messages waiting, oldest {age}, newest msg_id {st.newest_msg_id}")
+    print(f"last applied: {st.last_applied_at or 'never'} (msg_id {st.last_applied_msg_id or '-'})")
+    same = "current" if st.schema_version_applied == st.schema_version_current else "OUT OF DATE: run d1sync setup"
+    print(f"schema version in D1: {st.schema_version_applied or 'none'} ({same})")
+    for table, n in st.dead_letters.items():
+        print(f"  {table}: {n} dead letters")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d1sync", description="Keep Cloudflare D1 in step with Postgres via PGMQ.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -81,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="first create the Postgres tables of the example schema.json if missing (demo and first run)",
     )
     p.set_defaults(func=_cmd_setup)
+    p = sub.add_parser("apply", help="drain the queue into D1 once (exit 0 when drained without dead letters)")
+    common(p)
+    p.add_argument("--json", action="store_true", help="print per-table figures as JSON")
+    p.add_argument("--batch-size", type=int, default=2000, help="messages read per batch (default 2000)")
+    p.add_argument("--vt", type=int, default=120, help="visibility timeout in seconds (default 120)")
+    p.add_argument("--max-messages", type=int, default=None, help="stop after this many messages")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop after this many seconds")
+    p.set_defaults(func=_cmd_apply)
+
+    p = sub.add_parser("status", help="queue depth, oldest message, dead letters per table, last apply")
+    common(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_status)
     return parser
 
 

@@ -12,15 +12,16 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Jsonb, set_json_loads
 
 from d1sync_dagster.errors import QueueError
 from d1sync_dagster.sql.capture import DEFAULT_QUEUE
-from d1sync_dagster.sql.quoting import check_queue_name
+from d1sync_dagster.sql.quoting import check_queue_name, ident
 
 #: Supabase's transaction-mode pooler; session state (advisory locks, prepared statements) does not survive.
 POOLER_PORT = 6543
@@ -79,6 +80,8 @@ class PgmqClient:
             )
         except psycopg.Error as e:
             raise QueueError(f"cannot connect to Postgres at {redact(url)}: {_first_line(e)}") from None
+        # JSON numbers with a fraction or exponent decode as Decimal: exact until a column type decides.
+        set_json_loads(_loads_exact, self.conn)
 
     def close(self) -> None:
         self.conn.close()
@@ -135,6 +138,26 @@ class PgmqClient:
         )
         return [r[0] for r in rows]
 
+    def dead_letter(self, items: Sequence[tuple[int, str, str | None]], *, dlq: str) -> list[int]:
+        """Copy messages (by msg_id, with a reason and table) from the queue to the dead-letter queue.
+
+        The original message is copied inside Postgres, byte for byte; nothing is re-encoded in Python.
+        """
+        if not items:
+            return []
+        ids, reasons, tables = zip(*items, strict=True)
+        rows = self.execute(
+            f"""SELECT pgmq.send_batch(%s, ARRAY(
+                  SELECT jsonb_build_object('error', e.reason, 'table', e.tbl, 'msg_id', q.msg_id,
+                                            'read_ct', q.read_ct, 'enqueued_at', q.enqueued_at,
+                                            'queue', %s::text, 'message', q.message)
+                  FROM pgmq.{ident("q_" + self.queue)} q
+                  JOIN unnest(%s::bigint[], %s::text[], %s::text[]) AS e(id, reason, tbl) ON q.msg_id = e.id
+                  ORDER BY q.msg_id))""",
+            [check_queue_name(dlq), self.queue, list(ids), list(reasons), list(tables)],
+        )
+        return [r[0] for r in rows]
+
     def purge(self, queue: str | None = None) -> int:
         return int(self.execute("SELECT pgmq.purge_queue(%s)", [queue or self.queue])[0][0])
 
@@ -158,6 +181,10 @@ class PgmqClient:
         finally:
             if got:
                 self.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", [name])
+
+
+def _loads_exact(data: str | bytes) -> Any:
+    return json.loads(data, parse_float=Decimal)
 
 
 def _first_line(e: BaseException) -> str:

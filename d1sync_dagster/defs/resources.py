@@ -1,6 +1,5 @@
 """Resources hand out clients; they hold settings (secrets through `dg.EnvVar`) and no business logic."""
 
-
 import dagster as dg
 from pydantic import Field
 

@@ -1,0 +1,114 @@
+"""PGMQ message -> typed `Change`, or `Poison` with the reason it cannot be applied.
+
+Accepted shapes (all seed-compatible `{"record", "old_record", "type", "table"}`):
+- d1sync's own triggers: INSERT/UPDATE with `record` (UPDATE also `old_record`), DELETE with `old_record`,
+  TRUNCATE with neither;
+- the seed's per-row trigger and its backfill snippet, where `old_record` may be `{}` or null;
+- a DELETE that only carries `record` (some webhook formats).
+Columns not in `schema.json` are ignored. A record that lacks a replicated column is refused rather than
+guessed (a missing column would silently become NULL).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from d1sync_dagster.core.convert import ConversionError, SqlValue, to_sqlite
+from d1sync_dagster.schema import Schema, Table
+
+Key = tuple[SqlValue, ...]
+Row = dict[str, SqlValue]
+Op = Literal["upsert", "delete", "truncate"]
+
+
+@dataclass(frozen=True)
+class Change:
+    """One decoded change. `old_key` is set when an UPDATE moved a row to a new key; `old_row` is the row
+    before an UPDATE that kept its key (when the message carries it whole)."""
+
+    msg_id: int
+    table: str
+    op: Op
+    key: Key = ()
+    row: Row | None = None
+    old_key: Key | None = None
+    old_row: Row | None = None
+
+
+@dataclass(frozen=True)
+class Poison:
+    """A message that cannot be applied, and why (no row data in the reason)."""
+
+    msg_id: int
+    reason: str
+    table: str | None = None
+
+
+_OPS = {"INSERT": "upsert", "UPDATE": "upsert", "DELETE": "delete", "TRUNCATE": "truncate"}
+
+
+def _key(table: Table, record: dict[str, Any], which: str) -> Key:
+    out = []
+    for col in table.key:
+        if col not in record or record[col] is None:
+            raise ConversionError(f"{which} has no value for primary key column {col!r}")
+        try:
+            out.append(to_sqlite(record[col], table.columns[col]))
+        except ConversionError as e:
+            raise ConversionError(f"{which} column {col!r}: {e}") from None
+    return tuple(out)
+
+
+def _row(table: Table, record: dict[str, Any]) -> Row:
+    row: Row = {}
+    for col, typ in table.columns.items():
+        if col not in record:
+            raise ConversionError(f"record lacks replicated column {col!r}")
+        try:
+            row[col] = to_sqlite(record[col], typ)
+        except ConversionError as e:
+            raise ConversionError(f"column {col!r}: {e}") from None
+    return row
+
+
+def decode(msg_id: int, payload: Any, schema: Schema) -> Change | Poison:
+    """Decode one queue message against the schema."""
+    if not isinstance(payload, dict):
+        return Poison(msg_id, f"message is a JSON {type(payload).__name__}, expected an object")
+    name = payload.get("table")
+    if not isinstance(name, str):
+        return Poison(msg_id, "message has no 'table' string")
+    table = next((t for t in schema.tables if t.name == name), None)
+    if table is None:
+        return Poison(msg_id, f"table {name[:100]!r} is not in schema.json", name[:100])
+    kind = payload.get("type")
+    op = _OPS.get(kind) if isinstance(kind, str) else None
+    if op is None:
+        return Poison(
+            msg_id, f"unknown change type {str(kind)[:20]!r} (expected INSERT, UPDATE, DELETE or TRUNCATE)", name
+        )
+    if op == "truncate":
+        return Change(msg_id, name, "truncate")
+    record, old = payload.get("record"), payload.get("old_record")
+    try:
+        if op == "delete":
+            source = old if isinstance(old, dict) and old else record
+            if not isinstance(source, dict) or not source:
+                raise ConversionError("DELETE carries neither old_record nor record")
+            return Change(msg_id, name, "delete", _key(table, source, "old_record"))
+        if not isinstance(record, dict):
+            raise ConversionError(f"{kind} has no 'record' object")
+        row = _row(table, record)
+        key = tuple(row[c] for c in table.key)
+        if any(v is None for v in key):
+            raise ConversionError("record has a NULL primary key")
+        old_key, old_row = None, None
+        if kind == "UPDATE" and isinstance(old, dict) and old and all(old.get(c) is not None for c in table.key):
+            candidate = _key(table, old, "old_record")
+            old_key = candidate if candidate != key else None
+            if old_key is None and all(c in old for c in table.columns):
+                old_row = _row(table, old)
+        return Change(msg_id, name, "upsert", key, row, old_key, old_row)
+    except ConversionError as e:
+        return Poison(msg_id, f"{kind} on {name}: {e}", name)

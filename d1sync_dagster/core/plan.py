@@ -1,0 +1,225 @@
+"""Net changes -> D1 statements within D1's limits, carrying as many rows per statement as they allow.
+
+On the HTTP API the scarce resource is requests, so rows travel as validated, escaped SQLite literals
+(integers as digits, so values beyond 2^53 stay exact; REAL as an exact power-of-two expression; text
+quoted with '' doubling; BLOBs as X'..'), packed into multi-row statements up to D1's 100 KB statement limit. A row too large for that is
+sent alone with its text values bound as parameters (parameters do not count towards the statement's
+length). Every statement is idempotent, so replaying a batch after a crash is harmless:
+
+- upsert: `INSERT ... VALUES (...), (...) ON CONFLICT (key) DO UPDATE SET c = excluded.c WHERE <changed>`
+  (an unchanged row is not rewritten, so a replay writes nothing). When the batch knows the row before its
+  first change (an UPDATE's old_record), only the columns that changed are assigned; the full row still
+  travels, so a row missing from D1 is inserted whole, never silently skipped;
+- delete: `DELETE FROM t WHERE key IN (...)` (row values for composite keys);
+- truncate: `DELETE FROM t`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+from d1sync_dagster.clients.d1 import MAX_BOUND_PARAMS, MAX_ROW_BYTES, MAX_STATEMENT_BYTES, Param, Statement
+from d1sync_dagster.core.changes import Key, Row
+from d1sync_dagster.core.coalesce import TableChanges
+from d1sync_dagster.core.convert import SqlValue
+from d1sync_dagster.schema import Schema, Table
+from d1sync_dagster.sql.quoting import ident
+
+Kind = Literal["truncate", "delete", "upsert"]
+
+
+class PlanError(ValueError):
+    """A row that no D1 statement can carry."""
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A statement and what it does: for which table, of which kind, how many rows."""
+
+    table: str
+    kind: Kind
+    rows: int
+    statement: Statement
+
+
+def sql_literal(value: SqlValue) -> str:
+    """A SQLite literal for a converted value."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):  # pragma: no cover - conversion never yields bools
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return real_literal(value)
+    if isinstance(value, bytes):
+        return "X'" + value.hex().upper() + "'"
+    return "'" + value.replace("'", "''") + "'"
+
+
+def real_literal(f: float) -> str:
+    """An exact SQLite expression for a finite double.
+
+    SQLite's decimal-to-double parsing is not correctly rounded (seen here: 87 of 20,000 random doubles came
+    back different, in SQLite 3.40 and in D1), so a non-integral REAL is written as its integer mantissa
+    scaled by powers of two (`CAST(m AS REAL) / 2^k ...`): every step is exact in binary floating point.
+    """
+    if f.is_integer() and abs(f) < 2**53:
+        return f"{int(f)}.0"
+    mant, exp = math.frexp(f)
+    m, e = int(mant * (1 << 53)), exp - 53
+    while m % 2 == 0:
+        m //= 2
+        e += 1
+    parts = [f"CAST({m} AS REAL)"]
+    op, k = ("*" if e > 0 else "/"), abs(e)
+    while k > 0:
+        step = min(k, 62)
+        parts.append(f"{op}{1 << step}")
+        k -= step
+    return "(" + "".join(parts) + ")"
+
+
+def _size(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
+def row_problem(table: Table, row: Row) -> str | None:
+    """Why no statement could carry this row, or None. Checked before planning so it can be dead-lettered."""
+    total = sum(len(v) if isinstance(v, bytes) else _size(v) if isinstance(v, str) else 8 for v in row.values())
+    if total > MAX_ROW_BYTES:
+        return f"row is about {total} bytes, over D1's {MAX_ROW_BYTES}-byte row limit"
+    # BLOBs can only travel inline; everything else can be bound when the row is large.
+    inline = sum(2 * len(v) + 3 for v in row.values() if isinstance(v, bytes))
+    if inline + _size(_upsert_head(table)) + _size(_upsert_tail(table)) + 64 * len(row) > MAX_STATEMENT_BYTES:
+        return "BLOB values too large for one D1 statement (BLOBs travel as X'..' literals, limit 100 KB)"
+    return None
+
+
+def _upsert_head(table: Table) -> str:
+    cols = ", ".join(ident(c) for c in table.columns)
+    return f"INSERT INTO {ident(table.target)} ({cols}) VALUES "
+
+
+def _upsert_tail(table: Table, columns: frozenset[str] | None = None) -> str:
+    """`ON CONFLICT` clause assigning `columns` (None: every non-key column) only where a value differs."""
+    keys = ", ".join(ident(k) for k in table.key)
+    others = [c for c in table.columns if c not in table.key and (columns is None or c in columns)]
+    if not others:
+        return f" ON CONFLICT ({keys}) DO NOTHING"
+    sets = ", ".join(f"{ident(c)} = excluded.{ident(c)}" for c in others)
+    t = ident(table.target)
+    changed = " OR ".join(f"{t}.{ident(c)} IS NOT excluded.{ident(c)}" for c in others)
+    return f" ON CONFLICT ({keys}) DO UPDATE SET {sets} WHERE {changed}"
+
+
+def _row_literal(table: Table, row: Row) -> str:
+    return "(" + ", ".join(sql_literal(row[c]) for c in table.columns) + ")"
+
+
+def _pack(head: str, tail: str, items: list[str], limit: int) -> Iterator[tuple[str, int]]:
+    """Greedy packing of comma-separated items between head and tail, each statement within `limit` bytes."""
+    fixed = _size(head) + _size(tail)
+    batch: list[str] = []
+    size = fixed
+    for item in items:
+        n = _size(item) + 1
+        if batch and size + n > limit:
+            yield head + ",".join(batch) + tail, len(batch)
+            batch, size = [], fixed
+        batch.append(item)
+        size += n
+    if batch:
+        yield head + ",".join(batch) + tail, len(batch)
+
+
+def _bound_row(table: Table, row: Row, columns: frozenset[str] | None) -> Statement:
+    """One large row, its text values bound as parameters."""
+    values: list[str] = []
+    params: list[Param] = []
+    for c in table.columns:
+        v = row[c]
+        if isinstance(v, str) and len(params) < MAX_BOUND_PARAMS:
+            values.append("?")
+            params.append(v)
+        else:
+            values.append(sql_literal(v))
+    sql = _upsert_head(table) + "(" + ", ".join(values) + ")" + _upsert_tail(table, columns)
+    if _size(sql) > MAX_STATEMENT_BYTES:
+        raise PlanError(f"a row of {table.name} does not fit in one D1 statement even with bound parameters")
+    return Statement(sql, tuple(params))
+
+
+def plan_upserts(
+    table: Table, rows: list[Row], *, columns: frozenset[str] | None = None, limit: int = MAX_STATEMENT_BYTES
+) -> list[Planned]:
+    """Multi-row upserts of `rows`, assigning `columns` on conflict (None: all non-key columns)."""
+    head, tail = _upsert_head(table), _upsert_tail(table, columns)
+    room = limit - _size(head) - _size(tail)
+    small: list[str] = []
+    large: list[Row] = []
+    for row in rows:
+        lit = _row_literal(table, row)
+        if _size(lit) < room:
+            small.append(lit)
+        else:
+            large.append(row)
+    out = [Planned(table.name, "upsert", n, Statement(sql)) for sql, n in _pack(head, tail, small, limit)]
+    out += [Planned(table.name, "upsert", 1, _bound_row(table, row, columns)) for row in large]
+    return out
+
+
+def plan_deletes(table: Table, keys: list[Key], *, limit: int = MAX_STATEMENT_BYTES) -> list[Planned]:
+    t = ident(table.target)
+    if len(table.key) == 1:
+        head, tail = f"DELETE FROM {t} WHERE {ident(table.key[0])} IN (", ")"
+        items = [sql_literal(k[0]) for k in keys]
+    else:
+        cols = ", ".join(ident(c) for c in table.key)
+        head, tail = f"DELETE FROM {t} WHERE ({cols}) IN (VALUES ", ")"
+        items = ["(" + ", ".join(sql_literal(v) for v in k) + ")" for k in keys]
+    return [Planned(table.name, "delete", n, Statement(sql)) for sql, n in _pack(head, tail, items, limit)]
+
+
+def plan(schema: Schema, net: dict[str, TableChanges], *, limit: int = MAX_STATEMENT_BYTES) -> list[Planned]:
+    """Statements for a batch's net changes: per table truncate, then deletes, then upserts."""
+    out: list[Planned] = []
+    for name, tc in net.items():
+        table = schema.table(name)
+        if tc.truncate:
+            out.append(Planned(name, "truncate", 0, Statement(f"DELETE FROM {ident(table.target)}")))
+        if tc.deletes:
+            out += plan_deletes(table, sorted(tc.deletes, key=_sort_key), limit=limit)
+        # Rows are grouped by the columns that changed in the batch, so an update of a column no index
+        # covers does not rewrite the indexes (D1 bills every index entry written).
+        groups: dict[frozenset[str] | None, list[Row]] = {}
+        for key in sorted(tc.upserts, key=_sort_key):
+            groups.setdefault(tc.changed_columns(key), []).append(tc.upserts[key])
+        for columns, rows in groups.items():
+            out += plan_upserts(table, rows, columns=columns, limit=limit)
+    return out
+
+
+def _sort_key(key: Key) -> tuple[tuple[int, object], ...]:
+    """A total order over keys of mixed SQLite values, so statements (and their sizes) are deterministic."""
+    return tuple((0, v) if isinstance(v, int) else (1, v) if isinstance(v, str) else (2, repr(v)) for v in key)
+
+
+def requests(planned: list[Planned], *, max_bytes: int = 2_000_000, max_statements: int = 500) -> list[list[Planned]]:
+    """Group statements into D1 requests (one `{"batch": [...]}` each) within a body budget."""
+    out: list[list[Planned]] = []
+    cur: list[Planned] = []
+    size = 0
+    for p in planned:
+        n = _size(p.statement.sql) + sum(_size(str(x)) for x in p.statement.params)
+        if cur and (size + n > max_bytes or len(cur) >= max_statements):
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(p)
+        size += n
+    if cur:
+        out.append(cur)
+    return out

@@ -1,0 +1,247 @@
+"""Incremental apply: drain the PGMQ queue into D1, exactly and cheaply.
+
+Per read batch (msg_id order, visibility timeout, under a session advisory lock so two applies never run at
+once): decode -> coalesce per key -> plan statements -> one D1 batch request (more only when the body budget
+is exceeded) -> then, in one Postgres transaction, dead-letter the poison and delete the batch's messages.
+
+Invariants:
+- Nothing is deleted from the queue before it was applied to D1 or copied to the dead-letter queue.
+- A crash between the D1 commit and the delete replays the batch; every statement is idempotent, so the
+  replay leaves D1 as it was.
+- A change D1 refuses is isolated by splitting the batch in halves (applied in order, so per-key order is
+  kept), dead-lettered with D1's reason, and the rest applies. A retryable failure (429/5xx/unreachable after
+  the client's retries) stops the run with the messages left in the queue for the next run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from d1sync_dagster.clients.d1 import D1Client, Statement
+from d1sync_dagster.clients.pgmq import PgmqClient, QueueMessage
+from d1sync_dagster.core.changes import Change, Poison, decode
+from d1sync_dagster.core.coalesce import coalesce
+from d1sync_dagster.core.plan import Planned, plan, requests, row_problem
+from d1sync_dagster.errors import D1Error
+from d1sync_dagster.schema import Schema
+from d1sync_dagster.sql.capture import dlq_name
+from d1sync_dagster.sql.d1_ddl import upsert_meta
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TableStats:
+    messages: int = 0
+    upserts: int = 0
+    deletes: int = 0
+    truncates: int = 0
+    dead_lettered: int = 0
+    statements: int = 0
+    rows_written: int = 0
+    lag_seconds: float | None = None
+
+
+@dataclass
+class ApplyReport:
+    tables: dict[str, TableStats] = field(default_factory=dict)
+    messages: int = 0
+    batches: int = 0
+    requests: int = 0
+    statements: int = 0
+    rows_written: int = 0
+    rows_sent: int = 0
+    dead_lettered: int = 0
+    duration_seconds: float = 0.0
+    drained: bool = False
+    skipped: str | None = None
+
+    @property
+    def rows_per_request(self) -> float:
+        return self.rows_sent / self.requests if self.requests else 0.0
+
+    @property
+    def changes_per_second(self) -> float:
+        return self.messages / self.duration_seconds if self.duration_seconds else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["rows_per_request"] = round(self.rows_per_request, 1)
+        out["changes_per_second"] = round(self.changes_per_second, 1)
+        return out
+
+
+@dataclass(frozen=True)
+class ApplyOptions:
+    batch_size: int = 2000
+    vt_seconds: int = 120
+    max_messages: int | None = None
+    max_seconds: float | None = None
+    request_bytes: int = 2_000_000
+
+
+class ApplyBusy(Exception):
+    """Another apply holds the queue's lock."""
+
+
+def lock_name(queue: str) -> str:
+    return f"d1sync:apply:{queue}"
+
+
+def apply(
+    pg: PgmqClient,
+    d1: D1Client,
+    schema: Schema,
+    options: ApplyOptions = ApplyOptions(),
+    *,
+    after_d1_commit: Callable[[list[int]], None] | None = None,
+) -> ApplyReport:
+    """Drain the queue (or stop at the message/time budget); returns figures per table.
+
+    `after_d1_commit` is called with the batch's msg_ids between the D1 commit and the queue delete (tests use
+    it to kill the process at the worst moment).
+    """
+    report = ApplyReport(tables={t.name: TableStats() for t in schema.tables})
+    started = time.monotonic()
+    with pg.advisory_lock(lock_name(pg.queue)) as got:
+        if not got:
+            report.skipped = "another apply is running on this queue"
+            log.info("apply skipped: %s", report.skipped)
+            return report
+        while True:
+            if options.max_seconds is not None and time.monotonic() - started >= options.max_seconds:
+                break
+            qty = options.batch_size
+            if options.max_messages is not None:
+                qty = min(qty, options.max_messages - report.messages)
+                if qty <= 0:
+                    break
+            msgs = pg.read(vt=options.vt_seconds, qty=qty)
+            if not msgs:
+                report.drained = True
+                break
+            _apply_batch(pg, d1, schema, msgs, report, options, after_d1_commit)
+    report.duration_seconds = time.monotonic() - started
+    return report
+
+
+def _apply_batch(
+    pg: PgmqClient,
+    d1: D1Client,
+    schema: Schema,
+    msgs: list[QueueMessage],
+    report: ApplyReport,
+    options: ApplyOptions,
+    after_d1_commit: Callable[[list[int]], None] | None,
+) -> None:
+    batch_started = time.monotonic()
+    changes: list[Change] = []
+    poison: list[Poison] = []
+    for m in msgs:
+        item = decode(m.msg_id, m.message, schema)
+        if isinstance(item, Change) and item.row is not None:
+            problem = row_problem(schema.table(item.table), item.row)
+            if problem:
+                item = Poison(m.msg_id, f"{item.table}: {problem}", item.table)
+        if isinstance(item, Change):
+            changes.append(item)
+        else:
+            poison.append(item)
+
+    now = datetime.now(UTC)
+    table_of = {c.msg_id: c.table for c in changes} | {p.msg_id: p.table for p in poison}
+    for m in msgs:
+        stats = report.tables.get(table_of.get(m.msg_id) or "")
+        if stats is not None:
+            stats.messages += 1
+            stats.lag_seconds = max(stats.lag_seconds or 0.0, (now - m.enqueued_at).total_seconds())
+
+    meta = [
+        Statement(upsert_meta(), ("last_applied_at", now.isoformat(timespec="seconds"))),
+        Statement(upsert_meta(), ("last_applied_msg_id", str(msgs[-1].msg_id))),
+    ]
+    poison += _apply_changes(d1, schema, changes, report, options, meta)
+    if after_d1_commit is not None:
+        after_d1_commit([m.msg_id for m in msgs])
+    _finish(pg, msgs, poison, report)
+    report.messages += len(msgs)
+    report.batches += 1
+    log.info(
+        "applied batch of %d messages (%d dead-lettered) in %.2fs; %d requests so far",
+        len(msgs),
+        len(poison),
+        time.monotonic() - batch_started,
+        report.requests,
+    )
+
+
+def _apply_changes(
+    d1: D1Client,
+    schema: Schema,
+    changes: list[Change],
+    report: ApplyReport,
+    options: ApplyOptions,
+    meta: list[Statement],
+) -> list[Poison]:
+    """Apply changes; on a non-retryable D1 error, split in halves to isolate the changes D1 refuses."""
+    if not changes:
+        return []
+    planned = plan(schema, coalesce(changes))
+    try:
+        _send(d1, planned, report, options, meta)
+    except D1Error as e:
+        if e.retryable:
+            raise
+        if len(changes) == 1:
+            ch = changes[0]
+            log.warning("D1 refused msg %d for %s: %s", ch.msg_id, ch.table, e)
+            return [Poison(ch.msg_id, f"D1 refused the change to {ch.table}: {e}", ch.table)]
+        mid = len(changes) // 2
+        return _apply_changes(d1, schema, changes[:mid], report, options, meta) + _apply_changes(
+            d1, schema, changes[mid:], report, options, meta
+        )
+    return []
+
+
+def _send(
+    d1: D1Client, planned: list[Planned], report: ApplyReport, options: ApplyOptions, meta: list[Statement]
+) -> None:
+    groups = requests(planned, max_bytes=options.request_bytes)
+    for i, group in enumerate(groups):
+        stmts = [p.statement for p in group]
+        if i == len(groups) - 1:
+            stmts += meta  # the bookkeeping rides in the last request: no extra request per batch
+        results = d1.batch(stmts)
+        report.requests += 1
+        for p, res in zip(group, results, strict=False):
+            stats = report.tables[p.table]
+            stats.statements += 1
+            stats.rows_written += res.rows_written
+            report.statements += 1
+            report.rows_written += res.rows_written
+            report.rows_sent += p.rows
+            if p.kind == "upsert":
+                stats.upserts += p.rows
+            elif p.kind == "delete":
+                stats.deletes += p.rows
+            else:
+                stats.truncates += 1
+
+
+def _finish(pg: PgmqClient, msgs: list[QueueMessage], poison: list[Poison], report: ApplyReport) -> None:
+    """Dead-letter the poison and delete the whole batch from the queue, in one Postgres transaction."""
+    with pg.conn.transaction():
+        if poison:
+            pg.dead_letter([(p.msg_id, p.reason, p.table) for p in poison], dlq=dlq_name(pg.queue))
+        deleted = pg.delete([m.msg_id for m in msgs])
+    if len(deleted) != len(msgs):
+        log.warning("%d of %d messages were already gone from the queue", len(msgs) - len(deleted), len(msgs))
+    for p in poison:
+        report.dead_lettered += 1
+        if p.table in report.tables:
+            report.tables[p.table].dead_lettered += 1

@@ -1,0 +1,86 @@
+"""Read a table from both sides in the same normalised form and compare row for row.
+
+Postgres rows go through the same conversion as replicated changes (`to_jsonb` -> `to_sqlite`), so equal
+means "what apply should have produced". D1 values are read exactly: integers as text (JSON numbers over
+HTTP would lose digits beyond 2^53), BLOBs as hex, with `typeof` so an integer stored as text is a difference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from d1sync_dagster.clients.d1 import D1Client
+from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.core.changes import Key, Row
+from d1sync_dagster.core.convert import SqlValue, to_sqlite
+from d1sync_dagster.schema import Table
+from d1sync_dagster.sql.capture import source_relation
+from d1sync_dagster.sql.quoting import ident
+
+_TYPEOF = {type(None): "null", int: "integer", float: "real", str: "text", bytes: "blob"}
+
+
+@dataclass
+class Drift:
+    missing: list[Key] = field(default_factory=list)  # in Postgres, not in D1
+    extra: list[Key] = field(default_factory=list)  # in D1, not in Postgres
+    different: list[Key] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return len(self.missing) + len(self.extra) + len(self.different)
+
+
+def pg_rows(pg: PgmqClient, table: Table, where: str = "", params: list[Any] | None = None) -> dict[Key, Row]:
+    """Every row of the source table, converted as apply converts it, by key."""
+    cols = ", ".join(ident(c) for c in table.columns)
+    rows = pg.execute(f"SELECT to_jsonb(r) FROM (SELECT {cols} FROM {source_relation(table)} {where}) r", params or [])
+    out: dict[Key, Row] = {}
+    for (record,) in rows:
+        row = {c: to_sqlite(record[c], t) for c, t in table.columns.items()}
+        out[tuple(row[k] for k in table.key)] = row
+    return out
+
+
+def d1_rows(d1: D1Client, table: Table) -> dict[Key, Row]:
+    """Every row of the D1 table, read exactly, by key."""
+    exprs = []
+    for i, c in enumerate(table.columns):
+        q = ident(c)
+        exprs += [
+            f"typeof({q}) AS k{i}",
+            f"CASE typeof({q}) WHEN 'blob' THEN hex({q}) ELSE CAST({q} AS TEXT) END AS s{i}",
+            f"{q} AS v{i}",
+        ]
+    res = d1.query(f"SELECT {', '.join(exprs)} FROM {ident(table.target)}")[-1]
+    out: dict[Key, Row] = {}
+    for rec in res.results:
+        row: Row = {c: _typed(rec[f"k{i}"], rec[f"s{i}"], rec[f"v{i}"]) for i, c in enumerate(table.columns)}
+        out[tuple(row[k] for k in table.key)] = row
+    return out
+
+
+def _typed(kind: str, text: str | None, raw: Any) -> SqlValue:
+    if kind == "null":
+        return None
+    if kind == "integer":
+        return int(text)  # type: ignore[arg-type]
+    if kind == "real":
+        return float(raw)
+    if kind == "blob":
+        return bytes.fromhex(text or "")
+    return str(raw)
+
+
+def diff(source: dict[Key, Row], replica: dict[Key, Row]) -> Drift:
+    """Keys missing from the replica, extra in it, and rows whose values or storage types differ."""
+    drift = Drift()
+    for key, row in source.items():
+        other = replica.get(key)
+        if other is None:
+            drift.missing.append(key)
+        elif any(_TYPEOF[type(row[c])] != _TYPEOF[type(other[c])] or row[c] != other[c] for c in row):
+            drift.different.append(key)
+    drift.extra = [k for k in replica if k not in source]
+    return drift

@@ -1,0 +1,65 @@
+"""Status: queue depth and age, dead letters per table, what D1 last applied."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from d1sync_dagster.clients.d1 import D1Client
+from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.errors import D1Error
+from d1sync_dagster.schema import Schema
+from d1sync_dagster.sql.capture import dlq_name
+from d1sync_dagster.sql.d1_ddl import META_TABLE
+from d1sync_dagster.sql.quoting import ident
+
+
+@dataclass
+class Status:
+    queue: str
+    queue_depth: int
+    oldest_message_age_seconds: int | None
+    newest_msg_id: int
+    dead_letters: dict[str, int] = field(default_factory=dict)
+    last_applied_at: str | None = None
+    last_applied_msg_id: int | None = None
+    schema_version_applied: str | None = None
+    schema_version_current: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def dead_letters_by_table(pg: PgmqClient) -> dict[str, int]:
+    """Dead-lettered messages per table (`?` for messages that named no table)."""
+    rows = pg.execute(
+        f"SELECT coalesce(message->>'table', '?'), count(*) FROM pgmq.{ident('q_' + dlq_name(pg.queue))} GROUP BY 1"
+    )
+    return {t: int(n) for t, n in rows}
+
+
+def d1_meta(d1: D1Client) -> dict[str, str]:
+    """d1sync's key/value records in D1 (empty before setup)."""
+    try:
+        (res,) = d1.query(f"SELECT key, value FROM {ident(META_TABLE)}")
+    except D1Error:
+        return {}
+    return {r["key"]: r["value"] for r in res.results}
+
+
+def status(pg: PgmqClient, d1: D1Client, schema: Schema) -> Status:
+    m = pg.metrics()
+    meta = d1_meta(d1)
+    letters = dead_letters_by_table(pg)
+    return Status(
+        queue=pg.queue,
+        queue_depth=m.queue_length,
+        oldest_message_age_seconds=m.oldest_msg_age_sec,
+        newest_msg_id=m.total_messages,
+        dead_letters={t.name: letters.get(t.name, 0) for t in schema.tables}
+        | {k: v for k, v in letters.items() if k not in schema.names},
+        last_applied_at=meta.get("last_applied_at"),
+        last_applied_msg_id=int(meta["last_applied_msg_id"]) if "last_applied_msg_id" in meta else None,
+        schema_version_applied=meta.get("schema_version"),
+        schema_version_current=schema.version,
+    )

@@ -1,0 +1,40 @@
+"""Shared test helpers: a replicated pair (Postgres source + D1) and the row-for-row equality check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from d1sync_dagster.clients.d1 import D1Client
+from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.engine.apply import ApplyOptions, ApplyReport, apply
+from d1sync_dagster.engine.compare import d1_rows, diff, pg_rows
+from d1sync_dagster.schema import Schema
+
+
+@dataclass
+class Pair:
+    pg: PgmqClient
+    d1: D1Client
+    schema: Schema
+
+    def sql(self, statement: str, params: list | None = None) -> list:
+        return self.pg.execute(statement, params)
+
+    def apply(self, **kw: object) -> ApplyReport:
+        return apply(self.pg, self.d1, self.schema, ApplyOptions(**kw))  # type: ignore[arg-type]
+
+    def assert_in_sync(self) -> None:
+        """D1 equals Postgres, table by table, row for row, column for column (values and storage types)."""
+        for table in self.schema.tables:
+            source, replica = pg_rows(self.pg, table), d1_rows(self.d1, table)
+            drift = diff(source, replica)
+            assert drift.total == 0, (
+                f"{table.name}: missing {drift.missing[:5]}, extra {drift.extra[:5]}, different "
+                + "; ".join(f"{k}: pg={source[k]} d1={replica[k]}" for k in drift.different[:3])
+            )
+
+    def queue_depth(self) -> int:
+        return self.pg.metrics().queue_length
+
+    def dead_letters(self) -> list[dict]:
+        return [m for (m,) in self.pg.execute(f"SELECT message FROM pgmq.q_{self.pg.queue}_dlq ORDER BY msg_id")]
