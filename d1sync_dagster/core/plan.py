@@ -2,9 +2,9 @@
 
 On the HTTP API the scarce resource is requests, so rows travel as validated, escaped SQLite literals
 (integers as digits, so values beyond 2^53 stay exact; REAL as an exact power-of-two expression; text
-quoted with '' doubling; BLOBs as X'..'), packed into multi-row statements up to D1's 100 KB statement limit. A row too large for that is
-sent alone with its text values bound as parameters (parameters do not count towards the statement's
-length). Every statement is idempotent, so replaying a batch after a crash is harmless:
+quoted with '' doubling; BLOBs as X'..'), packed into multi-row statements up to D1's 100 KB statement
+limit. A row too large for that is sent alone with its text values bound as parameters (parameters do not
+count towards the statement's length). Every statement is idempotent, so replaying a batch after a crash is harmless:
 
 - upsert: `INSERT ... VALUES (...), (...) ON CONFLICT (key) DO UPDATE SET c = excluded.c WHERE <changed>`
   (an unchanged row is not rewritten, so a replay writes nothing). When the batch knows the row before its
