@@ -11,9 +11,16 @@ import os
 import dagster as dg
 
 from d1sync_dagster import config
+from d1sync_dagster.defs.assets import GROUP, build_table_assets
+from d1sync_dagster.defs.checks import build_table_checks
 from d1sync_dagster.defs.jobs import build_setup_job
 from d1sync_dagster.defs.resources import D1Resource, PostgresResource
+from d1sync_dagster.defs.sensors import build_depth_sensor
+from d1sync_dagster.engine.apply import ApplyOptions
+from d1sync_dagster.errors import ConfigError
 from d1sync_dagster.schema import load_schema
+
+APPLY_JOB = "d1sync_apply"
 
 
 def build_d1_resource() -> D1Resource:
@@ -27,11 +34,32 @@ def build_d1_resource() -> D1Resource:
     return D1Resource(local_path=os.environ.get("D1_LOCAL_PATH") or str(config.DEFAULT_STATE_DIR / "local.sqlite"))
 
 
+def _number(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+
+
 def build_definitions(schema_file: str | None = None) -> dg.Definitions:
-    """All d1sync definitions for one `schema.json`."""
+    """All d1sync definitions for one `schema.json`.
+
+    Tunables from the environment: `D1SYNC_SENSOR_INTERVAL_SECONDS` (default 30), `D1SYNC_LAG_THRESHOLD_SECONDS`
+    (default 300), `D1SYNC_BATCH_SIZE` (default 2000).
+    """
     schema = load_schema(schema_file or config.schema_path())
+    tables = build_table_assets(schema, options=ApplyOptions(batch_size=int(_number("D1SYNC_BATCH_SIZE", 2000))))
+    checks = build_table_checks(schema, lag_threshold_seconds=_number("D1SYNC_LAG_THRESHOLD_SECONDS", 300))
+    apply_job = dg.define_asset_job(
+        APPLY_JOB, selection=dg.AssetSelection.groups(GROUP), description="Apply queued changes to every D1 table."
+    )
+    sensor = build_depth_sensor(apply_job, interval_seconds=int(_number("D1SYNC_SENSOR_INTERVAL_SECONDS", 30)))
     return dg.Definitions(
-        jobs=[build_setup_job(schema)],
+        assets=[tables],
+        asset_checks=[checks],
+        sensors=[sensor],
+        jobs=[apply_job, build_setup_job(schema)],
         resources={
             "postgres": PostgresResource(database_url=dg.EnvVar("DATABASE_URL"), queue=config.queue_name()),
             "d1": build_d1_resource(),

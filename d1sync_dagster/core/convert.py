@@ -52,7 +52,7 @@ def _check_text(s: str) -> str:
 
 
 def canonical_json(value: Any) -> str:
-    """Sorted keys, no spaces, numbers exact (Decimal kept as written, integral floats as integers)."""
+    """Sorted keys, no spaces, numbers exact and spelled one way (1.50, 1.5 and 15E-1 all give 1.5)."""
     if value is None:
         return "null"
     if value is True:
@@ -61,14 +61,15 @@ def canonical_json(value: Any) -> str:
         return "false"
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, Decimal):
-        if not value.is_finite():
-            raise ConversionError("JSON number is not finite")
-        return str(int(value)) if value == value.to_integral_value() and "E" not in str(value) else str(value)
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ConversionError("JSON number is not finite")
-        return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+        value = Decimal(repr(value))
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ConversionError("JSON number is not finite")
+        # One spelling per number: integers as digits, others as plain decimals without exponent or trailing 0.
+        return str(int(value)) if value == value.to_integral_value() else format(value.normalize(), "f")
     if isinstance(value, str):
         return json.dumps(_check_text(value), ensure_ascii=False)
     if isinstance(value, list):

@@ -1,0 +1,65 @@
+"""Asset checks per table: D1 row count equals Postgres, replication lag under a threshold, no dead letters."""
+
+import dagster as dg
+
+from d1sync_dagster.defs.assets import asset_key
+from d1sync_dagster.defs.resources import D1Resource, PostgresResource
+from d1sync_dagster.engine.checks import table_health
+from d1sync_dagster.schema import Schema
+
+ROW_COUNT, LAG, DEAD_LETTERS = "row_count_matches_source", "replication_lag_under_threshold", "no_dead_letters"
+
+
+def build_table_checks(schema: Schema, *, lag_threshold_seconds: float = 300.0) -> dg.AssetChecksDefinition:
+    """Three checks for every table, computed together (one pass over the queue and the dead letters)."""
+    specs = []
+    for t in schema.tables:
+        key = asset_key(t)
+        specs += [
+            dg.AssetCheckSpec(ROW_COUNT, asset=key, description=f"D1 `{t.target}` has as many rows as Postgres."),
+            dg.AssetCheckSpec(
+                LAG,
+                asset=key,
+                description=f"The oldest queued change of `{t.name}` is under {lag_threshold_seconds:g}s old.",
+            ),
+            dg.AssetCheckSpec(
+                DEAD_LETTERS, asset=key, description=f"No change of `{t.name}` is in the dead-letter queue."
+            ),
+        ]
+    by_key = {asset_key(t): t for t in schema.tables}
+
+    @dg.multi_asset_check(specs=specs, can_subset=True, name="d1_table_checks")
+    def d1_table_checks(context: dg.AssetCheckExecutionContext, postgres: PostgresResource, d1: D1Resource):
+        client = d1.get_client()
+        try:
+            with postgres.get_client() as pg:
+                health = table_health(pg, client, schema)
+        finally:
+            client.close()
+        for check_key in context.selected_asset_check_keys:
+            table = by_key[check_key.asset_key]
+            h = health[table.name]
+            if check_key.name == ROW_COUNT:
+                yield dg.AssetCheckResult(
+                    asset_key=check_key.asset_key,
+                    check_name=ROW_COUNT,
+                    passed=h.source_rows == h.d1_rows,
+                    metadata={"postgres_rows": h.source_rows, "d1_rows": h.d1_rows, "queued_changes": h.queued},
+                )
+            elif check_key.name == LAG:
+                yield dg.AssetCheckResult(
+                    asset_key=check_key.asset_key,
+                    check_name=LAG,
+                    passed=(h.lag_seconds or 0.0) <= lag_threshold_seconds,
+                    metadata={"lag_seconds": float(h.lag_seconds or 0.0), "threshold_seconds": lag_threshold_seconds},
+                )
+            else:
+                yield dg.AssetCheckResult(
+                    asset_key=check_key.asset_key,
+                    check_name=DEAD_LETTERS,
+                    passed=h.dead_letters == 0,
+                    severity=dg.AssetCheckSeverity.ERROR,
+                    metadata={"dead_letters": h.dead_letters},
+                )
+
+    return d1_table_checks

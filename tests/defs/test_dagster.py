@@ -1,0 +1,157 @@
+"""Dagster: definitions, materializations that really apply, checks on synced and drifted tables, sensor ticks."""
+
+import dagster as dg
+import pytest
+
+from d1sync_dagster.clients.d1_local import LocalD1Client
+from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.definitions import APPLY_JOB, build_definitions
+from d1sync_dagster.defs.assets import build_table_assets
+from d1sync_dagster.defs.checks import build_table_checks
+from d1sync_dagster.defs.resources import D1Resource, PostgresResource
+from d1sync_dagster.engine.setup import setup
+from d1sync_dagster.schema import load_schema
+from tests.conftest import ROOT
+
+SCHEMA = load_schema(ROOT / "schema.json")
+APPS, VERSIONS = dg.AssetKey(["d1", "apps"]), dg.AssetKey(["d1", "app_versions"])
+
+
+@pytest.fixture
+def env(source_db, tmp_path, monkeypatch):
+    d1_path = str(tmp_path / "d1.sqlite")
+    monkeypatch.setenv("DATABASE_URL", source_db)
+    monkeypatch.setenv("D1_LOCAL_PATH", d1_path)
+    with PgmqClient(source_db) as pg:
+        d1 = LocalD1Client(d1_path)
+        setup(pg, d1, SCHEMA)
+        yield pg, d1, {"postgres": PostgresResource(database_url=source_db), "d1": D1Resource(local_path=d1_path)}
+        d1.close()
+
+
+def test_definitions_name_assets_checks_jobs_and_sensor():
+    defs = build_definitions(str(ROOT / "schema.json"))
+    graph = defs.resolve_asset_graph()
+    assert set(graph.get_all_asset_keys()) == {APPS, VERSIONS}
+    check_names = {k.name for k in graph.asset_check_keys}
+    assert check_names == {"row_count_matches_source", "replication_lag_under_threshold", "no_dead_letters"}
+    assert len(graph.asset_check_keys) == 6
+    assert defs.resolve_job_def(APPLY_JOB) is not None and defs.resolve_job_def("d1sync_setup") is not None
+    assert defs.resolve_sensor_def("pgmq_depth_sensor") is not None
+    spec = next(s for s in graph.asset_nodes if s.key == APPS)
+    assert spec.group_name == "d1" and spec.code_version == SCHEMA.table("apps").version
+    assert "public.apps" in (spec.description or "")
+
+
+def test_materialize_applies_changes_and_records_metadata(env):
+    pg, d1, resources = env
+    pg.execute("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 25) g")
+    pg.execute("INSERT INTO app_versions (app_id, version) VALUES (1, 'a')")
+    result = dg.materialize([build_table_assets(SCHEMA)], resources=resources)
+    assert result.success
+    mats = {
+        e.event_specific_data.materialization.asset_key: e.event_specific_data.materialization.metadata
+        for e in result.get_asset_materialization_events()
+    }
+    assert mats[APPS]["messages"].value == 25 and mats[APPS]["upserts"].value == 25
+    assert mats[VERSIONS]["upserts"].value == 1 and mats[APPS]["run_d1_requests"].value >= 1
+    (res,) = d1.query("SELECT count(*) AS n FROM apps")
+    assert res.results == [{"n": 25}]
+    assert pg.metrics().queue_length == 0
+
+
+def test_subset_materializes_only_the_selected_asset_but_drains_the_queue(env):
+    pg, d1, resources = env
+    pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
+    pg.execute("INSERT INTO app_versions (app_id, version) VALUES (1, 'a')")
+    result = dg.materialize([build_table_assets(SCHEMA)], resources=resources, selection=[APPS])
+    keys = [e.event_specific_data.materialization.asset_key for e in result.get_asset_materialization_events()]
+    assert keys == [APPS]
+    assert pg.metrics().queue_length == 0
+
+
+def checks_result(resources):
+    return dg.materialize(
+        [build_table_assets(SCHEMA), build_table_checks(SCHEMA, lag_threshold_seconds=60)],
+        resources=resources,
+        selection=dg.AssetSelection.all_asset_checks(),
+    )
+
+
+def check_outcomes(result):
+    evaluations = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    return {(ev.asset_key.path[-1], ev.check_name): ev.passed for ev in evaluations}
+
+
+def test_checks_pass_on_a_synced_table_and_fail_on_a_drifted_one(env):
+    pg, d1, resources = env
+    pg.execute("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 10) g")
+    dg.materialize([build_table_assets(SCHEMA)], resources=resources)
+    outcomes = check_outcomes(checks_result(resources))
+    assert len(outcomes) == 6 and all(outcomes.values()), outcomes
+
+    d1.query("DELETE FROM apps WHERE id = 3")  # drift behind the pipeline's back
+    pg.send_batch([{"type": "INSERT", "table": "apps", "record": {"id": "bad"}}])
+    dg.materialize([build_table_assets(SCHEMA)], resources=resources)  # dead-letters the bad message
+    outcomes = check_outcomes(checks_result(resources))
+    assert outcomes[("apps", "row_count_matches_source")] is False
+    assert outcomes[("apps", "no_dead_letters")] is False
+    assert outcomes[("app_versions", "row_count_matches_source")] is True
+
+
+def test_lag_check_fails_when_changes_wait_too_long(env):
+    pg, _d1, resources = env
+    pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
+    pg.execute("UPDATE pgmq.q_replicate_data SET enqueued_at = now() - interval '10 minutes'")
+    outcomes = check_outcomes(checks_result(resources))
+    assert outcomes[("apps", "replication_lag_under_threshold")] is False
+    assert outcomes[("app_versions", "replication_lag_under_threshold")] is True
+
+
+def sensor_tick(instance, resources, cursor=None):
+    defs = build_definitions(str(ROOT / "schema.json"))
+    sensor = defs.resolve_sensor_def("pgmq_depth_sensor")
+    ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"postgres": resources["postgres"]})
+    return sensor, sensor.evaluate_tick(ctx)
+
+
+def test_sensor_first_tick_on_an_empty_queue_skips_and_says_why(env):
+    _pg, _d1, resources = env
+    with dg.instance_for_test() as instance:
+        _sensor, tick = sensor_tick(instance, resources)
+    assert tick.run_requests == [] and "is empty" in tick.skip_message
+    assert tick.cursor == "0"
+
+
+def test_sensor_requests_a_run_when_there_is_work(env):
+    pg, _d1, resources = env
+    pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x'), (2, 'y')")
+    with dg.instance_for_test() as instance:
+        _sensor, tick = sensor_tick(instance, resources, cursor="0")
+    (req,) = tick.run_requests
+    assert req.tags["d1sync/queue_depth"] == "2"
+    assert tick.cursor == "2"
+
+
+def test_sensor_skips_when_nothing_new_after_apply(env):
+    pg, _d1, resources = env
+    pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
+    dg.materialize([build_table_assets(SCHEMA)], resources=resources)
+    with dg.instance_for_test() as instance:
+        _sensor, tick = sensor_tick(instance, resources, cursor="1")
+    assert tick.run_requests == [] and "empty" in tick.skip_message
+
+
+def test_sensor_does_not_pile_up_runs_while_one_is_in_flight(env):
+    pg, _d1, resources = env
+    pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
+    with dg.instance_for_test() as instance:
+        run = instance.create_run_for_job(
+            build_definitions(str(ROOT / "schema.json")).resolve_job_def(APPLY_JOB),
+            status=dg.DagsterRunStatus.STARTED,
+        )
+        _sensor, tick = sensor_tick(instance, resources, cursor="0")
+        assert tick.run_requests == [] and run.run_id in tick.skip_message and "1 changes waiting" in tick.skip_message
+        instance.report_run_failed(run)
+        _sensor, tick = sensor_tick(instance, resources, cursor="1")
+        assert len(tick.run_requests) == 1
