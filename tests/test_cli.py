@@ -91,3 +91,53 @@ def test_partial_cloudflare_config_is_a_clear_error():
     out = run("setup", env={"CLOUDFLARE_ACCOUNT_ID": "a", "DATABASE_URL": "postgresql://x@127.0.0.1:1/x"})
     assert out.returncode == 2
     assert "missing: CLOUDFLARE_D1_DATABASE_ID, CLOUDFLARE_API_TOKEN" in out.stderr
+
+
+def test_apply_and_status_from_the_command_line(source_db, tmp_path):
+    env = {"DATABASE_URL": source_db, "D1_LOCAL_PATH": str(tmp_path / "d1.sqlite")}
+    assert run("setup", env=env).returncode == 0
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 30) g")
+    before = json.loads(run("status", "--json", env=env).stdout)
+    assert before["queue_depth"] == 30 and before["last_applied_at"] is None
+    out = run("apply", "--json", env=env)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["drained"] and report["tables"]["apps"]["upserts"] == 30 and report["requests"] == 1
+    after = json.loads(run("status", "--json", env=env).stdout)
+    assert after["queue_depth"] == 0 and after["last_applied_at"] and after["last_applied_msg_id"] == 30
+    assert after["dead_letters"] == {"apps": 0, "app_versions": 0}
+    assert after["schema_version_applied"] == after["schema_version_current"]
+    text = run("status", env=env)
+    assert "0 messages waiting" in text.stdout and "current" in text.stdout
+    plain = run("apply", env=env)
+    assert plain.returncode == 0 and "applied 0 messages" in plain.stdout
+
+
+def test_apply_exits_1_when_messages_were_dead_lettered(source_db, tmp_path):
+    env = {"DATABASE_URL": source_db, "D1_LOCAL_PATH": str(tmp_path / "d1.sqlite")}
+    assert run("setup", env=env).returncode == 0
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("""SELECT pgmq.send('replicate_data', '{"type": "INSERT", "table": "nope", "record": {}}')""")
+        conn.execute("INSERT INTO apps (id, name) VALUES (1, 'fine')")
+    out = run("apply", env=env)
+    assert out.returncode == 1 and "1 dead-lettered" in out.stdout
+    st = json.loads(run("status", "--json", env=env).stdout)
+    assert st["dead_letters"]["nope"] == 1 and st["queue_depth"] == 0
+
+
+def test_apply_against_unreachable_d1_fails_clearly_and_keeps_the_queue(source_db, tmp_path):
+    env = {"DATABASE_URL": source_db, "D1_LOCAL_PATH": str(tmp_path / "d1.sqlite")}
+    assert run("setup", env=env).returncode == 0
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
+    bad = {
+        "DATABASE_URL": source_db,
+        "CLOUDFLARE_ACCOUNT_ID": "a",
+        "CLOUDFLARE_D1_DATABASE_ID": "d",
+        "CLOUDFLARE_API_TOKEN": "tok-secret-apply",
+        "CLOUDFLARE_API_BASE_URL": "http://127.0.0.1:1/client/v4",
+    }
+    out = run("apply", "--vt", "0", env=bad)
+    assert out.returncode == 3 and "unreachable" in out.stderr and "tok-secret-apply" not in out.stderr + out.stdout
+    assert json.loads(run("status", "--json", env=env).stdout)["queue_depth"] == 1
