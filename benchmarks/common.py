@@ -45,3 +45,38 @@ def fresh_database() -> Iterator[str]:
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@contextmanager
+def d1_standin() -> Iterator[dict[str, str]]:
+    """Start the D1 HTTP API stand-in (d1stub/, miniflare on the real D1 engine) on a free port."""
+    import select
+    import socket
+    import subprocess
+    import threading
+
+    root = Path(__file__).resolve().parent.parent / "d1stub"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    token = uuid.uuid4().hex
+    proc = subprocess.Popen(
+        [str(root / "node_modules" / ".bin" / "node"), str(root / "server.mjs"), str(port), "acct", "db", token],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 90)
+        if not ready or not proc.stdout.readline().startswith("READY"):
+            raise RuntimeError("D1 stand-in did not start (run scripts/bootstrap.sh first)")
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        yield {
+            "CLOUDFLARE_ACCOUNT_ID": "acct",
+            "CLOUDFLARE_D1_DATABASE_ID": "db",
+            "CLOUDFLARE_API_TOKEN": token,
+            "CLOUDFLARE_API_BASE_URL": f"http://127.0.0.1:{port}/client/v4",
+        }
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -9,6 +9,7 @@ Validation is strict and happens once, at load; every message names the table an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -192,10 +193,14 @@ class Schema(BaseModel):
         """A short hash of the canonical schema; recorded in D1 when applied."""
         return _digest({t.name: t.spec.to_json() for t in self.tables})
 
+    @functools.cached_property
+    def by_name(self) -> dict[str, Table]:
+        return {t.name: t for t in self.tables}
+
     def table(self, name: str) -> Table:
-        for t in self.tables:
-            if t.name == name:
-                return t
+        found = self.by_name.get(name)
+        if found is not None:
+            return found
         raise SchemaError(f"table {name!r} is not in schema.json (known: {', '.join(self.names)})")
 
     @property

@@ -6,19 +6,18 @@ the `headers`/`last_read_at` columns are never named.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg.types.json import Jsonb, set_json_loads
 
+from d1sync_dagster.core.convert import loads_exact
 from d1sync_dagster.errors import QueueError
 from d1sync_dagster.sql.capture import DEFAULT_QUEUE
 from d1sync_dagster.sql.quoting import check_queue_name, ident
@@ -80,8 +79,8 @@ class PgmqClient:
             )
         except psycopg.Error as e:
             raise QueueError(f"cannot connect to Postgres at {redact(url)}: {_first_line(e)}") from None
-        # JSON numbers with a fraction or exponent decode as Decimal: exact until a column type decides.
-        set_json_loads(_loads_exact, self.conn)
+        # JSON numbers decode without losing digits (see core.convert.loads_exact).
+        set_json_loads(loads_exact, self.conn)
 
     def close(self) -> None:
         self.conn.close()
@@ -138,6 +137,16 @@ class PgmqClient:
         )
         return [r[0] for r in rows]
 
+    def make_visible(self, queue: str | None = None) -> int:
+        """Make every hidden message visible again (vt = now); returns how many were hidden.
+
+        Only for the holder of the single-consumer lock: a hidden message then belongs to a consumer that died
+        mid-batch, and skipping it would apply later changes before it.
+        """
+        q = check_queue_name(queue or self.queue)
+        rows = self.execute(f"UPDATE pgmq.{ident('q_' + q)} SET vt = now() WHERE vt > now() RETURNING msg_id")
+        return len(rows)
+
     def dead_letter(self, items: Sequence[tuple[int, str, str | None]], *, dlq: str) -> list[int]:
         """Copy messages (by msg_id, with a reason and table) from the queue to the dead-letter queue.
 
@@ -183,14 +192,5 @@ class PgmqClient:
                 self.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", [name])
 
 
-def _loads_exact(data: str | bytes) -> Any:
-    return json.loads(data, parse_float=Decimal)
-
-
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-
-
-def message_json(message: Any) -> Any:
-    """A queue payload as Python data (psycopg returns jsonb already decoded)."""
-    return json.loads(message) if isinstance(message, (str, bytes)) else message

@@ -11,10 +11,12 @@ guessed (a missing column would silently become NULL).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from d1sync_dagster.core.convert import ConversionError, SqlValue, to_sqlite
+from d1sync_dagster.core.convert import CONVERTERS, ConversionError, SqlValue, to_sqlite
 from d1sync_dagster.schema import Schema, Table
 
 Key = tuple[SqlValue, ...]
@@ -24,8 +26,8 @@ Op = Literal["upsert", "delete", "truncate"]
 
 @dataclass(frozen=True)
 class Change:
-    """One decoded change. `old_key` is set when an UPDATE moved a row to a new key; `old_row` is the row
-    before an UPDATE that kept its key (when the message carries it whole)."""
+    """One decoded change. `old_key` is set when an UPDATE moved a row to a new key; `unchanged` names the
+    columns an UPDATE that kept its key left as they were (when the message carries the old row whole)."""
 
     msg_id: int
     table: str
@@ -33,7 +35,7 @@ class Change:
     key: Key = ()
     row: Row | None = None
     old_key: Key | None = None
-    old_row: Row | None = None
+    unchanged: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -60,16 +62,34 @@ def _key(table: Table, record: dict[str, Any], which: str) -> Key:
     return tuple(out)
 
 
+@functools.cache
+def _converters(columns: tuple[tuple[str, str], ...]) -> tuple[tuple[str, Callable[[Any], SqlValue]], ...]:
+    return tuple((c, CONVERTERS[t]) for c, t in columns)
+
+
 def _row(table: Table, record: dict[str, Any]) -> Row:
     row: Row = {}
-    for col, typ in table.columns.items():
-        if col not in record:
-            raise ConversionError(f"record lacks replicated column {col!r}")
-        try:
-            row[col] = to_sqlite(record[col], typ)
-        except ConversionError as e:
-            raise ConversionError(f"column {col!r}: {e}") from None
+    col = ""
+    try:
+        for col, fn in _converters(tuple(table.columns.items())):
+            v = record[col]
+            row[col] = None if v is None else fn(v)
+    except KeyError:
+        raise ConversionError(f"record lacks replicated column {col!r}") from None
+    except ConversionError as e:
+        raise ConversionError(f"column {col!r}: {e}") from None
     return row
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Strict equality of decoded JSON values (Python's == holds 1 == 1.0 == True, JSON does not)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_value(v, b[k]) for k, v in a.items())
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
 
 
 def decode(msg_id: int, payload: Any, schema: Schema) -> Change | Poison:
@@ -79,7 +99,7 @@ def decode(msg_id: int, payload: Any, schema: Schema) -> Change | Poison:
     name = payload.get("table")
     if not isinstance(name, str):
         return Poison(msg_id, "message has no 'table' string")
-    table = next((t for t in schema.tables if t.name == name), None)
+    table = schema.by_name.get(name)
     if table is None:
         return Poison(msg_id, f"table {name[:100]!r} is not in schema.json", name[:100])
     kind = payload.get("type")
@@ -103,12 +123,15 @@ def decode(msg_id: int, payload: Any, schema: Schema) -> Change | Poison:
         key = tuple(row[c] for c in table.key)
         if any(v is None for v in key):
             raise ConversionError("record has a NULL primary key")
-        old_key, old_row = None, None
+        old_key, unchanged = None, None
         if kind == "UPDATE" and isinstance(old, dict) and old and all(old.get(c) is not None for c in table.key):
-            candidate = _key(table, old, "old_record")
-            old_key = candidate if candidate != key else None
-            if old_key is None and all(c in old for c in table.columns):
-                old_row = _row(table, old)
-        return Change(msg_id, name, "upsert", key, row, old_key, old_row)
+            if all(same_value(old[c], record[c]) for c in table.key):
+                # Same key: note which columns this UPDATE left as they were (compared as sent, no conversion).
+                if all(c in old for c in table.columns):
+                    unchanged = frozenset(c for c in table.columns if same_value(old[c], record[c]))
+            else:
+                candidate = _key(table, old, "old_record")
+                old_key = candidate if candidate != key else None
+        return Change(msg_id, name, "upsert", key, row, old_key, unchanged)
     except ConversionError as e:
         return Poison(msg_id, f"{kind} on {name}: {e}", name)

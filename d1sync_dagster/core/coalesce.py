@@ -7,9 +7,10 @@ Rules, applied in msg_id order:
 - TRUNCATE is a barrier: everything earlier for the table is dropped, the table is emptied first, and later
   changes apply on top. After a TRUNCATE a delete needs no statement (the row is gone already).
 
-For each upserted key the batch also remembers the row as it was before the batch's first change to it
-(`base`, from the UPDATE's old_record), so the planner can set only the columns that changed: SQLite
-rewrites every index whose columns are assigned, and D1 bills each index entry as a row written.
+For each upserted key the batch also tracks which columns its UPDATEs left untouched since the row's state
+before the batch (known when the first change to the key is an UPDATE carrying the whole old row), so the
+planner can assign only the columns that changed: SQLite rewrites every index whose columns are assigned,
+and D1 bills each index entry as a row written.
 
 The result is order-free: the deleted keys and the upserted keys of a table are disjoint, so statements for
 one table can run deletes then upserts, after the truncate when there is one.
@@ -30,26 +31,29 @@ class TableChanges:
     truncate: bool = False
     upserts: dict[Key, Row] = field(default_factory=dict)
     deletes: set[Key] = field(default_factory=set)
-    base: dict[Key, Row | None] = field(default_factory=dict)
+    # Per upserted key: columns still equal to the row before the batch (None: that row is unknown).
+    unchanged: dict[Key, frozenset[str] | None] = field(default_factory=dict)
     messages: int = 0
 
     def delete(self, key: Key) -> None:
-        self.base.setdefault(key, None)
+        self.unchanged[key] = None
         self.upserts.pop(key, None)
         if not self.truncate:
             self.deletes.add(key)
 
-    def upsert(self, key: Key, row: Row, before: Row | None = None) -> None:
-        self.base.setdefault(key, None if self.truncate else before)
+    def upsert(self, key: Key, row: Row, unchanged: frozenset[str] | None = None) -> None:
+        if key in self.unchanged:
+            prior = self.unchanged[key]
+            self.unchanged[key] = None if prior is None or unchanged is None else prior & unchanged
+        else:
+            self.unchanged[key] = None if self.truncate else unchanged
         self.deletes.discard(key)
         self.upserts[key] = row
 
     def changed_columns(self, key: Key) -> frozenset[str] | None:
-        """Columns whose value differs from the row before the batch; None when that row is unknown."""
-        before, after = self.base.get(key), self.upserts[key]
-        if before is None:
-            return None
-        return frozenset(c for c in after if type(after[c]) is not type(before.get(c)) or after[c] != before.get(c))
+        """Columns whose value may differ from the row before the batch; None when that row is unknown."""
+        same = self.unchanged.get(key)
+        return None if same is None else frozenset(c for c in self.upserts[key] if c not in same)
 
 
 def coalesce(changes: Iterable[Change]) -> dict[str, TableChanges]:
@@ -62,12 +66,12 @@ def coalesce(changes: Iterable[Change]) -> dict[str, TableChanges]:
             tc.truncate = True
             tc.upserts.clear()
             tc.deletes.clear()
-            tc.base.clear()
+            tc.unchanged.clear()
         elif ch.op == "delete":
             tc.delete(ch.key)
         else:
             if ch.old_key is not None:
                 tc.delete(ch.old_key)
             assert ch.row is not None
-            tc.upsert(ch.key, ch.row, ch.old_row)
+            tc.upsert(ch.key, ch.row, ch.unchanged)
     return out

@@ -1,7 +1,8 @@
 """Postgres JSON value -> SQLite value, per column type. The one place the conversion rules live.
 
-Values arrive as `to_jsonb()` renders them and Python decodes them (JSON numbers with a fraction or exponent
-as `Decimal`, so nothing passes through binary floating point before its column type says so):
+Values arrive as `to_jsonb()` renders them and `loads_exact` decodes them (a number with a fraction or
+exponent becomes a float only when that is exact, else a Decimal, so no digit is lost before its column
+type decides):
 
 - INTEGER: exact 64-bit integers (beyond 2^53 too); an integral number; numeric text; an ISO-8601 timestamp
   becomes Unix seconds (floor; no zone means UTC), the seed's rule. Out of int64 range is refused.
@@ -23,9 +24,12 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
+
+import orjson
 
 from d1sync_dagster.schema import ColumnType
 
@@ -52,32 +56,85 @@ def _check_text(s: str) -> str:
 
 
 def canonical_json(value: Any) -> str:
-    """Sorted keys, no spaces, numbers exact and spelled one way (1.50, 1.5 and 15E-1 all give 1.5)."""
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, int):
-        return str(value)
+    """Sorted keys, no spaces, numbers exact; a deterministic function of the decoded value.
+
+    Numbers that decoded as floats (at most 15 significant digits, so the float is exact) print in their
+    shortest form; longer ones decoded as Decimal print as plain decimals. The fast path is orjson; values
+    it cannot render (Decimal, integers beyond 64 bits) take the slow path, which spells numbers the same way.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConversionError("JSON number is not finite")  # orjson would write null
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        return _canonical_slow(value)
+
+
+def _canonical_slow(value: Any) -> str:
+    if value is None or isinstance(value, bool | int | str):
+        return json.dumps(_check_text(value) if isinstance(value, str) else value, ensure_ascii=False)
     if isinstance(value, float):
         if not math.isfinite(value):
             raise ConversionError("JSON number is not finite")
-        value = Decimal(repr(value))
+        return orjson.dumps(value).decode()
     if isinstance(value, Decimal):
         if not value.is_finite():
             raise ConversionError("JSON number is not finite")
-        # One spelling per number: integers as digits, others as plain decimals without exponent or trailing 0.
-        return str(int(value)) if value == value.to_integral_value() else format(value.normalize(), "f")
-    if isinstance(value, str):
-        return json.dumps(_check_text(value), ensure_ascii=False)
+        return _decimal_text(value)
     if isinstance(value, list):
-        return "[" + ",".join(canonical_json(v) for v in value) + "]"
+        return "[" + ",".join(_canonical_slow(v) for v in value) + "]"
     if isinstance(value, dict):
         items = sorted(value.items())
-        return "{" + ",".join(json.dumps(str(k), ensure_ascii=False) + ":" + canonical_json(v) for k, v in items) + "}"
+        return "{" + ",".join(json.dumps(str(k), ensure_ascii=False) + ":" + _canonical_slow(v) for k, v in items) + "}"
     raise ConversionError(f"cannot render a {type(value).__name__} as JSON")
+
+
+def _decimal_text(d: Decimal) -> str:
+    """Spell a Decimal the way `parse_number` would read it back to the same value and spelling."""
+    t = d.normalize()
+    if len(t.as_tuple().digits) <= 15:
+        return orjson.dumps(float(t)).decode()
+    return str(int(t)) + ".0" if t == t.to_integral_value() else format(t, "f")
+
+
+def _float_keeps(text: str) -> bool:
+    """Whether the decimal `text` is exactly the shortest spelling of the float nearest to it."""
+    return Decimal(repr(float(text))) == Decimal(text)
+
+
+def parse_number(text: str) -> float | Decimal:
+    """JSON `parse_float`: a float when it keeps the number exactly (at most 15 significant digits, or the
+    shortest spelling of a double, as Postgres prints float8), else a Decimal."""
+    digits = len(text.split("e")[0].split("E")[0].replace("-", "").replace(".", "").strip("0"))
+    return float(text) if digits <= 15 or _float_keeps(text) else Decimal(text)
+
+
+# Sixteen digits in a row (a dot allowed between them): the text may hold a number a float cannot keep.
+_LONG_NUMBER = re.compile(rb"\d(?:\.?\d){15}")
+_NUMBER_TOKEN = re.compile(rb"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
+
+
+def _orjson_keeps(token: bytes) -> bool:
+    """Whether orjson decodes this number token without losing anything."""
+    text = token.decode()
+    if b"." in token or b"e" in token or b"E" in token:
+        return _float_keeps(text)
+    return INT64_MIN <= int(text) <= INT64_MAX
+
+
+def loads_exact(data: str | bytes) -> Any:
+    """Decode JSON without losing digits: integers as int, other numbers per `parse_number`.
+
+    When every number with a fraction or exponent is short or the shortest spelling of a double (the
+    common case: Postgres prints float8 that way), orjson decodes the text; otherwise the standard decoder
+    with `parse_number` does, keeping long decimals as Decimal.
+    """
+    raw = data.encode() if isinstance(data, str) else bytes(data)
+    if _LONG_NUMBER.search(raw) is not None and not all(
+        _orjson_keeps(t) for t in _NUMBER_TOKEN.findall(raw) if len(t) > 16
+    ):
+        return json.loads(raw, parse_float=parse_number)
+    return orjson.loads(raw)
 
 
 def _iso_to_unix(s: str) -> int:
@@ -161,7 +218,7 @@ def _to_json(v: Any) -> str:
         stripped = v.strip()
         if stripped[:1] in ("{", "["):
             try:
-                return canonical_json(json.loads(stripped, parse_float=Decimal))
+                return canonical_json(loads_exact(stripped))
             except json.JSONDecodeError:
                 pass
     return canonical_json(v)
@@ -176,7 +233,7 @@ def _to_blob(v: Any) -> bytes:
     raise ConversionError("BLOB column expects bytea hex text (\\x...)")
 
 
-_CONVERTERS = {
+CONVERTERS: dict[str, Callable[[Any], SqlValue]] = {
     "INTEGER": _to_integer,
     "REAL": _to_real,
     "TEXT": _to_text,
@@ -190,4 +247,4 @@ def to_sqlite(value: Any, column_type: ColumnType) -> SqlValue:
     """Convert one value for a column of `column_type` (None stays None)."""
     if value is None:
         return None
-    return _CONVERTERS[column_type](value)  # type: ignore[no-any-return]
+    return CONVERTERS[column_type](value)

@@ -16,6 +16,7 @@ count towards the statement's length). Every statement is idempotent, so replayi
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -89,6 +90,10 @@ def _size(text: str) -> int:
 
 def row_problem(table: Table, row: Row) -> str | None:
     """Why no statement could carry this row, or None. Checked before planning so it can be dead-lettered."""
+    # A UTF-8 character takes at most 4 bytes: rows far below the limits need no exact count.
+    rough = sum(len(v) * 4 if isinstance(v, str) else len(v) * 2 if isinstance(v, bytes) else 24 for v in row.values())
+    if rough < MAX_STATEMENT_BYTES // 2:
+        return None
     total = sum(len(v) if isinstance(v, bytes) else _size(v) if isinstance(v, str) else 8 for v in row.values())
     if total > MAX_ROW_BYTES:
         return f"row is about {total} bytes, over D1's {MAX_ROW_BYTES}-byte row limit"
@@ -100,18 +105,27 @@ def row_problem(table: Table, row: Row) -> str | None:
 
 
 def _upsert_head(table: Table) -> str:
-    cols = ", ".join(ident(c) for c in table.columns)
-    return f"INSERT INTO {ident(table.target)} ({cols}) VALUES "
+    return _head(table.target, tuple(table.columns))
 
 
 def _upsert_tail(table: Table, columns: frozenset[str] | None = None) -> str:
     """`ON CONFLICT` clause assigning `columns` (None: every non-key column) only where a value differs."""
-    keys = ", ".join(ident(k) for k in table.key)
-    others = [c for c in table.columns if c not in table.key and (columns is None or c in columns)]
+    return _tail(table.target, tuple(table.columns), table.key, columns)
+
+
+@functools.cache
+def _head(target: str, columns: tuple[str, ...]) -> str:
+    return f"INSERT INTO {ident(target)} ({', '.join(ident(c) for c in columns)}) VALUES "
+
+
+@functools.cache
+def _tail(target: str, all_columns: tuple[str, ...], key: tuple[str, ...], columns: frozenset[str] | None) -> str:
+    keys = ", ".join(ident(k) for k in key)
+    others = [c for c in all_columns if c not in key and (columns is None or c in columns)]
     if not others:
         return f" ON CONFLICT ({keys}) DO NOTHING"
     sets = ", ".join(f"{ident(c)} = excluded.{ident(c)}" for c in others)
-    t = ident(table.target)
+    t = ident(target)
     changed = " OR ".join(f"{t}.{ident(c)} IS NOT excluded.{ident(c)}" for c in others)
     return f" ON CONFLICT ({keys}) DO UPDATE SET {sets} WHERE {changed}"
 
@@ -136,7 +150,7 @@ def _pack(head: str, tail: str, items: list[str], limit: int) -> Iterator[tuple[
         yield head + ",".join(batch) + tail, len(batch)
 
 
-def _bound_row(table: Table, row: Row, columns: frozenset[str] | None) -> Statement:
+def _bound_row(table: Table, row: Row, columns: frozenset[str] | None, limit: int) -> Statement:
     """One large row, its text values bound as parameters."""
     values: list[str] = []
     params: list[Param] = []
@@ -148,7 +162,7 @@ def _bound_row(table: Table, row: Row, columns: frozenset[str] | None) -> Statem
         else:
             values.append(sql_literal(v))
     sql = _upsert_head(table) + "(" + ", ".join(values) + ")" + _upsert_tail(table, columns)
-    if _size(sql) > MAX_STATEMENT_BYTES:
+    if _size(sql) > limit:
         raise PlanError(f"a row of {table.name} does not fit in one D1 statement even with bound parameters")
     return Statement(sql, tuple(params))
 
@@ -168,7 +182,7 @@ def plan_upserts(
         else:
             large.append(row)
     out = [Planned(table.name, "upsert", n, Statement(sql)) for sql, n in _pack(head, tail, small, limit)]
-    out += [Planned(table.name, "upsert", 1, _bound_row(table, row, columns)) for row in large]
+    out += [Planned(table.name, "upsert", 1, _bound_row(table, row, columns, limit)) for row in large]
     return out
 
 

@@ -6,6 +6,8 @@ is exceeded) -> then, in one Postgres transaction, dead-letter the poison and de
 
 Invariants:
 - Nothing is deleted from the queue before it was applied to D1 or copied to the dead-letter queue.
+- Messages apply in msg_id order even after a crash: a run first makes visible again any message an
+  interrupted run had hidden (its visibility timeout would otherwise let newer batches overtake it).
 - A crash between the D1 commit and the delete replays the batch; every statement is idempotent, so the
   replay leaves D1 as it was.
 - A change D1 refuses is isolated by splitting the batch in halves (applied in order, so per-key order is
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -93,6 +96,17 @@ def lock_name(queue: str) -> str:
     return f"d1sync:apply:{queue}"
 
 
+@dataclass
+class _Prepared:
+    """A read batch, decoded and planned, waiting for (or being sent to) D1."""
+
+    msgs: list[QueueMessage]
+    changes: list[Change]
+    poison: list[Poison]
+    planned: list[Planned]
+    meta: list[Statement]
+
+
 def apply(
     pg: PgmqClient,
     d1: D1Client,
@@ -103,8 +117,10 @@ def apply(
 ) -> ApplyReport:
     """Drain the queue (or stop at the message/time budget); returns figures per table.
 
-    `after_d1_commit` is called with the batch's msg_ids between the D1 commit and the queue delete (tests use
-    it to kill the process at the worst moment).
+    Pipelined: while batch k is on its way to D1 (a worker thread; the HTTP wait releases the GIL), batch
+    k+1 is read from Postgres, decoded and planned. D1 requests stay strictly sequential, and batch k's
+    messages are deleted only after its D1 commit. `after_d1_commit` is called with the batch's msg_ids
+    between the D1 commit and the queue delete (tests use it to kill the process at the worst moment).
     """
     report = ApplyReport(tables={t.name: TableStats() for t in schema.tables})
     started = time.monotonic()
@@ -113,33 +129,44 @@ def apply(
             report.skipped = "another apply is running on this queue"
             log.info("apply skipped: %s", report.skipped)
             return report
-        while True:
-            if options.max_seconds is not None and time.monotonic() - started >= options.max_seconds:
-                break
-            qty = options.batch_size
-            if options.max_messages is not None:
-                qty = min(qty, options.max_messages - report.messages)
-                if qty <= 0:
-                    break
-            msgs = pg.read(vt=options.vt_seconds, qty=qty)
-            if not msgs:
-                report.drained = True
-                break
-            _apply_batch(pg, d1, schema, msgs, report, options, after_d1_commit)
+        # Under the lock no other consumer runs, so a hidden message was read by one that died mid-batch.
+        # Reading past it would apply newer changes before it and then replay it over them: show it again.
+        revived = pg.make_visible()
+        if revived:
+            log.warning("%d messages hidden by an interrupted apply are visible again and apply first", revived)
+        read = 0
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="d1sync-d1") as pool:
+            pending: tuple[_Prepared, Future[list[Poison]]] | None = None
+            try:
+                while True:
+                    if options.max_seconds is not None and time.monotonic() - started >= options.max_seconds:
+                        break
+                    qty = options.batch_size
+                    if options.max_messages is not None:
+                        qty = min(qty, options.max_messages - read)
+                        if qty <= 0:
+                            break
+                    msgs = pg.read(vt=options.vt_seconds, qty=qty)
+                    if not msgs:
+                        report.drained = True
+                        break
+                    read += len(msgs)
+                    prepared = _prepare(schema, msgs, report)
+                    if pending is not None:
+                        _complete(pg, *pending, report, after_d1_commit)
+                    pending = (prepared, pool.submit(_commit, d1, schema, prepared, report, options))
+                if pending is not None:
+                    _complete(pg, *pending, report, after_d1_commit)
+                    pending = None
+            finally:
+                if pending is not None:
+                    pending[1].cancel()
     report.duration_seconds = time.monotonic() - started
     return report
 
 
-def _apply_batch(
-    pg: PgmqClient,
-    d1: D1Client,
-    schema: Schema,
-    msgs: list[QueueMessage],
-    report: ApplyReport,
-    options: ApplyOptions,
-    after_d1_commit: Callable[[list[int]], None] | None,
-) -> None:
-    batch_started = time.monotonic()
+def _prepare(schema: Schema, msgs: list[QueueMessage], report: ApplyReport) -> _Prepared:
+    """Decode, size-check, count and plan one read batch (pure work, no I/O)."""
     changes: list[Change] = []
     poison: list[Poison] = []
     for m in msgs:
@@ -160,22 +187,51 @@ def _apply_batch(
         if stats is not None:
             stats.messages += 1
             stats.lag_seconds = max(stats.lag_seconds or 0.0, (now - m.enqueued_at).total_seconds())
-
     meta = [
         Statement(upsert_meta(), ("last_applied_at", now.isoformat(timespec="seconds"))),
         Statement(upsert_meta(), ("last_applied_msg_id", str(msgs[-1].msg_id))),
     ]
-    poison += _apply_changes(d1, schema, changes, report, options, meta)
+    planned = plan(schema, coalesce(changes)) if changes else []
+    return _Prepared(msgs, changes, poison, planned, meta)
+
+
+def _commit(d1: D1Client, schema: Schema, p: _Prepared, report: ApplyReport, options: ApplyOptions) -> list[Poison]:
+    """Send a prepared batch to D1 (worker thread); returns the changes D1 refused, isolated."""
+    if not p.changes:
+        return []
+    try:
+        _send(d1, p.planned, report, options, p.meta)
+    except D1Error as e:
+        if e.retryable:
+            raise
+        mid = len(p.changes) // 2
+        if mid == 0:
+            return _apply_changes(d1, schema, p.changes, report, options, p.meta)
+        return _apply_changes(d1, schema, p.changes[:mid], report, options, p.meta) + _apply_changes(
+            d1, schema, p.changes[mid:], report, options, p.meta
+        )
+    return []
+
+
+def _complete(
+    pg: PgmqClient,
+    p: _Prepared,
+    sent: Future[list[Poison]],
+    report: ApplyReport,
+    after_d1_commit: Callable[[list[int]], None] | None,
+) -> None:
+    """Wait for the batch's D1 commit, then dead-letter and delete its messages."""
+    refused = sent.result()
     if after_d1_commit is not None:
-        after_d1_commit([m.msg_id for m in msgs])
-    _finish(pg, msgs, poison, report)
-    report.messages += len(msgs)
+        after_d1_commit([m.msg_id for m in p.msgs])
+    poison = p.poison + refused
+    _finish(pg, p.msgs, poison, report)
+    report.messages += len(p.msgs)
     report.batches += 1
     log.info(
-        "applied batch of %d messages (%d dead-lettered) in %.2fs; %d requests so far",
-        len(msgs),
+        "applied batch of %d messages (%d dead-lettered); %d D1 requests so far",
+        len(p.msgs),
         len(poison),
-        time.monotonic() - batch_started,
         report.requests,
     )
 

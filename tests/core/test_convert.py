@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from d1sync_dagster.core.convert import INT64_MAX, INT64_MIN, ConversionError, canonical_json, to_sqlite
+from d1sync_dagster.core.convert import INT64_MAX, INT64_MIN, ConversionError, canonical_json, loads_exact, to_sqlite
 
 
 @given(st.integers(min_value=INT64_MIN, max_value=INT64_MAX))
@@ -85,16 +85,27 @@ json_values = st.recursive(
 
 @given(st.lists(json_values, max_size=4) | st.dictionaries(st.text(max_size=5), json_values, max_size=4))
 def test_json_is_canonical_and_round_trips(value):
-    text = to_sqlite(value, "JSON")
+    decoded = loads_exact(json.dumps(value))  # as a queue message would decode it
+    text = to_sqlite(decoded, "JSON")
     exact = {"parse_float": Decimal, "parse_int": Decimal}
     assert json.loads(text, **exact) == json.loads(json.dumps(value), **exact)
-    assert to_sqlite(json.loads(text, parse_float=Decimal), "JSON") == text  # canonical form is a fixed point
+    assert to_sqlite(loads_exact(text), "JSON") == text  # canonical form is a fixed point
 
 
 def test_json_numbers_stay_exact():
     assert canonical_json({"big": 9007199254740993, "d": Decimal("0.30000000000000004441")}) == (
         '{"big":9007199254740993,"d":0.30000000000000004441}'
     )
+    assert (
+        canonical_json(loads_exact('{"d": 0.30000000000000004441, "f": 2.50}'))
+        == '{"d":0.30000000000000004441,"f":2.5}'
+    )
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_loads_exact_keeps_every_number_exactly(f):
+    assert Decimal(str(loads_exact(repr(f)))) == Decimal(repr(f))
+    assert loads_exact("123456789.123456789123") == Decimal("123456789.123456789123")
 
 
 def test_json_text_holding_an_object_is_canonicalised_other_text_is_a_json_string():
@@ -119,3 +130,20 @@ def test_null_stays_null(typ):
 def test_non_finite_json_is_refused():
     with pytest.raises(ConversionError):
         canonical_json(math.inf)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('{"n": 9223372036854775808}', 9223372036854775808),  # beyond int64: still exact
+        ('{"n": -9223372036854775809}', -9223372036854775809),
+        ('{"n": 0.33333333333333333333}', Decimal("0.33333333333333333333")),  # numeric with 20 digits
+        ('{"n": 0.3333333333333333}', 0.3333333333333333),  # float8 as Postgres prints it
+        ('{"n": 1.0000000000000002}', 1.0000000000000002),
+        ('{"n": 12345678901234567890.5}', Decimal("12345678901234567890.5")),
+        ('{"s": "12345678901234567890", "n": 1.5}', 1.5),  # long digits inside a string are harmless
+    ],
+)
+def test_loads_exact_never_loses_digits(text, expected):
+    got = loads_exact(text)["n"]
+    assert got == expected and type(got) is type(expected)

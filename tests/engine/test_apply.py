@@ -306,3 +306,13 @@ def test_crash_between_d1_commit_and_queue_delete_replays_harmlessly(pair):
     report = pair.apply()
     assert report.messages == 61 and report.dead_lettered == 0
     pair.assert_in_sync()
+
+
+def test_batch_hidden_by_a_dead_consumer_is_not_overtaken(pair):
+    pair.sql("INSERT INTO apps (id, name) VALUES (1, 'v1')")
+    pair.sql("UPDATE apps SET name = 'v2'")
+    pair.pg.read(vt=600, qty=1)  # a consumer read the INSERT, then died: hidden for 10 minutes
+    pair.sql("UPDATE apps SET name = 'v3'")
+    report = pair.apply()
+    assert report.messages == 3
+    pair.assert_in_sync()  # the old INSERT did not land last

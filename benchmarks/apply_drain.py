@@ -1,0 +1,152 @@
+"""Drain a backlog of queued changes into D1 and report throughput and D1 cost.
+
+    .venv/bin/python benchmarks/apply_drain.py [--changes 100000] [--keys 20000] [--batch-size 5000]
+
+Workload (table `events`: bigint key + text, integer, real, boolean, JSON; no secondary index): insert
+`keys` rows, then UPDATE statements touching random keys, then DELETE and re-INSERT a slice, until
+`changes` messages are queued by the real capture triggers. Each backend (the local SQLite file, and the
+HTTP API stand-in on miniflare's D1 engine) drains the same backlog in its own process, so peak memory
+(max RSS of that process) is the drain's alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import d1_standin, fresh_database  # noqa: E402
+
+SCHEMA = {
+    "events": {
+        "primaryKey": "id",
+        "columns": {
+            "id": "INTEGER",
+            "kind": "TEXT",
+            "amount": "INTEGER",
+            "score": "REAL",
+            "active": "BOOLEAN",
+            "payload": "JSON",
+        },
+    }
+}
+
+TABLE = """CREATE TABLE events (id bigint PRIMARY KEY, kind text, amount bigint, score double precision,
+                                active boolean, payload jsonb)"""
+INSERT = """INSERT INTO events SELECT g, 'kind-' || (g %% 17), g * 1000, g / 3.0, g %% 2 = 0,
+            jsonb_build_object('g', g, 'tags', jsonb_build_array('a', 'b'))
+            FROM generate_series(%s::bigint, %s::bigint) g"""
+
+
+def queue_workload(url: str, changes: int, keys: int) -> dict[str, int]:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(INSERT, [1, keys])
+        queued = keys
+        seed = 0
+        while queued < changes:
+            n = min(changes - queued, 10_000)
+            if seed % 5 == 4 and n >= 2:
+                half = n // 2
+                lo = (seed * 7919) % (keys - half) + 1
+                conn.execute("DELETE FROM events WHERE id BETWEEN %s AND %s", [lo, lo + half - 1])
+                conn.execute(INSERT, [lo, lo + half - 1])
+                queued += 2 * half
+            else:
+                conn.execute(
+                    "UPDATE events SET amount = amount + 1, score = score * 1.5, kind = kind || '!' "
+                    "WHERE id IN (SELECT (random() * %s)::bigint + 1 FROM generate_series(1, %s) GROUP BY 1 LIMIT %s)",
+                    [keys - 1, n * 2, n],
+                )
+                queued = conn.execute("SELECT count(*) FROM pgmq.q_replicate_data").fetchone()[0]
+            seed += 1
+        total = conn.execute("SELECT count(*) FROM pgmq.q_replicate_data").fetchone()[0]
+    return {"queued": total}
+
+
+def drain(args: argparse.Namespace) -> None:
+    """Child process: setup D1, drain the queue, print figures as JSON."""
+    from d1sync_dagster.clients.pgmq import PgmqClient
+    from d1sync_dagster.config import d1_settings
+    from d1sync_dagster.engine.apply import ApplyOptions, apply
+    from d1sync_dagster.engine.compare import d1_rows, diff, pg_rows
+    from d1sync_dagster.engine.setup import setup_d1
+    from d1sync_dagster.schema import parse_schema
+
+    schema = parse_schema(SCHEMA)
+    d1 = d1_settings().client()
+    setup_d1(d1, schema)
+    with PgmqClient(os.environ["DATABASE_URL"]) as pg:
+        report = apply(pg, d1, schema, ApplyOptions(batch_size=args.batch_size))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        drift = diff(pg_rows(pg, schema.tables[0]), d1_rows(d1, schema.tables[0]))
+    net = report.tables["events"].upserts + report.tables["events"].deletes
+    print(
+        json.dumps(
+            {
+                "changes": report.messages,
+                "seconds": round(report.duration_seconds, 2),
+                "changes_per_second": round(report.changes_per_second),
+                "requests": report.requests,
+                "statements": report.statements,
+                "rows_per_request": round(report.rows_per_request),
+                "statements_per_request": round(report.statements / max(report.requests, 1), 1),
+                "rows_written": report.rows_written,
+                "rows_written_per_change": round(report.rows_written / max(report.messages, 1), 3),
+                "net_row_changes": net,
+                "rows_written_per_net_change": round(report.rows_written / max(net, 1), 3),
+                "peak_rss_mb": round(peak),
+                "drift_after": drift.total,
+            }
+        )
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--changes", type=int, default=100_000)
+    ap.add_argument("--keys", type=int, default=20_000)
+    ap.add_argument("--batch-size", type=int, default=5000)
+    ap.add_argument("--backends", default="sqlite,standin")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        drain(args)
+        return
+    from d1sync_dagster.clients.pgmq import PgmqClient
+    from d1sync_dagster.engine.setup import setup_postgres
+    from d1sync_dagster.schema import parse_schema
+
+    print(f"drain of {args.changes:,} queued changes over {args.keys:,} keys, batch size {args.batch_size}")
+    for backend in args.backends.split(","):
+        with fresh_database() as url:
+            with PgmqClient(url) as pg:
+                pg.execute(TABLE)
+                setup_postgres(pg, parse_schema(SCHEMA))
+            q = queue_workload(url, args.changes, args.keys)
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("CLOUDFLARE_", "D1_"))}
+            env["DATABASE_URL"] = url
+            cmd = [sys.executable, __file__, "--child", "--batch-size", str(args.batch_size)]
+            if backend == "sqlite":
+                with tempfile.TemporaryDirectory() as tmp:
+                    env["D1_LOCAL_PATH"] = str(Path(tmp) / "d1.sqlite")
+                    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+            else:
+                with d1_standin() as cf:
+                    out = subprocess.run(cmd, env=env | cf, capture_output=True, text=True, check=True).stdout
+            fig = json.loads(out)
+            print(f"\n{backend} ({q['queued']:,} messages queued)")
+            for k, v in fig.items():
+                print(f"  {k:28s} {v:,}" if isinstance(v, int) else f"  {k:28s} {v}")
+
+
+if __name__ == "__main__":
+    main()
