@@ -69,6 +69,7 @@ class PgmqClient:
     def __init__(self, url: str, *, queue: str = DEFAULT_QUEUE, connect_timeout: int = 10) -> None:
         self.queue = check_queue_name(queue)
         self.pooled = is_pooled(url)
+        self._url = url
         try:
             self.conn = psycopg.connect(
                 url,
@@ -84,6 +85,10 @@ class PgmqClient:
 
     def close(self) -> None:
         self.conn.close()
+
+    def clone(self) -> PgmqClient:
+        """Another connection to the same database and queue."""
+        return PgmqClient(self._url, queue=self.queue)
 
     def __enter__(self) -> PgmqClient:
         return self

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import orjson
+
 from d1sync_dagster.core.convert import CONVERTERS, ConversionError, SqlValue, to_sqlite
 from d1sync_dagster.schema import Schema, Table
 
@@ -81,6 +83,30 @@ def _row(table: Table, record: dict[str, Any]) -> Row:
     return row
 
 
+def _same(a: Any, b: Any) -> bool:
+    """`same_value`, fast: scalars by type and value, objects and arrays by their sorted orjson text."""
+    if a != b or type(a) is not type(b):
+        return False
+    if not isinstance(a, dict | list):
+        return True
+    try:
+        return orjson.dumps(a, option=orjson.OPT_SORT_KEYS) == orjson.dumps(b, option=orjson.OPT_SORT_KEYS)
+    except (TypeError, orjson.JSONEncodeError):
+        return same_value(a, b)
+
+
+def _unchanged(table: Table, old: dict[str, Any], new: dict[str, Any]) -> frozenset[str]:
+    """Columns equal in both records. Only JSON columns can hold values that compare equal in Python but
+    differ as JSON (1, 1.0, true); the other types convert equal values to the same SQLite value."""
+    json_cols = _json_columns(tuple(table.columns.items()))
+    return frozenset(c for c in table.columns if (old[c] == new[c]) and (c not in json_cols or _same(old[c], new[c])))
+
+
+@functools.cache
+def _json_columns(columns: tuple[tuple[str, str], ...]) -> frozenset[str]:
+    return frozenset(c for c, t in columns if t == "JSON")
+
+
 def same_value(a: Any, b: Any) -> bool:
     """Strict equality of decoded JSON values (Python's == holds 1 == 1.0 == True, JSON does not)."""
     if type(a) is not type(b):
@@ -125,10 +151,10 @@ def decode(msg_id: int, payload: Any, schema: Schema) -> Change | Poison:
             raise ConversionError("record has a NULL primary key")
         old_key, unchanged = None, None
         if kind == "UPDATE" and isinstance(old, dict) and old and all(old.get(c) is not None for c in table.key):
-            if all(same_value(old[c], record[c]) for c in table.key):
+            if all(_same(old[c], record[c]) for c in table.key):
                 # Same key: note which columns this UPDATE left as they were (compared as sent, no conversion).
                 if all(c in old for c in table.columns):
-                    unchanged = frozenset(c for c in table.columns if same_value(old[c], record[c]))
+                    unchanged = _unchanged(table, old, record)
             else:
                 candidate = _key(table, old, "old_record")
                 old_key = candidate if candidate != key else None

@@ -99,7 +99,8 @@ def _decimal_text(d: Decimal) -> str:
 
 def _float_keeps(text: str) -> bool:
     """Whether the decimal `text` is exactly the shortest spelling of the float nearest to it."""
-    return Decimal(repr(float(text))) == Decimal(text)
+    shortest = repr(float(text))
+    return shortest == text or Decimal(shortest) == Decimal(text)
 
 
 def parse_number(text: str) -> float | Decimal:
@@ -109,17 +110,23 @@ def parse_number(text: str) -> float | Decimal:
     return float(text) if digits <= 15 or _float_keeps(text) else Decimal(text)
 
 
-# Sixteen digits in a row (a dot allowed between them): the text may hold a number a float cannot keep.
-_LONG_NUMBER = re.compile(rb"\d(?:\.?\d){15}")
-_NUMBER_TOKEN = re.compile(rb"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
+# A number that a float or int64 may not hold exactly has at least 17 characters (16+ significant digits
+# and a dot, or an integer of 19+ digits). Runs of number characters that long are checked one by one
+# (found with bytes.translate, much faster than a regex); a run that is not a number (digits inside a
+# string) just takes the slow, exact path.
+_NUMBER_CHARS = set(b"0123456789.eE+-")
+_ONLY_NUMBER_CHARS = bytes(c if c in _NUMBER_CHARS else 32 for c in range(256))
 
 
 def _orjson_keeps(token: bytes) -> bool:
     """Whether orjson decodes this number token without losing anything."""
-    text = token.decode()
-    if b"." in token or b"e" in token or b"E" in token:
-        return _float_keeps(text)
-    return INT64_MIN <= int(text) <= INT64_MAX
+    try:
+        text = token.decode()
+        if b"." in token or b"e" in token or b"E" in token:
+            return _float_keeps(text)
+        return INT64_MIN <= int(text) <= INT64_MAX
+    except (ValueError, ArithmeticError):
+        return False
 
 
 def loads_exact(data: str | bytes) -> Any:
@@ -130,9 +137,8 @@ def loads_exact(data: str | bytes) -> Any:
     with `parse_number` does, keeping long decimals as Decimal.
     """
     raw = data.encode() if isinstance(data, str) else bytes(data)
-    if _LONG_NUMBER.search(raw) is not None and not all(
-        _orjson_keeps(t) for t in _NUMBER_TOKEN.findall(raw) if len(t) > 16
-    ):
+    candidates = [t for t in raw.translate(_ONLY_NUMBER_CHARS).split() if len(t) >= 17]
+    if candidates and not all(_orjson_keeps(t) for t in candidates):
         return json.loads(raw, parse_float=parse_number)
     return orjson.loads(raw)
 

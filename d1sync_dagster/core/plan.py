@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -68,8 +68,11 @@ def real_literal(f: float) -> str:
     back different, in SQLite 3.40 and in D1), so a non-integral REAL is written as its integer mantissa
     scaled by powers of two (`CAST(m AS REAL) / 2^k ...`): every step is exact in binary floating point.
     """
-    if f.is_integer() and abs(f) < 2**53:
-        return f"{int(f)}.0"
+    n, d = f.as_integer_ratio()  # d is a power of two; n is odd (or d == 1), so n < 2**53 unless d == 1
+    if d == 1 and abs(n) < 2**63:
+        return f"{n}.0"
+    if d <= 1 << 62 and abs(n) < 2**53:
+        return f"(CAST({n} AS REAL)/{d})"
     mant, exp = math.frexp(f)
     m, e = int(mant * (1 << 53)), exp - 53
     while m % 2 == 0:
@@ -91,7 +94,7 @@ def _size(text: str) -> int:
 def row_problem(table: Table, row: Row) -> str | None:
     """Why no statement could carry this row, or None. Checked before planning so it can be dead-lettered."""
     # A UTF-8 character takes at most 4 bytes: rows far below the limits need no exact count.
-    rough = sum(len(v) * 4 if isinstance(v, str) else len(v) * 2 if isinstance(v, bytes) else 24 for v in row.values())
+    rough = 4 * sum([len(v) for v in row.values() if v.__class__ is str or v.__class__ is bytes]) + 24 * len(row)
     if rough < MAX_STATEMENT_BYTES // 2:
         return None
     total = sum(len(v) if isinstance(v, bytes) else _size(v) if isinstance(v, str) else 8 for v in row.values())
@@ -130,8 +133,35 @@ def _tail(target: str, all_columns: tuple[str, ...], key: tuple[str, ...], colum
     return f" ON CONFLICT ({keys}) DO UPDATE SET {sets} WHERE {changed}"
 
 
+def _int_literal(v: SqlValue) -> str:
+    return "NULL" if v is None else str(v)
+
+
+def _text_literal(v: SqlValue) -> str:
+    return "NULL" if v is None else "'" + v.replace("'", "''") + "'"  # type: ignore[union-attr]
+
+
+def _real(v: SqlValue) -> str:
+    return "NULL" if v is None else real_literal(v)  # type: ignore[arg-type]
+
+
+_LITERALS = {
+    "INTEGER": _int_literal,
+    "BOOLEAN": _int_literal,
+    "TEXT": _text_literal,
+    "JSON": _text_literal,
+    "REAL": _real,
+    "BLOB": sql_literal,
+}
+
+
+@functools.cache
+def _literal_fns(columns: tuple[tuple[str, str], ...]) -> tuple[tuple[str, Callable[[SqlValue], str]], ...]:
+    return tuple((c, _LITERALS[t]) for c, t in columns)
+
+
 def _row_literal(table: Table, row: Row) -> str:
-    return "(" + ", ".join(sql_literal(row[c]) for c in table.columns) + ")"
+    return "(" + ",".join([fn(row[c]) for c, fn in _literal_fns(tuple(table.columns.items()))]) + ")"
 
 
 def _pack(head: str, tail: str, items: list[str], limit: int) -> Iterator[tuple[str, int]]:
@@ -206,15 +236,24 @@ def plan(schema: Schema, net: dict[str, TableChanges], *, limit: int = MAX_STATE
         if tc.truncate:
             out.append(Planned(name, "truncate", 0, Statement(f"DELETE FROM {ident(table.target)}")))
         if tc.deletes:
-            out += plan_deletes(table, sorted(tc.deletes, key=_sort_key), limit=limit)
+            out += plan_deletes(table, _sorted(tc.deletes), limit=limit)
         # Rows are grouped by the columns that changed in the batch, so an update of a column no index
         # covers does not rewrite the indexes (D1 bills every index entry written).
         groups: dict[frozenset[str] | None, list[Row]] = {}
-        for key in sorted(tc.upserts, key=_sort_key):
+        for key in _sorted(tc.upserts):
             groups.setdefault(tc.changed_columns(key), []).append(tc.upserts[key])
         for columns, rows in groups.items():
             out += plan_upserts(table, rows, columns=columns, limit=limit)
     return out
+
+
+def _sorted(keys: Iterable[Key]) -> list[Key]:
+    """Keys in a deterministic order (plain sort; mixed value types fall back to a total order)."""
+    keys = list(keys)
+    try:
+        return sorted(keys)  # type: ignore[type-var]
+    except TypeError:
+        return sorted(keys, key=_sort_key)
 
 
 def _sort_key(key: Key) -> tuple[tuple[int, object], ...]:

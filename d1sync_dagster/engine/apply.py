@@ -18,7 +18,9 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -30,6 +32,7 @@ from d1sync_dagster.clients.pgmq import PgmqClient, QueueMessage
 from d1sync_dagster.core.changes import Change, Poison, decode
 from d1sync_dagster.core.coalesce import coalesce
 from d1sync_dagster.core.plan import Planned, plan, requests, row_problem
+from d1sync_dagster.engine.prefetch import Prefetch
 from d1sync_dagster.errors import D1Error
 from d1sync_dagster.schema import Schema
 from d1sync_dagster.sql.capture import dlq_name
@@ -117,10 +120,12 @@ def apply(
 ) -> ApplyReport:
     """Drain the queue (or stop at the message/time budget); returns figures per table.
 
-    Pipelined: while batch k is on its way to D1 (a worker thread; the HTTP wait releases the GIL), batch
-    k+1 is read from Postgres, decoded and planned. D1 requests stay strictly sequential, and batch k's
-    messages are deleted only after its D1 commit. `after_d1_commit` is called with the batch's msg_ids
-    between the D1 commit and the queue delete (tests use it to kill the process at the worst moment).
+    Pipelined in three stages: a reader thread reads batches ahead (on this connection, which holds the
+    lock), this thread decodes and plans them, and a worker thread sends each to D1 and then deletes its
+    messages (on a second connection). D1 requests stay strictly sequential, a batch's messages are deleted
+    only after its D1 commit, and once a batch fails no later batch is sent. `after_d1_commit` is called
+    with the batch's msg_ids between the D1 commit and the queue delete (tests use it to kill the process
+    at the worst moment).
     """
     report = ApplyReport(tables={t.name: TableStats() for t in schema.tables})
     started = time.monotonic()
@@ -134,33 +139,35 @@ def apply(
         revived = pg.make_visible()
         if revived:
             log.warning("%d messages hidden by an interrupted apply are visible again and apply first", revived)
-        read = 0
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="d1sync-d1") as pool:
-            pending: tuple[_Prepared, Future[list[Poison]]] | None = None
+        deadline = None if options.max_seconds is None else started + options.max_seconds
+        failed = threading.Event()
+        with pg.clone() as finisher, ThreadPoolExecutor(max_workers=1, thread_name_prefix="d1sync-d1") as pool:
+            batches = Prefetch(
+                lambda qty: pg.read(vt=options.vt_seconds, qty=qty),
+                batch_size=options.batch_size,
+                max_messages=options.max_messages,
+                deadline=deadline,
+            )
+            in_flight: deque[Future[None]] = deque()
             try:
-                while True:
-                    if options.max_seconds is not None and time.monotonic() - started >= options.max_seconds:
-                        break
-                    qty = options.batch_size
-                    if options.max_messages is not None:
-                        qty = min(qty, options.max_messages - read)
-                        if qty <= 0:
-                            break
-                    msgs = pg.read(vt=options.vt_seconds, qty=qty)
-                    if not msgs:
-                        report.drained = True
-                        break
-                    read += len(msgs)
+                for msgs in batches:
                     prepared = _prepare(schema, msgs, report)
-                    if pending is not None:
-                        _complete(pg, *pending, report, after_d1_commit)
-                    pending = (prepared, pool.submit(_commit, d1, schema, prepared, report, options))
-                if pending is not None:
-                    _complete(pg, *pending, report, after_d1_commit)
-                    pending = None
+                    in_flight.append(
+                        pool.submit(
+                            _commit_and_finish, d1, finisher, schema, prepared, report, options, failed, after_d1_commit
+                        )
+                    )
+                    while len(in_flight) > 1:
+                        in_flight.popleft().result()
+                while in_flight:
+                    in_flight.popleft().result()
+                report.drained = batches.drained
             finally:
-                if pending is not None:
-                    pending[1].cancel()
+                if in_flight:  # leaving on an error: queued batches must not run after it
+                    failed.set()
+                for f in in_flight:
+                    f.cancel()
+                batches.close()
     report.duration_seconds = time.monotonic() - started
     return report
 
@@ -195,8 +202,40 @@ def _prepare(schema: Schema, msgs: list[QueueMessage], report: ApplyReport) -> _
     return _Prepared(msgs, changes, poison, planned, meta)
 
 
+def _commit_and_finish(
+    d1: D1Client,
+    finisher: PgmqClient,
+    schema: Schema,
+    p: _Prepared,
+    report: ApplyReport,
+    options: ApplyOptions,
+    failed: threading.Event,
+    after_d1_commit: Callable[[list[int]], None] | None,
+) -> None:
+    """D1 commit, then dead-letter and delete (worker thread; batches run one at a time, in order)."""
+    if failed.is_set():
+        return  # an earlier batch failed: later ones must not overtake it
+    try:
+        refused = _commit(d1, schema, p, report, options)
+        if after_d1_commit is not None:
+            after_d1_commit([m.msg_id for m in p.msgs])
+        poison = p.poison + refused
+        _finish(finisher, p.msgs, poison, report)
+    except BaseException:
+        failed.set()
+        raise
+    report.messages += len(p.msgs)
+    report.batches += 1
+    log.info(
+        "applied batch of %d messages (%d dead-lettered); %d D1 requests so far",
+        len(p.msgs),
+        len(poison),
+        report.requests,
+    )
+
+
 def _commit(d1: D1Client, schema: Schema, p: _Prepared, report: ApplyReport, options: ApplyOptions) -> list[Poison]:
-    """Send a prepared batch to D1 (worker thread); returns the changes D1 refused, isolated."""
+    """Send a prepared batch to D1; returns the changes D1 refused, isolated by bisection."""
     if not p.changes:
         return []
     try:
@@ -211,29 +250,6 @@ def _commit(d1: D1Client, schema: Schema, p: _Prepared, report: ApplyReport, opt
             d1, schema, p.changes[mid:], report, options, p.meta
         )
     return []
-
-
-def _complete(
-    pg: PgmqClient,
-    p: _Prepared,
-    sent: Future[list[Poison]],
-    report: ApplyReport,
-    after_d1_commit: Callable[[list[int]], None] | None,
-) -> None:
-    """Wait for the batch's D1 commit, then dead-letter and delete its messages."""
-    refused = sent.result()
-    if after_d1_commit is not None:
-        after_d1_commit([m.msg_id for m in p.msgs])
-    poison = p.poison + refused
-    _finish(pg, p.msgs, poison, report)
-    report.messages += len(p.msgs)
-    report.batches += 1
-    log.info(
-        "applied batch of %d messages (%d dead-lettered); %d D1 requests so far",
-        len(p.msgs),
-        len(poison),
-        report.requests,
-    )
 
 
 def _apply_changes(

@@ -1,0 +1,78 @@
+"""Read-ahead of queue batches on a background thread, so Postgres reads overlap decoding and D1 requests."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from d1sync_dagster.clients.pgmq import QueueMessage
+
+_DRAINED, _BUDGET = object(), object()
+
+
+class Prefetch:
+    """Yields read batches in msg_id order, reading at most `depth` batches ahead.
+
+    Stops at an empty read (`drained` becomes True), at `max_messages` read, or at `deadline` (monotonic).
+    A read error is raised in the consuming thread. The reading connection is used by this thread only
+    until `close()` returns.
+    """
+
+    def __init__(
+        self,
+        read: Callable[[int], list[QueueMessage]],
+        *,
+        batch_size: int,
+        max_messages: int | None = None,
+        deadline: float | None = None,
+        depth: int = 2,
+    ) -> None:
+        self._read, self._batch, self._max, self._deadline = read, batch_size, max_messages, deadline
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self.drained = False
+        self._thread = threading.Thread(target=self._run, name="d1sync-read", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _run(self) -> None:
+        total = 0
+        try:
+            while not self._stop.is_set():
+                if self._deadline is not None and time.monotonic() >= self._deadline:
+                    return self._put(_BUDGET)
+                qty = self._batch if self._max is None else min(self._batch, self._max - total)
+                if qty <= 0:
+                    return self._put(_BUDGET)
+                msgs = self._read(qty)
+                if not msgs:
+                    return self._put(_DRAINED)
+                total += len(msgs)
+                self._put(msgs)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            self._put(e)
+
+    def __iter__(self) -> Iterator[list[QueueMessage]]:
+        while True:
+            item = self._queue.get()
+            if item is _DRAINED:
+                self.drained = True
+                return
+            if item is _BUDGET:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
