@@ -51,6 +51,8 @@ def _cmd_setup(args: argparse.Namespace) -> int:
         "tables": result.tables,
         "queue": args.queue,
         "d1_backend": d1_settings.backend,
+        "added_columns": result.added_columns,
+        "extra_columns": result.extra_columns,
     }
     if args.json:
         print(json.dumps(out))
@@ -59,6 +61,10 @@ def _cmd_setup(args: argparse.Namespace) -> int:
             f"setup done: {len(result.tables)} tables ({', '.join(result.tables)}), queue {args.queue}, "
             f"schema version {result.schema_version}, D1 backend {d1_settings.backend}"
         )
+        for c in result.added_columns:
+            print(f"  added column {c}: existing rows hold NULL there until a backfill")
+        for c in result.extra_columns:
+            print(f"  D1 column {c} is not in schema.json; left in place")
     return 0
 
 

@@ -45,6 +45,11 @@ def create_table(table: Table) -> str:
     return f"CREATE TABLE IF NOT EXISTS {ident(table.target)} ({', '.join(cols)}, PRIMARY KEY ({key})){suffix}"
 
 
+def add_column(table: Table, column: str) -> str:
+    """`ALTER TABLE ... ADD COLUMN` for a column new in `schema.json` (never a key column)."""
+    return f"ALTER TABLE {ident(table.target)} ADD COLUMN {ident(column)} {SQLITE_TYPES[table.columns[column]]}"
+
+
 def index_name(table: Table, columns: tuple[str, ...]) -> str:
     """Deterministic index name: readable prefix plus a hash of (table, columns) so names never collide."""
     digest = hashlib.sha256("\x00".join((table.target, *columns)).encode()).hexdigest()[:8]

@@ -316,3 +316,13 @@ def test_batch_hidden_by_a_dead_consumer_is_not_overtaken(pair):
     report = pair.apply()
     assert report.messages == 3
     pair.assert_in_sync()  # the old INSERT did not land last
+
+
+def test_update_of_a_row_missing_in_d1_restores_it(pair):
+    """The seed's UPDATE did nothing when D1 lacked the row (silent drift); an upsert puts it back."""
+    pair.sql("INSERT INTO apps (id, name) VALUES (1, 'a'), (2, 'b')")
+    pair.apply()
+    pair.d1.query("DELETE FROM apps WHERE id = 1")
+    pair.sql("UPDATE apps SET name = 'a2' WHERE id = 1")
+    pair.apply()
+    pair.assert_in_sync()
