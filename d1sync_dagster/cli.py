@@ -17,6 +17,8 @@ from d1sync_dagster import config
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.engine.apply import ApplyOptions, apply
+from d1sync_dagster.engine.compare import d1_rows, diff, pg_rows
+from d1sync_dagster.engine.demo import example_writes
 from d1sync_dagster.engine.setup import setup
 from d1sync_dagster.engine.status import status
 from d1sync_dagster.errors import ConfigError, D1Error, D1SyncError, QueueError, SchemaError
@@ -131,6 +133,25 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    schema = load_schema(args.schema)
+    pg, d1 = _clients(args)
+    try:
+        example_writes(pg, rows=args.rows)
+        report = apply(pg, d1, schema)
+        drift = {t.name: diff(pg_rows(pg, t), d1_rows(d1, t)).total for t in schema.tables}
+    finally:
+        pg.close()
+        d1.close()
+    for name, t in report.tables.items():
+        print(
+            f"{name}: {t.messages} changes applied ({t.upserts} upserts, {t.deletes} deletes), {t.rows_written} D1 rows written"
+        )
+    ok = all(n == 0 for n in drift.values())
+    print("D1 equals Postgres, row for row" if ok else f"D1 differs from Postgres: {drift}")
+    return 0 if ok and report.dead_lettered == 0 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d1sync", description="Keep Cloudflare D1 in step with Postgres via PGMQ.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -162,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-messages", type=int, default=None, help="stop after this many messages")
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this many seconds")
     p.set_defaults(func=_cmd_apply)
+
+    p = sub.add_parser("demo", help="write example rows into the example tables, apply, compare D1 with Postgres")
+    common(p)
+    p.add_argument("--rows", type=int, default=100, help="apps to insert (default 100)")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("status", help="queue depth, oldest message, dead letters per table, last apply")
     common(p)

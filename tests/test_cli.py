@@ -141,3 +141,11 @@ def test_apply_against_unreachable_d1_fails_clearly_and_keeps_the_queue(source_d
     out = run("apply", "--vt", "0", env=bad)
     assert out.returncode == 3 and "unreachable" in out.stderr and "tok-secret-apply" not in out.stderr + out.stdout
     assert json.loads(run("status", "--json", env=env).stdout)["queue_depth"] == 1
+
+
+def test_demo_writes_applies_and_verifies(source_db, tmp_path):
+    env = {"DATABASE_URL": source_db, "D1_LOCAL_PATH": str(tmp_path / "d1.sqlite")}
+    assert run("setup", env=env).returncode == 0
+    out = run("demo", "--rows", "40", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "D1 equals Postgres, row for row" in out.stdout and "apps: " in out.stdout
