@@ -144,9 +144,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         pg.close()
         d1.close()
     for name, t in report.tables.items():
-        print(
-            f"{name}: {t.messages} changes applied ({t.upserts} upserts, {t.deletes} deletes), {t.rows_written} D1 rows written"
-        )
+        counts = f"{t.upserts} upserts, {t.deletes} deletes"
+        print(f"{name}: {t.messages} changes applied ({counts}), {t.rows_written} D1 rows written")
     ok = all(n == 0 for n in drift.values())
     print("D1 equals Postgres, row for row" if ok else f"D1 differs from Postgres: {drift}")
     return 0 if ok and report.dead_lettered == 0 else 1
