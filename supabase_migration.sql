@@ -24,6 +24,19 @@ $$;
 
 CREATE SCHEMA IF NOT EXISTS "d1sync";
 
+-- Backfill progress per queue and table (resumable backfills).
+CREATE TABLE IF NOT EXISTS "d1sync".backfill_progress (
+  queue text NOT NULL,
+  table_name text NOT NULL,
+  last_key text[],
+  rows bigint NOT NULL DEFAULT 0,
+  chunks bigint NOT NULL DEFAULT 0,
+  started_at timestamptz NOT NULL DEFAULT now(),
+  updated_at timestamptz NOT NULL DEFAULT now(),
+  finished_at timestamptz,
+  PRIMARY KEY (queue, table_name)
+);
+
 -- apps -> D1 table apps
 CREATE OR REPLACE FUNCTION "d1sync"."capture_public_apps"() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $fn$

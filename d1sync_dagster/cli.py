@@ -17,8 +17,11 @@ from d1sync_dagster import config
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.engine.apply import ApplyOptions, apply
+from d1sync_dagster.engine.backfill import TableBackfill, backfill
 from d1sync_dagster.engine.compare import d1_rows, diff, pg_rows
 from d1sync_dagster.engine.demo import example_writes
+from d1sync_dagster.engine.nuke import nuke
+from d1sync_dagster.engine.reconcile import reconcile
 from d1sync_dagster.engine.setup import setup
 from d1sync_dagster.engine.status import status
 from d1sync_dagster.errors import ConfigError, D1Error, D1SyncError, QueueError, SchemaError
@@ -133,6 +136,85 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_backfill(args: argparse.Namespace) -> int:
+    schema = load_schema(args.schema)
+    tables = [t for t in (args.table or [])]
+    pg, d1 = _clients(args)
+
+    def progress(table: str, t: TableBackfill) -> None:
+        if args.progress:
+            print(f"  {table}: {t.rows:,} rows in {t.chunks} chunks, {t.rows_per_second:,.0f} rows/s", file=sys.stderr)
+
+    try:
+        report = backfill(
+            pg, d1, schema, tables=tables or None, chunk_size=args.chunk_size, restart=args.restart, on_chunk=progress
+        )
+    finally:
+        pg.close()
+        d1.close()
+    if args.json:
+        print(json.dumps(report.to_json(), default=str))
+    else:
+        for name, t in report.tables.items():
+            resumed = f" (resumed after key {t.resumed_from})" if t.resumed_from else ""
+            print(f"{name}: {t.rows:,} rows in {t.chunks} chunks, {t.rows_per_second:,.0f} rows/s{resumed}")
+        a = report.apply
+        if a is not None:
+            state = "queue drained" if a.drained else f"queue not drained ({a.skipped or 'budget'})"
+            print(f"applied {a.messages} messages, {a.requests} D1 requests, {a.dead_lettered} dead-lettered; {state}")
+    return 0 if report.apply is None or report.apply.dead_lettered == 0 else 1
+
+
+def _cmd_nuke(args: argparse.Namespace) -> int:
+    schema = load_schema(args.schema)
+    if not args.all and not args.table:
+        raise ConfigError("say what to nuke: --all, or --table T (repeatable)")
+    if args.all and args.table:
+        raise ConfigError("--all and --table exclude each other")
+    tables = None if args.all else list(args.table)
+    if tables:
+        for t in tables:
+            schema.table(t)  # an unknown table is an error before anything is dropped
+    pg, d1 = _clients(args)
+    try:
+        report = nuke(pg, d1, schema, tables=tables, purge_queue=args.purge_queue, confirm=args.yes)
+    finally:
+        pg.close()
+        d1.close()
+    purged = f", purged {report.purged_messages} queued changes and {report.purged_dead_letters} dead letters"
+    print(f"nuked and recreated {', '.join(report.tables)}" + (purged if args.purge_queue else ""))
+    print("run `d1sync backfill` to fill the tables again")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    schema = load_schema(args.schema)
+    tables = list(args.table) if args.table else None
+    pg, d1 = _clients(args)
+    try:
+        report = reconcile(pg, d1, schema, tables=tables, chunk_size=args.chunk_size, repair_drift=args.repair)
+    finally:
+        pg.close()
+        d1.close()
+    if args.json:
+        print(json.dumps(report.to_json(), default=str))
+    else:
+        for name, t in report.tables.items():
+            state = (
+                "in sync"
+                if t.total == 0
+                else f"DRIFT: {len(t.missing)} missing, {len(t.extra)} extra, {len(t.different)} different"
+            )
+            fixed = f" (repair enqueued {t.repaired} messages and applied them)" if t.repaired else ""
+            print(f"{name}: {t.source_rows:,} rows in Postgres, {t.d1_rows:,} in D1, {state}{fixed}")
+            for label, keys in (("missing", t.missing), ("extra", t.extra), ("different", t.different)):
+                if keys:
+                    shown = ", ".join(str(list(k)) for k in keys[:10]) + (" ..." if len(keys) > 10 else "")
+                    print(f"  {label} keys: {shown}")
+        print(f"{report.d1_rows_read:,} D1 rows read in {report.seconds:.1f}s")
+    return 0 if report.in_sync else 1
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     schema = load_schema(args.schema)
     pg, d1 = _clients(args)
@@ -182,6 +264,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-messages", type=int, default=None, help="stop after this many messages")
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this many seconds")
     p.set_defaults(func=_cmd_apply)
+
+    p = sub.add_parser("backfill", help="copy existing rows into D1 through the queue (resumable)")
+    common(p)
+    p.add_argument("--table", action="append", help="table to backfill (repeatable; default all)")
+    p.add_argument("--chunk-size", type=int, default=5000, help="rows per chunk (default 5000)")
+    p.add_argument("--restart", action="store_true", help="start over instead of resuming an unfinished backfill")
+    p.add_argument("--progress", action="store_true", help="print progress per chunk to stderr")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_backfill)
+
+    p = sub.add_parser("nuke", help="drop and recreate D1 tables from schema.json (needs --yes)")
+    common(p)
+    p.add_argument("--all", action="store_true", help="every table in schema.json")
+    p.add_argument("--table", action="append", help="one table (repeatable)")
+    p.add_argument("--purge-queue", action="store_true", help="also drop their queued changes and dead letters")
+    p.add_argument("--yes", action="store_true", help="confirm: the tables' contents in D1 are lost")
+    p.set_defaults(func=_cmd_nuke)
+
+    p = sub.add_parser("verify", help="compare D1 with Postgres row by row (exit 1 on drift)")
+    common(p)
+    p.add_argument("--table", action="append", help="table to verify (repeatable; default all)")
+    p.add_argument("--repair", action="store_true", help="re-enqueue the differing keys and apply them")
+    p.add_argument("--chunk-size", type=int, default=5000, help="rows per D1 read (default 5000)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("demo", help="write example rows into the example tables, apply, compare D1 with Postgres")
     common(p)

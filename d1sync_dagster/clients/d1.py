@@ -68,6 +68,10 @@ class D1Client(Protocol):
         """Run a SQL string; several `;`-separated statements give one result per statement."""
         ...
 
+    def raw(self, sql: str, params: Sequence[Param] = ()) -> tuple[list[str], list[list[Any]], dict[str, Any]]:
+        """A read in the compact form: column names, rows as arrays, D1's meta."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -118,6 +118,38 @@ def same_value(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+def decode_all(msg_id: int, payload: Any, schema: Schema) -> list[Change | Poison]:
+    """Decode a message into its changes: one for trigger messages, one per record for a BACKFILL chunk
+    (`{"type": "BACKFILL", "table", "records": [...]}`, written by the backfill), each an upsert."""
+    if not (isinstance(payload, dict) and payload.get("type") == "BACKFILL"):
+        return [decode(msg_id, payload, schema)]
+    name = payload.get("table")
+    table = schema.by_name.get(name) if isinstance(name, str) else None
+    records = payload.get("records")
+    if table is None or not isinstance(records, list):
+        return [Poison(msg_id, "BACKFILL message without a known table and a records list", name if table else None)]
+    out: list[Change | Poison] = []
+    for i, record in enumerate(records):
+        try:
+            if not isinstance(record, dict):
+                raise ConversionError("record is not an object")
+            row = _row(table, record)
+            key = tuple(row[c] for c in table.key)
+            if any(v is None for v in key):
+                raise ConversionError("record has a NULL primary key")
+            out.append(Change(msg_id, name, "upsert", key, row))
+        except ConversionError as e:
+            out.append(Poison(msg_id, f"BACKFILL of {name}, record {i}: {e}", name))
+    return out
+
+
+def message_rows(payload: Any) -> int:
+    """How many row changes a message carries (a BACKFILL chunk carries many)."""
+    if isinstance(payload, dict) and payload.get("type") == "BACKFILL" and isinstance(payload.get("records"), list):
+        return max(1, len(payload["records"]))
+    return 1
+
+
 def decode(msg_id: int, payload: Any, schema: Schema) -> Change | Poison:
     """Decode one queue message against the schema."""
     if not isinstance(payload, dict):

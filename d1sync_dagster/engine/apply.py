@@ -29,7 +29,7 @@ from typing import Any
 
 from d1sync_dagster.clients.d1 import D1Client, Statement
 from d1sync_dagster.clients.pgmq import PgmqClient, QueueMessage
-from d1sync_dagster.core.changes import Change, Poison, decode
+from d1sync_dagster.core.changes import Change, Poison, decode_all, message_rows
 from d1sync_dagster.core.coalesce import coalesce
 from d1sync_dagster.core.plan import Planned, plan, requests, row_problem
 from d1sync_dagster.engine.prefetch import Prefetch
@@ -89,6 +89,8 @@ class ApplyOptions:
     max_messages: int | None = None
     max_seconds: float | None = None
     request_bytes: int = 2_000_000
+    #: Rows per batch when messages carry many rows (backfill chunks); bounds memory.
+    max_rows_per_batch: int = 20_000
 
 
 class ApplyBusy(Exception):
@@ -147,6 +149,8 @@ def apply(
                 batch_size=options.batch_size,
                 max_messages=options.max_messages,
                 deadline=deadline,
+                weigh=lambda msgs: sum(message_rows(m.message) for m in msgs),
+                max_rows=options.max_rows_per_batch,
             )
             in_flight: deque[Future[None]] = deque()
             try:
@@ -177,15 +181,15 @@ def _prepare(schema: Schema, msgs: list[QueueMessage], report: ApplyReport) -> _
     changes: list[Change] = []
     poison: list[Poison] = []
     for m in msgs:
-        item = decode(m.msg_id, m.message, schema)
-        if isinstance(item, Change) and item.row is not None:
-            problem = row_problem(schema.table(item.table), item.row)
-            if problem:
-                item = Poison(m.msg_id, f"{item.table}: {problem}", item.table)
-        if isinstance(item, Change):
-            changes.append(item)
-        else:
-            poison.append(item)
+        for item in decode_all(m.msg_id, m.message, schema):
+            if isinstance(item, Change) and item.row is not None:
+                problem = row_problem(schema.table(item.table), item.row)
+                if problem:
+                    item = Poison(m.msg_id, f"{item.table}: {problem}", item.table)
+            if isinstance(item, Change):
+                changes.append(item)
+            else:
+                poison.append(item)
 
     now = datetime.now(UTC)
     table_of = {c.msg_id: c.table for c in changes} | {p.msg_id: p.table for p in poison}

@@ -56,12 +56,13 @@ def d1_rows(d1: D1Client, table: Table) -> dict[Key, Row]:
     res = d1.query(f"SELECT {', '.join(exprs)} FROM {ident(table.target)}")[-1]
     out: dict[Key, Row] = {}
     for rec in res.results:
-        row: Row = {c: _typed(rec[f"k{i}"], rec[f"s{i}"], rec[f"v{i}"]) for i, c in enumerate(table.columns)}
+        row: Row = {c: typed_value(rec[f"k{i}"], rec[f"s{i}"], rec[f"v{i}"]) for i, c in enumerate(table.columns)}
         out[tuple(row[k] for k in table.key)] = row
     return out
 
 
-def _typed(kind: str, text: str | None, raw: Any) -> SqlValue:
+def typed_value(kind: str, text: str | None, raw: Any) -> SqlValue:
+    """A D1 value from its `typeof`, its text (exact for integers, hex for BLOBs) and its raw JSON value."""
     if kind == "null":
         return None
     if kind == "integer":

@@ -16,6 +16,8 @@ class Prefetch:
     """Yields read batches in msg_id order, reading at most `depth` batches ahead.
 
     Stops at an empty read (`drained` becomes True), at `max_messages` read, or at `deadline` (monotonic).
+    When messages carry many rows each (backfill chunks, weighed by `weigh`), later reads ask for fewer
+    messages so a batch holds about `max_rows` rows, which bounds memory.
     A read error is raised in the consuming thread. The reading connection is used by this thread only
     until `close()` returns.
     """
@@ -28,8 +30,11 @@ class Prefetch:
         max_messages: int | None = None,
         deadline: float | None = None,
         depth: int = 2,
+        weigh: Callable[[list[QueueMessage]], int] | None = None,
+        max_rows: int | None = None,
     ) -> None:
         self._read, self._batch, self._max, self._deadline = read, batch_size, max_messages, deadline
+        self._weigh, self._max_rows = weigh, max_rows
         self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self.drained = False
@@ -46,17 +51,21 @@ class Prefetch:
 
     def _run(self) -> None:
         total = 0
+        size = self._batch
         try:
             while not self._stop.is_set():
                 if self._deadline is not None and time.monotonic() >= self._deadline:
                     return self._put(_BUDGET)
-                qty = self._batch if self._max is None else min(self._batch, self._max - total)
+                qty = size if self._max is None else min(size, self._max - total)
                 if qty <= 0:
                     return self._put(_BUDGET)
                 msgs = self._read(qty)
                 if not msgs:
                     return self._put(_DRAINED)
                 total += len(msgs)
+                if self._weigh is not None and self._max_rows is not None:
+                    rows_per_message = self._weigh(msgs) / len(msgs)
+                    size = max(1, min(self._batch, int(self._max_rows / rows_per_message)))
                 self._put(msgs)
         except BaseException as e:  # handed to the consumer, which re-raises it
             self._put(e)

@@ -166,7 +166,20 @@ BEGIN
 END
 $$;
 
-CREATE SCHEMA IF NOT EXISTS {ident(FUNCTION_SCHEMA)};"""
+CREATE SCHEMA IF NOT EXISTS {ident(FUNCTION_SCHEMA)};
+
+-- Backfill progress per queue and table (resumable backfills).
+CREATE TABLE IF NOT EXISTS {ident(FUNCTION_SCHEMA)}.backfill_progress (
+  queue text NOT NULL,
+  table_name text NOT NULL,
+  last_key text[],
+  rows bigint NOT NULL DEFAULT 0,
+  chunks bigint NOT NULL DEFAULT 0,
+  started_at timestamptz NOT NULL DEFAULT now(),
+  updated_at timestamptz NOT NULL DEFAULT now(),
+  finished_at timestamptz,
+  PRIMARY KEY (queue, table_name)
+);"""
 
 
 def example_source_tables() -> str:

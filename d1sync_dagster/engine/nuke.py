@@ -1,0 +1,73 @@
+"""Nuke: drop and recreate D1 tables from `schema.json`, optionally purging their queued changes.
+
+Destructive, so it needs `confirm=True`. It holds the apply lock, so it never interleaves with an apply.
+After a nuke the tables are empty; run a backfill to fill them again (changes still queued, when not purged,
+apply on top of the empty tables and are not enough on their own).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from d1sync_dagster.clients.d1 import D1Client, Statement
+from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.engine.apply import lock_name
+from d1sync_dagster.engine.backfill import reset_progress
+from d1sync_dagster.errors import ConfigError, QueueError
+from d1sync_dagster.schema import Schema
+from d1sync_dagster.sql.capture import dlq_name
+from d1sync_dagster.sql.d1_ddl import create_indexes, create_meta_table, create_table, drop_table
+from d1sync_dagster.sql.quoting import ident
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NukeReport:
+    tables: list[str]
+    purged_messages: int = 0
+    purged_dead_letters: int = 0
+    statements: list[str] = field(default_factory=list)
+
+
+def nuke(
+    pg: PgmqClient,
+    d1: D1Client,
+    schema: Schema,
+    *,
+    tables: list[str] | None = None,
+    purge_queue: bool = False,
+    confirm: bool = False,
+) -> NukeReport:
+    """Drop and recreate `tables` (None: all) in D1; with `purge_queue`, drop their queued changes and
+    dead letters too. Refuses without `confirm`."""
+    if not confirm:
+        raise ConfigError("nuke drops D1 tables and everything in them; confirm it (--yes, or confirm: true)")
+    chosen = [schema.table(n) for n in tables] if tables else list(schema.tables)
+    everything = len(chosen) == len(schema.tables)
+    with pg.advisory_lock(lock_name(pg.queue)) as got:
+        if not got:
+            raise QueueError("an apply is running on this queue; nuke again when it has finished")
+        stmts = [create_meta_table()]
+        for t in chosen:
+            stmts += [drop_table(t), create_table(t), *create_indexes(t)]
+        d1.batch([Statement(s) for s in stmts])
+        report = NukeReport(tables=[t.name for t in chosen], statements=stmts)
+        if purge_queue:
+            names = [t.name for t in chosen]
+            with pg.conn.transaction():
+                for queue, attr in ((pg.queue, "purged_messages"), (dlq_name(pg.queue), "purged_dead_letters")):
+                    if everything:
+                        n = pg.purge(queue)
+                    else:
+                        n = len(
+                            pg.execute(
+                                f"DELETE FROM pgmq.{ident('q_' + queue)} WHERE message->>'table' = ANY(%s) RETURNING 1",
+                                [names],
+                            )
+                        )
+                    setattr(report, attr, n)
+        reset_progress(pg, chosen)
+    log.warning("nuked D1 tables %s (queue purged: %s)", ", ".join(report.tables), purge_queue)
+    return report

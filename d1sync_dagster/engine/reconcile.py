@@ -1,0 +1,291 @@
+"""Reconcile: prove D1 equals Postgres, find the keys that differ, and repair them through the queue.
+
+Comparison is exact, row by row, after the same type conversion apply uses (`engine/compare.py`), in two
+passes that never sort either side by a collation the other does not share:
+
+1. D1 in primary-key order, `chunk_size` rows per read through the compact `/raw` form; each chunk's keys
+   are looked up in Postgres by key: D1 rows missing from Postgres are *extra*, unequal rows *different*.
+2. Only when the counts still disagree: Postgres keys in index order, looked up in D1 by key: *missing*.
+
+The queue is drained first and differing keys are checked once more after another drain, so changes still
+in flight are not reported as drift. Repair never writes D1 behind the queue's back: in one short
+transaction holding a SHARE lock on the source table (writers wait for it, and it waits for writers in
+progress), the current rows of missing/different keys are enqueued as one BACKFILL message and the extra
+keys, confirmed absent, as DELETE messages; then the queue is drained. D1 rows read are counted, since
+D1 bills them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from psycopg.types.json import Jsonb
+
+from d1sync_dagster.clients.d1 import D1Client
+from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.core.changes import Key, Row
+from d1sync_dagster.core.convert import to_sqlite
+from d1sync_dagster.core.plan import sql_literal
+from d1sync_dagster.engine.apply import ApplyOptions, apply
+from d1sync_dagster.engine.backfill import key_types
+from d1sync_dagster.engine.compare import diff, pg_rows, typed_value
+from d1sync_dagster.schema import Schema, Table
+from d1sync_dagster.sql.capture import source_relation
+from d1sync_dagster.sql.quoting import ident
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TableDrift:
+    source_rows: int = 0
+    d1_rows: int = 0
+    missing: list[Key] = field(default_factory=list)
+    extra: list[Key] = field(default_factory=list)
+    different: list[Key] = field(default_factory=list)
+    d1_rows_read: int = 0
+    repaired: int = 0
+
+    @property
+    def total(self) -> int:
+        return len(self.missing) + len(self.extra) + len(self.different)
+
+
+@dataclass
+class ReconcileReport:
+    tables: dict[str, TableDrift] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def in_sync(self) -> bool:
+        return all(t.total == 0 for t in self.tables.values())
+
+    @property
+    def d1_rows_read(self) -> int:
+        return sum(t.d1_rows_read for t in self.tables.values())
+
+    def to_json(self, *, max_keys: int = 100) -> dict[str, Any]:
+        def keys(ks: list[Key]) -> list[list[Any]]:
+            return [[v.hex() if isinstance(v, bytes) else v for v in k] for k in ks[:max_keys]]
+
+        return {
+            "in_sync": self.in_sync,
+            "seconds": round(self.seconds, 2),
+            "d1_rows_read": self.d1_rows_read,
+            "tables": {
+                name: {
+                    "source_rows": t.source_rows,
+                    "d1_rows": t.d1_rows,
+                    "missing": len(t.missing),
+                    "extra": len(t.extra),
+                    "different": len(t.different),
+                    "missing_keys": keys(t.missing),
+                    "extra_keys": keys(t.extra),
+                    "different_keys": keys(t.different),
+                    "d1_rows_read": t.d1_rows_read,
+                    "repaired": t.repaired,
+                }
+                for name, t in self.tables.items()
+            },
+        }
+
+
+def _select_exact(table: Table) -> str:
+    exprs = []
+    for c in table.columns:
+        q = ident(c)
+        exprs += [f"typeof({q})", f"CASE typeof({q}) WHEN 'blob' THEN hex({q}) ELSE CAST({q} AS TEXT) END", q]
+    return ", ".join(exprs)
+
+
+def _rows_from_raw(table: Table, rows: list[list[Any]]) -> dict[Key, Row]:
+    out: dict[Key, Row] = {}
+    for rec in rows:
+        row = {c: typed_value(rec[3 * i], rec[3 * i + 1], rec[3 * i + 2]) for i, c in enumerate(table.columns)}
+        out[tuple(row[k] for k in table.key)] = row
+    return out
+
+
+def d1_lookup(d1: D1Client, table: Table, keys: list[Key]) -> tuple[dict[Key, Row], int]:
+    """D1 rows for `keys` (statements kept under D1's size limit); returns rows by key and rows read."""
+    cols = ", ".join(ident(k) for k in table.key)
+    head = f"SELECT {_select_exact(table)} FROM {ident(table.target)} WHERE ({cols}) IN (VALUES "
+    out: dict[Key, Row] = {}
+    read = 0
+    group: list[str] = []
+    size = len(head)
+    lits = ["(" + ", ".join(sql_literal(v) for v in k) + ")" for k in keys]
+    for i, lit in enumerate(lits + [""]):
+        if group and (i == len(lits) or size + len(lit.encode()) + 2 > 90_000):
+            _c, rows, _m = d1.raw(head + ", ".join(group) + ")")
+            out |= _rows_from_raw(table, rows)
+            read += len(rows)
+            group, size = [], len(head)
+        if lit:
+            group.append(lit)
+            size += len(lit.encode()) + 2
+    return out, read
+
+
+def _pg_key_filter(table: Table, types: list[str], keys: list[Key]) -> tuple[str, list[Any]]:
+    """WHERE clause matching `keys` (D1 values cast back to the Postgres key types) and its params."""
+    cols = ", ".join(ident(k) for k in table.key)
+    arrays = ", ".join(f"%s::{t}[]" for t in types)
+    params = [[_pg_text(k[i]) for k in keys] for i in range(len(table.key))]
+    return f"WHERE ({cols}) IN (SELECT * FROM unnest({arrays}))", params
+
+
+def _pg_text(v: Any) -> str | None:
+    if isinstance(v, bytes):
+        return "\\x" + v.hex()
+    return None if v is None else str(v)
+
+
+def d1_chunks(d1: D1Client, table: Table, chunk_size: int) -> Any:
+    """Yield (rows by key, rows read) from D1 in primary-key order."""
+    cols = ", ".join(ident(k) for k in table.key)
+    last: Key | None = None
+    while True:
+        where = ""
+        if last is not None:
+            where = f"WHERE ({cols}) > (" + ", ".join(sql_literal(v) for v in last) + ")"
+        sql = (
+            f"SELECT {_select_exact(table)} FROM {ident(table.target)} {where} ORDER BY {cols} LIMIT {int(chunk_size)}"
+        )
+        _cols, rows, _meta = d1.raw(sql)
+        if not rows:
+            return
+        chunk = _rows_from_raw(table, rows)
+        yield chunk, len(rows)
+        if len(rows) < chunk_size:
+            return
+        last = list(chunk)[-1]
+
+
+def compare_table(pg: PgmqClient, d1: D1Client, table: Table, *, chunk_size: int) -> TableDrift:
+    drift = TableDrift()
+    types = key_types(pg, table)
+    for chunk, n in d1_chunks(d1, table, chunk_size):
+        drift.d1_rows += n
+        drift.d1_rows_read += n
+        where, params = _pg_key_filter(table, types, list(chunk))
+        source = pg_rows(pg, table, where, params)
+        part = diff(source, chunk)
+        drift.extra += part.extra
+        drift.different += part.different
+    drift.source_rows = int(pg.execute(f"SELECT count(*) FROM {source_relation(table)}")[0][0])
+    if drift.source_rows != drift.d1_rows - len(drift.extra):
+        drift.missing = _missing(pg, d1, table, chunk_size, drift)
+    return drift
+
+
+def _missing(pg: PgmqClient, d1: D1Client, table: Table, chunk_size: int, drift: TableDrift) -> list[Key]:
+    """Pass 2: Postgres keys in index order, looked up in D1."""
+    keys_sql = ", ".join(ident(k) for k in table.key)
+    cols = ", ".join(ident(c) for c in table.columns)
+    missing: list[Key] = []
+    offset_key: list[Any] | None = None
+    types = key_types(pg, table)
+    while True:
+        where, params = "", []
+        if offset_key is not None:
+            where = f"WHERE ({keys_sql}) > (" + ", ".join(f"%s::{t}" for t in types) + ")"
+            params = offset_key
+        rows = pg.execute(
+            f"SELECT to_jsonb(r), ARRAY[{', '.join(f'r.{ident(k)}::text' for k in table.key)}] FROM "
+            f"(SELECT {cols} FROM {source_relation(table)} {where} ORDER BY {keys_sql} LIMIT {int(chunk_size)}) r",
+            params,
+        )
+        if not rows:
+            return missing
+        keys = [tuple(to_sqlite(rec[k], table.columns[k]) for k in table.key) for rec, _ in rows]
+        found, read = d1_lookup(d1, table, keys)
+        drift.d1_rows_read += read
+        missing += [k for k in keys if k not in found]
+        offset_key = list(rows[-1][1])
+
+
+def repair(pg: PgmqClient, table: Table, drift: TableDrift) -> int:
+    """Enqueue the current state of every differing key; returns messages sent."""
+    fix = drift.missing + drift.different + drift.extra
+    if not fix:
+        return 0
+    types = key_types(pg, table)
+    with pg.conn.transaction():
+        pg.execute(f"LOCK TABLE {source_relation(table)} IN SHARE MODE")
+        where, params = _pg_key_filter(table, types, fix)
+        cols = ", ".join(ident(c) for c in table.columns)
+        rows = pg.execute(f"SELECT to_jsonb(r) FROM (SELECT {cols} FROM {source_relation(table)} {where}) r", params)
+        records = [r for (r,) in rows]
+        present = {tuple(to_sqlite(r[k], table.columns[k]) for k in table.key) for r in records}
+        messages: list[Any] = []
+        if records:
+            messages.append(
+                {"type": "BACKFILL", "table": table.name, "record": None, "old_record": None, "records": records}
+            )
+        for k in drift.extra:
+            if k in present:
+                continue
+            old = {c: ("\\x" + v.hex() if isinstance(v, bytes) else v) for c, v in zip(table.key, k, strict=True)}
+            messages.append({"type": "DELETE", "table": table.name, "record": None, "old_record": old})
+        if messages:
+            pg.execute(
+                f"INSERT INTO pgmq.{ident('q_' + pg.queue)} (vt, message) SELECT now(), m FROM unnest(%s::jsonb[]) m",
+                [[Jsonb(m) for m in messages]],
+            )
+    return len(messages)
+
+
+def reconcile(
+    pg: PgmqClient,
+    d1: D1Client,
+    schema: Schema,
+    *,
+    tables: list[str] | None = None,
+    chunk_size: int = 5000,
+    repair_drift: bool = False,
+    apply_options: ApplyOptions | None = None,
+) -> ReconcileReport:
+    """Compare (and with `repair_drift`, repair) `tables` (None: all)."""
+    started = time.monotonic()
+    chosen = [schema.table(n) for n in tables] if tables else list(schema.tables)
+    options = apply_options or ApplyOptions()
+    apply(pg, d1, schema, options)  # changes in flight are not drift
+    report = ReconcileReport()
+    for table in chosen:
+        drift = compare_table(pg, d1, table, chunk_size=chunk_size)
+        if drift.total:
+            apply(pg, d1, schema, options)
+            drift = _recheck(pg, d1, table, drift)
+        if drift.total and repair_drift:
+            drift.repaired = repair(pg, table, drift)
+            apply(pg, d1, schema, options)
+        report.tables[table.name] = drift
+        log.info(
+            "reconcile %s: %d rows in Postgres, %d in D1, %d missing, %d extra, %d different%s",
+            table.name,
+            drift.source_rows,
+            drift.d1_rows,
+            len(drift.missing),
+            len(drift.extra),
+            len(drift.different),
+            f", {drift.repaired} repair messages" if drift.repaired else "",
+        )
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _recheck(pg: PgmqClient, d1: D1Client, table: Table, drift: TableDrift) -> TableDrift:
+    """Compare only the differing keys again (after a drain): what is still wrong is drift."""
+    keys = drift.missing + drift.extra + drift.different
+    types = key_types(pg, table)
+    where, params = _pg_key_filter(table, types, keys)
+    source = pg_rows(pg, table, where, params)
+    found, read = d1_lookup(d1, table, keys)
+    drift.d1_rows_read += read
+    again = diff(source, found)
+    drift.missing, drift.extra, drift.different = again.missing, again.extra, again.different
+    return drift
