@@ -13,7 +13,7 @@ import dagster as dg
 from d1sync_dagster import config
 from d1sync_dagster.defs.assets import GROUP, build_table_assets
 from d1sync_dagster.defs.checks import build_table_checks
-from d1sync_dagster.defs.jobs import build_setup_job
+from d1sync_dagster.defs.jobs import build_backfill_job, build_nuke_job, build_reconcile_job, build_setup_job
 from d1sync_dagster.defs.resources import D1Resource, PostgresResource
 from d1sync_dagster.defs.sensors import build_depth_sensor
 from d1sync_dagster.engine.apply import ApplyOptions
@@ -46,7 +46,7 @@ def build_definitions(schema_file: str | None = None) -> dg.Definitions:
     """All d1sync definitions for one `schema.json`.
 
     Tunables from the environment: `D1SYNC_SENSOR_INTERVAL_SECONDS` (default 30), `D1SYNC_LAG_THRESHOLD_SECONDS`
-    (default 300), `D1SYNC_BATCH_SIZE` (default 2000).
+    (default 300), `D1SYNC_BATCH_SIZE` (default 2000), `D1SYNC_RECONCILE_CRON` (default `0 3 * * *`).
     """
     schema = load_schema(schema_file or config.schema_path())
     tables = build_table_assets(schema, options=ApplyOptions(batch_size=int(_number("D1SYNC_BATCH_SIZE", 2000))))
@@ -55,11 +55,20 @@ def build_definitions(schema_file: str | None = None) -> dg.Definitions:
         APPLY_JOB, selection=dg.AssetSelection.groups(GROUP), description="Apply queued changes to every D1 table."
     )
     sensor = build_depth_sensor(apply_job, interval_seconds=int(_number("D1SYNC_SENSOR_INTERVAL_SECONDS", 30)))
+    reconcile_job = build_reconcile_job(schema)
+    schedule = dg.ScheduleDefinition(
+        name="d1sync_reconcile_schedule",
+        job=reconcile_job,
+        cron_schedule=os.environ.get("D1SYNC_RECONCILE_CRON") or "0 3 * * *",
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description="Full reconciliation of every table (compare and repair), daily by default.",
+    )
     return dg.Definitions(
         assets=[tables],
         asset_checks=[checks],
         sensors=[sensor],
-        jobs=[apply_job, build_setup_job(schema)],
+        schedules=[schedule],
+        jobs=[apply_job, build_setup_job(schema), build_backfill_job(schema), build_nuke_job(schema), reconcile_job],
         resources={
             "postgres": PostgresResource(database_url=dg.EnvVar("DATABASE_URL"), queue=config.queue_name()),
             "d1": build_d1_resource(),

@@ -149,3 +149,24 @@ def test_demo_writes_applies_and_verifies(source_db, tmp_path):
     out = run("demo", "--rows", "40", env=env)
     assert out.returncode == 0, out.stderr
     assert "D1 equals Postgres, row for row" in out.stdout and "apps: " in out.stdout
+
+
+def test_backfill_verify_and_nuke_from_the_command_line(source_db, tmp_path):
+    env = {"DATABASE_URL": source_db, "D1_LOCAL_PATH": str(tmp_path / "d1.sqlite")}
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 250) g")  # before capture
+    assert run("setup", env=env).returncode == 0
+    drift = run("verify", "--json", env=env)
+    assert drift.returncode == 1 and json.loads(drift.stdout)["tables"]["apps"]["missing"] == 250
+    out = run("backfill", "--table", "apps", "--chunk-size", "100", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "apps: 250 rows in 3 chunks" in out.stdout and "queue drained" in out.stdout
+    clean = run("verify", env=env)
+    assert clean.returncode == 0 and "apps: 250 rows in Postgres, 250 in D1, in sync" in clean.stdout
+    refused = run("nuke", "--all", env=env)
+    assert refused.returncode == 2 and "confirm" in refused.stderr
+    unknown = run("nuke", "--table", "nope", "--yes", env=env)
+    assert unknown.returncode == 2 and "'nope' is not in schema.json" in unknown.stderr
+    done = run("nuke", "--table", "apps", "--yes", env=env)
+    assert done.returncode == 0 and "nuked and recreated apps" in done.stdout
+    assert run("verify", env=env).returncode == 1

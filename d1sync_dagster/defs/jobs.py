@@ -1,11 +1,50 @@
-"""Jobs that are not asset materializations."""
+"""Jobs that are not asset materializations: setup, backfill, nuke, reconcile. Each op calls the same engine
+function as the command line, with typed config."""
+
+from collections.abc import Callable
+from typing import Any
 
 import dagster as dg
+from pydantic import Field
 
 from d1sync_dagster.defs.resources import D1Resource, PostgresResource
+from d1sync_dagster.engine.backfill import backfill
+from d1sync_dagster.engine.nuke import nuke
+from d1sync_dagster.engine.reconcile import reconcile
 from d1sync_dagster.engine.setup import setup
 from d1sync_dagster.errors import D1SyncError
 from d1sync_dagster.schema import Schema
+
+
+def _run(postgres: PostgresResource, d1: D1Resource, fn: Callable[..., Any]) -> Any:
+    """Run an engine function with fresh clients; our errors become a Dagster failure with the reason."""
+    client = d1.get_client()
+    try:
+        with postgres.get_client() as pg:
+            return fn(pg, client)
+    except D1SyncError as e:
+        raise dg.Failure(description=str(e)) from e
+    finally:
+        client.close()
+
+
+class BackfillConfig(dg.Config):
+    tables: list[str] = Field(default_factory=list, description="tables to backfill; empty means all")
+    chunk_size: int = Field(default=5000, description="rows per chunk (one short transaction each)")
+    restart: bool = Field(default=False, description="start over instead of resuming an unfinished backfill")
+
+
+class NukeConfig(dg.Config):
+    all_tables: bool = Field(default=False, description="drop and recreate every table")
+    table: str | None = Field(default=None, description="or just this one")
+    purge_queue: bool = Field(default=False, description="also drop their queued changes and dead letters")
+    confirm: bool = Field(default=False, description="must be true: the tables' contents in D1 are lost")
+
+
+class ReconcileConfig(dg.Config):
+    tables: list[str] = Field(default_factory=list, description="tables to compare; empty means all")
+    repair: bool = Field(default=True, description="re-enqueue differing keys and apply them")
+    chunk_size: int = Field(default=5000, description="rows per D1 read")
 
 
 def build_setup_job(schema: Schema) -> dg.JobDefinition:
@@ -13,14 +52,7 @@ def build_setup_job(schema: Schema) -> dg.JobDefinition:
 
     @dg.op(name="d1sync_setup_op", description="Create the PGMQ queue, capture triggers, D1 tables and indexes.")
     def setup_op(context: dg.OpExecutionContext, postgres: PostgresResource, d1: D1Resource) -> dg.Output[None]:
-        client = d1.get_client()
-        try:
-            with postgres.get_client() as pg:
-                result = setup(pg, client, schema)
-        except D1SyncError as e:
-            raise dg.Failure(description=str(e)) from e
-        finally:
-            client.close()
+        result = _run(postgres, d1, lambda pg, c: setup(pg, c, schema))
         context.log.info(f"setup done: schema version {result.schema_version}, tables {', '.join(result.tables)}")
         return dg.Output(
             None,
@@ -28,6 +60,7 @@ def build_setup_job(schema: Schema) -> dg.JobDefinition:
                 "schema_version": dg.MetadataValue.text(result.schema_version),
                 "tables": dg.MetadataValue.int(len(result.tables)),
                 "d1_statements": dg.MetadataValue.int(result.d1_statements),
+                "added_columns": dg.MetadataValue.text(", ".join(result.added_columns) or "none"),
             },
         )
 
@@ -36,3 +69,103 @@ def build_setup_job(schema: Schema) -> dg.JobDefinition:
         setup_op()
 
     return setup_job
+
+
+def build_backfill_job(schema: Schema) -> dg.JobDefinition:
+    @dg.op(name="d1sync_backfill_op", description="Copy existing rows into D1 through the ordered queue.")
+    def backfill_op(
+        context: dg.OpExecutionContext, config: BackfillConfig, postgres: PostgresResource, d1: D1Resource
+    ) -> dg.Output[None]:
+        def progress(table: str, t: Any) -> None:
+            context.log.info(f"backfill {table}: {t.rows} rows in {t.chunks} chunks, {t.rows_per_second:.0f} rows/s")
+
+        report = _run(
+            postgres,
+            d1,
+            lambda pg, c: backfill(
+                pg,
+                c,
+                schema,
+                tables=config.tables or None,
+                chunk_size=config.chunk_size,
+                restart=config.restart,
+                on_chunk=progress,
+            ),
+        )
+        md: dict[str, Any] = {
+            "rows": dg.MetadataValue.int(report.rows),
+            "seconds": dg.MetadataValue.float(report.seconds),
+        }
+        for name, t in report.tables.items():
+            md[f"{name}_rows"] = dg.MetadataValue.int(t.rows)
+            md[f"{name}_chunks"] = dg.MetadataValue.int(t.chunks)
+            md[f"{name}_rows_per_second"] = dg.MetadataValue.float(round(t.rows_per_second, 1))
+        return dg.Output(None, metadata=md)
+
+    @dg.job(name="d1sync_backfill", description="Backfill tables (all by default) into D1; resumable.")
+    def backfill_job() -> None:
+        backfill_op()
+
+    return backfill_job
+
+
+def build_nuke_job(schema: Schema) -> dg.JobDefinition:
+    @dg.op(name="d1sync_nuke_op", description="Drop and recreate D1 tables; needs confirm: true.")
+    def nuke_op(context: dg.OpExecutionContext, config: NukeConfig, postgres: PostgresResource, d1: D1Resource):
+        if config.all_tables == bool(config.table):
+            raise dg.Failure(description="set exactly one of all_tables: true or table: <name>")
+        tables = None if config.all_tables else [config.table or ""]
+        report = _run(
+            postgres,
+            d1,
+            lambda pg, c: nuke(pg, c, schema, tables=tables, purge_queue=config.purge_queue, confirm=config.confirm),
+        )
+        context.log.warning(f"nuked {', '.join(report.tables)}; run d1sync_backfill to fill them again")
+        return dg.Output(
+            None,
+            metadata={
+                "tables": dg.MetadataValue.text(", ".join(report.tables)),
+                "purged_messages": dg.MetadataValue.int(report.purged_messages),
+                "purged_dead_letters": dg.MetadataValue.int(report.purged_dead_letters),
+            },
+        )
+
+    @dg.job(name="d1sync_nuke", description="Drop and recreate all D1 tables or one (confirm: true required).")
+    def nuke_job() -> None:
+        nuke_op()
+
+    return nuke_job
+
+
+def build_reconcile_job(schema: Schema) -> dg.JobDefinition:
+    @dg.op(name="d1sync_reconcile_op", description="Compare D1 with Postgres row by row; repair drift.")
+    def reconcile_op(
+        context: dg.OpExecutionContext, config: ReconcileConfig, postgres: PostgresResource, d1: D1Resource
+    ) -> dg.Output[None]:
+        report = _run(
+            postgres,
+            d1,
+            lambda pg, c: reconcile(
+                pg, c, schema, tables=config.tables or None, chunk_size=config.chunk_size, repair_drift=config.repair
+            ),
+        )
+        md: dict[str, Any] = {
+            "in_sync": dg.MetadataValue.bool(report.in_sync),
+            "d1_rows_read": dg.MetadataValue.int(report.d1_rows_read),
+        }
+        for name, t in report.tables.items():
+            md[f"{name}_missing"] = dg.MetadataValue.int(len(t.missing))
+            md[f"{name}_extra"] = dg.MetadataValue.int(len(t.extra))
+            md[f"{name}_different"] = dg.MetadataValue.int(len(t.different))
+            md[f"{name}_repaired_messages"] = dg.MetadataValue.int(t.repaired)
+            if t.total:
+                context.log.warning(
+                    f"{name}: drift {len(t.missing)} missing, {len(t.extra)} extra, {len(t.different)} different"
+                )
+        return dg.Output(None, metadata=md)
+
+    @dg.job(name="d1sync_reconcile", description="Full comparison of every table; repairs drift through the queue.")
+    def reconcile_job() -> None:
+        reconcile_op()
+
+    return reconcile_job

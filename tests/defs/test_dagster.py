@@ -155,3 +155,51 @@ def test_sensor_does_not_pile_up_runs_while_one_is_in_flight(env):
         instance.report_run_failed(run)
         _sensor, tick = sensor_tick(instance, resources, cursor="1")
         assert len(tick.run_requests) == 1
+
+
+def run_job(name, resources, config=None):
+    defs = build_definitions(str(ROOT / "schema.json"))
+    return defs.resolve_job_def(name).execute_in_process(
+        resources=resources, run_config={"ops": config} if config else None, raise_on_error=False
+    )
+
+
+def output_metadata(result, op):
+    (ev,) = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT" and e.step_key == op]
+    return ev.event_specific_data.metadata
+
+
+def test_backfill_nuke_and_reconcile_jobs(env):
+    pg, d1, resources = env
+    pg.execute("ALTER TABLE apps DISABLE TRIGGER USER")
+    pg.execute("INSERT INTO apps (id, name) SELECT g, 'pre-existing' FROM generate_series(1, 120) g")
+    pg.execute("ALTER TABLE apps ENABLE TRIGGER USER")
+
+    result = run_job("d1sync_backfill", resources, {"d1sync_backfill_op": {"config": {"chunk_size": 50}}})
+    assert result.success
+    md = output_metadata(result, "d1sync_backfill_op")
+    assert md["apps_rows"].value == 120 and md["apps_chunks"].value == 3
+
+    d1.query("DELETE FROM apps WHERE id = 7")
+    result = run_job("d1sync_reconcile", resources, {"d1sync_reconcile_op": {"config": {"repair": True}}})
+    md = output_metadata(result, "d1sync_reconcile_op")
+    assert md["apps_missing"].value == 1 and md["apps_repaired_messages"].value == 1
+    (res,) = d1.query("SELECT count(*) AS n FROM apps")
+    assert res.results == [{"n": 120}]
+
+    refused = run_job("d1sync_nuke", resources, {"d1sync_nuke_op": {"config": {"all_tables": True}}})
+    assert not refused.success
+    assert "confirm" in refused.failure_data_for_node("d1sync_nuke_op").user_failure_data.description
+    (res,) = d1.query("SELECT count(*) AS n FROM apps")
+    assert res.results == [{"n": 120}]
+
+    config = {"d1sync_nuke_op": {"config": {"table": "apps", "confirm": True, "purge_queue": True}}}
+    assert run_job("d1sync_nuke", resources, config).success
+    (res,) = d1.query("SELECT count(*) AS n FROM apps")
+    assert res.results == [{"n": 0}]
+
+
+def test_reconcile_schedule_is_defined_daily_by_default():
+    defs = build_definitions(str(ROOT / "schema.json"))
+    schedule = defs.resolve_schedule_def("d1sync_reconcile_schedule")
+    assert schedule.cron_schedule == "0 3 * * *" and schedule.job_name == "d1sync_reconcile"
