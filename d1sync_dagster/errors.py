@@ -12,7 +12,14 @@ class SchemaError(D1SyncError):
 
 
 class QueueError(D1SyncError):
-    """Postgres or PGMQ failed or is unreachable."""
+    """Postgres or PGMQ failed or is unreachable. `sqlstate` is Postgres's error code when it sent one."""
+
+    sqlstate: str | None = None
+
+    @property
+    def transient(self) -> bool:
+        """A deadlock or serialization failure: the transaction can simply run again."""
+        return self.sqlstate in ("40P01", "40001")
 
 
 class D1Error(D1SyncError):

@@ -103,7 +103,9 @@ class PgmqClient:
                 cur.execute(sql.encode() if params is None else sql, params)  # type: ignore[arg-type]
                 return cur.fetchall() if cur.description else []
         except psycopg.Error as e:
-            raise QueueError(f"Postgres error: {_first_line(e)}") from None
+            err = QueueError(f"Postgres error: {_first_line(e)}")
+            err.sqlstate = e.sqlstate
+            raise err from None
 
     def metrics(self, queue: str | None = None) -> QueueMetrics:
         rows = self.execute(

@@ -46,6 +46,10 @@ class ConversionError(ValueError):
 
 
 def _check_text(s: str) -> str:
+    if s.isascii():  # the common case: no NUL check needed beyond this, no surrogates possible
+        if "\x00" in s:
+            raise ConversionError("text contains a NUL character, which D1 cannot store")
+        return s
     if "\x00" in s:
         raise ConversionError("text contains a NUL character, which D1 cannot store")
     try:
@@ -200,7 +204,9 @@ def _to_real(v: Any) -> float:
 
 def _to_text(v: Any) -> str:
     if isinstance(v, str):
-        return v.lower() if _UUID.match(v) else _check_text(v)
+        if len(v) == 36 and _UUID.match(v):
+            return v.lower()
+        return _check_text(v)
     if isinstance(v, dict | list | bool | int | float | Decimal):
         return canonical_json(v)
     raise ConversionError(f"TEXT column got a JSON {type(v).__name__}")

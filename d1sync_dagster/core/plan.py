@@ -65,20 +65,26 @@ def real_literal(f: float) -> str:
     """An exact SQLite expression for a finite double.
 
     SQLite's decimal-to-double parsing is not correctly rounded (seen here: 87 of 20,000 random doubles came
-    back different, in SQLite 3.40 and in D1), so a non-integral REAL is written as its integer mantissa
-    scaled by powers of two (`CAST(m AS REAL) / 2^k ...`): every step is exact in binary floating point.
+    back different, in SQLite 3.40 and in D1; it divides in long double and rounds twice), so a
+    non-integral REAL is written as its exact ratio `n.0/d` with `d` a power of two: `n.0` (at most 2**53)
+    and `d` parse exactly, and one IEEE division of exact operands gives exactly the double. Values beyond
+    that range scale by further powers of two, each step exact.
     """
-    n, d = f.as_integer_ratio()  # d is a power of two; n is odd (or d == 1), so n < 2**53 unless d == 1
-    if d == 1 and abs(n) < 2**63:
+    n, d = f.as_integer_ratio()  # d is a power of two; n is odd unless d == 1, so |n| < 2**53 when d > 1
+    if d == 1 and abs(n) < 2**53:
         return f"{n}.0"
-    if d <= 1 << 62 and abs(n) < 2**53:
-        return f"(CAST({n} AS REAL)/{d})"
+    if d <= 1 << 62:
+        return f"({n}.0/{d})" if abs(n) < 2**53 else _scaled(f)
+    return _scaled(f)
+
+
+def _scaled(f: float) -> str:
     mant, exp = math.frexp(f)
     m, e = int(mant * (1 << 53)), exp - 53
     while m % 2 == 0:
         m //= 2
         e += 1
-    parts = [f"CAST({m} AS REAL)"]
+    parts = [f"{m}.0"]
     op, k = ("*" if e > 0 else "/"), abs(e)
     while k > 0:
         step = min(k, 62)

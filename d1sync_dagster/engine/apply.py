@@ -91,6 +91,8 @@ class ApplyOptions:
     request_bytes: int = 2_000_000
     #: Rows per batch when messages carry many rows (backfill chunks); bounds memory.
     max_rows_per_batch: int = 20_000
+    #: While this returns True, an empty queue is waited on instead of ending the run (backfill).
+    follow: Callable[[], bool] | None = None
 
 
 class ApplyBusy(Exception):
@@ -151,6 +153,7 @@ def apply(
                 deadline=deadline,
                 weigh=lambda msgs: sum(message_rows(m.message) for m in msgs),
                 max_rows=options.max_rows_per_batch,
+                follow=options.follow,
             )
             in_flight: deque[Future[None]] = deque()
             try:

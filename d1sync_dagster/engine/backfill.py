@@ -13,16 +13,20 @@ only upserts the rows it read, never deletes. (Plain reads would not do: a msg_i
 at commit, so a writer committing just after the read could precede the chunk with an older row.)
 
 Progress lives in `d1sync.backfill_progress`, written in the chunk's transaction, so an interrupted
-backfill resumes after its last committed chunk and never enqueues a chunk twice. One message per chunk
-keeps the queue small: a million rows are 200 messages at the default chunk size.
+backfill resumes after its last committed chunk and never enqueues a chunk twice. Chunks are bounded by
+keys (the n-th key after the previous bound, found without locks), not by LIMIT, so a concurrent key change
+cannot make a chunk skip a range. One message per chunk keeps the queue small: a million rows are 200
+messages at the default chunk size.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from d1sync_dagster.clients.d1 import D1Client
@@ -86,20 +90,36 @@ def key_types(pg: PgmqClient, table: Table) -> list[str]:
     return [types[k] for k in table.key]
 
 
-def chunk_sql(table: Table, queue: str, types: Sequence[str], *, after: bool) -> str:
-    """One chunk: rows after the last key, FOR SHARE, enqueued as one BACKFILL message; returns
-    (rows, last key as text[], msg_id)."""
-    cols = ", ".join(ident(c) for c in table.columns)
+def bound_sql(table: Table, types: Sequence[str], *, after: bool) -> str:
+    """The key of the chunk's last row (the n-th key after the previous bound), read without locks."""
     keys = ", ".join(ident(k) for k in table.key)
     where = ""
     if after:
-        bounds = ", ".join(f"%(k{i})s::{t}" for i, t in enumerate(types))
-        where = f"WHERE ({keys}) > ({bounds})"
+        where = f"WHERE ({keys}) > (" + ", ".join(f"%(k{i})s::{t}" for i, t in enumerate(types)) + ")"
     last = "ARRAY[" + ", ".join(f"{ident(k)}::text" for k in table.key) + "]"
-    descending = ", ".join(f"{ident(k)} DESC" for k in table.key)
+    return f"SELECT {last} FROM {source_relation(table)} {where} ORDER BY {keys} LIMIT 1 OFFSET %(n)s - 1"
+
+
+def chunk_sql(table: Table, queue: str, types: Sequence[str], *, after: bool, upto: bool) -> str:
+    """One chunk: the rows in (previous bound, bound], FOR SHARE, enqueued as one BACKFILL message; returns
+    (rows, msg_id).
+
+    The range is fixed by key bounds rather than by LIMIT: a row whose key a concurrent writer changes is
+    re-checked by Postgres after the lock wait and must still lie in the range, so a chunk can never carry
+    a far-away new key and make the next chunk skip the keys in between. (The writer's own messages, ordered
+    before the chunk, carry the moved row.)
+    """
+    cols = ", ".join(ident(c) for c in table.columns)
+    keys = ", ".join(ident(k) for k in table.key)
+    conds = []
+    if after:
+        conds.append(f"({keys}) > (" + ", ".join(f"%(k{i})s::{t}" for i, t in enumerate(types)) + ")")
+    if upto:
+        conds.append(f"({keys}) <= (" + ", ".join(f"%(u{i})s::{t}" for i, t in enumerate(types)) + ")")
+    where = ("WHERE " + " AND ".join(conds)) if conds else ""
     return f"""
 WITH chunk AS (
-  SELECT {cols} FROM {source_relation(table)} {where} ORDER BY {keys} LIMIT %(n)s FOR SHARE
+  SELECT {cols} FROM {source_relation(table)} {where} ORDER BY {keys} FOR SHARE
 ), sent AS (
   INSERT INTO pgmq.{ident("q_" + queue)} (vt, message)
   SELECT now(), jsonb_build_object('type', 'BACKFILL', 'table', {literal(table.name)}, 'record', NULL,
@@ -107,8 +127,7 @@ WITH chunk AS (
   FROM chunk HAVING count(*) > 0
   RETURNING msg_id
 )
-SELECT (SELECT count(*) FROM chunk), (SELECT {last} FROM chunk ORDER BY {descending} LIMIT 1),
-       (SELECT msg_id FROM sent)"""
+SELECT (SELECT count(*) FROM chunk), (SELECT msg_id FROM sent)"""
 
 
 def _progress(pg: PgmqClient, table: Table) -> tuple[list[str] | None, int, int, bool] | None:
@@ -134,72 +153,136 @@ def backfill(
     tables: Sequence[str] | None = None,
     chunk_size: int = 5000,
     restart: bool = False,
-    apply_every: int = 10,
+    chunks_ahead: int = 8,
     apply_options: ApplyOptions | None = None,
     on_chunk: Callable[[str, TableBackfill], None] | None = None,
 ) -> BackfillReport:
     """Backfill `tables` (default all), resuming unfinished ones unless `restart`.
 
-    Every `apply_every` chunks (and at the end) the queue is drained into D1, so the backlog stays small;
-    when another apply holds the lock, that apply drains it instead. `on_chunk` is called after each chunk's
-    commit (progress reporting; tests use it to interrupt).
+    Chunks are produced on a second connection by a background thread while this thread applies the queue
+    (following it until the producer is done), so Postgres builds chunk k+1 while D1 takes chunk k. The
+    producer stays at most `chunks_ahead` chunks ahead of the apply. When another apply holds the lock, the
+    chunks are produced and that apply drains them. `on_chunk` is called after each chunk's commit
+    (progress reporting; tests use it to interrupt; an exception there stops the backfill and is raised).
     """
     if chunk_size < 1:
         raise ValueError("chunk_size must be at least 1")
     chosen = [schema.table(n) for n in tables] if tables else list(schema.tables)
     if restart:
         reset_progress(pg, chosen)
-    report = BackfillReport()
+    report = BackfillReport(tables={t.name: TableBackfill() for t in chosen})
     started = time.monotonic()
-    options = apply_options or ApplyOptions()
-    applied = ApplyReport()
-    for table in chosen:
-        stats = report.tables[table.name] = TableBackfill()
-        types = key_types(pg, table)
-        state = _progress(pg, table)
-        last: list[str] | None = None
-        if state and not state[3]:
-            last, stats.resumed_from = state[0], state[0]
-            log.info(
-                "backfill of %s resumes after key %s (%d rows in %d chunks before)",
-                table.name,
-                last,
-                state[1],
-                state[2],
-            )
-        elif state:
-            reset_progress(pg, [table])
-        t0 = time.monotonic()
-        while True:
-            params: dict[str, Any] = {"n": chunk_size}
-            if last is not None:
-                params |= {f"k{i}": v for i, v in enumerate(last)}
-            with pg.conn.transaction():
-                n, new_last, _msg = pg.execute(chunk_sql(table, pg.queue, types, after=last is not None), params)[0]
-                _save(pg, table, new_last if n else last, n, finished=n == 0)
-            if n == 0:
-                stats.finished = True
-                break
-            last = list(new_last)
+    done, unthrottled, stop = threading.Event(), threading.Event(), threading.Event()
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            with pg.clone() as conn:
+                for table in chosen:
+                    throttle = (chunks_ahead, unthrottled, stop)
+                    _backfill_table(conn, table, report.tables[table.name], chunk_size, throttle, on_chunk)
+        except BaseException as e:  # raised in the calling thread below
+            failure.append(e)
+        finally:
+            done.set()
+
+    producer = threading.Thread(target=produce, name="d1sync-backfill", daemon=True)
+    producer.start()
+    base = apply_options or ApplyOptions()
+    following = replace(base, follow=lambda: not done.is_set())
+    try:
+        applied = apply(pg, d1, schema, following)
+    except BaseException:
+        stop.set()  # the apply failed: stop producing, keep what is committed
+        raise
+    finally:
+        unthrottled.set()  # nobody follows the queue any more (or another apply does): do not wait on it
+        done.wait()
+        producer.join()
+    if failure:
+        raise failure[0]
+    if not applied.skipped:
+        _merge(applied, apply(pg, d1, schema, base))  # what arrived after the follower stopped
+    report.apply = applied
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _backfill_table(
+    pg: PgmqClient,
+    table: Table,
+    stats: TableBackfill,
+    chunk_size: int,
+    throttle: tuple[int, threading.Event, threading.Event],
+    on_chunk: Callable[[str, TableBackfill], None] | None,
+) -> None:
+    ahead, unthrottled, stop = throttle
+    types = key_types(pg, table)
+    state = _progress(pg, table)
+    last: list[str] | None = None
+    if state and not state[3]:
+        last, stats.resumed_from = state[0], state[0]
+        log.info("backfill of %s resumes after key %s (%d rows in %d chunks before)", table.name, last, *state[1:3])
+    elif state:
+        reset_progress(pg, [table])
+    t0 = time.monotonic()
+    pending: deque[int] = deque()
+    while not stop.is_set():
+        _wait_for_room(pg, pending, ahead, unthrottled)
+        params: dict[str, Any] = {"n": chunk_size}
+        if last is not None:
+            params |= {f"k{i}": v for i, v in enumerate(last)}
+        n, msg_id, upper = _chunk(pg, table, types, params, last)
+        if n:
+            pending.append(msg_id)
             stats.rows += n
             stats.chunks += 1
             stats.seconds = time.monotonic() - t0
             if on_chunk is not None:
                 on_chunk(table.name, stats)
-            if stats.chunks % apply_every == 0:
-                _merge(applied, apply(pg, d1, schema, options))
-        stats.seconds = time.monotonic() - t0
-        log.info(
-            "backfill of %s: %d rows in %d chunks, %.0f rows/s",
-            table.name,
-            stats.rows,
-            stats.chunks,
-            stats.rows_per_second,
-        )
-    _merge(applied, apply(pg, d1, schema, options))
-    report.apply = applied
-    report.seconds = time.monotonic() - started
-    return report
+        if upper is None:
+            stats.finished = True
+            break
+        last = upper
+    stats.seconds = time.monotonic() - t0
+    log.info(
+        "backfill of %s: %d rows in %d chunks, %.0f rows/s", table.name, stats.rows, stats.chunks, stats.rows_per_second
+    )
+
+
+def _chunk(
+    pg: PgmqClient, table: Table, types: Sequence[str], params: dict[str, Any], last: list[str] | None
+) -> tuple[int, int | None, list[str] | None]:
+    """One chunk transaction; run again when Postgres picks it as a deadlock victim (its share locks can meet
+    a writer's row locks taken in another order)."""
+    for attempt in range(5):
+        try:
+            with pg.conn.transaction():
+                bound = pg.execute(bound_sql(table, types, after=last is not None), params)
+                upper = list(bound[0][0]) if bound else None
+                if upper is not None:
+                    params |= {f"u{i}": v for i, v in enumerate(upper)}
+                sql = chunk_sql(table, pg.queue, types, after=last is not None, upto=upper is not None)
+                n, msg_id = pg.execute(sql, params)[0]
+                # Without an upper bound this chunk took every remaining row: the table is done.
+                _save(pg, table, upper if upper is not None else last, n, finished=upper is None)
+            return n, msg_id, upper
+        except QueueError as e:
+            if not e.transient or attempt == 4:
+                raise
+            log.warning("backfill chunk of %s: %s; running it again", table.name, e)
+            time.sleep(0.05 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+def _wait_for_room(pg: PgmqClient, pending: deque[int], ahead: int, unthrottled: threading.Event) -> None:
+    """Block while `ahead` of our chunks are still in the queue (the apply has not taken them yet)."""
+    while len(pending) >= ahead and not unthrottled.is_set():
+        oldest = pending[0]
+        if pg.execute(f"SELECT EXISTS (SELECT 1 FROM pgmq.{ident('q_' + pg.queue)} WHERE msg_id = %s)", [oldest])[0][0]:
+            time.sleep(0.02)
+        else:
+            pending.popleft()
 
 
 def _save(pg: PgmqClient, table: Table, last: list[str] | None, n: int, *, finished: bool) -> None:

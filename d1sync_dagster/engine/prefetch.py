@@ -17,7 +17,8 @@ class Prefetch:
 
     Stops at an empty read (`drained` becomes True), at `max_messages` read, or at `deadline` (monotonic).
     When messages carry many rows each (backfill chunks, weighed by `weigh`), later reads ask for fewer
-    messages so a batch holds about `max_rows` rows, which bounds memory.
+    messages so a batch holds about `max_rows` rows, which bounds memory. While `follow()` is true an empty
+    read waits for more instead of ending (a backfill producing chunks concurrently).
     A read error is raised in the consuming thread. The reading connection is used by this thread only
     until `close()` returns.
     """
@@ -32,9 +33,10 @@ class Prefetch:
         depth: int = 2,
         weigh: Callable[[list[QueueMessage]], int] | None = None,
         max_rows: int | None = None,
+        follow: Callable[[], bool] | None = None,
     ) -> None:
         self._read, self._batch, self._max, self._deadline = read, batch_size, max_messages, deadline
-        self._weigh, self._max_rows = weigh, max_rows
+        self._weigh, self._max_rows, self._follow = weigh, max_rows, follow
         self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self.drained = False
@@ -61,6 +63,9 @@ class Prefetch:
                     return self._put(_BUDGET)
                 msgs = self._read(qty)
                 if not msgs:
+                    if self._follow is not None and self._follow():
+                        time.sleep(0.02)  # a producer is still writing: wait for more
+                        continue
                     return self._put(_DRAINED)
                 total += len(msgs)
                 if self._weigh is not None and self._max_rows is not None:
