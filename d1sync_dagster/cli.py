@@ -22,7 +22,7 @@ from d1sync_dagster.engine.compare import d1_rows, diff, pg_rows
 from d1sync_dagster.engine.demo import example_writes
 from d1sync_dagster.engine.nuke import nuke
 from d1sync_dagster.engine.reconcile import reconcile
-from d1sync_dagster.engine.setup import setup
+from d1sync_dagster.engine.setup import ensure_schema, setup
 from d1sync_dagster.engine.status import status
 from d1sync_dagster.errors import ConfigError, D1Error, D1SyncError, QueueError, SchemaError
 from d1sync_dagster.schema import load_schema
@@ -57,7 +57,10 @@ def _cmd_setup(args: argparse.Namespace) -> int:
         "queue": args.queue,
         "d1_backend": d1_settings.backend,
         "added_columns": result.added_columns,
-        "extra_columns": result.extra_columns,
+        "dropped_columns": result.dropped_columns,
+        "dropped_indexes": result.dropped_indexes,
+        "rebuilt_tables": result.rebuilt_tables,
+        "backfilled_tables": result.backfilled_tables,
     }
     if args.json:
         print(json.dumps(out))
@@ -66,10 +69,15 @@ def _cmd_setup(args: argparse.Namespace) -> int:
             f"setup done: {len(result.tables)} tables ({', '.join(result.tables)}), queue {args.queue}, "
             f"schema version {result.schema_version}, D1 backend {d1_settings.backend}"
         )
-        for c in result.added_columns:
-            print(f"  added column {c}: existing rows hold NULL there until a backfill")
-        for c in result.extra_columns:
-            print(f"  D1 column {c} is not in schema.json; left in place")
+        for label, items in (
+            ("added column", result.added_columns),
+            ("dropped column", result.dropped_columns),
+            ("dropped index", result.dropped_indexes),
+            ("rebuilt table (column type or key changed)", result.rebuilt_tables),
+            ("backfilled", result.backfilled_tables),
+        ):
+            for item in items:
+                print(f"  {label}: {item}")
     return 0
 
 
@@ -89,6 +97,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     )
     pg, d1 = _clients(args)
     try:
+        ensure_schema(pg, d1, schema)
         report = apply(pg, d1, schema, options)
     finally:
         pg.close()

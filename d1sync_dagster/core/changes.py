@@ -68,18 +68,21 @@ def _converters(columns: tuple[tuple[str, str], ...]) -> tuple[tuple[str, Callab
     return tuple((c, CONVERTERS[t]) for c, t in columns)
 
 
-def _row(table: Table, record: dict[str, Any]) -> Row:
-    row: Row = {}
-    col = ""
+def _row(table: Table, record: dict[str, Any], convert: tuple[tuple[str, Any], ...] | None = None) -> Row:
+    convert = convert or _converters(tuple(table.columns.items()))
     try:
-        for col, fn in _converters(tuple(table.columns.items())):
-            v = record[col]
-            row[col] = None if v is None else fn(v)
-    except KeyError:
-        raise ConversionError(f"record lacks replicated column {col!r}") from None
-    except ConversionError as e:
-        raise ConversionError(f"column {col!r}: {e}") from None
-    return row
+        return {c: None if (v := record[c]) is None else fn(v) for c, fn in convert}
+    except KeyError as e:
+        raise ConversionError(f"record lacks replicated column {e.args[0]!r}") from None
+    except ConversionError:
+        pass
+    for c, fn in convert:  # slow path, only to name the column that failed
+        try:
+            if record[c] is not None:
+                fn(record[c])
+        except ConversionError as e:
+            raise ConversionError(f"column {c!r}: {e}") from None
+    raise AssertionError("unreachable")
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -128,13 +131,16 @@ def decode_all(msg_id: int, payload: Any, schema: Schema) -> list[Change | Poiso
     if table is None or not isinstance(records, list):
         return [Poison(msg_id, "BACKFILL message without a known table and a records list", name if table else None)]
     out: list[Change | Poison] = []
+    convert = _converters(tuple(table.columns.items()))  # once per chunk, not per row
+    key_cols = table.key
+    single = key_cols[0] if len(key_cols) == 1 else None
     for i, record in enumerate(records):
         try:
             if not isinstance(record, dict):
                 raise ConversionError("record is not an object")
-            row = _row(table, record)
-            key = tuple(row[c] for c in table.key)
-            if any(v is None for v in key):
+            row = _row(table, record, convert)
+            key = (row[single],) if single is not None else tuple([row[c] for c in key_cols])
+            if None in key:
                 raise ConversionError("record has a NULL primary key")
             out.append(Change(msg_id, name, "upsert", key, row))
         except ConversionError as e:

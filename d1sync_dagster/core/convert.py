@@ -161,6 +161,8 @@ def _iso_to_unix(s: str) -> int:
 
 
 def _to_integer(v: Any) -> int:
+    if type(v) is int and INT64_MIN <= v <= INT64_MAX:  # the common case, first
+        return v
     if isinstance(v, bool):
         out = int(v)
     elif isinstance(v, int):
@@ -186,6 +188,8 @@ def _to_integer(v: Any) -> int:
 
 
 def _to_real(v: Any) -> float:
+    if type(v) is float and math.isfinite(v):
+        return v
     if isinstance(v, bool):
         raise ConversionError("REAL column got a boolean")
     if isinstance(v, int | float | Decimal):
@@ -216,6 +220,10 @@ _TRUE, _FALSE = {"true", "t", "1", "yes", "y", "on"}, {"false", "f", "0", "no", 
 
 
 def _to_boolean(v: Any) -> int:
+    if v is True:
+        return 1
+    if v is False:
+        return 0
     if isinstance(v, bool):
         return int(v)
     if isinstance(v, int) and v in (0, 1):

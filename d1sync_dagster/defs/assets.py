@@ -13,6 +13,7 @@ import dagster as dg
 
 from d1sync_dagster.defs.resources import D1Resource, PostgresResource
 from d1sync_dagster.engine.apply import ApplyOptions, TableStats, apply
+from d1sync_dagster.engine.setup import ensure_schema
 from d1sync_dagster.errors import D1SyncError
 from d1sync_dagster.schema import Schema, Table
 
@@ -74,6 +75,9 @@ def build_table_assets(schema: Schema, *, options: ApplyOptions | None = None) -
         client = d1.get_client()
         try:
             with postgres.get_client() as pg:
+                evolved = ensure_schema(pg, client, schema)
+                if evolved is not None:
+                    context.log.warning(f"schema.json changed: D1 updated first ({evolved})")
                 report = apply(pg, client, schema, options or ApplyOptions())
         except D1SyncError as e:
             raise dg.Failure(description=f"apply failed: {e}") from e

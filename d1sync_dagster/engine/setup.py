@@ -1,18 +1,38 @@
-"""Setup: the capture migration in Postgres, tables and indexes in D1, the applied version recorded."""
+"""Setup and schema evolution: the capture migration in Postgres, tables and indexes in D1, the applied
+schema recorded in D1.
+
+Evolution, decided against what D1 has (its columns and indexes, and the table entries recorded in
+`_d1sync_meta` at the last setup):
+- a new column is added in place (`ALTER TABLE ADD COLUMN`) and then backfilled, so existing rows get it;
+- a removed column is dropped (`ALTER TABLE DROP COLUMN`), after the indexes that no longer belong;
+- a new index is created, an index no longer in `schema.json` dropped (names are deterministic);
+- a changed column type or primary key rebuilds the table: dropped, created anew, backfilled.
+Postgres is set up first, so the triggers already carry new columns when the backfill reads the table.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from d1sync_dagster.clients.d1 import D1Client, Statement
 from d1sync_dagster.clients.pgmq import PgmqClient
-from d1sync_dagster.errors import QueueError, SchemaError
-from d1sync_dagster.schema import Schema
+from d1sync_dagster.errors import D1Error, QueueError, SchemaError
+from d1sync_dagster.schema import Schema, Table
 from d1sync_dagster.sql.capture import migration
-from d1sync_dagster.sql.d1_ddl import add_column, schema_ddl, upsert_meta
-from d1sync_dagster.sql.quoting import literal
+from d1sync_dagster.sql.d1_ddl import (
+    META_TABLE,
+    add_column,
+    create_indexes,
+    create_meta_table,
+    create_table,
+    drop_table,
+    index_name,
+    upsert_meta,
+)
+from d1sync_dagster.sql.quoting import ident, literal
 
 log = logging.getLogger(__name__)
 
@@ -23,20 +43,52 @@ class SetupResult:
     tables: list[str]
     d1_statements: int
     added_columns: list[str] = field(default_factory=list)
-    extra_columns: list[str] = field(default_factory=list)
+    dropped_columns: list[str] = field(default_factory=list)
+    dropped_indexes: list[str] = field(default_factory=list)
+    rebuilt_tables: list[str] = field(default_factory=list)
+    backfilled_tables: list[str] = field(default_factory=list)
 
 
-def d1_columns(d1: D1Client, schema: Schema) -> dict[str, set[str]]:
-    """Columns of the schema's tables that already exist in D1, by D1 table name (one request)."""
+@dataclass
+class D1State:
+    """What D1 has for the schema's tables."""
+
+    columns: dict[str, set[str]] = field(default_factory=dict)  # by D1 table name
+    indexes: dict[str, set[str]] = field(default_factory=dict)  # d1sync's idx_ indexes, by D1 table name
+    specs: dict[str, dict[str, object]] = field(default_factory=dict)  # recorded entries, by source name
+    schema_version: str | None = None
+
+
+def d1_state(d1: D1Client, schema: Schema) -> D1State:
+    """Columns, d1sync's indexes and the recorded table entries (one request)."""
     names = ", ".join(literal(t.target) for t in schema.tables)
-    (res,) = d1.query(
-        "SELECT m.name AS tbl, p.name AS col FROM sqlite_master AS m, pragma_table_info(m.name) AS p "
-        f"WHERE m.type = 'table' AND m.name IN ({names})"
+    meta_exists = f"SELECT count(*) AS n FROM sqlite_master WHERE type = 'table' AND name = {literal(META_TABLE)}"
+    res = d1.batch(
+        [
+            Statement(
+                "SELECT m.name AS tbl, p.name AS col FROM sqlite_master AS m, pragma_table_info(m.name) AS p "
+                f"WHERE m.type = 'table' AND m.name IN ({names})"
+            ),
+            Statement(
+                "SELECT tbl_name AS tbl, name FROM sqlite_master "
+                f"WHERE type = 'index' AND name LIKE 'idx\\_%' ESCAPE '\\' AND tbl_name IN ({names})"
+            ),
+            Statement(meta_exists),
+        ]
     )
-    out: dict[str, set[str]] = {}
-    for r in res.results:
-        out.setdefault(r["tbl"], set()).add(r["col"])
-    return out
+    state = D1State()
+    for r in res[0].results:
+        state.columns.setdefault(r["tbl"], set()).add(r["col"])
+    for r in res[1].results:
+        state.indexes.setdefault(r["tbl"], set()).add(r["name"])
+    if res[2].results[0]["n"]:
+        (meta,) = d1.query(f"SELECT key, value FROM {ident(META_TABLE)}")
+        for r in meta.results:
+            if r["key"].startswith("table_spec:"):
+                state.specs[r["key"].removeprefix("table_spec:")] = json.loads(r["value"])
+            elif r["key"] == "schema_version":
+                state.schema_version = r["value"]
+    return state
 
 
 def setup_postgres(pg: PgmqClient, schema: Schema) -> None:
@@ -62,39 +114,92 @@ def setup_postgres(pg: PgmqClient, schema: Schema) -> None:
     pg.execute(migration(schema, queue=pg.queue))
 
 
-def setup_d1(d1: D1Client, schema: Schema) -> tuple[int, list[str], list[str]]:
-    """Create tables and indexes in D1, add columns new in `schema.json` to existing tables, and record the
-    schema version, in one batch (idempotent). Returns (statements, added columns, columns D1 has that the
-    schema no longer names). Added columns start NULL in existing rows until a backfill fills them."""
-    existing = d1_columns(d1, schema)
-    added, extra = [], []
-    alters = []
+def _needs_rebuild(table: Table, recorded: dict[str, object] | None) -> bool:
+    """A column type or the key changed since the table was created (added/removed columns do not count)."""
+    if recorded is None:
+        return False
+    now = table.spec.to_json()
+    old_cols = recorded.get("columns") or {}
+    assert isinstance(old_cols, dict)
+    changed_type = any(c in old_cols and old_cols[c] != t for c, t in table.columns.items())
+    return changed_type or recorded.get("primaryKey") != now["primaryKey"]
+
+
+def setup_d1(d1: D1Client, schema: Schema) -> SetupResult:
+    """Bring D1 to `schema` in one batch (idempotent) and record it. Returns what changed; added columns and
+    rebuilt tables need a backfill (`setup` runs it)."""
+    state = d1_state(d1, schema)
+    stmts = [create_meta_table()]
+    added, dropped, dropped_idx, rebuilt = [], [], [], []
     for t in schema.tables:
-        have = existing.get(t.target)
+        have = state.columns.get(t.target)
+        if have is not None and _needs_rebuild(t, state.specs.get(t.name)):
+            stmts.append(drop_table(t))
+            rebuilt.append(t.name)
+            have = None
+        stmts.append(create_table(t))
         if have is None:
+            stmts += create_indexes(t)
             continue
+        wanted = {index_name(t, cols) for cols in t.indexes}
+        for name in sorted(state.indexes.get(t.target, set()) - wanted):
+            stmts.append(f"DROP INDEX IF EXISTS {ident(name)}")
+            dropped_idx.append(name)
         for col, typ in t.columns.items():
             if col not in have:
-                alters.append(Statement(add_column(t, col)))
+                stmts.append(add_column(t, col))
                 added.append(f"{t.target}.{col} {typ}")
-        extra += [f"{t.target}.{c}" for c in sorted(have - set(t.columns))]
-    stmts = [Statement(sql) for sql in schema_ddl(schema)]
-    # Columns first: a new index may name a new column.
-    stmts = stmts[:1] + alters + stmts[1:]
-    stmts.append(Statement(upsert_meta(), ("schema_version", schema.version)))
-    stmts.append(Statement(upsert_meta(), ("schema_applied_at", datetime.now(UTC).isoformat(timespec="seconds"))))
-    stmts += [Statement(upsert_meta(), (f"table_version:{t.name}", t.version)) for t in schema.tables]
-    d1.batch(stmts)
-    for c in added:
-        log.warning("added column %s in D1; existing rows hold NULL there until a backfill", c)
-    for c in extra:
-        log.warning("D1 column %s is not in schema.json; it is left in place", c)
-    return len(stmts), added, extra
+        for col in sorted(have - set(t.columns)):
+            stmts.append(f"ALTER TABLE {ident(t.target)} DROP COLUMN {ident(col)}")
+            dropped.append(f"{t.target}.{col}")
+        stmts += create_indexes(t)
+    batch = [Statement(s) for s in stmts]
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    batch += [
+        Statement(upsert_meta(), ("schema_version", schema.version)),
+        Statement(upsert_meta(), ("schema_applied_at", now)),
+    ]
+    for t in schema.tables:
+        batch.append(Statement(upsert_meta(), (f"table_version:{t.name}", t.version)))
+        batch.append(Statement(upsert_meta(), (f"table_spec:{t.name}", json.dumps(t.spec.to_json(), sort_keys=True))))
+    d1.batch(batch)
+    for what, items in (("added column", added), ("dropped column", dropped), ("rebuilt table", rebuilt)):
+        for item in items:
+            log.warning("%s %s in D1", what, item)
+    return SetupResult(
+        schema.version,
+        schema.names,
+        len(batch),
+        added_columns=added,
+        dropped_columns=dropped,
+        dropped_indexes=dropped_idx,
+        rebuilt_tables=rebuilt,
+    )
 
 
-def setup(pg: PgmqClient, d1: D1Client, schema: Schema) -> SetupResult:
-    """Both sides; Postgres first so no change is missed once D1 tables exist."""
+def setup(pg: PgmqClient, d1: D1Client, schema: Schema, *, backfill_changes: bool = True) -> SetupResult:
+    """Both sides, Postgres first; then backfill the tables that gained columns or were rebuilt."""
     setup_postgres(pg, schema)
-    n, added, extra = setup_d1(d1, schema)
+    result = setup_d1(d1, schema)
+    need = sorted({c.split(".")[0] for c in result.added_columns} | set(result.rebuilt_tables))
+    names = [t.name for t in schema.tables if t.target in need or t.name in need]
+    if backfill_changes and names:
+        from d1sync_dagster.engine.backfill import backfill  # backfill builds on setup's tables
+
+        backfill(pg, d1, schema, tables=names, restart=True)
+        result = SetupResult(**{**result.__dict__, "backfilled_tables": names})
     log.info("setup done: %d tables, schema version %s", len(schema.tables), schema.version)
-    return SetupResult(schema.version, schema.names, n, added, extra)
+    return result
+
+
+def ensure_schema(pg: PgmqClient, d1: D1Client, schema: Schema) -> SetupResult | None:
+    """Run `setup` when D1 does not have this schema version yet (before an apply); None when it has."""
+    try:
+        (res,) = d1.query(f"SELECT value FROM {ident(META_TABLE)} WHERE key = 'schema_version'")
+        applied = res.results[0]["value"] if res.results else None
+    except D1Error:  # no meta table yet
+        applied = None
+    if applied == schema.version:
+        return None
+    log.warning("schema.json changed since the last setup: updating D1 before applying")
+    return setup(pg, d1, schema)

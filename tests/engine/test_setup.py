@@ -1,31 +1,91 @@
-"""setup: new columns and indexes in schema.json reach existing D1 tables (both D1 backends)."""
+"""Schema evolution through setup (both D1 backends): add column, add index, drop column, type change."""
+
+import pytest
 
 from d1sync_dagster.clients.pgmq import PgmqClient
-from d1sync_dagster.engine.setup import setup
+from d1sync_dagster.engine.apply import apply
+from d1sync_dagster.engine.setup import ensure_schema, setup
 from d1sync_dagster.schema import load_schema, parse_schema
 from tests.conftest import ROOT
+from tests.helpers import Pair
+
+BASE = load_schema(ROOT / "schema.json")
 
 
-def test_new_column_and_index_are_added_in_place_and_replicate(source_db, d1):
-    schema = load_schema(ROOT / "schema.json")
+def evolve(change) -> object:
+    data = BASE.to_json()
+    change(data)
+    return parse_schema(data)
+
+
+@pytest.fixture
+def synced(source_db, d1):
     with PgmqClient(source_db) as pg:
-        setup(pg, d1, schema)
-        pg.execute("ALTER TABLE apps ADD COLUMN category text")
-        grown = schema.to_json()
-        grown["apps"]["columns"]["category"] = "TEXT"
-        grown["apps"]["indexes"].append("category")
-        schema2 = parse_schema(grown)
-        result = setup(pg, d1, schema2)
-        assert result.added_columns == ["apps.category TEXT"] and result.extra_columns == []
-        again = setup(pg, d1, schema2)
-        assert again.added_columns == []
-        (res,) = d1.query("SELECT name FROM sqlite_master WHERE type = 'index' AND sql LIKE '%category%'")
-        assert len(res.results) == 1
-        pg.execute("INSERT INTO apps (id, name, category) VALUES (1, 'x', 'games')")
-        from d1sync_dagster.engine.apply import apply
+        setup(pg, d1, BASE)
+        pg.execute("INSERT INTO apps (id, name, rating) SELECT g, 'n' || g, g / 2.0 FROM generate_series(1, 300) g")
+        apply(pg, d1, BASE)
+        yield pg, d1
 
-        apply(pg, d1, schema2)
-        (res,) = d1.query("SELECT category FROM apps")
-        assert res.results == [{"category": "games"}]
-        # Dropping it from schema.json leaves the D1 column in place and says so.
-        assert setup(pg, d1, schema).extra_columns == ["apps.category"]
+
+def indexes(d1, table="apps"):
+    (res,) = d1.query(
+        f"SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = '{table}' AND name LIKE 'idx%'"
+    )
+    return sorted(r["name"] for r in res.results)
+
+
+def test_new_column_is_added_in_place_and_backfilled_for_existing_rows(synced):
+    pg, d1 = synced
+    pg.execute("ALTER TABLE apps ADD COLUMN category text DEFAULT 'games'")
+    grown = evolve(lambda d: d["apps"]["columns"].update(category="TEXT"))
+    result = setup(pg, d1, grown)
+    assert result.added_columns == ["apps.category TEXT"] and result.backfilled_tables == ["apps"]
+    assert result.rebuilt_tables == []
+    (res,) = d1.query("SELECT count(*) AS n FROM apps WHERE category = 'games'")
+    assert res.results == [{"n": 300}]
+    Pair(pg, d1, grown).assert_in_sync()
+    assert setup(pg, d1, grown).added_columns == []  # idempotent
+
+
+def test_new_index_is_created_and_a_removed_one_dropped(synced):
+    pg, d1 = synced
+    before = indexes(d1)
+    more = evolve(lambda d: d["apps"]["indexes"].append("name"))
+    result = setup(pg, d1, more)
+    assert len(indexes(d1)) == len(before) + 1 and result.backfilled_tables == []
+    fewer = evolve(lambda d: d["apps"].update(indexes=["owner_id"]))
+    result = setup(pg, d1, fewer)
+    assert len(result.dropped_indexes) == 2 and len(indexes(d1)) == 1
+
+
+def test_removed_column_is_dropped(synced):
+    pg, d1 = synced
+    smaller = evolve(lambda d: (d["apps"]["columns"].pop("icon"), d["apps"].update(indexes=["owner_id"])))
+    result = setup(pg, d1, smaller)
+    assert result.dropped_columns == ["apps.icon"]
+    (res,) = d1.query("SELECT name FROM pragma_table_info('apps')")
+    assert "icon" not in [r["name"] for r in res.results]
+    pg.execute("UPDATE apps SET name = 'after drop' WHERE id = 1")
+    apply(pg, d1, smaller)
+    Pair(pg, d1, smaller).assert_in_sync()
+
+
+def test_type_change_rebuilds_and_backfills_the_table(synced):
+    pg, d1 = synced
+    retyped = evolve(lambda d: d["apps"]["columns"].update(rating="TEXT"))
+    result = setup(pg, d1, retyped)
+    assert result.rebuilt_tables == ["apps"] and result.backfilled_tables == ["apps"]
+    (res,) = d1.query("SELECT typeof(rating) AS t, count(*) AS n FROM apps GROUP BY 1")
+    assert res.results == [{"t": "text", "n": 300}]
+    Pair(pg, d1, retyped).assert_in_sync()
+
+
+def test_apply_brings_d1_to_a_changed_schema_first(synced):
+    pg, d1 = synced
+    pg.execute("ALTER TABLE apps ADD COLUMN category text")
+    grown = evolve(lambda d: d["apps"]["columns"].update(category="TEXT"))
+    pg.execute("UPDATE apps SET category = 'x' WHERE id = 2")
+    assert ensure_schema(pg, d1, grown) is not None  # the apply path calls this first
+    assert ensure_schema(pg, d1, grown) is None
+    apply(pg, d1, grown)
+    Pair(pg, d1, grown).assert_in_sync()
