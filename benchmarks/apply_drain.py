@@ -15,14 +15,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import d1_standin, fresh_database  # noqa: E402
+from benchmarks.common import fresh_database, print_figures, run_child  # noqa: E402
 
 SCHEMA = {
     "events": {
@@ -132,20 +130,8 @@ def main() -> None:
                 pg.execute(TABLE)
                 setup_postgres(pg, parse_schema(SCHEMA))
             q = queue_workload(url, args.changes, args.keys)
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("CLOUDFLARE_", "D1_"))}
-            env["DATABASE_URL"] = url
-            cmd = [sys.executable, __file__, "--child", "--batch-size", str(args.batch_size)]
-            if backend == "sqlite":
-                with tempfile.TemporaryDirectory() as tmp:
-                    env["D1_LOCAL_PATH"] = str(Path(tmp) / "d1.sqlite")
-                    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-            else:
-                with d1_standin() as cf:
-                    out = subprocess.run(cmd, env=env | cf, capture_output=True, text=True, check=True).stdout
-            fig = json.loads(out)
-            print(f"\n{backend} ({q['queued']:,} messages queued)")
-            for k, v in fig.items():
-                print(f"  {k:28s} {v:,}" if isinstance(v, int) else f"  {k:28s} {v}")
+            fig = run_child(__file__, backend, url, ["--batch-size", str(args.batch_size)])
+            print_figures(f"{backend} ({q['queued']:,} messages queued)", fig)
 
 
 if __name__ == "__main__":

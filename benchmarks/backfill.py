@@ -12,14 +12,12 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import d1_standin, fresh_database  # noqa: E402
+from benchmarks.common import fresh_database, print_figures, run_child  # noqa: E402
 
 SCHEMA = {
     "items": {
@@ -100,19 +98,7 @@ def main() -> None:
                 pg.execute(FILL, [args.rows])
                 pg.execute("VACUUM ANALYZE items")
                 setup_postgres(pg, parse_schema(SCHEMA))
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("CLOUDFLARE_", "D1_"))}
-            env["DATABASE_URL"] = url
-            cmd = [sys.executable, __file__, "--child", "--chunk-size", str(args.chunk_size)]
-            if backend == "sqlite":
-                with tempfile.TemporaryDirectory() as tmp:
-                    env["D1_LOCAL_PATH"] = str(Path(tmp) / "d1.sqlite")
-                    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
-            else:
-                with d1_standin() as cf:
-                    out = subprocess.run(cmd, env=env | cf, capture_output=True, text=True, check=True).stdout
-            print(f"\n{backend}")
-            for k, v in json.loads(out).items():
-                print(f"  {k:26s} {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"  {k:26s} {v}")
+            print_figures(backend, run_child(__file__, backend, url, ["--chunk-size", str(args.chunk_size)]))
 
 
 if __name__ == "__main__":

@@ -80,3 +80,28 @@ def d1_standin() -> Iterator[dict[str, str]]:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def run_child(script: str, backend: str, url: str, args: list[str]) -> dict[str, object]:
+    """Run `script --child ARGS` against `url` with D1 = `backend` ("sqlite" file or "standin"); its JSON."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLOUDFLARE_", "D1_"))}
+    env["DATABASE_URL"] = url
+    cmd = [sys.executable, script, "--child", *args]
+    if backend == "sqlite":
+        with tempfile.TemporaryDirectory() as tmp:
+            env["D1_LOCAL_PATH"] = str(Path(tmp) / "d1.sqlite")
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    else:
+        with d1_standin() as cf:
+            out = subprocess.run(cmd, env=env | cf, capture_output=True, text=True, check=True).stdout
+    return dict(json.loads(out))
+
+
+def print_figures(title: str, figures: dict[str, object]) -> None:
+    print(f"\n{title}")
+    for k, v in figures.items():
+        print(f"  {k:28s} {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"  {k:28s} {v}")

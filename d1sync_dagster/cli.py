@@ -11,7 +11,8 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from d1sync_dagster import config
 from d1sync_dagster.clients.d1 import D1Client
@@ -81,10 +82,16 @@ def _cmd_setup(args: argparse.Namespace) -> int:
     return 0
 
 
-def _clients(args: argparse.Namespace) -> tuple[PgmqClient, D1Client]:
+@contextmanager
+def _clients(args: argparse.Namespace) -> Iterator[tuple[PgmqClient, D1Client]]:
+    """Both clients from the environment, closed afterwards."""
     d1_settings = config.d1_settings()
-    pg = PgmqClient(config.database_url(), queue=args.queue)
-    return pg, d1_settings.client()
+    with PgmqClient(config.database_url(), queue=args.queue) as pg:
+        d1 = d1_settings.client()
+        try:
+            yield pg, d1
+        finally:
+            d1.close()
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
@@ -95,13 +102,9 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         max_messages=args.max_messages,
         max_seconds=args.max_seconds,
     )
-    pg, d1 = _clients(args)
-    try:
+    with _clients(args) as (pg, d1):
         ensure_schema(pg, d1, schema)
         report = apply(pg, d1, schema, options)
-    finally:
-        pg.close()
-        d1.close()
     if args.json:
         print(json.dumps(report.to_json(), default=str))
     elif report.skipped:
@@ -126,12 +129,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     schema = load_schema(args.schema)
-    pg, d1 = _clients(args)
-    try:
+    with _clients(args) as (pg, d1):
         st = status(pg, d1, schema)
-    finally:
-        pg.close()
-        d1.close()
     if args.json:
         print(json.dumps(st.to_json()))
         return 0
@@ -147,20 +146,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_backfill(args: argparse.Namespace) -> int:
     schema = load_schema(args.schema)
-    tables = [t for t in (args.table or [])]
-    pg, d1 = _clients(args)
+    tables = list(args.table or [])
 
     def progress(table: str, t: TableBackfill) -> None:
         if args.progress:
             print(f"  {table}: {t.rows:,} rows in {t.chunks} chunks, {t.rows_per_second:,.0f} rows/s", file=sys.stderr)
 
-    try:
+    with _clients(args) as (pg, d1):
         report = backfill(
             pg, d1, schema, tables=tables or None, chunk_size=args.chunk_size, restart=args.restart, on_chunk=progress
         )
-    finally:
-        pg.close()
-        d1.close()
     if args.json:
         print(json.dumps(report.to_json(), default=str))
     else:
@@ -184,12 +179,8 @@ def _cmd_nuke(args: argparse.Namespace) -> int:
     if tables:
         for t in tables:
             schema.table(t)  # an unknown table is an error before anything is dropped
-    pg, d1 = _clients(args)
-    try:
+    with _clients(args) as (pg, d1):
         report = nuke(pg, d1, schema, tables=tables, purge_queue=args.purge_queue, confirm=args.yes)
-    finally:
-        pg.close()
-        d1.close()
     purged = f", purged {report.purged_messages} queued changes and {report.purged_dead_letters} dead letters"
     print(f"nuked and recreated {', '.join(report.tables)}" + (purged if args.purge_queue else ""))
     print("run `d1sync backfill` to fill the tables again")
@@ -199,12 +190,8 @@ def _cmd_nuke(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     schema = load_schema(args.schema)
     tables = list(args.table) if args.table else None
-    pg, d1 = _clients(args)
-    try:
+    with _clients(args) as (pg, d1):
         report = reconcile(pg, d1, schema, tables=tables, chunk_size=args.chunk_size, repair_drift=args.repair)
-    finally:
-        pg.close()
-        d1.close()
     if args.json:
         print(json.dumps(report.to_json(), default=str))
     else:
@@ -226,14 +213,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     schema = load_schema(args.schema)
-    pg, d1 = _clients(args)
-    try:
+    with _clients(args) as (pg, d1):
         example_writes(pg, rows=args.rows)
         report = apply(pg, d1, schema)
         drift = {t.name: diff(pg_rows(pg, t), d1_rows(d1, t)).total for t in schema.tables}
-    finally:
-        pg.close()
-        d1.close()
     for name, t in report.tables.items():
         counts = f"{t.upserts} upserts, {t.deletes} deletes"
         print(f"{name}: {t.messages} changes applied ({counts}), {t.rows_written} D1 rows written")
