@@ -127,6 +127,14 @@ export default {
       faults.push(...(body.faults ?? []));
       return envelope(200, { result: [] });
     }
+    const tt = url.pathname.match(/\/accounts\/([^/]+)\/d1\/database\/([^/]+)\/time_travel\/bookmark$/);
+    if (tt && request.method === "GET") {
+      if (request.headers.get("authorization") !== `Bearer ${env.API_TOKEN}`) return fail(401, 10000, "Authentication error");
+      if (tt[1] !== env.ACCOUNT_ID || tt[2] !== env.DATABASE_ID) return fail(404, 7404, "The database could not be found");
+      // Same shape as the real API; the stand-in cannot restore, so the bookmark only names the moment.
+      const ts = Math.floor(Date.now() / 1000).toString(16).padStart(8, "0");
+      return envelope(200, { result: { bookmark: `${ts}-00000000-00000000-standin` } });
+    }
     const m = url.pathname.match(/\/accounts\/([^/]+)\/d1\/database\/([^/]+)\/(query|raw)$/);
     if (!m || request.method !== "POST") return fail(404, 7000, "No route for that URI");
     if (request.headers.get("authorization") !== `Bearer ${env.API_TOKEN}`) {

@@ -182,6 +182,7 @@ def _cmd_nuke(args: argparse.Namespace) -> int:
     with _clients(args) as (pg, d1):
         report = nuke(pg, d1, schema, tables=tables, purge_queue=args.purge_queue, confirm=args.yes)
     purged = f", purged {report.purged_messages} queued changes and {report.purged_dead_letters} dead letters"
+    print(f"D1 restore point taken before the nuke: {report.bookmark}")
     print(f"nuked and recreated {', '.join(report.tables)}" + (purged if args.purge_queue else ""))
     print("run `d1sync backfill` to fill the tables again")
     return 0

@@ -72,6 +72,10 @@ class D1Client(Protocol):
         """A read in the compact form: column names, rows as arrays, D1's meta."""
         ...
 
+    def bookmark(self) -> str:
+        """A restore point for the database as it is now (D1 Time Travel; a backup copy locally)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -187,6 +191,25 @@ class HttpD1Client:
         last = data[-1]
         res = last.get("results") or {}
         return list(res.get("columns") or []), list(res.get("rows") or []), dict(last.get("meta") or {})
+
+    def bookmark(self) -> str:
+        """The current D1 Time Travel bookmark (`GET .../time_travel/bookmark`); restore with
+        `wrangler d1 time-travel restore <db> --bookmark=<bookmark>`."""
+        attempt = 0
+        while True:
+            try:
+                self.requests += 1
+                resp = self._http.get(f"{self._path}/time_travel/bookmark")
+            except httpx.TransportError as e:
+                err = D1Error(f"D1 HTTP API unreachable: {type(e).__name__}", retryable=True)
+            else:
+                if resp.status_code == 200 and resp.json().get("success") is not False:
+                    return str((resp.json().get("result") or {}).get("bookmark"))
+                err = self._error(resp, single=False)
+            attempt += 1
+            if not err.retryable or attempt >= self._retry.attempts:
+                raise err
+            self._sleep(self._retry.delay(attempt - 1, None))
 
     def _post(self, route: str, payload: dict[str, Any], *, single: bool) -> list[QueryResult]:
         data = self._send(route, payload, single=single)

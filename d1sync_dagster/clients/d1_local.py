@@ -72,6 +72,15 @@ class LocalD1Client:
             raise D1Error("a query with several statements cannot take params", statement_index=0)
         return self._run([(p, encoded["params"] if len(parts) == 1 else []) for p in parts])
 
+    def bookmark(self) -> str:
+        """A consistent copy of the file next to it (SQLite's backup API); the copy's path is the bookmark."""
+        if str(self.path) == ":memory:":
+            raise D1Error("an in-memory database has no restore point")
+        target = self.path.with_name(f"{self.path.stem}.bookmark-{time.strftime('%Y%m%dT%H%M%S')}{self.path.suffix}")
+        with self._lock, sqlite3.connect(target) as dst:
+            self._conn.backup(dst)
+        return f"file:{target}"
+
     def raw(self, sql: str, params: Sequence[Param] = ()) -> tuple[list[str], list[list[Any]], dict[str, Any]]:
         """Rows as arrays, like the HTTP API's `/raw`."""
         (encoded,) = encode_statements([Statement(sql, tuple(params))])

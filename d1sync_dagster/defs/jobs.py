@@ -125,6 +125,7 @@ def build_nuke_job(schema: Schema) -> dg.JobDefinition:
             None,
             metadata={
                 "tables": dg.MetadataValue.text(", ".join(report.tables)),
+                "restore_bookmark": dg.MetadataValue.text(report.bookmark or ""),
                 "purged_messages": dg.MetadataValue.int(report.purged_messages),
                 "purged_dead_letters": dg.MetadataValue.int(report.purged_dead_letters),
             },

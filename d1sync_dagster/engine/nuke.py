@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class NukeReport:
     tables: list[str]
+    bookmark: str | None = None
     purged_messages: int = 0
     purged_dead_letters: int = 0
     statements: list[str] = field(default_factory=list)
@@ -49,11 +50,14 @@ def nuke(
     with pg.advisory_lock(lock_name(pg.queue)) as got:
         if not got:
             raise QueueError("an apply is running on this queue; nuke again when it has finished")
+        # A restore point first, so a mistaken nuke can be undone (D1 Time Travel, or a local backup copy).
+        bookmark = d1.bookmark()
+        log.warning("D1 restore point before nuke: %s", bookmark)
         stmts = [create_meta_table()]
         for t in chosen:
             stmts += [drop_table(t), create_table(t), *create_indexes(t)]
         d1.batch([Statement(s) for s in stmts])
-        report = NukeReport(tables=[t.name for t in chosen], statements=stmts)
+        report = NukeReport(tables=[t.name for t in chosen], bookmark=bookmark, statements=stmts)
         if purge_queue:
             names = [t.name for t in chosen]
             with pg.conn.transaction():

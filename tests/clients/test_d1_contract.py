@@ -143,3 +143,9 @@ def test_raw_returns_columns_and_array_rows(d1):
     d1.batch([Statement("INSERT INTO t (id, v) VALUES (?, ?), (?, ?)", (1, "a", 2, "b"))])
     cols, rows, _meta = d1.raw("SELECT id, v FROM t ORDER BY id")
     assert cols == ["id", "v"] and rows == [[1, "a"], [2, "b"]]
+
+
+def test_bookmark_gives_a_restore_point(d1):
+    make_table(d1)
+    mark = d1.bookmark()
+    assert isinstance(mark, str) and len(mark) > 8

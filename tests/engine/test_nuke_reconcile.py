@@ -39,6 +39,12 @@ def test_nuke_all_recreates_empty_tables_then_backfill_refills(pair):
     pair.sql("UPDATE apps SET name = 'queued' WHERE id < 5")  # still queued at nuke time
     report = nuke(pair.pg, pair.d1, pair.schema, confirm=True)
     assert report.tables == ["apps", "app_versions"] and report.purged_messages == 0
+    assert report.bookmark  # a restore point was taken first
+    if report.bookmark.startswith("file:"):  # the local backend's restore point is a full copy
+        import sqlite3
+
+        with sqlite3.connect(report.bookmark.removeprefix("file:")) as backup:
+            assert backup.execute("SELECT count(*) FROM apps").fetchone()[0] == 400
     assert count(pair, "apps") == 0 and count(pair, "app_versions") == 0
     assert pair.queue_depth() == 4  # not purged
     backfill(pair.pg, pair.d1, pair.schema)
