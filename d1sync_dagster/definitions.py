@@ -12,8 +12,8 @@ import dagster as dg
 
 from d1sync_dagster import config
 from d1sync_dagster.defs.assets import GROUP, build_table_assets
-from d1sync_dagster.defs.checks import build_table_checks
-from d1sync_dagster.defs.jobs import build_backfill_job, build_nuke_job, build_reconcile_job, build_setup_job
+from d1sync_dagster.defs.checks import build_reconcile_checks, build_table_checks
+from d1sync_dagster.defs.jobs import build_backfill_job, build_nuke_job, build_setup_job
 from d1sync_dagster.defs.resources import D1Resource, PostgresResource
 from d1sync_dagster.defs.sensors import build_depth_sensor
 from d1sync_dagster.engine.apply import ApplyOptions
@@ -51,11 +51,19 @@ def build_definitions(schema_file: str | None = None) -> dg.Definitions:
     schema = load_schema(schema_file or config.schema_path())
     tables = build_table_assets(schema, options=ApplyOptions(batch_size=int(_number("D1SYNC_BATCH_SIZE", 2000))))
     checks = build_table_checks(schema, lag_threshold_seconds=_number("D1SYNC_LAG_THRESHOLD_SECONDS", 300))
+    drift = build_reconcile_checks(schema)
+    # The apply job runs the cheap checks after each materialization, never the full comparison.
     apply_job = dg.define_asset_job(
-        APPLY_JOB, selection=dg.AssetSelection.groups(GROUP), description="Apply queued changes to every D1 table."
+        APPLY_JOB,
+        selection=dg.AssetSelection.groups(GROUP).without_checks() | dg.AssetSelection.checks(checks),
+        description="Apply queued changes to every D1 table.",
     )
     sensor = build_depth_sensor(apply_job, interval_seconds=int(_number("D1SYNC_SENSOR_INTERVAL_SECONDS", 30)))
-    reconcile_job = build_reconcile_job(schema)
+    reconcile_job = dg.define_asset_job(
+        "d1sync_reconcile",
+        selection=dg.AssetSelection.checks(drift),
+        description="Full comparison of every table with Postgres; repairs drift through the queue (config: repair).",
+    )
     schedule = dg.ScheduleDefinition(
         name="d1sync_reconcile_schedule",
         job=reconcile_job,
@@ -65,7 +73,7 @@ def build_definitions(schema_file: str | None = None) -> dg.Definitions:
     )
     return dg.Definitions(
         assets=[tables],
-        asset_checks=[checks],
+        asset_checks=[checks, drift],
         sensors=[sensor],
         schedules=[schedule],
         jobs=[apply_job, build_setup_job(schema), build_backfill_job(schema), build_nuke_job(schema), reconcile_job],

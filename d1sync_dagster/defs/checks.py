@@ -1,13 +1,73 @@
 """Asset checks per table: D1 row count equals Postgres, replication lag under a threshold, no dead letters."""
 
 import dagster as dg
+from pydantic import Field
 
 from d1sync_dagster.defs.assets import asset_key
 from d1sync_dagster.defs.resources import D1Resource, PostgresResource
 from d1sync_dagster.engine.checks import table_health
+from d1sync_dagster.engine.reconcile import reconcile
+from d1sync_dagster.errors import D1SyncError
 from d1sync_dagster.schema import Schema
 
 ROW_COUNT, LAG, DEAD_LETTERS = "row_count_matches_source", "replication_lag_under_threshold", "no_dead_letters"
+MATCHES = "rows_match_source"
+
+
+class ReconcileConfig(dg.Config):
+    repair: bool = Field(default=True, description="re-enqueue differing keys and apply them")
+    chunk_size: int = Field(default=5000, description="rows per D1 read")
+
+
+def build_reconcile_checks(schema: Schema) -> dg.AssetChecksDefinition:
+    """`rows_match_source` per table: a full row-by-row comparison (reads every D1 row, so it runs in the
+    scheduled `d1sync_reconcile` job, not after every apply). Fails when drift was found, even when the run
+    repaired it; the metadata says what differed and what was re-enqueued."""
+    specs = [
+        dg.AssetCheckSpec(
+            MATCHES,
+            asset=asset_key(t),
+            description=f"Every row of D1 `{t.target}` equals Postgres `{t.name}` after conversion (full compare).",
+        )
+        for t in schema.tables
+    ]
+    by_key = {asset_key(t): t for t in schema.tables}
+
+    @dg.multi_asset_check(specs=specs, can_subset=True, name="d1_reconcile_checks")
+    def d1_reconcile_checks(
+        context: dg.AssetCheckExecutionContext, config: ReconcileConfig, postgres: PostgresResource, d1: D1Resource
+    ):
+        names = [by_key[k.asset_key].name for k in context.selected_asset_check_keys]
+        client = d1.get_client()
+        try:
+            with postgres.get_client() as pg:
+                report = reconcile(
+                    pg, client, schema, tables=names, chunk_size=config.chunk_size, repair_drift=config.repair
+                )
+        except D1SyncError as e:
+            raise dg.Failure(description=f"reconcile failed: {e}") from e
+        finally:
+            client.close()
+        for check_key in context.selected_asset_check_keys:
+            t = report.tables[by_key[check_key.asset_key].name]
+            sample = ", ".join(str(list(k)) for k in (t.missing + t.extra + t.different)[:20])
+            yield dg.AssetCheckResult(
+                asset_key=check_key.asset_key,
+                check_name=MATCHES,
+                passed=t.total == 0,
+                metadata={
+                    "postgres_rows": t.source_rows,
+                    "d1_rows": t.d1_rows,
+                    "missing": len(t.missing),
+                    "extra": len(t.extra),
+                    "different": len(t.different),
+                    "repair_messages": t.repaired,
+                    "d1_rows_read": t.d1_rows_read,
+                    "sample_keys": sample or "none",
+                },
+            )
+
+    return d1_reconcile_checks
 
 
 def build_table_checks(schema: Schema, *, lag_threshold_seconds: float = 300.0) -> dg.AssetChecksDefinition:

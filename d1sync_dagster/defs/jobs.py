@@ -1,5 +1,5 @@
-"""Jobs that are not asset materializations: setup, backfill, nuke, reconcile. Each op calls the same engine
-function as the command line, with typed config."""
+"""Jobs that are not asset materializations: setup, backfill, nuke (reconcile is an asset-check job, see
+`defs/checks.py`). Each op calls the same engine function as the command line, with typed config."""
 
 from collections.abc import Callable
 from typing import Any
@@ -10,7 +10,6 @@ from pydantic import Field
 from d1sync_dagster.defs.resources import D1Resource, PostgresResource
 from d1sync_dagster.engine.backfill import backfill
 from d1sync_dagster.engine.nuke import nuke
-from d1sync_dagster.engine.reconcile import reconcile
 from d1sync_dagster.engine.setup import setup
 from d1sync_dagster.errors import D1SyncError
 from d1sync_dagster.schema import Schema
@@ -39,12 +38,6 @@ class NukeConfig(dg.Config):
     table: str | None = Field(default=None, description="or just this one")
     purge_queue: bool = Field(default=False, description="also drop their queued changes and dead letters")
     confirm: bool = Field(default=False, description="must be true: the tables' contents in D1 are lost")
-
-
-class ReconcileConfig(dg.Config):
-    tables: list[str] = Field(default_factory=list, description="tables to compare; empty means all")
-    repair: bool = Field(default=True, description="re-enqueue differing keys and apply them")
-    chunk_size: int = Field(default=5000, description="rows per D1 read")
 
 
 def build_setup_job(schema: Schema) -> dg.JobDefinition:
@@ -136,37 +129,3 @@ def build_nuke_job(schema: Schema) -> dg.JobDefinition:
         nuke_op()
 
     return nuke_job
-
-
-def build_reconcile_job(schema: Schema) -> dg.JobDefinition:
-    @dg.op(name="d1sync_reconcile_op", description="Compare D1 with Postgres row by row; repair drift.")
-    def reconcile_op(
-        context: dg.OpExecutionContext, config: ReconcileConfig, postgres: PostgresResource, d1: D1Resource
-    ) -> dg.Output[None]:
-        report = _run(
-            postgres,
-            d1,
-            lambda pg, c: reconcile(
-                pg, c, schema, tables=config.tables or None, chunk_size=config.chunk_size, repair_drift=config.repair
-            ),
-        )
-        md: dict[str, Any] = {
-            "in_sync": dg.MetadataValue.bool(report.in_sync),
-            "d1_rows_read": dg.MetadataValue.int(report.d1_rows_read),
-        }
-        for name, t in report.tables.items():
-            md[f"{name}_missing"] = dg.MetadataValue.int(len(t.missing))
-            md[f"{name}_extra"] = dg.MetadataValue.int(len(t.extra))
-            md[f"{name}_different"] = dg.MetadataValue.int(len(t.different))
-            md[f"{name}_repaired_messages"] = dg.MetadataValue.int(t.repaired)
-            if t.total:
-                context.log.warning(
-                    f"{name}: drift {len(t.missing)} missing, {len(t.extra)} extra, {len(t.different)} different"
-                )
-        return dg.Output(None, metadata=md)
-
-    @dg.job(name="d1sync_reconcile", description="Full comparison of every table; repairs drift through the queue.")
-    def reconcile_job() -> None:
-        reconcile_op()
-
-    return reconcile_job

@@ -34,8 +34,13 @@ def test_definitions_name_assets_checks_jobs_and_sensor():
     graph = defs.resolve_asset_graph()
     assert set(graph.get_all_asset_keys()) == {APPS, VERSIONS}
     check_names = {k.name for k in graph.asset_check_keys}
-    assert check_names == {"row_count_matches_source", "replication_lag_under_threshold", "no_dead_letters"}
-    assert len(graph.asset_check_keys) == 6
+    assert check_names == {
+        "row_count_matches_source",
+        "replication_lag_under_threshold",
+        "no_dead_letters",
+        "rows_match_source",
+    }
+    assert len(graph.asset_check_keys) == 8
     assert defs.resolve_job_def(APPLY_JOB) is not None and defs.resolve_job_def("d1sync_setup") is not None
     assert defs.resolve_sensor_def("pgmq_depth_sensor") is not None
     spec = next(s for s in graph.asset_nodes if s.key == APPS)
@@ -181,11 +186,22 @@ def test_backfill_nuke_and_reconcile_jobs(env):
     assert md["apps_rows"].value == 120 and md["apps_chunks"].value == 3
 
     d1.query("DELETE FROM apps WHERE id = 7")
-    result = run_job("d1sync_reconcile", resources, {"d1sync_reconcile_op": {"config": {"repair": True}}})
-    md = output_metadata(result, "d1sync_reconcile_op")
-    assert md["apps_missing"].value == 1 and md["apps_repaired_messages"].value == 1
+    result = run_job("d1sync_reconcile", resources, {"d1_reconcile_checks": {"config": {"repair": True}}})
+    assert result.success
+    evaluations = {
+        ev.asset_key.path[-1]: ev
+        for ev in (e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION")
+    }
+    assert evaluations["apps"].check_name == "rows_match_source" and evaluations["apps"].passed is False
+    assert (
+        evaluations["apps"].metadata["missing"].value == 1
+        and evaluations["apps"].metadata["repair_messages"].value == 1
+    )
+    assert evaluations["app_versions"].passed is True
     (res,) = d1.query("SELECT count(*) AS n FROM apps")
     assert res.results == [{"n": 120}]
+    again = run_job("d1sync_reconcile", resources)
+    assert all(e.event_specific_data.passed for e in again.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION")
 
     refused = run_job("d1sync_nuke", resources, {"d1sync_nuke_op": {"config": {"all_tables": True}}})
     assert not refused.success
@@ -203,3 +219,14 @@ def test_reconcile_schedule_is_defined_daily_by_default():
     defs = build_definitions(str(ROOT / "schema.json"))
     schedule = defs.resolve_schedule_def("d1sync_reconcile_schedule")
     assert schedule.cron_schedule == "0 3 * * *" and schedule.job_name == "d1sync_reconcile"
+
+
+def test_apply_job_runs_the_cheap_checks_but_not_the_full_comparison(env):
+    pg, _d1, resources = env
+    pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
+    result = run_job(APPLY_JOB, resources)
+    assert result.success
+    names = [
+        e.event_specific_data.check_name for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"
+    ]
+    assert len(names) == 6 and "rows_match_source" not in names
