@@ -94,7 +94,7 @@ def _scaled(f: float) -> str:
 
 
 def _size(text: str) -> int:
-    return len(text.encode("utf-8"))
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
 def row_problem(table: Table, row: Row) -> str | None:
@@ -167,7 +167,11 @@ def _literal_fns(columns: tuple[tuple[str, str], ...]) -> tuple[tuple[str, Calla
 
 
 def _row_literal(table: Table, row: Row) -> str:
-    return "(" + ",".join([fn(row[c]) for c, fn in _literal_fns(tuple(table.columns.items()))]) + ")"
+    return _literal_row(_literal_fns(tuple(table.columns.items())), row)
+
+
+def _literal_row(fns: tuple[tuple[str, Callable[[SqlValue], str]], ...], row: Row) -> str:
+    return "(" + ",".join([fn(row[c]) for c, fn in fns]) + ")"
 
 
 def _pack(head: str, tail: str, items: list[str], limit: int) -> Iterator[tuple[str, int]]:
@@ -211,8 +215,9 @@ def plan_upserts(
     room = limit - _size(head) - _size(tail)
     small: list[str] = []
     large: list[Row] = []
+    fns = _literal_fns(tuple(table.columns.items()))  # once, not per row
     for row in rows:
-        lit = _row_literal(table, row)
+        lit = _literal_row(fns, row)
         if _size(lit) < room:
             small.append(lit)
         else:
