@@ -50,6 +50,9 @@ class LocalD1Client:
         self._conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, MAX_BOUND_PARAMS)
         self._conn.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, MAX_STATEMENT_BYTES)
         self._conn.execute("PRAGMA journal_mode=WAL")
+        # WAL with synchronous=NORMAL cannot corrupt the file; a power cut may lose the last batches, which
+        # the queue replays (nothing is deleted from it before the commit returns).
+        self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA busy_timeout=10000")
         self._lock = threading.Lock()
         self.requests = 0

