@@ -124,6 +124,7 @@ export default {
     }
     if (url.pathname === "/__faults" && request.method === "POST") {
       const body = await request.json();
+      if (body.clear) faults.length = 0;
       faults.push(...(body.faults ?? []));
       return envelope(200, { result: [] });
     }

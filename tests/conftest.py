@@ -36,6 +36,10 @@ STANDIN = ROOT / "d1stub"
 EXAMPLE_TABLES = (ROOT / "d1sync_dagster" / "sql" / "example_source_tables.sql").read_text()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--long", action="store_true", help="run many more randomized convergence seeds")
+
+
 def _answers(url: str) -> bool:
     try:
         with psycopg.connect(url, connect_timeout=3):
@@ -115,9 +119,11 @@ class StandIn:
     def reset(self) -> None:
         httpx.post(f"{self.base_url}/__reset", timeout=30).raise_for_status()
 
-    def inject(self, *faults: dict) -> None:
-        """Queue responses the stand-in returns instead of (or, with after=True, after) the next API calls."""
-        httpx.post(f"{self.base_url}/__faults", json={"faults": list(faults)}, timeout=30).raise_for_status()
+    def inject(self, *faults: dict, clear: bool = False) -> None:
+        """Queue responses the stand-in returns instead of (or, with after=True, after) the next API calls;
+        `clear` first drops faults still queued."""
+        body = {"faults": list(faults), "clear": clear}
+        httpx.post(f"{self.base_url}/__faults", json=body, timeout=30).raise_for_status()
 
     def client(self, **kw: object) -> HttpD1Client:
         kw.setdefault("retry", RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05))
