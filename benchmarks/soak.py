@@ -116,15 +116,13 @@ def main() -> None:
             cm.__exit__(None, None, None)
     lags.sort()
     q = statistics.quantiles(lags, n=100) if len(lags) > 1 else [0.0] * 99
-    print(
-        f"soak: {written[0]:,} changes at {args.rate}/s for {args.seconds:.0f}s, sensor every {args.interval}s, D1 {args.backend}"
-    )
+    setting = f"at {args.rate}/s for {args.seconds:.0f}s, sensor every {args.interval}s, D1 {args.backend}"
+    print(f"soak: {written[0]:,} changes {setting}")
     print(f"  apply runs                   {runs}")
     print(f"  D1 requests                  {requests} ({requests / max(args.seconds, 1) * 300:.0f} per 5 minutes)")
     print(f"  lag p50 / p99 / max          {q[49]:.2f} s / {q[98]:.2f} s / {lags[-1] if lags else 0:.2f} s")
-    print(
-        f"  queue table size             min {min(sizes) / 1e6:.2f} MB, max {max(sizes) / 1e6:.2f} MB, end {sizes[-1] / 1e6:.2f} MB"
-    )
+    mb = [x / 1e6 for x in sizes]
+    print(f"  queue table size             min {min(mb):.2f} MB, max {max(mb):.2f} MB, end {mb[-1]:.2f} MB")
     print(f"  drift after the run          {drift}")
 
 
