@@ -145,7 +145,8 @@ export default {
       return fail(404, 7404, "The database could not be found");
     }
     const fault = faults.shift();
-    if (fault && fault.delay_ms) await new Promise((r) => setTimeout(r, fault.delay_ms));
+    const pause = () => new Promise((r) => setTimeout(r, fault.delay_ms));
+    if (fault && fault.delay_ms && !fault.after) await pause();
     if (fault && !fault.after) return fakeResponse(fault);
 
     let body;
@@ -166,7 +167,8 @@ export default {
       const msg = String(e?.cause?.message ?? e?.message ?? e);
       return fail(400, 7500, msg);
     }
-    if (fault) return fakeResponse(fault);
+    if (fault && fault.delay_ms) await pause(); // D1 has committed; the answer comes late (a client timeout)
+    if (fault && fault.status) return fakeResponse(fault);
     return envelope(200, { result });
   },
 };

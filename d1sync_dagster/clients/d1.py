@@ -154,6 +154,7 @@ class HttpD1Client:
         timeout: float = 35.0,
         retry: RetryPolicy | None = None,
         sleep: Any = time.sleep,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         if not (account_id and database_id and api_token):
             raise D1Error("the D1 HTTP backend needs an account id, a database id and an API token")
@@ -167,6 +168,7 @@ class HttpD1Client:
             headers={"Authorization": f"Bearer {api_token}"},
             timeout=httpx.Timeout(timeout, connect=10.0),
             follow_redirects=False,
+            transport=transport,
         )
         self.requests = 0
 

@@ -142,3 +142,16 @@ def test_local_engine_itself_refuses_101_parameters(tmp_path):
     c = LocalD1Client(tmp_path / "x.sqlite")
     with pytest.raises(sqlite3.Error, match="too many SQL variables"):
         c._conn.execute("SELECT " + ",".join(["?"] * 101), ["1"] * 101)
+
+
+def test_answer_later_than_the_timeout_after_d1_committed_is_retried_and_replays_harmlessly(d1_standin, sleeps):
+    d1_standin.reset()
+    c = d1_standin.client(sleep=sleeps.append, timeout=0.5)
+    c.batch([Statement("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")])
+    d1_standin.inject({"after": True, "delay_ms": 1200})
+    upsert = Statement("INSERT INTO t VALUES (?, ?) ON CONFLICT(id) DO UPDATE SET v = excluded.v", (1, "a"))
+    c.batch([upsert])
+    assert len(sleeps) == 1  # the read timed out once, then the replay went through
+    (res,) = c.query("SELECT count(*) AS n FROM t")
+    assert res.results == [{"n": 1}]
+    c.close()

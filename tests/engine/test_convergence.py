@@ -2,14 +2,17 @@
 engine's step boundaries; after the queue drains, D1 must equal Postgres and every message be accounted for.
 
 Reproducible from its seed (printed on failure). CI runs a fixed set of seeds; `pytest --long` runs more.
-Faults: the D1 API answering 500, 429 or crashing, before or after D1 committed (HTTP stand-in); the
-process dying between the D1 commit and the queue delete; the Postgres connection killed mid-run; messages
-read with a zero visibility timeout, so a slow apply sees its own batch become visible again.
+Faults: the D1 API answering 500, 429 or crashing, before or after D1 committed, or answering after the
+client's timeout (HTTP stand-in); the connection reset before or after D1 committed; the process dying
+between the D1 commit and the queue delete; the Postgres connection killed mid-run; messages read with a
+zero visibility timeout, so a slow apply sees its own batch become visible again. Three writer connections:
+one between engine runs, two during them.
 """
 
 import random
 import threading
 
+import httpx
 import psycopg
 
 from d1sync_dagster.clients.d1 import RetryPolicy
@@ -88,10 +91,48 @@ def burst(url: str, seed: int) -> None:
                 pass  # as an application would: that transaction rolled back
 
 
-def inject(rnd: random.Random, standin) -> dict:
+class ResettingTransport(httpx.BaseTransport):
+    """An injected fault: the next request's connection resets, before D1 saw it or after D1 committed."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.reset: str | None = None
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        when, self.reset = self.reset, None
+        if when == "before":
+            raise httpx.ConnectError("connection reset (injected)", request=request)
+        response = self.inner.handle_request(request)
+        if when == "after":
+            response.read()
+            raise httpx.RemoteProtocolError("connection reset after D1 committed (injected)", request=request)
+        return response
+
+
+def inject(rnd: random.Random, standin, transport: ResettingTransport) -> dict:
     """Pick this round's fault; returns apply keyword overrides."""
-    fault = rnd.choice(["none", "500", "500-after", "429", "crash", "die-after-commit", "kill-pg", "vt0"])
+    fault = rnd.choice(
+        [
+            "none",
+            "500",
+            "500-after",
+            "429",
+            "crash",
+            "timeout-after",
+            "reset",
+            "reset-after",
+            "die-after-commit",
+            "kill-pg",
+            "vt0",
+        ]
+    )
     standin.inject(clear=True)
+    if fault == "reset":
+        transport.reset = "before"
+    elif fault == "reset-after":
+        transport.reset = "after"
+    elif fault == "timeout-after":
+        standin.inject({"after": True, "delay_ms": 1500})  # committed, answered after the client's timeout
     if fault == "500":
         standin.inject({"status": 500})
     elif fault == "500-after":
@@ -106,15 +147,21 @@ def inject(rnd: random.Random, standin) -> dict:
 def run_seed(seed: int, source_db: str, standin) -> None:
     rnd = random.Random(seed)
     standin.reset()
-    d1 = standin.client(sleep=lambda s: None, retry=RetryPolicy(attempts=2, base_delay=0.0))
+    transport = ResettingTransport()  # faults injected on purpose: connection resets
+    d1 = standin.client(
+        sleep=lambda s: None, retry=RetryPolicy(attempts=2, base_delay=0.0), timeout=1.0, transport=transport
+    )
     with PgmqClient(source_db) as pg, psycopg.connect(source_db, autocommit=True) as writer:
         # (the main writer's transactions run between engine runs, the burst writer's during them)
         setup(pg, d1, SCHEMA)
         pair = Pair(pg, d1, SCHEMA)
         for _round in range(14):
             for _ in range(rnd.randint(1, 8)):
-                random_transaction(writer, rnd)
-            fault = inject(rnd, standin)["fault"]
+                try:
+                    random_transaction(writer, rnd)
+                except (psycopg.errors.UniqueViolation, psycopg.errors.DeadlockDetected):
+                    pass  # as an application would: that transaction rolled back
+            fault = inject(rnd, standin, transport)["fault"]
             options = ApplyOptions(batch_size=rnd.choice([3, 10, 100]), vt_seconds=0 if fault == "vt0" else 30)
             hook = None
             if fault == "die-after-commit":
@@ -130,8 +177,11 @@ def run_seed(seed: int, source_db: str, standin) -> None:
 
             # A second writer keeps writing while the engine runs (its own seed, so the run stays reproducible
             # up to thread timing; the assertion does not depend on the interleaving).
-            concurrent = threading.Thread(target=burst, args=(source_db, seed * 1000 + _round))
-            concurrent.start()
+            concurrent = [
+                threading.Thread(target=burst, args=(source_db, seed * 1000 + _round * 10 + i)) for i in range(2)
+            ]
+            for t in concurrent:
+                t.start()
             try:
                 choice = rnd.random()
                 if choice < 0.15:
@@ -143,13 +193,15 @@ def run_seed(seed: int, source_db: str, standin) -> None:
             except (D1SyncError, Crash):
                 pass
             finally:
-                concurrent.join()
+                for t in concurrent:
+                    t.join()
                 try:
                     consumer.close()
                 except Exception:
                     pass
         # Writers stop; drain without faults.
         standin.inject(clear=True)
+        transport.reset = None
         final = apply(pg, d1, SCHEMA, ApplyOptions())
         assert final.drained
         assert pair.queue_depth() == 0, f"seed {seed}: queue not drained"
