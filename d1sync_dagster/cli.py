@@ -21,6 +21,7 @@ from d1sync_dagster.engine.apply import ApplyOptions, apply
 from d1sync_dagster.engine.backfill import TableBackfill, backfill
 from d1sync_dagster.engine.compare import d1_rows, diff, pg_rows
 from d1sync_dagster.engine.demo import example_writes
+from d1sync_dagster.engine.introspect import introspect
 from d1sync_dagster.engine.nuke import nuke
 from d1sync_dagster.engine.reconcile import reconcile
 from d1sync_dagster.engine.setup import ensure_schema, setup
@@ -212,6 +213,24 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.in_sync else 1
 
 
+def _cmd_init_schema(args: argparse.Namespace) -> int:
+    tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables else None
+    with PgmqClient(config.database_url(), queue=args.queue) as pg:
+        result = introspect(pg, tables=tables, schema_name=args.schema_name)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if not result.schema:
+        raise SchemaError("no table could be described (see the notes above)")
+    text = json.dumps(result.schema, indent=2) + "\n"
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"wrote {args.output}: {len(result.schema)} tables; next: d1sync generate-sql, d1sync setup")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     schema = load_schema(args.schema)
     with _clients(args) as (pg, d1):
@@ -282,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=5000, help="rows per D1 read (default 5000)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("init-schema", help="write a schema.json from a live Postgres database")
+    p.add_argument("--tables", help="comma-separated table names (default: every table of the schema)")
+    p.add_argument("--schema-name", default="public", help="Postgres schema to read (default public)")
+    p.add_argument("--output", default="-", help="file to write (default: standard output)")
+    p.add_argument("--queue", default=config.queue_name(), help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_init_schema)
 
     p = sub.add_parser("demo", help="write example rows into the example tables, apply, compare D1 with Postgres")
     common(p)
