@@ -11,8 +11,11 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
+from typing import TextIO
 
 from d1sync_dagster import config
 from d1sync_dagster.clients.d1 import D1Client
@@ -83,6 +86,34 @@ def _cmd_setup(args: argparse.Namespace) -> int:
     return 0
 
 
+class Progress:
+    """Progress on stderr: one updating line with rate and ETA on a terminal, a plain line every 5 s
+    otherwise (logs, CI)."""
+
+    def __init__(self, what: str, total: int | None = None, *, stream: TextIO = sys.stderr) -> None:
+        self.what, self.total, self.stream = what, total, stream
+        self.tty = stream.isatty()
+        self.started = self.last = time.monotonic()
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if not self.tty and now - self.last < 5:
+            return
+        self.last = now
+        rate = done / max(now - self.started, 1e-6)
+        line = f"{self.what}: {done:,}"
+        if self.total:
+            left = max(self.total - done, 0)
+            line += f" of ~{self.total:,} ({min(done / self.total, 1):.0%}), ETA {left / rate if rate else 0:.0f}s"
+        line += f", {rate:,.0f}/s"
+        self.stream.write(("\r" + line + " " * 8) if self.tty else line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
 @contextmanager
 def _clients(args: argparse.Namespace) -> Iterator[tuple[PgmqClient, D1Client]]:
     """Both clients from the environment, closed afterwards."""
@@ -105,7 +136,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     )
     with _clients(args) as (pg, d1):
         ensure_schema(pg, d1, schema)
+        bar = Progress("applied messages", pg.metrics().queue_length)
+        options = replace(options, on_batch=lambda r: bar.update(r.messages))
         report = apply(pg, d1, schema, options)
+        bar.close()
     if args.json:
         print(json.dumps(report.to_json(), default=str))
     elif report.skipped:
@@ -149,14 +183,26 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     schema = load_schema(args.schema)
     tables = list(args.table or [])
 
+    bars: dict[str, Progress] = {}
+
     def progress(table: str, t: TableBackfill) -> None:
-        if args.progress:
-            print(f"  {table}: {t.rows:,} rows in {t.chunks} chunks, {t.rows_per_second:,.0f} rows/s", file=sys.stderr)
+        if table not in bars:
+            bars[table] = Progress(f"backfill {table} rows", estimates.get(table))
+        bars[table].update(t.rows)
 
     with _clients(args) as (pg, d1):
+        # Row estimates for the ETA, read before the backfill's threads use the connection.
+        estimates: dict[str, int | None] = {}
+        for t in schema.tables:
+            if not tables or t.name in tables:
+                rel = f'"{t.spec.source_schema}"."{t.name}"'
+                n = pg.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(%s)", [rel])
+                estimates[t.name] = int(n[0][0]) if n and n[0][0] and n[0][0] > 0 else None  # -1: never analyzed
         report = backfill(
             pg, d1, schema, tables=tables or None, chunk_size=args.chunk_size, restart=args.restart, on_chunk=progress
         )
+        for bar in bars.values():
+            bar.close()
     if args.json:
         print(json.dumps(report.to_json(), default=str))
     else:
@@ -282,7 +328,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", action="append", help="table to backfill (repeatable; default all)")
     p.add_argument("--chunk-size", type=int, default=5000, help="rows per chunk (default 5000)")
     p.add_argument("--restart", action="store_true", help="start over instead of resuming an unfinished backfill")
-    p.add_argument("--progress", action="store_true", help="print progress per chunk to stderr")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_backfill)
 

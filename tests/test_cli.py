@@ -170,3 +170,28 @@ def test_backfill_verify_and_nuke_from_the_command_line(source_db, tmp_path):
     done = run("nuke", "--table", "apps", "--yes", env=env)
     assert done.returncode == 0 and "nuked and recreated apps" in done.stdout
     assert run("verify", env=env).returncode == 1
+
+
+def test_progress_is_one_updating_line_on_a_terminal_and_plain_lines_otherwise():
+    import io
+
+    from d1sync_dagster.cli import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    bar = Progress("rows", 1000, stream=tty)
+    bar.update(250)
+    bar.update(500)
+    bar.close()
+    text = tty.getvalue()
+    assert text.count("\r") == 2 and "of ~1,000 (50%)" in text and "ETA" in text and text.endswith("\n")
+
+    plain = io.StringIO()
+    bar = Progress("rows", None, stream=plain)
+    bar.last -= 10  # as if 10 s had passed
+    bar.update(10)
+    bar.update(20)  # within 5 s of the last line: not printed
+    assert plain.getvalue().count("\n") == 1 and "\r" not in plain.getvalue() and "rows: 10" in plain.getvalue()

@@ -58,6 +58,12 @@ def _table_metadata(stats: TableStats, run_figures: dict[str, float]) -> dict[st
         "lag_seconds": dg.MetadataValue.float(float(round(stats.lag_seconds or 0.0, 3))),
     }
     md |= {f"run_{k}": dg.MetadataValue.float(float(round(v, 2))) for k, v in run_figures.items()}
+    md["summary"] = dg.MetadataValue.md(
+        "| messages | upserts | deletes | dead letters | D1 rows written | lag (s) |\n"
+        "|---:|---:|---:|---:|---:|---:|\n"
+        f"| {stats.messages} | {stats.upserts} | {stats.deletes} | {stats.dead_lettered} | {stats.rows_written} "
+        f"| {stats.lag_seconds or 0.0:.2f} |"
+    )
     return md
 
 

@@ -93,6 +93,8 @@ class ApplyOptions:
     max_rows_per_batch: int = 20_000
     #: While this returns True, an empty queue is waited on instead of ending the run (backfill).
     follow: Callable[[], bool] | None = None
+    #: Called with the running report after each batch is applied and deleted (progress display).
+    on_batch: Callable[[ApplyReport], None] | None = None
 
 
 class ApplyBusy(Exception):
@@ -233,6 +235,8 @@ def _commit_and_finish(
         raise
     report.messages += len(p.msgs)
     report.batches += 1
+    if options.on_batch is not None:
+        options.on_batch(report)
     log.info(
         "applied batch of %d messages (%d dead-lettered); %d D1 requests so far",
         len(p.msgs),

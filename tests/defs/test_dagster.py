@@ -60,6 +60,7 @@ def test_materialize_applies_changes_and_records_metadata(env):
     }
     assert mats[APPS]["messages"].value == 25 and mats[APPS]["upserts"].value == 25
     assert mats[VERSIONS]["upserts"].value == 1 and mats[APPS]["run_d1_requests"].value >= 1
+    assert "| 25 | 25 | 0 | 0 |" in mats[APPS]["summary"].value
     (res,) = d1.query("SELECT count(*) AS n FROM apps")
     assert res.results == [{"n": 25}]
     assert pg.metrics().queue_length == 0
