@@ -1,0 +1,95 @@
+"""The Dagster UI's view of the code location: start dagster-webserver on workspace.yaml and ask its
+GraphQL API for the assets, checks, sensor, schedule and jobs."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ROOT, free_port
+
+QUERY = """
+{
+  repositoriesOrError {
+    ... on RepositoryConnection {
+      nodes {
+        name
+        jobs { name }
+        sensors { name description }
+        schedules { name cronSchedule }
+        assetNodes {
+          assetKey { path }
+          groupName
+          description
+          assetChecksOrError { ... on AssetChecks { checks { name } } }
+        }
+      }
+    }
+  }
+}
+"""
+
+
+@pytest.fixture
+def webserver(tmp_path):
+    port = free_port()
+    env = os.environ | {"DAGSTER_HOME": str(tmp_path), "DATABASE_URL": "postgresql://unused@127.0.0.1:1/x"}
+    exe = Path(sys.executable).parent / "dagster-webserver"
+    proc = subprocess.Popen(
+        [str(exe), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/server_info", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("dagster-webserver did not answer within 120 s")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_ui_shows_assets_checks_sensor_schedule_and_jobs(webserver):
+    deadline = time.monotonic() + 60
+    while True:  # the code location loads in the background
+        data = httpx.post(f"{webserver}/graphql", json={"query": QUERY}, timeout=30).json()
+        nodes = (data.get("data") or {}).get("repositoriesOrError", {}).get("nodes") or []
+        if nodes or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    (repo,) = nodes
+    assets = {tuple(a["assetKey"]["path"]): a for a in repo["assetNodes"]}
+    assert set(assets) == {("d1", "apps"), ("d1", "app_versions")}
+    apps = assets[("d1", "apps")]
+    assert apps["groupName"] == "d1" and "public.apps" in apps["description"]
+    checks = {c["name"] for c in apps["assetChecksOrError"]["checks"]}
+    assert checks == {
+        "row_count_matches_source",
+        "replication_lag_under_threshold",
+        "no_dead_letters",
+        "rows_match_source",
+    }
+    jobs = {j["name"] for j in repo["jobs"]}
+    assert {"d1sync_apply", "d1sync_setup", "d1sync_backfill", "d1sync_nuke", "d1sync_reconcile"} <= jobs
+    (sensor,) = repo["sensors"]
+    assert sensor["name"] == "pgmq_depth_sensor" and "PGMQ" in sensor["description"]
+    (schedule,) = repo["schedules"]
+    assert schedule["name"] == "d1sync_reconcile_schedule" and schedule["cronSchedule"] == "0 3 * * *"
