@@ -10,6 +10,8 @@ from d1sync_dagster.clients.d1_local import LocalD1Client
 from d1sync_dagster.errors import D1Error
 from tests.conftest import free_port
 
+FAKE_TOKEN = "fake-token-for-tests"  # not a credential: the tests check it never leaks
+
 
 @pytest.fixture
 def sleeps():
@@ -108,7 +110,7 @@ def test_unreachable_api_is_retried_then_a_clear_error(sleeps):
     c = HttpD1Client(
         account_id="a",
         database_id="d",
-        api_token="secret-token-xyz",
+        api_token=FAKE_TOKEN,
         base_url=f"http://127.0.0.1:{free_port()}/client/v4",
         retry=RetryPolicy(attempts=3, base_delay=0.01),
         sleep=sleeps.append,
@@ -116,7 +118,7 @@ def test_unreachable_api_is_retried_then_a_clear_error(sleeps):
     with pytest.raises(D1Error, match="unreachable: ConnectError") as e:
         c.query("SELECT 1")
     assert e.value.retryable and len(sleeps) == 2
-    assert "secret-token-xyz" not in str(e.value)
+    assert FAKE_TOKEN not in str(e.value)
 
 
 def test_worker_crash_is_retried(d1_standin, client, sleeps):
