@@ -97,10 +97,6 @@ class ApplyOptions:
     on_batch: Callable[[ApplyReport], None] | None = None
 
 
-class ApplyBusy(Exception):
-    """Another apply holds the queue's lock."""
-
-
 def lock_name(queue: str) -> str:
     return f"d1sync:apply:{queue}"
 

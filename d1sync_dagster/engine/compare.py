@@ -43,22 +43,28 @@ def pg_rows(pg: PgmqClient, table: Table, where: str = "", params: list[Any] | N
     return out
 
 
-def d1_rows(d1: D1Client, table: Table) -> dict[Key, Row]:
-    """Every row of the D1 table, read exactly, by key."""
+def select_exact(table: Table) -> str:
+    """Select list reading every column exactly: `typeof`, exact text (hex for BLOBs), raw value."""
     exprs = []
-    for i, c in enumerate(table.columns):
+    for c in table.columns:
         q = ident(c)
-        exprs += [
-            f"typeof({q}) AS k{i}",
-            f"CASE typeof({q}) WHEN 'blob' THEN hex({q}) ELSE CAST({q} AS TEXT) END AS s{i}",
-            f"{q} AS v{i}",
-        ]
-    res = d1.query(f"SELECT {', '.join(exprs)} FROM {ident(table.target)}")[-1]
+        exprs += [f"typeof({q})", f"CASE typeof({q}) WHEN 'blob' THEN hex({q}) ELSE CAST({q} AS TEXT) END", q]
+    return ", ".join(exprs)
+
+
+def rows_from_raw(table: Table, rows: list[list[Any]]) -> dict[Key, Row]:
+    """Rows read with `select_exact` through `/raw`, as typed rows by key."""
     out: dict[Key, Row] = {}
-    for rec in res.results:
-        row: Row = {c: typed_value(rec[f"k{i}"], rec[f"s{i}"], rec[f"v{i}"]) for i, c in enumerate(table.columns)}
+    for rec in rows:
+        row = {c: typed_value(rec[3 * i], rec[3 * i + 1], rec[3 * i + 2]) for i, c in enumerate(table.columns)}
         out[tuple(row[k] for k in table.key)] = row
     return out
+
+
+def d1_rows(d1: D1Client, table: Table) -> dict[Key, Row]:
+    """Every row of the D1 table, read exactly, by key."""
+    _cols, rows, _meta = d1.raw(f"SELECT {select_exact(table)} FROM {ident(table.target)}")
+    return rows_from_raw(table, rows)
 
 
 def typed_value(kind: str, text: str | None, raw: Any) -> SqlValue:

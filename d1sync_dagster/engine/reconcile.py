@@ -31,7 +31,7 @@ from d1sync_dagster.core.convert import to_sqlite
 from d1sync_dagster.core.plan import sql_literal
 from d1sync_dagster.engine.apply import ApplyOptions, apply
 from d1sync_dagster.engine.backfill import key_types
-from d1sync_dagster.engine.compare import diff, pg_rows, typed_value
+from d1sync_dagster.engine.compare import diff, pg_rows, rows_from_raw, select_exact
 from d1sync_dagster.schema import Schema, Table
 from d1sync_dagster.sql.capture import source_relation
 from d1sync_dagster.sql.quoting import ident
@@ -93,26 +93,10 @@ class ReconcileReport:
         }
 
 
-def _select_exact(table: Table) -> str:
-    exprs = []
-    for c in table.columns:
-        q = ident(c)
-        exprs += [f"typeof({q})", f"CASE typeof({q}) WHEN 'blob' THEN hex({q}) ELSE CAST({q} AS TEXT) END", q]
-    return ", ".join(exprs)
-
-
-def _rows_from_raw(table: Table, rows: list[list[Any]]) -> dict[Key, Row]:
-    out: dict[Key, Row] = {}
-    for rec in rows:
-        row = {c: typed_value(rec[3 * i], rec[3 * i + 1], rec[3 * i + 2]) for i, c in enumerate(table.columns)}
-        out[tuple(row[k] for k in table.key)] = row
-    return out
-
-
 def d1_lookup(d1: D1Client, table: Table, keys: list[Key]) -> tuple[dict[Key, Row], int]:
     """D1 rows for `keys` (statements kept under D1's size limit); returns rows by key and rows read."""
     cols = ", ".join(ident(k) for k in table.key)
-    head = f"SELECT {_select_exact(table)} FROM {ident(table.target)} WHERE ({cols}) IN (VALUES "
+    head = f"SELECT {select_exact(table)} FROM {ident(table.target)} WHERE ({cols}) IN (VALUES "
     out: dict[Key, Row] = {}
     read = 0
     group: list[str] = []
@@ -121,7 +105,7 @@ def d1_lookup(d1: D1Client, table: Table, keys: list[Key]) -> tuple[dict[Key, Ro
     for i, lit in enumerate(lits + [""]):
         if group and (i == len(lits) or size + len(lit.encode()) + 2 > 90_000):
             _c, rows, _m = d1.raw(head + ", ".join(group) + ")")
-            out |= _rows_from_raw(table, rows)
+            out |= rows_from_raw(table, rows)
             read += len(rows)
             group, size = [], len(head)
         if lit:
@@ -152,13 +136,11 @@ def d1_chunks(d1: D1Client, table: Table, chunk_size: int) -> Any:
         where = ""
         if last is not None:
             where = f"WHERE ({cols}) > (" + ", ".join(sql_literal(v) for v in last) + ")"
-        sql = (
-            f"SELECT {_select_exact(table)} FROM {ident(table.target)} {where} ORDER BY {cols} LIMIT {int(chunk_size)}"
-        )
+        sql = f"SELECT {select_exact(table)} FROM {ident(table.target)} {where} ORDER BY {cols} LIMIT {int(chunk_size)}"
         _cols, rows, _meta = d1.raw(sql)
         if not rows:
             return
-        chunk = _rows_from_raw(table, rows)
+        chunk = rows_from_raw(table, rows)
         yield chunk, len(rows)
         if len(rows) < chunk_size:
             return
