@@ -76,7 +76,14 @@ def build_table_checks(schema: Schema, *, lag_threshold_seconds: float = 300.0) 
     for t in schema.tables:
         key = asset_key(t)
         specs += [
-            dg.AssetCheckSpec(ROW_COUNT, asset=key, description=f"D1 `{t.target}` has as many rows as Postgres."),
+            dg.AssetCheckSpec(
+                ROW_COUNT,
+                asset=key,
+                description=(
+                    f"D1 `{t.target}` has as many rows as Postgres `{t.name}`, or is apart by no more than the "
+                    "changes still queued for it can explain (exact when its queue is empty)."
+                ),
+            ),
             dg.AssetCheckSpec(
                 LAG,
                 asset=key,
@@ -100,11 +107,24 @@ def build_table_checks(schema: Schema, *, lag_threshold_seconds: float = 300.0) 
             table = by_key[check_key.asset_key]
             h = health[table.name]
             if check_key.name == ROW_COUNT:
+                gap = h.source_rows - h.d1_rows
+                if gap == 0:
+                    says = "row counts are equal"
+                elif h.count_explained:
+                    says = f"D1 is {abs(gap)} rows apart, within what the {h.queued_rows} queued row changes explain"
+                else:
+                    says = f"D1 is {abs(gap)} rows apart; only {h.queued_rows} row changes are queued for it"
                 yield dg.AssetCheckResult(
                     asset_key=check_key.asset_key,
                     check_name=ROW_COUNT,
-                    passed=h.source_rows == h.d1_rows,
-                    metadata={"postgres_rows": h.source_rows, "d1_rows": h.d1_rows, "queued_changes": h.queued},
+                    passed=h.count_explained,
+                    description=says,
+                    metadata={
+                        "postgres_rows": h.source_rows,
+                        "d1_rows": h.d1_rows,
+                        "queued_changes": h.queued,
+                        "queued_row_changes": h.queued_rows,
+                    },
                 )
             elif check_key.name == LAG:
                 yield dg.AssetCheckResult(

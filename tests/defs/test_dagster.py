@@ -105,6 +105,31 @@ def test_checks_pass_on_a_synced_table_and_fail_on_a_drifted_one(env):
     assert outcomes[("app_versions", "row_count_matches_source")] is True
 
 
+def test_row_count_check_allows_for_queued_changes_but_not_for_more(env):
+    """Writers keep writing between an apply and its checks: a count gap the queued row changes explain
+    passes (and says so); a gap they cannot explain fails."""
+    pg, d1, resources = env
+    pg.execute("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 10) g")
+    dg.materialize([build_table_assets(SCHEMA)], resources=resources)
+    pg.execute("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(11, 15) g")  # 5 queued, not applied
+    result = checks_result(resources)
+    outcomes = check_outcomes(result)
+    assert outcomes[("apps", "row_count_matches_source")] is True
+    (ev,) = [
+        e.event_specific_data
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+        and e.event_specific_data.asset_key == APPS
+        and e.event_specific_data.check_name == "row_count_matches_source"
+    ]
+    assert "5 rows apart, within what the 5 queued row changes explain" in ev.description
+
+    d1.query("DELETE FROM apps WHERE id IN (1, 2)")  # drift: 7 apart, only 5 queued
+    assert check_outcomes(checks_result(resources))[("apps", "row_count_matches_source")] is False
+    dg.materialize([build_table_assets(SCHEMA)], resources=resources)  # queue empty: the check is exact again
+    assert check_outcomes(checks_result(resources))[("apps", "row_count_matches_source")] is False
+
+
 def test_lag_check_fails_when_changes_wait_too_long(env):
     pg, _d1, resources = env
     pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
