@@ -21,7 +21,7 @@ from d1sync_dagster import config
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.engine.apply import ApplyOptions, apply
-from d1sync_dagster.engine.backfill import TableBackfill, backfill
+from d1sync_dagster.engine.backfill import backfill
 from d1sync_dagster.engine.compare import d1_rows, diff, pg_rows
 from d1sync_dagster.engine.demo import example_writes
 from d1sync_dagster.engine.introspect import introspect
@@ -30,9 +30,10 @@ from d1sync_dagster.engine.reconcile import reconcile
 from d1sync_dagster.engine.setup import ensure_schema, setup
 from d1sync_dagster.engine.status import status
 from d1sync_dagster.errors import ConfigError, D1Error, D1SyncError, QueueError, SchemaError
-from d1sync_dagster.schema import load_schema
+from d1sync_dagster.schema import Schema, load_schema
 from d1sync_dagster.sql.capture import example_source_tables, migration
 from d1sync_dagster.sql.d1_ddl import schema_ddl
+from d1sync_dagster.sql.quoting import ident
 
 
 def _cmd_generate_sql(args: argparse.Namespace) -> int:
@@ -87,31 +88,40 @@ def _cmd_setup(args: argparse.Namespace) -> int:
 
 
 class Progress:
-    """Progress on stderr: one updating line with rate and ETA on a terminal, a plain line every 5 s
-    otherwise (logs, CI)."""
+    """Progress on stderr: one updating line with rate and ETA on a terminal; otherwise (logs, CI) a plain line
+    every 5 s and a last one at the end."""
 
     def __init__(self, what: str, total: int | None = None, *, stream: TextIO = sys.stderr) -> None:
         self.what, self.total, self.stream = what, total, stream
         self.tty = stream.isatty()
         self.started = self.last = time.monotonic()
+        self.done: int | None = None
+        self.shown: int | None = None
 
-    def update(self, done: int) -> None:
-        now = time.monotonic()
-        if not self.tty and now - self.last < 5:
-            return
-        self.last = now
+    def _line(self, done: int, now: float) -> str:
         rate = done / max(now - self.started, 1e-6)
         line = f"{self.what}: {done:,}"
         if self.total:
             left = max(self.total - done, 0)
             line += f" of ~{self.total:,} ({min(done / self.total, 1):.0%}), ETA {left / rate if rate else 0:.0f}s"
-        line += f", {rate:,.0f}/s"
+        return line + f", {rate:,.0f}/s"
+
+    def update(self, done: int) -> None:
+        self.done = done
+        now = time.monotonic()
+        if not self.tty and now - self.last < 5:
+            return
+        self.last, self.shown = now, done
+        line = self._line(done, now)
         self.stream.write(("\r" + line + " " * 8) if self.tty else line + "\n")
         self.stream.flush()
 
     def close(self) -> None:
         if self.tty:
             self.stream.write("\n")
+        elif self.done is not None and self.done != self.shown:
+            self.stream.write(self._line(self.done, time.monotonic()) + " (done)\n")
+        self.stream.flush()
 
 
 @contextmanager
@@ -179,30 +189,50 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _row_estimates(pg: PgmqClient, schema: Schema, tables: list[str] | None) -> dict[str, int | None]:
+    """Postgres' row estimates (pg_class.reltuples) for the progress ETA; None where never analyzed."""
+    out: dict[str, int | None] = {}
+    for t in schema.tables:
+        if not tables or t.name in tables:
+            rel = f"{ident(t.spec.source_schema)}.{ident(t.name)}"
+            n = pg.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(%s)", [rel])
+            out[t.name] = int(n[0][0]) if n and n[0][0] and n[0][0] > 0 else None
+    return out
+
+
+class _TableBars:
+    """One `Progress` per table, created on its first update."""
+
+    def __init__(self, what: str, estimates: dict[str, int | None]) -> None:
+        self.what, self.estimates, self.bars = what, estimates, {}
+
+    def update(self, table: str, done: int) -> None:
+        if table not in self.bars:
+            self.bars[table] = Progress(f"{self.what} {table} rows", self.estimates.get(table))
+        self.bars[table].update(done)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
 def _cmd_backfill(args: argparse.Namespace) -> int:
     schema = load_schema(args.schema)
     tables = list(args.table or [])
 
-    bars: dict[str, Progress] = {}
-
-    def progress(table: str, t: TableBackfill) -> None:
-        if table not in bars:
-            bars[table] = Progress(f"backfill {table} rows", estimates.get(table))
-        bars[table].update(t.rows)
-
     with _clients(args) as (pg, d1):
-        # Row estimates for the ETA, read before the backfill's threads use the connection.
-        estimates: dict[str, int | None] = {}
-        for t in schema.tables:
-            if not tables or t.name in tables:
-                rel = f'"{t.spec.source_schema}"."{t.name}"'
-                n = pg.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass(%s)", [rel])
-                estimates[t.name] = int(n[0][0]) if n and n[0][0] and n[0][0] > 0 else None  # -1: never analyzed
+        # Estimates before the backfill's threads use the connection.
+        bars = _TableBars("backfill", _row_estimates(pg, schema, tables))
         report = backfill(
-            pg, d1, schema, tables=tables or None, chunk_size=args.chunk_size, restart=args.restart, on_chunk=progress
+            pg,
+            d1,
+            schema,
+            tables=tables or None,
+            chunk_size=args.chunk_size,
+            restart=args.restart,
+            on_chunk=lambda table, t: bars.update(table, t.rows),
         )
-        for bar in bars.values():
-            bar.close()
+        bars.close()
     if args.json:
         print(json.dumps(report.to_json(), default=str))
     else:
@@ -239,7 +269,11 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     schema = load_schema(args.schema)
     tables = list(args.table) if args.table else None
     with _clients(args) as (pg, d1):
-        report = reconcile(pg, d1, schema, tables=tables, chunk_size=args.chunk_size, repair_drift=args.repair)
+        bars = _TableBars("verify", _row_estimates(pg, schema, tables))
+        report = reconcile(
+            pg, d1, schema, tables=tables, chunk_size=args.chunk_size, repair_drift=args.repair, on_chunk=bars.update
+        )
+        bars.close()
     if args.json:
         print(json.dumps(report.to_json(), default=str))
     else:
@@ -289,6 +323,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     ok = all(n == 0 for n in drift.values())
     print("D1 equals Postgres, row for row" if ok else f"D1 differs from Postgres: {drift}")
     return 0 if ok and report.dead_lettered == 0 else 1
+
+
+def _cmd_dev(args: argparse.Namespace) -> int:
+    from d1sync_dagster.dev import DevOptions, run_dev
+
+    return run_dev(
+        DevOptions(
+            schema_file=args.schema,
+            queue=args.queue,
+            host=args.host,
+            port=args.port,
+            writes=args.writes,
+            rows_per_tick=args.rows,
+            tick_seconds=args.every,
+            stop_after_seconds=args.stop_after,
+        )
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,6 +409,23 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--rows", type=int, default=100, help="apps to insert (default 100)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "dev", help="set up, start the Dagster UI and daemon, and (embedded defaults) write live example rows"
+    )
+    common(p)
+    p.add_argument("--host", default="127.0.0.1", help="address of the Dagster UI (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=3000, help="port of the Dagster UI (default 3000)")
+    p.add_argument(
+        "--writes",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="generate live writes into the example tables (default: only on the embedded Postgres)",
+    )
+    p.add_argument("--rows", type=int, default=20, help="new apps per write tick (default 20)")
+    p.add_argument("--every", type=float, default=2.0, help="seconds between write ticks (default 2)")
+    p.add_argument("--stop-after", type=float, default=None, help="stop by itself after this many seconds")
+    p.set_defaults(func=_cmd_dev)
 
     p = sub.add_parser("status", help="queue depth, oldest message, dead letters per table, last apply")
     common(p)

@@ -155,14 +155,17 @@ def test_backfill_verify_and_nuke_from_the_command_line(source_db, tmp_path):
     env = {"DATABASE_URL": source_db, "D1_LOCAL_PATH": str(tmp_path / "d1.sqlite")}
     with psycopg.connect(source_db, autocommit=True) as conn:
         conn.execute("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 250) g")  # before capture
+        conn.execute("ANALYZE apps")  # the progress ETA uses Postgres' row estimate
     assert run("setup", env=env).returncode == 0
     drift = run("verify", "--json", env=env)
     assert drift.returncode == 1 and json.loads(drift.stdout)["tables"]["apps"]["missing"] == 250
     out = run("backfill", "--table", "apps", "--chunk-size", "100", env=env)
     assert out.returncode == 0, out.stderr
     assert "apps: 250 rows in 3 chunks" in out.stdout and "queue drained" in out.stdout
-    clean = run("verify", env=env)
+    assert "backfill apps rows: 250 of ~250 (100%)" in out.stderr  # progress (plain lines: not a terminal)
+    clean = run("verify", "--chunk-size", "100", env=env)
     assert clean.returncode == 0 and "apps: 250 rows in Postgres, 250 in D1, in sync" in clean.stdout
+    assert "verify apps rows: 250 of ~250 (100%)" in clean.stderr
     refused = run("nuke", "--all", env=env)
     assert refused.returncode == 2 and "confirm" in refused.stderr
     unknown = run("nuke", "--table", "nope", "--yes", env=env)
@@ -195,3 +198,5 @@ def test_progress_is_one_updating_line_on_a_terminal_and_plain_lines_otherwise()
     bar.update(10)
     bar.update(20)  # within 5 s of the last line: not printed
     assert plain.getvalue().count("\n") == 1 and "\r" not in plain.getvalue() and "rows: 10" in plain.getvalue()
+    bar.close()  # the last figure is always shown
+    assert plain.getvalue().splitlines()[-1].startswith("rows: 20, ") and plain.getvalue().endswith("(done)\n")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,12 +148,23 @@ def d1_chunks(d1: D1Client, table: Table, chunk_size: int) -> Any:
         last = list(chunk)[-1]
 
 
-def compare_table(pg: PgmqClient, d1: D1Client, table: Table, *, chunk_size: int) -> TableDrift:
+def compare_table(
+    pg: PgmqClient,
+    d1: D1Client,
+    table: Table,
+    *,
+    chunk_size: int,
+    on_chunk: Callable[[str, int], None] | None = None,
+) -> TableDrift:
+    """Pass 1 (D1 chunks against Postgres by key) and, when the counts say rows are missing, pass 2.
+    `on_chunk(table, d1_rows_compared_so_far)` is called after every chunk (progress)."""
     drift = TableDrift()
     types = key_types(pg, table)
     for chunk, n in d1_chunks(d1, table, chunk_size):
         drift.d1_rows += n
         drift.d1_rows_read += n
+        if on_chunk is not None:
+            on_chunk(table.name, drift.d1_rows)
         where, params = _pg_key_filter(table, types, list(chunk))
         source = pg_rows(pg, table, where, params)
         part = diff(source, chunk)
@@ -230,15 +242,16 @@ def reconcile(
     chunk_size: int = 5000,
     repair_drift: bool = False,
     apply_options: ApplyOptions | None = None,
+    on_chunk: Callable[[str, int], None] | None = None,
 ) -> ReconcileReport:
-    """Compare (and with `repair_drift`, repair) `tables` (None: all)."""
+    """Compare (and with `repair_drift`, repair) `tables` (None: all); `on_chunk` as in `compare_table`."""
     started = time.monotonic()
     chosen = [schema.table(n) for n in tables] if tables else list(schema.tables)
     options = apply_options or ApplyOptions()
     apply(pg, d1, schema, options)  # changes in flight are not drift
     report = ReconcileReport()
     for table in chosen:
-        drift = compare_table(pg, d1, table, chunk_size=chunk_size)
+        drift = compare_table(pg, d1, table, chunk_size=chunk_size, on_chunk=on_chunk)
         if drift.total:
             apply(pg, d1, schema, options)
             drift = _recheck(pg, d1, table, drift)
