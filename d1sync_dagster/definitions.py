@@ -31,7 +31,7 @@ def build_d1_resource() -> D1Resource:
             api_token=dg.EnvVar("CLOUDFLARE_API_TOKEN"),
             base_url=os.environ.get("CLOUDFLARE_API_BASE_URL") or D1Resource.model_fields["base_url"].default,
         )
-    return D1Resource(local_path=os.environ.get("D1_LOCAL_PATH") or str(config.DEFAULT_STATE_DIR / "local.sqlite"))
+    return D1Resource(local_path=os.environ.get("D1_LOCAL_PATH") or str(config.state_dir() / "local.sqlite"))
 
 
 def _number(name: str, default: float) -> float:

@@ -13,8 +13,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install --quiet -e '.[test]'
   touch "$stamp"
 fi
-# The D1 HTTP API stand-in (tests only): miniflare + Node 22, both from npm.
-if [ ! -x d1stub/node_modules/.bin/node ] || [ ! -d d1stub/node_modules/miniflare ]; then
+# Test-side npm packages: the D1 HTTP API stand-in (miniflare + Node 22) and playwright-core for UI screenshots.
+if [ ! -x d1stub/node_modules/.bin/node ] || [ ! -d d1stub/node_modules/miniflare ] || [ ! -d d1stub/node_modules/playwright-core ]; then
   command -v npm >/dev/null || { echo "bootstrap: npm is needed for the D1 stand-in (apt-get install npm)" >&2; exit 1; }
   (cd d1stub && npm ci --no-audit --no-fund --loglevel=error)
 fi

@@ -1,16 +1,11 @@
 #!/usr/bin/env bash
-# The main command: prepares the checkout if needed, then runs replication once end to end. With no
-# DATABASE_URL it uses the embedded defaults: an embedded Postgres in .d1sync/postgres with the example
-# tables and some example writes, and D1 as the local file .d1sync/local.sqlite. With DATABASE_URL (and
-# optionally CLOUDFLARE_*) it sets up capture and drains the queue of that database into that D1.
+# The main command: prepares the checkout if needed, then runs d1sync under Dagster (`d1sync dev`): setup,
+# the Dagster UI on http://127.0.0.1:3000 and the daemon, whose sensor starts apply runs as changes arrive.
+# With no DATABASE_URL it uses the embedded defaults: an embedded Postgres in .d1sync/postgres with the
+# example tables and a generator of live writes, and D1 as the local file .d1sync/local.sqlite. With
+# DATABASE_URL (and optionally CLOUDFLARE_*) it replicates that database into that D1, writing nothing itself.
+# Ctrl-C stops everything it started. Arguments go to `d1sync dev` (e.g. --port 3001, --stop-after 120).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-if [ -z "${DATABASE_URL:-}" ]; then
-  .venv/bin/d1sync setup --create-example-tables
-  .venv/bin/d1sync demo "$@"
-else
-  .venv/bin/d1sync setup
-  .venv/bin/d1sync apply "$@"
-fi
-.venv/bin/d1sync status
+exec .venv/bin/d1sync dev "$@"

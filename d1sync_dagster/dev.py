@@ -1,0 +1,169 @@
+"""`d1sync dev`: the first run. Sets up capture and D1, starts the Dagster UI and daemon (the two processes
+`dagster dev` runs, started directly so that Ctrl-C and SIGTERM stop them promptly) and, on the embedded
+defaults, a small generator of live writes into the example tables. The sensor sees the queue fill, starts
+apply runs, and the `d1/*` assets materialize with their checks.
+
+Ctrl-C (or SIGTERM) stops what it started: the generator, the Dagster processes with their code servers and
+run workers (each started in its own process group), and the embedded Postgres when it started one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from d1sync_dagster import config
+from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.engine.demo import live_writes
+from d1sync_dagster.engine.setup import setup
+from d1sync_dagster.errors import ConfigError
+from d1sync_dagster.schema import load_schema
+from d1sync_dagster.sql.capture import example_source_tables
+
+DAGSTER_YAML = "telemetry:\n  enabled: false\n"
+CODE_LOCATION = ["-m", "d1sync_dagster.definitions", "-a", "defs"]
+
+
+@dataclass
+class DevOptions:
+    schema_file: str
+    queue: str
+    host: str = "127.0.0.1"
+    port: int = 3000
+    writes: bool | None = None  # None: only on the embedded Postgres, never into a database you configured
+    rows_per_tick: int = 20
+    tick_seconds: float = 2.0
+    sensor_interval_seconds: int = 5
+    stop_after_seconds: float | None = None
+    out: TextIO = field(default_factory=lambda: sys.stdout)
+
+
+def _executable(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise ConfigError(f"{name} is not installed (it comes with the dagster-webserver and dagster packages)")
+    return found
+
+
+def _stop_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM the process group, wait, then SIGKILL whatever is left in it."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # children of the group (code servers, run workers) may still exit
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def run_dev(opts: DevOptions, *, install_signal_handlers: bool = True) -> int:
+    schema = load_schema(opts.schema_file)
+    state = config.state_dir().resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    embedded = not os.environ.get("DATABASE_URL")
+    writes = embedded if opts.writes is None else opts.writes
+    stop = threading.Event()
+    if install_signal_handlers:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+
+    def say(line: str) -> None:
+        opts.out.write(line + "\n")
+        opts.out.flush()
+
+    procs: dict[str, subprocess.Popen] = {}
+    home = state / "dagster"
+    logs = home / "logs"
+    try:
+        if embedded:
+            say(f"starting the embedded Postgres in {state / 'postgres'} (no DATABASE_URL set)")
+        url = config.database_url()
+        d1_settings = config.d1_settings()
+        with PgmqClient(url, queue=opts.queue) as pg:
+            if writes:
+                pg.execute(example_source_tables())
+            d1 = d1_settings.client()
+            try:
+                result = setup(pg, d1, schema)
+            finally:
+                d1.close()
+            say(f"setup done: tables {', '.join(result.tables)}, queue {opts.queue}, D1 backend {d1_settings.backend}")
+
+            logs.mkdir(parents=True, exist_ok=True)
+            (home / "dagster.yaml").write_text(DAGSTER_YAML, encoding="utf-8")
+            env = os.environ | {
+                "DATABASE_URL": url,
+                "DAGSTER_HOME": str(home),
+                "D1SYNC_SCHEMA": str(Path(opts.schema_file).resolve()),
+                "D1SYNC_QUEUE": opts.queue,
+                "D1SYNC_STATE_DIR": str(state),
+                "D1SYNC_SENSOR_INTERVAL_SECONDS": os.environ.get(
+                    "D1SYNC_SENSOR_INTERVAL_SECONDS", str(opts.sensor_interval_seconds)
+                ),
+            }
+            if d1_settings.local_path:
+                env["D1_LOCAL_PATH"] = str(Path(d1_settings.local_path).resolve())
+            commands = {
+                "webserver": [_executable("dagster-webserver"), *CODE_LOCATION, "-h", opts.host, "-p", str(opts.port)],
+                "daemon": [_executable("dagster-daemon"), "run", *CODE_LOCATION],
+            }
+            for name, argv in commands.items():
+                with open(logs / f"{name}.log", "ab") as log:
+                    procs[name] = subprocess.Popen(
+                        argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                        start_new_session=True,
+                    )  # fmt: skip
+            say(f"Dagster UI: http://{opts.host}:{opts.port}  (logs in {logs}; Ctrl-C stops everything)")
+            if writes:
+                say(f"writing {opts.rows_per_tick} new apps plus updates and deletes every {opts.tick_seconds:g}s")
+
+            started = time.monotonic()
+            last_report = 0.0
+            ticks = 0
+            while not stop.is_set():
+                for name, p in procs.items():
+                    if p.poll() is not None:
+                        say(f"dagster {name} exited with code {p.returncode}; see {logs / (name + '.log')}")
+                        return 3
+                if writes:
+                    live_writes(pg, rows=opts.rows_per_tick)
+                    ticks += 1
+                now = time.monotonic()
+                if now - last_report >= 10:
+                    m = pg.metrics()
+                    say(f"[{now - started:5.0f}s] {ticks} write ticks, queue depth {m.queue_length}")
+                    last_report = now
+                if opts.stop_after_seconds is not None and now - started >= opts.stop_after_seconds:
+                    break
+                stop.wait(opts.tick_seconds)
+        say("stopping")
+        return 0
+    finally:
+        for p in procs.values():
+            _stop_group(p)
+        if embedded:
+            config.stop_embedded_postgres(state / "postgres")
+        if procs:
+            say("stopped the Dagster processes" + (" and the embedded Postgres" if embedded else ""))

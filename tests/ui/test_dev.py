@@ -1,0 +1,141 @@
+"""The README's run command, driven headless: `d1sync dev` on the embedded defaults (no DATABASE_URL: an
+embedded Postgres, the local D1 file) starts the Dagster UI and daemon and writes live rows; the sensor starts
+apply runs; the `d1/*` assets materialize with non-zero changes and passing checks; a screenshot of the asset
+graph is saved; Ctrl-C (SIGINT) stops every process it started, the embedded Postgres included."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import ROOT, free_port
+from tests.ui.browser import png_size, screenshot
+
+MATERIALIZATIONS = """
+query ($path: [String!]!) {
+  assetOrError(assetKey: {path: $path}) {
+    ... on Asset {
+      assetMaterializations(limit: 20) {
+        runId
+        metadataEntries { label ... on IntMetadataEntry { intValue } }
+      }
+    }
+  }
+}
+"""
+
+RUN = """
+query ($runId: ID!) {
+  runOrError(runId: $runId) {
+    ... on Run {
+      status
+      tags { key value }
+      eventConnection {
+        events { __typename ... on AssetCheckEvaluationEvent { evaluation { checkName success description } } }
+      }
+    }
+  }
+}
+"""
+
+
+def graphql(url: str, query: str, variables: dict) -> dict:
+    body = httpx.post(f"{url}/graphql", json={"query": query, "variables": variables}, timeout=30).json()
+    assert "errors" not in body, body
+    return body["data"]
+
+
+def applied_changes(url: str) -> list[tuple[str, int]]:
+    """(run id, messages) of the materializations of d1/apps that applied changes."""
+    try:
+        asset = graphql(url, MATERIALIZATIONS, {"path": ["d1", "apps"]})["assetOrError"]
+    except (httpx.TransportError, ValueError):
+        return []
+    out = []
+    for m in asset.get("assetMaterializations") or []:
+        figures = {e["label"]: e.get("intValue") for e in m["metadataEntries"]}
+        if figures.get("messages"):
+            out.append((m["runId"], figures["messages"]))
+    return out
+
+
+@pytest.fixture
+def dev(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith("CLOUDFLARE_")}
+    env |= {"D1SYNC_STATE_DIR": str(tmp_path / "state"), "D1SYNC_SENSOR_INTERVAL_SECONDS": "2"}
+    env.pop("D1_LOCAL_PATH", None)
+    exe = Path(sys.executable).parent / "d1sync"
+    log = open(tmp_path / "dev.out", "w+")  # noqa: SIM115 - read back after the process ends
+    proc = subprocess.Popen(
+        [str(exe), "dev", "--schema", str(ROOT / "schema.json"), "--port", str(port), "--every", "1"],
+        cwd=tmp_path,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # SIGINT goes to its group, like Ctrl-C in a terminal
+    )
+    try:
+        yield proc, f"http://127.0.0.1:{port}", tmp_path / "state", log
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_dev_runs_the_demo_and_ctrl_c_stops_everything(dev):
+    proc, url, state, log = dev
+    deadline = time.monotonic() + 300
+    applied: list[tuple[str, int]] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        applied = applied_changes(url)
+        if applied:
+            break
+        time.sleep(2)
+    log.seek(0)
+    assert applied, f"no materialization of d1/apps with changes within 300 s; d1sync dev said:\n{log.read()}"
+    run_id, messages = applied[0]
+    assert messages > 0
+
+    run = graphql(url, RUN, {"runId": run_id})["runOrError"]
+    tags = {t["key"]: t["value"] for t in run["tags"]}
+    assert tags.get("dagster/sensor_name") == "pgmq_depth_sensor"  # started by the sensor, not by hand
+    deadline = time.monotonic() + 60
+    while run["status"] in ("STARTED", "STARTING", "QUEUED") and time.monotonic() < deadline:
+        time.sleep(1)
+        run = graphql(url, RUN, {"runId": run_id})["runOrError"]
+    assert run["status"] == "SUCCESS"
+    checks = [
+        e["evaluation"] for e in run["eventConnection"]["events"] if e["__typename"] == "AssetCheckEvaluationEvent"
+    ]
+    assert len(checks) == 6 and all(c["success"] for c in checks), checks
+
+    shot, seen = screenshot(f"{url}/asset-groups", "asset-graph.png", wait_for=["apps", "app_versions", "Materialized"])
+    assert seen["title"] == "Global asset lineage"
+    assert png_size(shot) == (1600, 1000) and shot.stat().st_size > 20_000
+
+    started = psutil.Process(proc.pid).children(recursive=True)
+    assert any("dagster-webserver" in " ".join(p.cmdline()) for p in started)
+    assert any("dagster-daemon" in " ".join(p.cmdline()) for p in started)
+    postmaster = int((state / "postgres" / "postmaster.pid").read_text().split()[0])
+
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
+    assert proc.wait(timeout=120) == 0
+    log.seek(0)
+    said = log.read()
+    assert "stopped the Dagster processes and the embedded Postgres" in said, said
+    gone, alive = psutil.wait_procs(started, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]
+    assert not psutil.pid_exists(postmaster) or psutil.Process(postmaster).status() == psutil.STATUS_ZOMBIE
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{url}/server_info", timeout=2)
