@@ -128,6 +128,8 @@ def decode_all(msg_id: int, payload: Any, schema: Schema) -> list[Change | Poiso
         return [decode(msg_id, payload, schema)]
     name = payload.get("table")
     table = schema.by_name.get(name) if isinstance(name, str) else None
+    if isinstance(payload.get("error"), str):  # a backfill range the consumer could not read
+        return [Poison(msg_id, f"BACKFILL of {name}: {payload['error']}", name if table else None)]
     records, rows, columns = payload.get("records"), payload.get("rows"), payload.get("columns")
     if table is None or not (isinstance(records, list) or (isinstance(rows, list) and isinstance(columns, list))):
         return [Poison(msg_id, "BACKFILL message without a known table and its rows", name if table else None)]
@@ -187,6 +189,8 @@ def message_rows(payload: Any) -> int:
     """How many row changes a message carries (a BACKFILL chunk carries many)."""
     if isinstance(payload, dict) and payload.get("type") == "BACKFILL":
         rows = payload.get("rows", payload.get("records"))
+        if isinstance(rows, int):  # a range marker not read yet: its row count when enqueued
+            return max(1, rows)
         return max(1, len(rows)) if isinstance(rows, list) else 1
     return 1
 

@@ -1,28 +1,23 @@
 """Backfill: copy existing rows into D1 while writers keep writing, through the ordered queue.
 
-Each chunk is one short Postgres transaction that reads up to `chunk_size` rows in primary-key order
-`FOR SHARE` and enqueues them as ONE `BACKFILL` message
-(`{"type": "BACKFILL", "table", "columns": [names], "rows": [[values], ...]}`)
-into the same queue the triggers write to, and saves the table's progress (last key, rows, chunks).
+The table is walked in primary-key order in chunks of `chunk_size` keys. Each chunk is one short Postgres
+transaction that finds the chunk's upper key (the n-th key after the previous bound, without locks),
+enqueues a small range marker into the same queue the triggers write to, and saves the table's progress
+(last key, rows, chunks). The apply reads the range's rows when it reaches the marker, in queue order, and
+applies them as upserts (`engine/ranges.py` says why that converges where DBLog-style watermarks with plain
+reads do not). An earlier version enqueued the rows themselves, read `FOR SHARE`; the same concurrency tests
+(four writers, a kill and resume, a writer transaction held open across the chunk read) pass on both, and
+the markers make the copy about twice as fast: no row locks, no 500 KB queue messages, no TOAST and WAL
+for them.
 
-Why this converges: the share locks order every concurrent change of a chunk row around the chunk. A writer
-that changed a row first must commit before the chunk can lock it, and its message was inserted before its
-commit, so it precedes the chunk in msg_id order and the chunk carries its result. A writer that changes a
-row after the chunk read waits for the chunk's commit, so its message follows the chunk. A row inserted
-concurrently and not yet committed is invisible to the chunk and arrives through its own message; a chunk
-only upserts the rows it read, never deletes. (Plain reads would not do: a msg_id is taken at insert, not
-at commit, so a writer committing just after the read could precede the chunk with an older row.)
-
-Progress lives in `d1sync.backfill_progress`, written in the chunk's transaction, so an interrupted
-backfill resumes after its last committed chunk and never enqueues a chunk twice. Chunks are bounded by
-keys (the n-th key after the previous bound, found without locks), not by LIMIT, so a concurrent key change
-cannot make a chunk skip a range. One message per chunk keeps the queue small: a million rows are 200
-messages at the default chunk size.
+Progress lives in `d1sync.backfill_progress`, written in the marker's transaction, so an interrupted
+backfill resumes after its last enqueued chunk and never enqueues a chunk twice; markers already enqueued
+are applied by the next apply whoever runs it. Chunks are bounded by keys, not by LIMIT, so a concurrent key
+change cannot make a chunk skip a range. A million rows are 200 small messages at the default chunk size.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -34,10 +29,11 @@ from typing import Any
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.engine.apply import ApplyOptions, ApplyReport, apply
+from d1sync_dagster.engine.ranges import enqueue_marker, key_types, range_condition
 from d1sync_dagster.errors import QueueError
 from d1sync_dagster.schema import Schema, Table
 from d1sync_dagster.sql.capture import FUNCTION_SCHEMA, source_relation
-from d1sync_dagster.sql.quoting import ident, literal
+from d1sync_dagster.sql.quoting import ident
 
 log = logging.getLogger(__name__)
 
@@ -78,63 +74,12 @@ class BackfillReport:
         }
 
 
-def key_types(pg: PgmqClient, table: Table) -> list[str]:
-    """The Postgres types of the key columns, to cast saved key text back exactly."""
-    rows = pg.execute(
-        "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
-        "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped",
-        [source_relation(table)],
-    )
-    types = dict(rows)
-    missing = [k for k in table.key if k not in types]
-    if missing:
-        raise QueueError(f"{source_relation(table)} has no column(s) {', '.join(missing)} named as key in schema.json")
-    return [types[k] for k in table.key]
-
-
 def bound_sql(table: Table, types: Sequence[str], *, after: bool) -> str:
     """The key of the chunk's last row (the n-th key after the previous bound), read without locks."""
     keys = ", ".join(ident(k) for k in table.key)
-    where = ""
-    if after:
-        where = f"WHERE ({keys}) > (" + ", ".join(f"%(k{i})s::{t}" for i, t in enumerate(types)) + ")"
+    where = range_condition(table, types, after=after, upto=False)
     last = "ARRAY[" + ", ".join(f"{ident(k)}::text" for k in table.key) + "]"
     return f"SELECT {last} FROM {source_relation(table)} {where} ORDER BY {keys} LIMIT 1 OFFSET %(n)s - 1"
-
-
-def chunk_sql(table: Table, queue: str, types: Sequence[str], *, after: bool, upto: bool) -> str:
-    """One chunk: the rows in (previous bound, bound], FOR SHARE, enqueued as one BACKFILL message; returns
-    (rows, msg_id).
-
-    The range is fixed by key bounds rather than by LIMIT: a row whose key a concurrent writer changes is
-    re-checked by Postgres after the lock wait and must still lie in the range, so a chunk can never carry
-    a far-away new key and make the next chunk skip the keys in between. (The writer's own messages, ordered
-    before the chunk, carry the moved row.)
-    """
-    cols = ", ".join(ident(c) for c in table.columns)
-    keys = ", ".join(ident(k) for k in table.key)
-    conds = []
-    if after:
-        conds.append(f"({keys}) > (" + ", ".join(f"%(k{i})s::{t}" for i, t in enumerate(types)) + ")")
-    if upto:
-        conds.append(f"({keys}) <= (" + ", ".join(f"%(u{i})s::{t}" for i, t in enumerate(types)) + ")")
-    where = ("WHERE " + " AND ".join(conds)) if conds else ""
-    # Rows travel as arrays under one list of column names: half the size of one object per row, and
-    # twice as fast for Postgres to build (measured here: 0.46 s against 0.93 s for 100,000 rows).
-    names = literal(json.dumps(list(table.columns)))
-    row = ", ".join(ident(c) for c in table.columns)
-    return f"""
-WITH chunk AS (
-  SELECT {cols} FROM {source_relation(table)} {where} ORDER BY {keys} FOR SHARE
-), sent AS (
-  INSERT INTO pgmq.{ident("q_" + queue)} (vt, message)
-  SELECT now(), jsonb_build_object('type', 'BACKFILL', 'table', {literal(table.name)}, 'record', NULL,
-                                   'old_record', NULL, 'columns', {names}::jsonb,
-                                   'rows', jsonb_agg(jsonb_build_array({row})))
-  FROM chunk HAVING count(*) > 0
-  RETURNING msg_id
-)
-SELECT (SELECT count(*) FROM chunk), (SELECT msg_id FROM sent)"""
 
 
 def _progress(pg: PgmqClient, table: Table) -> tuple[list[str] | None, int, int, bool] | None:
@@ -260,18 +205,18 @@ def _backfill_table(
 def _chunk(
     pg: PgmqClient, table: Table, types: Sequence[str], params: dict[str, Any], last: list[str] | None
 ) -> tuple[int, int | None, list[str] | None]:
-    """One chunk transaction; run again when Postgres picks it as a deadlock victim (its share locks can meet
-    a writer's row locks taken in another order)."""
+    """One chunk transaction: bound, marker, progress. Returns (rows, msg_id, upper bound or None at the end)."""
     for attempt in range(5):
         try:
             with pg.conn.transaction():
                 bound = pg.execute(bound_sql(table, types, after=last is not None), params)
                 upper = list(bound[0][0]) if bound else None
                 if upper is not None:
-                    params |= {f"u{i}": v for i, v in enumerate(upper)}
-                sql = chunk_sql(table, pg.queue, types, after=last is not None, upto=upper is not None)
-                n, msg_id = pg.execute(sql, params)[0]
-                # Without an upper bound this chunk took every remaining row: the table is done.
+                    n = int(params["n"])
+                else:  # the rest of the table, fewer than a chunk
+                    where = range_condition(table, types, after=last is not None, upto=False)
+                    n = int(pg.execute(f"SELECT count(*) FROM {source_relation(table)} {where}", params)[0][0])
+                msg_id = enqueue_marker(pg, table, last, upper, n) if n else None
                 _save(pg, table, upper if upper is not None else last, n, finished=upper is None)
             return n, msg_id, upper
         except QueueError as e:

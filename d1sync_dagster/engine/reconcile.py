@@ -31,8 +31,8 @@ from d1sync_dagster.core.changes import Key, Row
 from d1sync_dagster.core.convert import to_sqlite
 from d1sync_dagster.core.plan import sql_literal
 from d1sync_dagster.engine.apply import ApplyOptions, apply
-from d1sync_dagster.engine.backfill import key_types
 from d1sync_dagster.engine.compare import diff, pg_rows, rows_from_raw, select_exact
+from d1sync_dagster.engine.ranges import key_types
 from d1sync_dagster.schema import Schema, Table
 from d1sync_dagster.sql.capture import source_relation
 from d1sync_dagster.sql.quoting import ident

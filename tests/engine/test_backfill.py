@@ -210,3 +210,35 @@ def test_writer_transaction_held_open_across_a_chunk_read(loaded):
     pair.assert_in_sync(["apps"])
     (res,) = pair.d1.query("SELECT name FROM apps WHERE id IN (10, 150) ORDER BY id")
     assert [r["name"] for r in res.results] == ["written while the chunk was read", "inserted in the chunk range"]
+
+
+def test_range_markers_over_the_row_budget_wait_for_later_batches_in_order(loaded):
+    """Markers whose rows would overflow a batch are made visible again and read next, before any later
+    message: a change enqueued after the markers still lands last."""
+    from d1sync_dagster.engine.ranges import enqueue_marker
+
+    pair, _ = loaded
+    apps = SCHEMA.table("apps")
+    for after, upto in [(None, ["1000"]), (["1000"], ["2000"]), (["2000"], None)]:
+        enqueue_marker(pair.pg, apps, after, upto, 1000)
+    pair.sql("UPDATE apps SET name = 'changed after the markers' WHERE id IN (5, 1500, 2999)")
+    report = apply(pair.pg, pair.d1, SCHEMA, ApplyOptions(max_rows_per_batch=1500))
+    assert report.drained and report.dead_lettered == 0
+    assert report.batches >= 3  # one marker per batch: 1000 + 1000 rows would pass the budget
+    pair.assert_in_sync(["apps"])
+    (res,) = pair.d1.query("SELECT count(*) AS n FROM apps WHERE name = 'changed after the markers'")
+    assert res.results[0]["n"] == 3
+
+
+def test_a_range_that_cannot_be_read_is_dead_lettered_with_its_reason(loaded):
+    from d1sync_dagster.engine.ranges import enqueue_marker
+
+    pair, _ = loaded
+    enqueue_marker(pair.pg, SCHEMA.table("apps"), ["not a number"], None, 10)  # the key is a bigint
+    pair.sql("INSERT INTO apps (id, name) VALUES (900001, 'after')")
+    report = apply(pair.pg, pair.d1, SCHEMA)
+    assert report.drained and report.dead_lettered == 1
+    (letter,) = pair.dead_letters()
+    assert "cannot be read" in letter["error"] and "invalid input syntax for type bigint" in letter["error"]
+    (res,) = pair.d1.query("SELECT name FROM apps WHERE id = 900001")
+    assert res.results == [{"name": "after"}]  # the rest of the queue applied
