@@ -120,6 +120,18 @@ def same_value(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+def is_chunk(payload: Any) -> bool:
+    """A BACKFILL chunk in the compact form: `{"type": "BACKFILL", "table", "columns": [...], "rows": [...]}`."""
+    return (
+        isinstance(payload, dict)
+        and payload.get("type") == "BACKFILL"
+        and isinstance(payload.get("table"), str)
+        and isinstance(payload.get("columns"), list)
+        and isinstance(payload.get("rows"), list)
+        and not isinstance(payload.get("error"), str)
+    )
+
+
 def decode_all(msg_id: int, payload: Any, schema: Schema) -> list[Change | Poison]:
     """Decode a message into its changes: one for trigger messages, one per row for a BACKFILL chunk, each
     an upsert. A chunk is `{"type": "BACKFILL", "table", "columns": [names], "rows": [[values], ...]}` (the
@@ -137,10 +149,7 @@ def decode_all(msg_id: int, payload: Any, schema: Schema) -> list[Change | Poiso
         missing = [c for c in table.columns if c not in columns]
         if missing:
             return [Poison(msg_id, f"BACKFILL of {name}: rows lack replicated column(s) {missing}", name)]
-        # Only the schema's columns, in the message's positions.
-        wanted = {c: CONVERTERS[table.columns[c]] for c in table.columns}
-        positions = tuple((i, c, wanted[c]) for i, c in enumerate(columns) if c in wanted)
-        return _decode_rows(msg_id, table, rows, positions)
+        return _decode_rows(msg_id, table, rows, chunk_positions(table, columns))
     out: list[Change | Poison] = []
     convert = _converters(tuple(table.columns.items()))  # once per chunk, not per row
     for i, record in enumerate(records):
@@ -163,26 +172,41 @@ def _upsert(msg_id: int, table: Table, row: Row) -> Change:
 def _decode_rows(
     msg_id: int, table: Table, rows: list[Any], positions: tuple[tuple[int, str, Callable[[Any], SqlValue]], ...]
 ) -> list[Change | Poison]:
-    out: list[Change | Poison] = []
     width = max(i for i, _, _ in positions) + 1
-    for n, values in enumerate(rows):
+    return [decode_row(msg_id, table, n, values, positions, width) for n, values in enumerate(rows)]
+
+
+def chunk_positions(table: Table, columns: list[Any]) -> tuple[tuple[int, str, Callable[[Any], SqlValue]], ...]:
+    """Where each replicated column sits in a compact chunk's rows (the last of repeated names)."""
+    wanted = {c: CONVERTERS[table.columns[c]] for c in table.columns}
+    return tuple((i, c, wanted[c]) for i, c in enumerate(columns) if c in wanted)
+
+
+def decode_row(
+    msg_id: int,
+    table: Table,
+    n: int,
+    values: Any,
+    positions: tuple[tuple[int, str, Callable[[Any], SqlValue]], ...],
+    width: int,
+) -> Change | Poison:
+    """Row `n` of a compact chunk as an upsert, or the reason it cannot be one."""
+    try:
+        if not isinstance(values, list | tuple) or len(values) < width:
+            raise ConversionError("row is not an array of the listed columns")
         try:
-            if not isinstance(values, list) or len(values) < width:
-                raise ConversionError("row is not an array of the listed columns")
-            try:
-                row = {c: None if (v := values[i]) is None else fn(v) for i, c, fn in positions}
-            except ConversionError:
-                for i, c, fn in positions:  # slow path, only to name the column that failed
-                    try:
-                        if values[i] is not None:
-                            fn(values[i])
-                    except ConversionError as e:
-                        raise ConversionError(f"column {c!r}: {e}") from None
-                raise
-            out.append(_upsert(msg_id, table, row))
-        except ConversionError as e:
-            out.append(Poison(msg_id, f"BACKFILL of {table.name}, row {n}: {e}", table.name))
-    return out
+            row = {c: None if (v := values[i]) is None else fn(v) for i, c, fn in positions}
+        except ConversionError:
+            for i, c, fn in positions:  # slow path, only to name the column that failed
+                try:
+                    if values[i] is not None:
+                        fn(values[i])
+                except ConversionError as e:
+                    raise ConversionError(f"column {c!r}: {e}") from None
+            raise
+        return _upsert(msg_id, table, row)
+    except ConversionError as e:
+        return Poison(msg_id, f"BACKFILL of {table.name}, row {n}: {e}", table.name)
 
 
 def message_rows(payload: Any) -> int:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from d1sync_dagster.clients.d1 import MAX_BOUND_PARAMS, MAX_STATEMENT_BYTES
 from d1sync_dagster.core.changes import Change
 from d1sync_dagster.core.coalesce import coalesce
-from d1sync_dagster.core.plan import plan, real_literal, sql_literal
+from d1sync_dagster.core.plan import PACK_BYTES, plan, real_literal, sql_literal
 from d1sync_dagster.schema import parse_schema
 from d1sync_dagster.sql.d1_ddl import schema_ddl
 
@@ -143,10 +143,23 @@ def test_thousands_of_rows_pack_into_few_statements():
     ]
     planned = plan(SCHEMA, coalesce(changes))
     assert sum(p.rows for p in planned) == 5000
-    assert len(planned) <= 5  # ~1,500 rows per 100 KB statement, against 16 per statement with bound params
+    # ~400 rows per statement of PACK_BYTES (25 KB), against 16 per statement with bound params
+    assert len(planned) <= 15
+    assert all(len(p.statement.sql) <= PACK_BYTES for p in planned)
 
 
-def test_only_changed_columns_are_assigned_when_the_old_row_is_known():
+def test_a_row_larger_than_the_packing_target_gets_a_literal_statement_of_its_own():
+    big = "y" * (PACK_BYTES + 10_000)
+    changes = [
+        Change(i, "t", "upsert", (i, "a"), {"k1": i, "k2": "a", "v": "x", "n": i, "r": 1.5, "b": None})
+        for i in range(3)
+    ]
+    changes.insert(1, Change(9, "t", "upsert", (9, "a"), {"k1": 9, "k2": "a", "v": big, "n": 9, "r": None, "b": None}))
+    planned = plan(SCHEMA, coalesce(changes))
+    assert [p.rows for p in planned] == [3, 1]
+    assert PACK_BYTES < len(planned[1].statement.sql) <= MAX_STATEMENT_BYTES
+    assert planned[1].statement.params == ()  # still one literal row, not the bound-parameter form
+
     after = {"k1": 1, "k2": "a", "v": "old", "n": 2, "r": None, "b": None}
     unchanged = frozenset({"k1", "k2", "v", "r", "b"})
     (p,) = plan(SCHEMA, coalesce([Change(1, "t", "upsert", (1, "a"), after, None, unchanged)]))
