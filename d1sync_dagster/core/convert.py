@@ -115,11 +115,13 @@ def parse_number(text: str) -> float | Decimal:
 
 
 # A number that a float or int64 may not hold exactly has at least 17 characters (16+ significant digits
-# and a dot, or an integer of 19+ digits). Runs of number characters that long are checked one by one
-# (found with bytes.translate, much faster than a regex); a run that is not a number (digits inside a
-# string) just takes the slow, exact path.
+# and a dot, or an integer of 19+ digits). Whether the text has such a run of number characters at all is
+# one bytes.translate and one substring search (much faster than a regex); only then are the runs checked
+# one by one (a run that is not a number, digits inside a string, just takes the slow, exact path).
 _NUMBER_CHARS = set(b"0123456789.eE+-")
 _ONLY_NUMBER_CHARS = bytes(c if c in _NUMBER_CHARS else 32 for c in range(256))
+_NUMBER_MASK = bytes(0 if c in _NUMBER_CHARS else 32 for c in range(256))
+_LONG_RUN = b"\0" * 17
 
 
 def _orjson_keeps(token: bytes) -> bool:
@@ -140,10 +142,11 @@ def loads_exact(data: str | bytes) -> Any:
     common case: Postgres prints float8 that way), orjson decodes the text; otherwise the standard decoder
     with `parse_number` does, keeping long decimals as Decimal.
     """
-    raw = data.encode() if isinstance(data, str) else bytes(data)
-    candidates = [t for t in raw.translate(_ONLY_NUMBER_CHARS).split() if len(t) >= 17]
-    if candidates and not all(_orjson_keeps(t) for t in candidates):
-        return json.loads(raw, parse_float=parse_number)
+    raw = data if data.__class__ is bytes else data.encode() if isinstance(data, str) else bytes(data)
+    if _LONG_RUN in raw.translate(_NUMBER_MASK):
+        candidates = [t for t in raw.translate(_ONLY_NUMBER_CHARS).split() if len(t) >= 17]
+        if not all(_orjson_keeps(t) for t in candidates):
+            return json.loads(raw, parse_float=parse_number)
     return orjson.loads(raw)
 
 

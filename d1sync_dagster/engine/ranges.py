@@ -4,7 +4,9 @@ the marker in the queue, not when the backfill enqueues it.
 A marker is `{"type": "BACKFILL", "table", "range": {"after": [key text] | null, "upto": [key text] | null},
 "rows": <count when enqueued>}`. The apply's reader thread reads a batch of messages, then (same connection,
 later statement, so a later snapshot) reads each marker's range with a plain read and replaces the marker by
-the compact chunk form (`"columns"` + `"rows"`), which decodes like any chunk.
+the compact chunk form (`"columns"` + `"rows"`), which decodes like any chunk. The read selects each column
+as `to_jsonb` renders it, as the triggers do, or the column itself where psycopg loads the same value
+(`read_natively`: integers, booleans, text, jsonb, and double precision into REAL).
 
 Why this converges, for every row x of the range (messages of one row are ordered by msg_id as they are by
 commit, since a writer enqueues while holding the row lock):
@@ -39,14 +41,19 @@ from d1sync_dagster.sql.quoting import ident
 log = logging.getLogger(__name__)
 
 
-def key_types(pg: PgmqClient, table: Table) -> list[str]:
-    """The Postgres types of the key columns, to cast saved key text back exactly."""
+def column_types(pg: PgmqClient, table: Table) -> dict[str, str]:
+    """The Postgres type (`format_type`) of every column of the table's source relation."""
     rows = pg.execute(
         "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
         "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped",
         [source_relation(table)],
     )
-    types = dict(rows)
+    return dict(rows)
+
+
+def key_types(pg: PgmqClient, table: Table) -> list[str]:
+    """The Postgres types of the key columns, to cast saved key text back exactly."""
+    types = column_types(pg, table)
     missing = [k for k in table.key if k not in types]
     if missing:
         raise QueueError(f"{source_relation(table)} has no column(s) {', '.join(missing)} named as key in schema.json")
@@ -93,16 +100,30 @@ def marker_rows(payload: Any) -> int:
     return n if isinstance(n, int) and n > 0 else 1
 
 
-def _rows_sql(table: Table, types: Sequence[str], *, after: bool, upto: bool) -> str:
-    # Each row rendered by jsonb_build_array, exactly as the capture trigger's to_jsonb renders values, so
-    # a range decodes like any chunk; json_agg only joins the rendered rows (cheaper than building jsonb).
-    cols = ", ".join(ident(c) for c in table.columns)
-    keys = ", ".join(ident(k) for k in table.key)
-    where = range_condition(table, types, after=after, upto=upto)
-    return (
-        f"SELECT coalesce(json_agg(jsonb_build_array({cols})), '[]'::json) FROM "
-        f"(SELECT {cols} FROM {source_relation(table)} {where} ORDER BY {keys}) r"
+#: Postgres types whose values psycopg loads as exactly the Python value that `loads_exact(to_jsonb(v))`
+#: gives, for any column type in schema.json: integers, booleans, text (the same str) and jsonb (its text
+#: is what to_jsonb returns, loaded by the same `loads_exact`).
+_SAME_AS_JSON = {"smallint", "integer", "bigint", "boolean", "text", "jsonb"}
+
+
+def read_natively(pg_type: str, column_type: str) -> bool:
+    """Whether a range read selects the column itself rather than `to_jsonb(column)` (cheaper on both
+    sides, same value after conversion). double precision only into REAL: to_jsonb spells NaN as the text
+    "NaN", which a TEXT column would keep, while a REAL column refuses both alike."""
+    if pg_type in _SAME_AS_JSON or pg_type.startswith("character varying"):
+        return True
+    return pg_type == "double precision" and column_type == "REAL"
+
+
+def _rows_sql(table: Table, types: dict[str, str], *, after: bool, upto: bool) -> str:
+    # Every other column is rendered by to_jsonb, exactly as the capture trigger renders values, so a range
+    # decodes like the changes the triggers send.
+    cols = ", ".join(
+        ident(c) if read_natively(types.get(c, ""), t) else f"to_jsonb({ident(c)})" for c, t in table.columns.items()
     )
+    keys = ", ".join(ident(k) for k in table.key)
+    where = range_condition(table, [types[k] for k in table.key], after=after, upto=upto)
+    return f"SELECT {cols} FROM {source_relation(table)} {where} ORDER BY {keys}"
 
 
 class RangeReader:
@@ -111,7 +132,7 @@ class RangeReader:
 
     def __init__(self, pg: PgmqClient, schema: Schema, *, max_rows: int) -> None:
         self.pg, self.schema, self.max_rows = pg, schema, max_rows
-        self._types: dict[str, list[str]] = {}
+        self._types: dict[str, dict[str, str]] = {}
 
     def resolve(self, msgs: list[QueueMessage]) -> list[QueueMessage]:
         """The batch with every marker replaced by its rows. When the markers' rows would exceed `max_rows`,
@@ -147,9 +168,10 @@ class RangeReader:
             return {"type": "BACKFILL", "table": name, "error": "range marker without a known table and key range"}
         try:
             if table.name not in self._types:
-                self._types[table.name] = key_types(self.pg, table)
+                key_types(self.pg, table)  # a clear error when a key column is gone
+                self._types[table.name] = column_types(self.pg, table)
             sql = _rows_sql(table, self._types[table.name], after=after is not None, upto=upto is not None)
-            ((rows,),) = self.pg.execute(sql, range_params(after, upto))
+            rows = self.pg.execute(sql, range_params(after, upto))
         except QueueError as e:
             # A range that can never be read (key text that no longer casts, a dropped column) is dead-lettered
             # with the reason; a lost connection or a timeout is raised and the batch is read again later.
