@@ -17,15 +17,12 @@ Invariants:
 
 from __future__ import annotations
 
-import gc
 import logging
-import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -38,6 +35,7 @@ from d1sync_dagster.core.coalesce import coalesce
 from d1sync_dagster.core.plan import Planned, plan, plan_literals, plan_upserts, requests, row_problem
 from d1sync_dagster.engine.prefetch import Prefetch
 from d1sync_dagster.engine.ranges import RangeReader
+from d1sync_dagster.engine.tuning import throughput
 from d1sync_dagster.errors import D1Error
 from d1sync_dagster.schema import Schema
 from d1sync_dagster.sql.capture import dlq_name
@@ -116,49 +114,6 @@ class _Prepared:
     meta: list[Statement]
 
 
-class _Throughput:
-    """Two interpreter settings for as long as an apply runs; both process-wide, so they are counted: the
-    first apply sets them and the last one restores them.
-
-    - The switch interval is 0.2 ms instead of 5 ms. The D1 worker hands the GIL back at every SQLite
-      statement it prepares and steps (and every network wait), then waits for the decoding thread to drop
-      it, up to the switch interval each time. With dozens of statements per request that waiting was most
-      of the SQLite backend's time: in an interleaved A/B run of the backfill benchmark (300k rows, 3 runs
-      each) 50,600 rows/s at 5 ms against 64,100 at 0.2 ms.
-    - The cyclic garbage collector's first threshold is 20,000 allocations instead of 700. A batch allocates
-      hundreds of thousands of short-lived, acyclic objects (rows, literals), each of which the default
-      threshold made the collector scan several times; the larger threshold bounds the extra memory to
-      20,000 objects. Interleaved A/B (500k rows, 2 runs each): 97,229 and 84,074 rows/s against 80,976
-      and 77,055.
-    """
-
-    switch_seconds = 0.0002
-    gc_threshold = 20_000
-    _lock = threading.Lock()
-    _users = 0
-    _saved_switch = 0.005
-    _saved_gc: tuple[int, int, int] = (700, 10, 10)
-
-    @classmethod
-    @contextmanager
-    def active(cls) -> Iterator[None]:
-        with cls._lock:
-            if cls._users == 0:
-                cls._saved_switch = sys.getswitchinterval()
-                cls._saved_gc = gc.get_threshold()
-                sys.setswitchinterval(min(cls._saved_switch, cls.switch_seconds))
-                gc.set_threshold(max(cls._saved_gc[0], cls.gc_threshold), *cls._saved_gc[1:])
-            cls._users += 1
-        try:
-            yield
-        finally:
-            with cls._lock:
-                cls._users -= 1
-                if cls._users == 0:
-                    sys.setswitchinterval(cls._saved_switch)
-                    gc.set_threshold(*cls._saved_gc)
-
-
 def apply(
     pg: PgmqClient,
     d1: D1Client,
@@ -178,7 +133,7 @@ def apply(
     """
     report = ApplyReport(tables={t.name: TableStats() for t in schema.tables})
     started = time.monotonic()
-    with pg.advisory_lock(lock_name(pg.queue)) as got, _Throughput.active():
+    with pg.advisory_lock(lock_name(pg.queue)) as got, throughput():
         if not got:
             report.skipped = "another apply is running on this queue"
             log.info("apply skipped: %s", report.skipped)

@@ -1,7 +1,8 @@
 """Read a table from both sides in the same normalised form and compare row for row.
 
-Postgres rows go through the same conversion as replicated changes (`to_jsonb` -> `to_sqlite`), so equal
-means "what apply should have produced". D1 values are read exactly: integers as text (JSON numbers over
+Postgres rows go through the same conversion as replicated changes (values as `to_jsonb` renders them, or
+read natively where that gives the same value, -> the column type's converter), so equal means "what apply
+should have produced". D1 values are read exactly: integers as text (JSON numbers over
 HTTP would lose digits beyond 2^53), BLOBs as hex, with `typeof` so an integer stored as text is a difference.
 """
 
@@ -13,7 +14,8 @@ from typing import Any
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.core.changes import Key, Row
-from d1sync_dagster.core.convert import SqlValue, to_sqlite
+from d1sync_dagster.core.convert import CONVERTERS, SqlValue
+from d1sync_dagster.engine.ranges import select_list
 from d1sync_dagster.schema import Table
 from d1sync_dagster.sql.capture import source_relation
 from d1sync_dagster.sql.quoting import ident
@@ -32,14 +34,24 @@ class Drift:
         return len(self.missing) + len(self.extra) + len(self.different)
 
 
-def pg_rows(pg: PgmqClient, table: Table, where: str = "", params: list[Any] | None = None) -> dict[Key, Row]:
-    """Every row of the source table, converted as apply converts it, by key."""
-    cols = ", ".join(ident(c) for c in table.columns)
-    rows = pg.execute(f"SELECT to_jsonb(r) FROM (SELECT {cols} FROM {source_relation(table)} {where}) r", params or [])
+def pg_rows(
+    pg: PgmqClient,
+    table: Table,
+    where: str = "",
+    params: list[Any] | None = None,
+    *,
+    types: dict[str, str] | None = None,
+) -> dict[Key, Row]:
+    """The source table's rows (`where` narrows them), converted as apply converts them, by key.
+
+    With the source's column `types` (`ranges.column_types`), columns that can be are read natively, as a
+    range read does; without, every value goes through to_jsonb (the reference the tests compare against)."""
+    rows = pg.execute(f"SELECT {select_list(table, types)} FROM {source_relation(table)} {where}", params or [])
+    convert = [(i, c, CONVERTERS[t]) for i, (c, t) in enumerate(table.columns.items())]
     out: dict[Key, Row] = {}
-    for (record,) in rows:
-        row = {c: to_sqlite(record[c], t) for c, t in table.columns.items()}
-        out[tuple(row[k] for k in table.key)] = row
+    for values in rows:
+        row = {c: None if (v := values[i]) is None else fn(v) for i, c, fn in convert}
+        out[tuple([row[k] for k in table.key])] = row
     return out
 
 

@@ -115,15 +115,19 @@ def read_natively(pg_type: str, column_type: str) -> bool:
     return pg_type == "double precision" and column_type == "REAL"
 
 
-def _rows_sql(table: Table, types: dict[str, str], *, after: bool, upto: bool) -> str:
-    # Every other column is rendered by to_jsonb, exactly as the capture trigger renders values, so a range
-    # decodes like the changes the triggers send.
-    cols = ", ".join(
-        ident(c) if read_natively(types.get(c, ""), t) else f"to_jsonb({ident(c)})" for c, t in table.columns.items()
+def select_list(table: Table, types: dict[str, str] | None) -> str:
+    """The table's columns for a read: natively where `read_natively` allows, else `to_jsonb(column)`, which
+    renders values exactly as the capture triggers do. `types` None: every column through to_jsonb."""
+    return ", ".join(
+        ident(c) if types is not None and read_natively(types.get(c, ""), t) else f"to_jsonb({ident(c)})"
+        for c, t in table.columns.items()
     )
+
+
+def _rows_sql(table: Table, types: dict[str, str], *, after: bool, upto: bool) -> str:
     keys = ", ".join(ident(k) for k in table.key)
     where = range_condition(table, [types[k] for k in table.key], after=after, upto=upto)
-    return f"SELECT {cols} FROM {source_relation(table)} {where} ORDER BY {keys}"
+    return f"SELECT {select_list(table, types)} FROM {source_relation(table)} {where} ORDER BY {keys}"
 
 
 class RangeReader:

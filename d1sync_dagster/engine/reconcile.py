@@ -32,7 +32,8 @@ from d1sync_dagster.core.convert import to_sqlite
 from d1sync_dagster.core.plan import sql_literal
 from d1sync_dagster.engine.apply import ApplyOptions, apply
 from d1sync_dagster.engine.compare import diff, pg_rows, rows_from_raw, select_exact
-from d1sync_dagster.engine.ranges import key_types
+from d1sync_dagster.engine.ranges import column_types, key_types
+from d1sync_dagster.engine.tuning import throughput
 from d1sync_dagster.schema import Schema, Table
 from d1sync_dagster.sql.capture import source_relation
 from d1sync_dagster.sql.quoting import ident
@@ -160,13 +161,14 @@ def compare_table(
     `on_chunk(table, d1_rows_compared_so_far)` is called after every chunk (progress)."""
     drift = TableDrift()
     types = key_types(pg, table)
+    all_types = column_types(pg, table)
     for chunk, n in d1_chunks(d1, table, chunk_size):
         drift.d1_rows += n
         drift.d1_rows_read += n
         if on_chunk is not None:
             on_chunk(table.name, drift.d1_rows)
         where, params = _pg_key_filter(table, types, list(chunk))
-        source = pg_rows(pg, table, where, params)
+        source = pg_rows(pg, table, where, params, types=all_types)
         part = diff(source, chunk)
         drift.extra += part.extra
         drift.different += part.different
@@ -245,6 +247,20 @@ def reconcile(
     on_chunk: Callable[[str, int], None] | None = None,
 ) -> ReconcileReport:
     """Compare (and with `repair_drift`, repair) `tables` (None: all); `on_chunk` as in `compare_table`."""
+    with throughput():
+        return _reconcile(pg, d1, schema, tables, chunk_size, repair_drift, apply_options, on_chunk)
+
+
+def _reconcile(
+    pg: PgmqClient,
+    d1: D1Client,
+    schema: Schema,
+    tables: list[str] | None,
+    chunk_size: int,
+    repair_drift: bool,
+    apply_options: ApplyOptions | None,
+    on_chunk: Callable[[str, int], None] | None,
+) -> ReconcileReport:
     started = time.monotonic()
     chosen = [schema.table(n) for n in tables] if tables else list(schema.tables)
     options = apply_options or ApplyOptions()
@@ -278,7 +294,7 @@ def _recheck(pg: PgmqClient, d1: D1Client, table: Table, drift: TableDrift) -> T
     keys = drift.missing + drift.extra + drift.different
     types = key_types(pg, table)
     where, params = _pg_key_filter(table, types, keys)
-    source = pg_rows(pg, table, where, params)
+    source = pg_rows(pg, table, where, params, types=column_types(pg, table))
     found, read = d1_lookup(d1, table, keys)
     drift.d1_rows_read += read
     again = diff(source, found)
