@@ -242,3 +242,30 @@ def test_a_range_that_cannot_be_read_is_dead_lettered_with_its_reason(loaded):
     assert "cannot be read" in letter["error"] and "invalid input syntax for type bigint" in letter["error"]
     (res,) = pair.d1.query("SELECT name FROM apps WHERE id = 900001")
     assert res.results == [{"name": "after"}]  # the rest of the queue applied
+
+
+def test_chunk_rows_refused_by_conversion_or_by_d1_are_dead_lettered_and_the_rest_lands(loaded):
+    """Rows of a range that take the general path: one that does not convert (NaN into REAL), one too large
+    for a packed statement, one D1 itself refuses (a CHECK constraint D1's table has and the source has
+    not). A trigger change in the same batch lands after the chunk."""
+    pair, _ = loaded
+    pair.d1.query("DROP TABLE apps")
+    pair.d1.query(
+        'CREATE TABLE apps ("id" INTEGER NOT NULL, "owner_id" TEXT, "name" TEXT CHECK (name NOT LIKE \'refused%\'), '
+        '"is_public" INTEGER, "settings" TEXT, "rating" REAL, "icon" BLOB, "created_at" INTEGER, PRIMARY KEY ("id"))'
+    )
+    pair.sql("UPDATE apps SET rating = 'NaN' WHERE id = 10")
+    pair.sql("UPDATE apps SET name = %s WHERE id = 20", ["y" * 150_000])
+    pair.sql("UPDATE apps SET name = 'refused by D1' WHERE id = 30")
+    pair.sql("SELECT pgmq.purge_queue('replicate_data')")  # only the range reads see those rows
+    pair.sql("INSERT INTO apps (id, name) VALUES (900001, 'a trigger change')")
+    report = backfill(pair.pg, pair.d1, SCHEMA, tables=["apps"], chunk_size=1000)
+    assert report.apply is not None and report.apply.dead_lettered == 2
+    reasons = [letter["error"] for letter in pair.dead_letters()]
+    assert sum("D1 refused" in r and "CHECK constraint failed" in r for r in reasons) == 1
+    assert sum("BACKFILL of apps, row 9: column 'rating': REAL column got NaN" in r for r in reasons) == 1
+    assert all(letter["message"]["type"] == "BACKFILL" for letter in pair.dead_letters())  # the range marker
+    (res,) = pair.d1.query("SELECT count(*) AS n, max(length(name)) AS longest FROM apps")
+    assert res.results == [{"n": 2999, "longest": 150_000}]
+    (res,) = pair.d1.query("SELECT count(*) AS n FROM apps WHERE id IN (10, 30)")
+    assert res.results == [{"n": 0}]
