@@ -36,10 +36,11 @@ from d1sync_dagster.core.plan import Planned, plan, plan_literals, plan_upserts,
 from d1sync_dagster.engine.prefetch import Prefetch
 from d1sync_dagster.engine.ranges import RangeReader
 from d1sync_dagster.engine.tuning import throughput
-from d1sync_dagster.errors import D1Error
+from d1sync_dagster.errors import D1Error, QueueError
 from d1sync_dagster.schema import Schema
 from d1sync_dagster.sql.capture import dlq_name
 from d1sync_dagster.sql.d1_ddl import upsert_meta
+from d1sync_dagster.sql.quoting import ident
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ class ApplyReport:
     duration_seconds: float = 0.0
     drained: bool = False
     skipped: str | None = None
+    vacuumed: bool = False
 
     @property
     def rows_per_request(self) -> float:
@@ -98,6 +100,9 @@ class ApplyOptions:
     follow: Callable[[], bool] | None = None
     #: Called with the running report after each batch is applied and deleted (progress display).
     on_batch: Callable[[ApplyReport], None] | None = None
+    #: After a run that drained the queue, VACUUM the queue table when Postgres counts at least this many
+    #: dead rows in it (None: leave it to autovacuum). See `vacuum_queue`.
+    vacuum_dead_rows: int | None = 100_000
 
 
 def lock_name(queue: str) -> str:
@@ -176,8 +181,50 @@ def apply(
                 for f in in_flight:
                     f.cancel()
                 batches.close()
+        if report.drained and report.messages and options.vacuum_dead_rows is not None:
+            report.vacuumed = vacuum_queue(pg, options.vacuum_dead_rows)
     report.duration_seconds = time.monotonic() - started
     return report
+
+
+_vacuum_warned: set[str] = set()
+
+
+def vacuum_queue(pg: PgmqClient, min_dead_rows: int) -> bool:
+    """VACUUM the queue table when it holds at least `min_dead_rows` dead rows; True when it ran.
+
+    Every message is inserted, updated by `pgmq.read` and deleted: three row versions for one change. At
+    1,000 changes/s autovacuum (which visits a table at most once a minute by default) let the queue table
+    grow without bound in the soak benchmark. A plain VACUUM takes no lock writers wait for. Only the
+    table's owner may vacuum it (the role that ran the migration); any other role is told once, and the
+    table is left to autovacuum."""
+    table = f"pgmq.{ident('q_' + pg.queue)}"
+    try:
+        rows = pg.execute(
+            "SELECT s.n_dead_tup, pg_has_role(c.relowner, 'USAGE') FROM pg_stat_user_tables s "
+            "JOIN pg_class c ON c.oid = s.relid WHERE s.relid = to_regclass(%s)",
+            [table],
+        )
+        if not rows or rows[0][0] < min_dead_rows:
+            return False
+        dead, owner = rows[0]
+        if not owner:
+            _warn_once(table, f"{table} has {dead} dead rows; only its owner can vacuum it, so autovacuum has to")
+            return False
+        started = time.monotonic()
+        pg.execute(f"VACUUM (ANALYZE) {table}")
+    except QueueError as e:
+        _warn_once(table, f"could not vacuum the queue table {table} (autovacuum will): {e}")
+        return False
+    log.info("vacuumed %s (%d dead rows) in %.2f s", table, dead, time.monotonic() - started)
+    return True
+
+
+def _warn_once(table: str, message: str) -> None:
+    """Vacuum trouble is logged once per queue and process, not after every apply run."""
+    if table not in _vacuum_warned:
+        _vacuum_warned.add(table)
+        log.warning("%s", message)
 
 
 def _prepare(schema: Schema, msgs: list[QueueMessage], report: ApplyReport) -> _Prepared:

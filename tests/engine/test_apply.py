@@ -1,9 +1,13 @@
 """Incremental apply through real Postgres + PGMQ and both D1 backends: D1 ends equal to Postgres."""
 
+import time
+import uuid
+
+import psycopg
 import pytest
 
 from d1sync_dagster.clients.pgmq import PgmqClient
-from d1sync_dagster.engine.apply import ApplyOptions, apply, lock_name
+from d1sync_dagster.engine.apply import ApplyOptions, _vacuum_warned, apply, lock_name, vacuum_queue
 
 UUID = "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"
 
@@ -326,3 +330,47 @@ def test_update_of_a_row_missing_in_d1_restores_it(pair):
     pair.sql("UPDATE apps SET name = 'a2' WHERE id = 1")
     pair.apply()
     pair.assert_in_sync()
+
+
+def _dead_rows_counted(pg, at_least: int) -> None:
+    """Wait until Postgres's statistics show the queue's dead rows (backends report them within a second)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        rows = pg.execute(f"SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'pgmq.q_{pg.queue}'::regclass")
+        if rows and rows[0][0] >= at_least:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the queue's dead rows were never counted")
+
+
+def test_a_drained_queue_table_is_vacuumed_once_it_holds_enough_dead_rows(pair):
+    pair.sql("INSERT INTO apps (id, name) SELECT g, 'x' FROM generate_series(1, 3000) g")
+    report = pair.apply(vacuum_dead_rows=None)
+    assert report.drained and not report.vacuumed
+    _dead_rows_counted(pair.pg, 3000)
+    pair.sql("UPDATE apps SET name = 'y' WHERE id <= 10")
+    report = pair.apply(vacuum_dead_rows=1000)
+    assert report.vacuumed
+    (vacuums,) = pair.sql(
+        f"SELECT vacuum_count FROM pg_stat_user_tables WHERE relid = 'pgmq.q_{pair.pg.queue}'::regclass"
+    )
+    assert vacuums[0] >= 1
+    pair.assert_in_sync()
+
+
+def test_a_role_that_does_not_own_the_queue_leaves_it_to_autovacuum(pair, source_db, caplog):
+    role = f"d1sync_t_{uuid.uuid4().hex[:8]}"
+    pair.sql(f"CREATE ROLE {role} LOGIN")
+    pair.sql(f"GRANT USAGE ON SCHEMA pgmq TO {role}")
+    _vacuum_warned.clear()
+    try:
+        pair.sql("INSERT INTO apps (id, name) SELECT g, 'x' FROM generate_series(1, 500) g")
+        pair.apply(vacuum_dead_rows=None)
+        _dead_rows_counted(pair.pg, 500)
+        with PgmqClient(psycopg.conninfo.make_conninfo(source_db, user=role)) as other:
+            assert vacuum_queue(other, 100) is False
+        assert "only its owner can vacuum it" in caplog.text
+        assert vacuum_queue(pair.pg, 100) is True  # the owner can
+    finally:
+        pair.sql(f"DROP OWNED BY {role}")
+        pair.sql(f"DROP ROLE {role}")
