@@ -6,10 +6,12 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from d1sync_dagster.clients.pgmq import QueueMessage
 
 _DRAINED, _BUDGET = object(), object()
+T = TypeVar("T")
 
 
 class Prefetch:
@@ -90,3 +92,44 @@ class Prefetch:
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def read_ahead(items: Iterator[T], *, name: str) -> Iterator[T]:
+    """Yield `items`, producing the next one on a background thread while the caller works on this one
+    (reconcile reads the next D1 chunk while it compares the current one with Postgres). At most two items
+    exist at once besides the caller's. An error is raised in the caller; leaving early stops the thread
+    after the item it is producing."""
+    out: queue.Queue[tuple[object, BaseException | None]] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def put(item: object, error: BaseException | None = None) -> bool:
+        while not stop.is_set():
+            try:
+                out.put((item, error), timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_DRAINED)
+        except BaseException as e:  # handed to the caller
+            put(None, e)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = out.get()
+            if error is not None:
+                raise error
+            if item is _DRAINED:
+                return
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join()

@@ -32,6 +32,7 @@ from d1sync_dagster.core.convert import to_sqlite
 from d1sync_dagster.core.plan import sql_literal
 from d1sync_dagster.engine.apply import ApplyOptions, apply
 from d1sync_dagster.engine.compare import diff, pg_rows, rows_from_raw, select_exact
+from d1sync_dagster.engine.prefetch import read_ahead
 from d1sync_dagster.engine.ranges import column_types, key_types
 from d1sync_dagster.engine.tuning import throughput
 from d1sync_dagster.schema import Schema, Table
@@ -162,7 +163,7 @@ def compare_table(
     drift = TableDrift()
     types = key_types(pg, table)
     all_types = column_types(pg, table)
-    for chunk, n in d1_chunks(d1, table, chunk_size):
+    for chunk, n in read_ahead(d1_chunks(d1, table, chunk_size), name="d1sync-d1-read"):
         drift.d1_rows += n
         drift.d1_rows_read += n
         if on_chunk is not None:
