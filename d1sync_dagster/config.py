@@ -120,6 +120,21 @@ def embedded_postgres_url(pgdata: Path) -> str:
     return url
 
 
+def embedded_postgres_running(pgdata: Path) -> bool:
+    """Whether a server runs in `pgdata` (its postmaster.pid names a live process)."""
+    try:
+        pid = int((pgdata / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, run by another user
+    return True
+
+
 def stop_embedded_postgres(pgdata: Path) -> None:
     """Stop the embedded Postgres in `pgdata` (fast shutdown), if it runs."""
     if not (pgdata / "postmaster.pid").exists():

@@ -83,6 +83,9 @@ def run_dev(opts: DevOptions, *, install_signal_handlers: bool = True) -> int:
     state = config.state_dir().resolve()
     state.mkdir(parents=True, exist_ok=True)
     embedded = not os.environ.get("DATABASE_URL")
+    # An embedded Postgres that was already running (another d1sync command, another `d1sync dev`) is left
+    # running: only the one started here is stopped at the end.
+    ours = embedded and not config.embedded_postgres_running(state / "postgres")
     writes = embedded if opts.writes is None else opts.writes
     stop = threading.Event()
     if install_signal_handlers:
@@ -97,8 +100,10 @@ def run_dev(opts: DevOptions, *, install_signal_handlers: bool = True) -> int:
     home = state / "dagster"
     logs = home / "logs"
     try:
-        if embedded:
+        if ours:
             say(f"starting the embedded Postgres in {state / 'postgres'} (no DATABASE_URL set)")
+        elif embedded:
+            say(f"using the embedded Postgres already running in {state / 'postgres'} (no DATABASE_URL set)")
         url = config.database_url()
         d1_settings = config.d1_settings()
         with PgmqClient(url, queue=opts.queue) as pg:
@@ -163,7 +168,9 @@ def run_dev(opts: DevOptions, *, install_signal_handlers: bool = True) -> int:
     finally:
         for p in procs.values():
             _stop_group(p)
-        if embedded:
+        if ours:
             config.stop_embedded_postgres(state / "postgres")
         if procs:
-            say("stopped the Dagster processes" + (" and the embedded Postgres" if embedded else ""))
+            say("stopped the Dagster processes" + (" and the embedded Postgres" if ours else ""))
+        if embedded and not ours:
+            say("the embedded Postgres was running before and keeps running")

@@ -139,3 +139,41 @@ def test_dev_runs_the_demo_and_ctrl_c_stops_everything(dev):
     assert not psutil.pid_exists(postmaster) or psutil.Process(postmaster).status() == psutil.STATUS_ZOMBIE
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/server_info", timeout=2)
+
+
+def test_dev_leaves_an_embedded_postgres_it_did_not_start_running(tmp_path, monkeypatch):
+    """Another d1sync command started the embedded Postgres: `d1sync dev` uses it and, when it stops, leaves
+    it running for whoever else uses it."""
+    import io
+
+    import psycopg
+
+    from d1sync_dagster import config
+    from d1sync_dagster.dev import DevOptions, run_dev
+
+    for k in [k for k in os.environ if k == "DATABASE_URL" or k.startswith(("CLOUDFLARE_", "D1_"))]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("D1SYNC_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster-home"))
+    pgdata = tmp_path / "state" / "postgres"
+    url = config.database_url()  # as `d1sync setup` would, with no DATABASE_URL
+    try:
+        assert config.embedded_postgres_running(pgdata)
+        out = io.StringIO()
+        opts = DevOptions(
+            schema_file=str(ROOT / "schema.json"),
+            queue="replicate_data",
+            port=free_port(),
+            stop_after_seconds=3,
+            out=out,
+        )
+        assert run_dev(opts, install_signal_handlers=False) == 0
+        said = out.getvalue()
+        assert "using the embedded Postgres already running" in said, said
+        assert "was running before and keeps running" in said and "and the embedded Postgres" not in said, said
+        assert config.embedded_postgres_running(pgdata)
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT count(*) FROM apps").fetchone()[0] > 0  # dev wrote into it
+    finally:
+        config.stop_embedded_postgres(pgdata)
+    assert not config.embedded_postgres_running(pgdata)
