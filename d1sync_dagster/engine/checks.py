@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.engine.apply import lock_name
 from d1sync_dagster.engine.status import dead_letters_by_table
 from d1sync_dagster.schema import Schema
 from d1sync_dagster.sql.capture import source_relation
@@ -21,6 +23,8 @@ class TableHealth:
     dead_letters: int
     queued_rows: int = 0  # row changes in the queued messages (a BACKFILL chunk carries many)
     truncate_queued: bool = False
+    #: An apply held the queue the whole time the counts were read: D1 may have moved while they were.
+    apply_running: bool = False
 
     @property
     def count_explained(self) -> bool:
@@ -31,19 +35,32 @@ class TableHealth:
         return gap == 0 or self.truncate_queued or gap <= self.queued_rows
 
 
-def table_health(pg: PgmqClient, d1: D1Client, schema: Schema) -> dict[str, TableHealth]:
+def table_health(
+    pg: PgmqClient, d1: D1Client, schema: Schema, *, wait_for_apply_seconds: float = 30.0
+) -> dict[str, TableHealth]:
     """Row counts on both sides, queued changes and the age of the oldest, dead letters; per table.
 
     The source counts and the queue are read in one snapshot, so every source change not yet in D1 is among
-    the queued messages counted (the capture trigger enqueues in the writer's transaction)."""
+    the queued messages counted (the capture trigger enqueues in the writer's transaction). D1 is counted
+    while this holds the apply lock, so no apply moves D1 or the queue in between; when an apply holds the
+    queue for longer than `wait_for_apply_seconds`, the counts are read anyway and marked `apply_running`."""
+    if pg.pooled:  # no session lock through the transaction pooler
+        return _read_health(pg, d1, schema, apply_running=False)
+    deadline = time.monotonic() + wait_for_apply_seconds
+    while True:
+        with pg.advisory_lock(lock_name(pg.queue)) as got:
+            if got or time.monotonic() >= deadline:
+                return _read_health(pg, d1, schema, apply_running=not got)
+        time.sleep(0.2)
+
+
+def _read_health(pg: PgmqClient, d1: D1Client, schema: Schema, *, apply_running: bool) -> dict[str, TableHealth]:
     with pg.conn.transaction():
         pg.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         queued = {
             t: (int(n), int(rows), bool(truncate), float(age) if age is not None else None)
             for t, n, rows, truncate, age in pg.execute(
-                "SELECT message->>'table', count(*), "
-                "sum(CASE WHEN message->>'type' = 'BACKFILL' THEN coalesce(jsonb_array_length(message->'rows'), "
-                "jsonb_array_length(message->'records'), 0) ELSE 1 END), "
+                f"SELECT message->>'table', count(*), sum({_ROW_CHANGES}), "
                 "bool_or(message->>'type' = 'TRUNCATE'), extract(epoch FROM now() - min(enqueued_at)) "
                 f"FROM pgmq.{ident('q_' + pg.queue)} GROUP BY 1"
             )
@@ -55,6 +72,16 @@ def table_health(pg: PgmqClient, d1: D1Client, schema: Schema) -> dict[str, Tabl
         (res,) = d1.query(f"SELECT count(*) AS n FROM {ident(t.target)}")
         n, rows, truncate, age = queued.get(t.name, (0, 0, False, None))
         out[t.name] = TableHealth(
-            sources[t.name], int(res.results[0]["n"]), n, age, letters.get(t.name, 0), rows, truncate
+            sources[t.name], int(res.results[0]["n"]), n, age, letters.get(t.name, 0), rows, truncate, apply_running
         )
     return out
+
+
+# Row changes a queued message carries, as `core.changes.message_rows` counts them: a range marker its row
+# count when enqueued, a chunk its rows or records, any other message one (messages of any shape, poison too).
+_ROW_CHANGES = """CASE
+  WHEN message->>'type' IS DISTINCT FROM 'BACKFILL' THEN 1
+  WHEN jsonb_typeof(message->'rows') = 'number' THEN greatest(floor((message->>'rows')::numeric), 1)::bigint
+  WHEN jsonb_typeof(message->'rows') = 'array' THEN greatest(jsonb_array_length(message->'rows'), 1)
+  WHEN jsonb_typeof(message->'records') = 'array' THEN greatest(jsonb_array_length(message->'records'), 1)
+  ELSE 1 END"""

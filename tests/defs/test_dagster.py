@@ -1,5 +1,7 @@
 """Dagster: definitions, materializations that really apply, checks on synced and drifted tables, sensor ticks."""
 
+import time
+
 import dagster as dg
 import pytest
 
@@ -128,6 +130,48 @@ def test_row_count_check_allows_for_queued_changes_but_not_for_more(env):
     assert check_outcomes(checks_result(resources))[("apps", "row_count_matches_source")] is False
     dg.materialize([build_table_assets(SCHEMA)], resources=resources)  # queue empty: the check is exact again
     assert check_outcomes(checks_result(resources))[("apps", "row_count_matches_source")] is False
+
+
+def test_row_count_check_counts_the_rows_of_a_queued_backfill_range(env):
+    """A backfill's range marker carries its row count, not its rows: the check counts those rows."""
+    from d1sync_dagster.engine.ranges import enqueue_marker
+
+    pg, _d1, resources = env
+    pg.execute("ALTER TABLE apps DISABLE TRIGGER USER")  # rows that only a backfill brings to D1
+    pg.execute("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 40) g")
+    pg.execute("ALTER TABLE apps ENABLE TRIGGER USER")
+    enqueue_marker(pg, SCHEMA.table("apps"), None, ["20"], 20)
+    enqueue_marker(pg, SCHEMA.table("apps"), ["20"], None, 20)
+    result = checks_result(resources)
+    assert check_outcomes(result)[("apps", "row_count_matches_source")] is True
+    (ev,) = [
+        e.event_specific_data
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+        and e.event_specific_data.asset_key == APPS
+        and e.event_specific_data.check_name == "row_count_matches_source"
+    ]
+    assert "40 rows apart, within what the 40 queued row changes explain" in ev.description
+    dg.materialize([build_table_assets(SCHEMA)], resources=resources)  # applies both ranges
+    assert check_outcomes(checks_result(resources))[("apps", "row_count_matches_source")] is True
+    (res,) = _d1.query("SELECT count(*) AS n FROM apps")
+    assert res.results == [{"n": 40}]
+
+
+def test_table_health_waits_for_a_running_apply_and_says_when_it_could_not(env, source_db):
+    from d1sync_dagster.engine.apply import lock_name
+    from d1sync_dagster.engine.checks import table_health
+
+    pg, d1, _resources = env
+    pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
+    with PgmqClient(source_db) as other, other.advisory_lock(lock_name(other.queue)) as got:
+        assert got  # an apply holds the queue
+        started = time.monotonic()
+        health = table_health(pg, d1, SCHEMA, wait_for_apply_seconds=0.5)
+        assert time.monotonic() - started >= 0.5
+        assert health["apps"].apply_running and health["apps"].queued == 1
+    health = table_health(pg, d1, SCHEMA)
+    assert not health["apps"].apply_running and health["apps"].count_explained
 
 
 def test_lag_check_fails_when_changes_wait_too_long(env):
