@@ -52,5 +52,9 @@ class D1LimitError(D1Error):
     """A statement breaks one of D1's limits (bound parameters, statement size) before it is sent."""
 
 
+class ReconcileError(D1SyncError):
+    """Reconcile met drift it cannot decide on by itself (a D1 key Postgres cannot hold)."""
+
+
 class ConfigError(D1SyncError):
     """Required configuration (environment variables) is missing or inconsistent."""

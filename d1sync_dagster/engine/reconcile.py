@@ -35,6 +35,7 @@ from d1sync_dagster.engine.compare import diff, pg_rows, rows_from_raw, select_e
 from d1sync_dagster.engine.prefetch import read_ahead
 from d1sync_dagster.engine.ranges import column_types, key_types
 from d1sync_dagster.engine.tuning import throughput
+from d1sync_dagster.errors import QueueError, ReconcileError
 from d1sync_dagster.schema import Schema, Table
 from d1sync_dagster.sql.capture import source_relation
 from d1sync_dagster.sql.quoting import ident
@@ -131,6 +132,31 @@ def _pg_text(v: Any) -> str | None:
     return None if v is None else str(v)
 
 
+def _pg_lookup(
+    pg: PgmqClient, table: Table, types: list[str], keys: list[Key], run: Callable[[str, list[Any]], list[Any]]
+) -> list[Any]:
+    """`run(where, params)` for `keys` (cast back to the Postgres key types), in a savepoint when a
+    transaction is open. A D1 key that does not cast (drift written into D1 by hand: text or a number past
+    int64 in an INTEGER key column, say) fails the whole lookup; the keys are then halved until that key is
+    found, and it is named in a clear error. Reconcile cannot decide by itself whether such a row is extra
+    (a key converted from a type that does not cast back, like a timestamp in an INTEGER column, would look
+    the same), so it deletes nothing."""
+    where, params = _pg_key_filter(table, types, keys)
+    try:
+        with pg.conn.transaction():
+            return run(where, params)
+    except QueueError as e:
+        if not (e.sqlstate or "").startswith("22"):
+            raise
+        if len(keys) > 1:
+            mid = len(keys) // 2
+            return _pg_lookup(pg, table, types, keys[:mid], run) + _pg_lookup(pg, table, types, keys[mid:], run)
+        raise ReconcileError(
+            f"D1 table {table.target} holds key {tuple(keys[0])!r}, which Postgres's key types "
+            f"({', '.join(types)}) cannot hold ({e}). Delete that row in D1 by hand, or nuke and backfill the table."
+        ) from None
+
+
 def d1_chunks(d1: D1Client, table: Table, chunk_size: int) -> Any:
     """Yield (rows by key, rows read) from D1 in primary-key order."""
     cols = ", ".join(ident(k) for k in table.key)
@@ -168,9 +194,10 @@ def compare_table(
         drift.d1_rows_read += n
         if on_chunk is not None:
             on_chunk(table.name, drift.d1_rows)
-        where, params = _pg_key_filter(table, types, list(chunk))
-        source = pg_rows(pg, table, where, params, types=all_types)
-        part = diff(source, chunk)
+        found = _pg_lookup(
+            pg, table, types, list(chunk), lambda w, p: list(pg_rows(pg, table, w, p, types=all_types).items())
+        )
+        part = diff(dict(found), chunk)
         drift.extra += part.extra
         drift.different += part.different
     drift.source_rows = int(pg.execute(f"SELECT count(*) FROM {source_relation(table)}")[0][0])
@@ -213,9 +240,14 @@ def repair(pg: PgmqClient, table: Table, drift: TableDrift) -> int:
     types = key_types(pg, table)
     with pg.conn.transaction():
         pg.execute(f"LOCK TABLE {source_relation(table)} IN SHARE MODE")
-        where, params = _pg_key_filter(table, types, fix)
         cols = ", ".join(ident(c) for c in table.columns)
-        rows = pg.execute(f"SELECT to_jsonb(r) FROM (SELECT {cols} FROM {source_relation(table)} {where}) r", params)
+        rows = _pg_lookup(
+            pg,
+            table,
+            types,
+            fix,
+            lambda w, p: pg.execute(f"SELECT to_jsonb(r) FROM (SELECT {cols} FROM {source_relation(table)} {w}) r", p),
+        )
         records = [r for (r,) in rows]
         present = {tuple(to_sqlite(r[k], table.columns[k]) for k in table.key) for r in records}
         messages: list[Any] = []
@@ -293,9 +325,10 @@ def _reconcile(
 def _recheck(pg: PgmqClient, d1: D1Client, table: Table, drift: TableDrift) -> TableDrift:
     """Compare only the differing keys again (after a drain): what is still wrong is drift."""
     keys = drift.missing + drift.extra + drift.different
-    types = key_types(pg, table)
-    where, params = _pg_key_filter(table, types, keys)
-    source = pg_rows(pg, table, where, params, types=column_types(pg, table))
+    types, all_types = key_types(pg, table), column_types(pg, table)
+    source = dict(
+        _pg_lookup(pg, table, types, keys, lambda w, p: list(pg_rows(pg, table, w, p, types=all_types).items()))
+    )
     found, read = d1_lookup(d1, table, keys)
     drift.d1_rows_read += read
     again = diff(source, found)

@@ -5,7 +5,7 @@ import pytest
 from d1sync_dagster.engine.backfill import backfill
 from d1sync_dagster.engine.nuke import nuke
 from d1sync_dagster.engine.reconcile import reconcile
-from d1sync_dagster.errors import ConfigError, SchemaError
+from d1sync_dagster.errors import ConfigError, ReconcileError, SchemaError
 
 
 def filled(pair):
@@ -104,3 +104,19 @@ def test_changes_in_flight_are_not_reported_as_drift(pair):
     pair.sql("UPDATE apps SET name = 'in flight' WHERE id <= 30")  # queued, not applied yet
     report = reconcile(pair.pg, pair.d1, pair.schema)
     assert report.in_sync
+
+
+@pytest.mark.parametrize("bad", ["'not a number'", "99999999999999999999"])  # text; a REAL past int64
+def test_a_d1_key_postgres_cannot_hold_is_a_clear_error_and_nothing_is_deleted(pair, bad):
+    """Drift written into D1 by hand that no Postgres row can have: in D1's INTEGER key column of
+    app_versions (a single INTEGER key is SQLite's rowid and refuses both). Reconcile names the key and
+    stops; it does not guess that the row is extra, and repair deletes nothing."""
+    filled(pair)
+    pair.d1.query(f"INSERT INTO app_versions (app_id, version) VALUES ({bad}, 'v1')")
+    before = count(pair, "app_versions")
+    for repair_drift in (False, True):
+        with pytest.raises(ReconcileError, match=r"D1 table app_versions holds key \(.*'v1'\), which Postgres's key"):
+            reconcile(pair.pg, pair.d1, pair.schema, chunk_size=100, repair_drift=repair_drift)
+    assert count(pair, "app_versions") == before and pair.queue_depth() == 0
+    pair.d1.query(f"DELETE FROM app_versions WHERE app_id = {bad}")  # what the error says to do
+    assert reconcile(pair.pg, pair.d1, pair.schema, chunk_size=100).in_sync
