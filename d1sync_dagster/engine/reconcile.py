@@ -153,7 +153,9 @@ def _pg_lookup(
             return _pg_lookup(pg, table, types, keys[:mid], run) + _pg_lookup(pg, table, types, keys[mid:], run)
         raise ReconcileError(
             f"D1 table {table.target} holds key {tuple(keys[0])!r}, which Postgres's key types "
-            f"({', '.join(types)}) cannot hold ({e}). Delete that row in D1 by hand, or nuke and backfill the table."
+            f"({', '.join(types)}) cannot hold ({e}). If that row is drift, delete it in D1 by hand (or nuke and "
+            "backfill the table); if the key column replicates a type that does not cast back from its D1 value "
+            "(a timestamp key as INTEGER, say), reconcile cannot check this table."
         ) from None
 
 
