@@ -270,6 +270,7 @@ def repair(pg: PgmqClient, table: Table, drift: TableDrift) -> int:
     return len(messages)
 
 
+@throughput()  # the interpreter tuning of engine/tuning.py for the whole run
 def reconcile(
     pg: PgmqClient,
     d1: D1Client,
@@ -282,20 +283,6 @@ def reconcile(
     on_chunk: Callable[[str, int], None] | None = None,
 ) -> ReconcileReport:
     """Compare (and with `repair_drift`, repair) `tables` (None: all); `on_chunk` as in `compare_table`."""
-    with throughput():
-        return _reconcile(pg, d1, schema, tables, chunk_size, repair_drift, apply_options, on_chunk)
-
-
-def _reconcile(
-    pg: PgmqClient,
-    d1: D1Client,
-    schema: Schema,
-    tables: list[str] | None,
-    chunk_size: int,
-    repair_drift: bool,
-    apply_options: ApplyOptions | None,
-    on_chunk: Callable[[str, int], None] | None,
-) -> ReconcileReport:
     started = time.monotonic()
     chosen = [schema.table(n) for n in tables] if tables else list(schema.tables)
     options = apply_options or ApplyOptions()

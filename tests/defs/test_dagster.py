@@ -91,6 +91,18 @@ def check_outcomes(result):
     return {(ev.asset_key.path[-1], ev.check_name): ev.passed for ev in evaluations}
 
 
+def row_count_evaluation(result):
+    """The row-count check's evaluation for `apps` in a run."""
+    (ev,) = [
+        e.event_specific_data
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+        and e.event_specific_data.asset_key == APPS
+        and e.event_specific_data.check_name == "row_count_matches_source"
+    ]
+    return ev
+
+
 def test_checks_pass_on_a_synced_table_and_fail_on_a_drifted_one(env):
     pg, d1, resources = env
     pg.execute("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 10) g")
@@ -117,13 +129,7 @@ def test_row_count_check_allows_for_queued_changes_but_not_for_more(env):
     result = checks_result(resources)
     outcomes = check_outcomes(result)
     assert outcomes[("apps", "row_count_matches_source")] is True
-    (ev,) = [
-        e.event_specific_data
-        for e in result.all_events
-        if e.event_type_value == "ASSET_CHECK_EVALUATION"
-        and e.event_specific_data.asset_key == APPS
-        and e.event_specific_data.check_name == "row_count_matches_source"
-    ]
+    ev = row_count_evaluation(result)
     assert "5 rows apart, within what the 5 queued row changes explain" in ev.description
 
     d1.query("DELETE FROM apps WHERE id IN (1, 2)")  # drift: 7 apart, only 5 queued
@@ -144,13 +150,7 @@ def test_row_count_check_counts_the_rows_of_a_queued_backfill_range(env):
     enqueue_marker(pg, SCHEMA.table("apps"), ["20"], None, 20)
     result = checks_result(resources)
     assert check_outcomes(result)[("apps", "row_count_matches_source")] is True
-    (ev,) = [
-        e.event_specific_data
-        for e in result.all_events
-        if e.event_type_value == "ASSET_CHECK_EVALUATION"
-        and e.event_specific_data.asset_key == APPS
-        and e.event_specific_data.check_name == "row_count_matches_source"
-    ]
+    ev = row_count_evaluation(result)
     assert "40 rows apart, within what the 40 queued row changes explain" in ev.description
     dg.materialize([build_table_assets(SCHEMA)], resources=resources)  # applies both ranges
     assert check_outcomes(checks_result(resources))[("apps", "row_count_matches_source")] is True

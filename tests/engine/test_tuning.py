@@ -38,3 +38,15 @@ def test_settings_are_restored_when_the_block_raises():
     except RuntimeError:
         pass
     assert (sys.getswitchinterval(), gc.get_threshold()) == before
+
+
+def test_reconcile_runs_under_the_tuning(pair):
+    """Reconcile is decorated with it: the settings hold while it runs and are restored after."""
+    from d1sync_dagster.engine.reconcile import reconcile
+
+    pair.sql("INSERT INTO apps (id, name) VALUES (1, 'x')")
+    seen = []
+    before = gc.get_threshold()
+    reconcile(pair.pg, pair.d1, pair.schema, on_chunk=lambda *_: seen.append(gc.get_threshold()[0]))
+    assert seen and all(t == max(before[0], GC_THRESHOLD) for t in seen)
+    assert gc.get_threshold() == before
