@@ -13,7 +13,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import replace
 from typing import TextIO
 
@@ -52,11 +52,8 @@ def _cmd_setup(args: argparse.Namespace) -> int:
     with PgmqClient(url, queue=args.queue) as pg:
         if args.create_example_tables:
             pg.execute(example_source_tables())
-        d1 = d1_settings.client()
-        try:
+        with closing(d1_settings.client()) as d1:
             result = setup(pg, d1, schema)
-        finally:
-            d1.close()
     out = {
         "schema_version": result.schema_version,
         "tables": result.tables,

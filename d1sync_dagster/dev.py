@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -109,11 +110,8 @@ def run_dev(opts: DevOptions, *, install_signal_handlers: bool = True) -> int:
         with PgmqClient(url, queue=opts.queue) as pg:
             if writes:
                 pg.execute(example_source_tables())
-            d1 = d1_settings.client()
-            try:
+            with closing(d1_settings.client()) as d1:
                 result = setup(pg, d1, schema)
-            finally:
-                d1.close()
             say(f"setup done: tables {', '.join(result.tables)}, queue {opts.queue}, D1 backend {d1_settings.backend}")
 
             logs.mkdir(parents=True, exist_ok=True)
