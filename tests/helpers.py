@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
-from d1sync_dagster.engine.apply import ApplyOptions, ApplyReport, apply
+from d1sync_dagster.engine.apply import ApplyOptions, apply
 from d1sync_dagster.engine.compare import d1_rows, diff, pg_rows
+from d1sync_dagster.engine.reports import ApplyReport
 from d1sync_dagster.schema import Schema
 
 

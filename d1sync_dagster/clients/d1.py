@@ -21,25 +21,10 @@ from typing import Any, Protocol
 
 import httpx
 
+from d1sync_dagster.core.statements import MAX_BOUND_PARAMS, MAX_STATEMENT_BYTES, Param, Statement
 from d1sync_dagster.errors import D1Error, D1LimitError
 
 log = logging.getLogger(__name__)
-
-#: D1 limits (https://developers.cloudflare.com/d1/platform/limits/).
-MAX_BOUND_PARAMS = 100
-MAX_STATEMENT_BYTES = 100_000
-MAX_ROW_BYTES = 2_000_000
-
-Param = str | int | float | bool | None
-
-
-@dataclass(frozen=True)
-class Statement:
-    """One SQL statement and its positional parameters."""
-
-    sql: str
-    params: tuple[Param, ...] = ()
-
 
 @dataclass(frozen=True)
 class QueryResult:

@@ -11,14 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from d1sync_dagster.clients.d1 import (
-    MAX_BOUND_PARAMS,
-    MAX_STATEMENT_BYTES,
-    Param,
-    QueryResult,
-    Statement,
-    encode_statements,
-)
+from d1sync_dagster.clients.d1 import QueryResult, encode_statements
+from d1sync_dagster.core.statements import MAX_BOUND_PARAMS, MAX_STATEMENT_BYTES, Param, Statement
 from d1sync_dagster.errors import D1Error
 
 _TRANSACTION_WORDS = re.compile(r"^\s*(BEGIN|COMMIT|END|ROLLBACK|SAVEPOINT|RELEASE)\b", re.IGNORECASE)

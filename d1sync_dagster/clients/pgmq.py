@@ -1,4 +1,9 @@
-"""Postgres and PGMQ over psycopg 3: read/delete/archive/send_batch/metrics and a session advisory lock.
+"""Postgres and PGMQ over psycopg 3: the one module that speaks to a queue.
+
+PGMQ's functions (read/delete/archive/send_batch/purge_queue/metrics), the few statements d1sync runs
+against the queue tables `pgmq.q_<queue>` itself (enqueue inside the caller's transaction, make messages
+visible again, count what is queued per table, vacuum), the dead-letter queue and the single-consumer lock.
+Nothing outside `clients/` and `sql/` names a queue table.
 
 Only what PGMQ 1.4 has is used (Supabase runs versions that old): no headers, no conditional reads, and
 the `headers`/`last_read_at` columns are never named.
@@ -17,13 +22,19 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 from psycopg.types.json import Jsonb, set_json_loads
 
-from d1sync_dagster.core.convert import loads_exact
+from d1sync_dagster.core.messages import ROW_CHANGES_SQL
 from d1sync_dagster.errors import QueueError
-from d1sync_dagster.sql.capture import DEFAULT_QUEUE
+from d1sync_dagster.exactjson import loads_exact
+from d1sync_dagster.sql.capture import DEFAULT_QUEUE, dlq_name
 from d1sync_dagster.sql.quoting import check_queue_name, ident
 
 #: Supabase's transaction-mode pooler; session state (advisory locks, prepared statements) does not survive.
 POOLER_PORT = 6543
+
+
+def lock_name(queue: str) -> str:
+    """The advisory lock that keeps one consumer per queue (apply, nuke and the health checks take it)."""
+    return f"d1sync:apply:{queue}"
 
 
 def redact(url: str) -> str:
@@ -80,7 +91,7 @@ class PgmqClient:
             )
         except psycopg.Error as e:
             raise QueueError(f"cannot connect to Postgres at {redact(url)}: {_first_line(e)}") from None
-        # JSON numbers decode without losing digits (see core.convert.loads_exact).
+        # JSON numbers decode without losing digits (see exactjson.loads_exact).
         set_json_loads(loads_exact, self.conn)
 
     def close(self) -> None:
@@ -106,6 +117,18 @@ class PgmqClient:
             err = QueueError(f"Postgres error: {_first_line(e)}")
             err.sqlstate = e.sqlstate
             raise err from None
+
+    def transaction(self) -> Any:
+        """A transaction on this connection (psycopg's context manager)."""
+        return self.conn.transaction()
+
+    @property
+    def dlq(self) -> str:
+        """The dead-letter queue of this client's queue."""
+        return dlq_name(self.queue)
+
+    def _table(self, queue: str | None = None) -> str:
+        return f"pgmq.{ident('q_' + check_queue_name(queue or self.queue))}"
 
     def metrics(self, queue: str | None = None) -> QueueMetrics:
         rows = self.execute(
@@ -150,11 +173,73 @@ class PgmqClient:
         Only for the holder of the single-consumer lock: a hidden message then belongs to a consumer that died
         mid-batch, and skipping it would apply later changes before it.
         """
-        q = check_queue_name(queue or self.queue)
-        rows = self.execute(f"UPDATE pgmq.{ident('q_' + q)} SET vt = now() WHERE vt > now() RETURNING msg_id")
+        rows = self.execute(f"UPDATE {self._table(queue)} SET vt = now() WHERE vt > now() RETURNING msg_id")
         return len(rows)
 
-    def dead_letter(self, items: Sequence[tuple[int, str, str | None]], *, dlq: str) -> list[int]:
+    def release(self, ids: Sequence[int]) -> None:
+        """Make these messages visible again at once (a reader hands back what it read but will not apply)."""
+        if ids:
+            self.execute(f"UPDATE {self._table()} SET vt = now() WHERE msg_id = ANY(%s)", [list(ids)])
+
+    def enqueue(self, messages: Sequence[Any]) -> list[int]:
+        """Insert messages, visible at once and in the given order, in the caller's transaction (if any);
+        returns their msg_ids. The same columns `pgmq.send_batch` fills, without a function call."""
+        if not messages:
+            return []
+        rows = self.execute(
+            f"INSERT INTO {self._table()} (vt, message) "
+            "SELECT now(), m FROM unnest(%s::jsonb[]) WITH ORDINALITY AS u(m, n) ORDER BY n RETURNING msg_id",
+            [[Jsonb(m) for m in messages]],
+        )
+        return sorted(int(r[0]) for r in rows)
+
+    def contains(self, msg_id: int) -> bool:
+        """Whether the message is still in the queue (not yet applied and deleted)."""
+        return bool(self.execute(f"SELECT EXISTS (SELECT 1 FROM {self._table()} WHERE msg_id = %s)", [msg_id])[0][0])
+
+    def delete_for_tables(self, tables: Sequence[str], *, queue: str | None = None) -> int:
+        """Delete the messages of these tables from the queue (or another, e.g. the dead-letter queue)."""
+        rows = self.execute(
+            f"DELETE FROM {self._table(queue)} WHERE message->>'table' = ANY(%s) RETURNING 1", [list(tables)]
+        )
+        return len(rows)
+
+    def dead_letters_by_table(self) -> dict[str, int]:
+        """Dead-lettered messages per table (`?` for messages that named no table)."""
+        rows = self.execute(
+            f"SELECT coalesce(message->>'table', '?'), count(*) FROM {self._table(self.dlq)} GROUP BY 1"
+        )
+        return {t: int(n) for t, n in rows}
+
+    def queued_by_table(self) -> dict[str, tuple[int, int, bool, float | None]]:
+        """Per table named in queued messages: (messages, row changes they carry, whether a TRUNCATE is
+        among them, age in seconds of the oldest). Row changes as `core.messages.message_rows` counts them."""
+        rows = self.execute(
+            f"SELECT message->>'table', count(*), sum({ROW_CHANGES_SQL}), "
+            "bool_or(message->>'type' = 'TRUNCATE'), extract(epoch FROM now() - min(enqueued_at)) "
+            f"FROM {self._table()} GROUP BY 1"
+        )
+        return {
+            t: (int(n), int(changes), bool(truncate), float(age) if age is not None else None)
+            for t, n, changes, truncate, age in rows
+        }
+
+    def queue_table_dead_rows(self) -> tuple[str, int, bool, str] | None:
+        """(queue table, dead rows Postgres counts in it, whether this role may vacuum it, this role), or
+        None when Postgres has no statistics for it yet."""
+        table = self._table()
+        rows = self.execute(
+            "SELECT s.n_dead_tup, pg_has_role(c.relowner, 'USAGE'), current_user FROM pg_stat_user_tables s "
+            "JOIN pg_class c ON c.oid = s.relid WHERE s.relid = to_regclass(%s)",
+            [table],
+        )
+        return (table, int(rows[0][0]), bool(rows[0][1]), str(rows[0][2])) if rows else None
+
+    def vacuum_queue_table(self) -> None:
+        """A plain VACUUM (ANALYZE) of the queue table: takes no lock that writers wait for."""
+        self.execute(f"VACUUM (ANALYZE) {self._table()}")
+
+    def dead_letter(self, items: Sequence[tuple[int, str, str | None]], *, dlq: str | None = None) -> list[int]:
         """Copy messages (by msg_id, with a reason and table) from the queue to the dead-letter queue.
 
         The original message is copied inside Postgres, byte for byte; nothing is re-encoded in Python.
@@ -167,15 +252,19 @@ class PgmqClient:
                   SELECT jsonb_build_object('error', e.reason, 'table', e.tbl, 'msg_id', q.msg_id,
                                             'read_ct', q.read_ct, 'enqueued_at', q.enqueued_at,
                                             'queue', %s::text, 'message', q.message)
-                  FROM pgmq.{ident("q_" + self.queue)} q
+                  FROM {self._table()} q
                   JOIN unnest(%s::bigint[], %s::text[], %s::text[]) AS e(id, reason, tbl) ON q.msg_id = e.id
                   ORDER BY q.msg_id))""",
-            [check_queue_name(dlq), self.queue, list(ids), list(reasons), list(tables)],
+            [check_queue_name(dlq or self.dlq), self.queue, list(ids), list(reasons), list(tables)],
         )
         return [r[0] for r in rows]
 
     def purge(self, queue: str | None = None) -> int:
         return int(self.execute("SELECT pgmq.purge_queue(%s)", [queue or self.queue])[0][0])
+
+    def consumer_lock(self) -> Any:
+        """The single-consumer lock of this queue (see `advisory_lock`); yields whether it was taken."""
+        return self.advisory_lock(lock_name(self.queue))
 
     def has_pgmq(self) -> bool:
         return bool(self.execute("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'pgmq')")[0][0])

@@ -1,6 +1,7 @@
-"""PGMQ message -> typed `Change`, or `Poison` with the reason it cannot be applied.
+"""PGMQ message -> typed `Change`, or `Poison` with the reason it cannot be applied (the general path).
 
-Accepted shapes (all seed-compatible `{"record", "old_record", "type", "table"}`):
+The message shapes themselves are defined in `core/messages.py`. Trigger changes accepted (all
+seed-compatible `{"record", "old_record", "type", "table"}`):
 - d1sync's own triggers: INSERT/UPDATE with `record` (UPDATE also `old_record`), DELETE with `old_record`,
   TRUNCATE with neither;
 - the seed's per-row trigger and its backfill snippet, where `old_record` may be `{}` or null;
@@ -13,16 +14,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import orjson
 
+from d1sync_dagster.core import messages
 from d1sync_dagster.core.convert import CONVERTERS, ConversionError, SqlValue, to_sqlite
+from d1sync_dagster.core.messages import TRIGGER_OPS, Op
 from d1sync_dagster.schema import Schema, Table
 
 Key = tuple[SqlValue, ...]
 Row = dict[str, SqlValue]
-Op = Literal["upsert", "delete", "truncate"]
 
 
 class Change(NamedTuple):
@@ -46,9 +48,6 @@ class Poison(NamedTuple):
     msg_id: int
     reason: str
     table: str | None = None
-
-
-_OPS = {"INSERT": "upsert", "UPDATE": "upsert", "DELETE": "delete", "TRUNCATE": "truncate"}
 
 
 def _key(table: Table, record: dict[str, Any], which: str) -> Key:
@@ -120,28 +119,17 @@ def same_value(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def is_chunk(payload: Any) -> bool:
-    """A BACKFILL chunk in the compact form: `{"type": "BACKFILL", "table", "columns": [...], "rows": [...]}`."""
-    return (
-        isinstance(payload, dict)
-        and payload.get("type") == "BACKFILL"
-        and isinstance(payload.get("table"), str)
-        and isinstance(payload.get("columns"), list)
-        and isinstance(payload.get("rows"), list)
-        and not isinstance(payload.get("error"), str)
-    )
-
-
 def decode_all(msg_id: int, payload: Any, schema: Schema) -> list[Change | Poison]:
     """Decode a message into its changes: one for trigger messages, one per row for a BACKFILL chunk, each
     an upsert. A chunk is `{"type": "BACKFILL", "table", "columns": [names], "rows": [[values], ...]}` (the
     backfill's compact form) or `{"type": "BACKFILL", "table", "records": [{...}, ...]}` (repairs)."""
-    if not (isinstance(payload, dict) and payload.get("type") == "BACKFILL"):
+    if not messages.is_backfill(payload):
         return [decode(msg_id, payload, schema)]
     name = payload.get("table")
     table = schema.by_name.get(name) if isinstance(name, str) else None
-    if isinstance(payload.get("error"), str):  # a backfill range the consumer could not read
-        return [Poison(msg_id, f"BACKFILL of {name}: {payload['error']}", name if table else None)]
+    error = messages.chunk_error(payload)
+    if error is not None:  # a backfill range the consumer could not read
+        return [Poison(msg_id, f"BACKFILL of {name}: {error}", name if table else None)]
     records, rows, columns = payload.get("records"), payload.get("rows"), payload.get("columns")
     if table is None or not (isinstance(records, list) or (isinstance(rows, list) and isinstance(columns, list))):
         return [Poison(msg_id, "BACKFILL message without a known table and its rows", name if table else None)]
@@ -209,16 +197,6 @@ def decode_row(
         return Poison(msg_id, f"BACKFILL of {table.name}, row {n}: {e}", table.name)
 
 
-def message_rows(payload: Any) -> int:
-    """How many row changes a message carries (a BACKFILL chunk carries many)."""
-    if isinstance(payload, dict) and payload.get("type") == "BACKFILL":
-        rows = payload.get("rows", payload.get("records"))
-        if isinstance(rows, int):  # a range marker not read yet: its row count when enqueued
-            return max(1, rows)
-        return max(1, len(rows)) if isinstance(rows, list) else 1
-    return 1
-
-
 def decode(msg_id: int, payload: Any, schema: Schema) -> Change | Poison:
     """Decode one queue message against the schema."""
     if not isinstance(payload, dict):
@@ -230,7 +208,7 @@ def decode(msg_id: int, payload: Any, schema: Schema) -> Change | Poison:
     if table is None:
         return Poison(msg_id, f"table {name[:100]!r} is not in schema.json", name[:100])
     kind = payload.get("type")
-    op = _OPS.get(kind) if isinstance(kind, str) else None
+    op = TRIGGER_OPS.get(kind) if isinstance(kind, str) else None
     if op is None:
         return Poison(
             msg_id, f"unknown change type {str(kind)[:20]!r} (expected INSERT, UPDATE, DELETE or TRUNCATE)", name

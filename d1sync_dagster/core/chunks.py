@@ -1,6 +1,6 @@
 """Backfill chunks straight to upsert statements: the fast path for the bulk of a backfill.
 
-A compact chunk (`{"type": "BACKFILL", "table", "columns", "rows"}`, what a range marker resolves to) holds
+A compact chunk (`core/messages.py`: rows as arrays under one column list, what a range marker resolves to) holds
 distinct keys of one table read in one snapshot, so its rows need nothing of what trigger changes need: no
 coalescing per key, no old rows. Each row converts straight to the `(..)` literal that `plan_upserts` would
 render from the converted row (same converters, same literal rules), and the literals pack into upserts,
@@ -20,10 +20,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from d1sync_dagster.clients.d1 import MAX_STATEMENT_BYTES
-from d1sync_dagster.core.changes import Change, Poison, chunk_positions, decode_row, is_chunk
+from d1sync_dagster.core.changes import Change, Poison, chunk_positions, decode_row
 from d1sync_dagster.core.convert import CONVERTERS, INT64_MAX, INT64_MIN, ConversionError
+from d1sync_dagster.core.messages import is_chunk
 from d1sync_dagster.core.plan import real_literal, sql_literal, upsert_room
+from d1sync_dagster.core.statements import MAX_STATEMENT_BYTES
 from d1sync_dagster.schema import Schema, Table
 
 _to_integer, _to_real, _to_text = CONVERTERS["INTEGER"], CONVERTERS["REAL"], CONVERTERS["TEXT"]

@@ -22,10 +22,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from d1sync_dagster.clients.d1 import MAX_BOUND_PARAMS, MAX_ROW_BYTES, MAX_STATEMENT_BYTES, Param, Statement
 from d1sync_dagster.core.changes import Key, Row
 from d1sync_dagster.core.coalesce import TableChanges
 from d1sync_dagster.core.convert import SqlValue
+from d1sync_dagster.core.statements import MAX_BOUND_PARAMS, MAX_ROW_BYTES, MAX_STATEMENT_BYTES, Param, Statement
 from d1sync_dagster.schema import Schema, Table
 from d1sync_dagster.sql.quoting import ident
 
@@ -173,7 +173,8 @@ def _literal_fns(columns: tuple[tuple[str, str], ...]) -> tuple[tuple[str, Calla
     return tuple((c, _LITERALS[t]) for c, t in columns)
 
 
-def _row_literal(table: Table, row: Row) -> str:
+def row_literal(table: Table, row: Row) -> str:
+    """A converted row as the `(v1,v2,..)` literal the upserts carry, columns in schema order."""
     return _literal_row(_literal_fns(tuple(table.columns.items())), row)
 
 

@@ -12,7 +12,8 @@ carries the table's figures (messages, upserts, deletes, dead letters, D1 rows w
 import dagster as dg
 
 from d1sync_dagster.defs.resources import D1Resource, PostgresResource
-from d1sync_dagster.engine.apply import ApplyOptions, TableStats, apply
+from d1sync_dagster.engine.apply import ApplyOptions, apply
+from d1sync_dagster.engine.reports import TableStats
 from d1sync_dagster.engine.setup import ensure_schema
 from d1sync_dagster.errors import D1SyncError
 from d1sync_dagster.schema import Schema, Table

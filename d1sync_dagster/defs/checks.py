@@ -5,7 +5,7 @@ from pydantic import Field
 
 from d1sync_dagster.defs.assets import asset_key
 from d1sync_dagster.defs.resources import D1Resource, PostgresResource
-from d1sync_dagster.engine.checks import table_health
+from d1sync_dagster.engine.health import table_health
 from d1sync_dagster.engine.reconcile import reconcile
 from d1sync_dagster.errors import D1SyncError
 from d1sync_dagster.schema import Schema

@@ -23,68 +23,29 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
-from d1sync_dagster.clients.d1 import D1Client, Statement
+from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient, QueueMessage
-from d1sync_dagster.core.changes import Change, Poison, decode_all, message_rows
-from d1sync_dagster.core.chunks import decode_chunk
+from d1sync_dagster.core.batch import decode_batch, plan_batch
+from d1sync_dagster.core.changes import Change, Poison
 from d1sync_dagster.core.coalesce import coalesce
-from d1sync_dagster.core.plan import Planned, plan, plan_literals, plan_upserts, requests, row_problem
+from d1sync_dagster.core.messages import message_rows
+from d1sync_dagster.core.plan import Planned, plan, requests
+from d1sync_dagster.core.statements import Statement
+from d1sync_dagster.engine.maintenance import vacuum_queue
 from d1sync_dagster.engine.prefetch import Prefetch
 from d1sync_dagster.engine.ranges import RangeReader
+from d1sync_dagster.engine.reports import ApplyReport, TableStats
 from d1sync_dagster.engine.tuning import throughput
-from d1sync_dagster.errors import D1Error, QueueError
+from d1sync_dagster.errors import D1Error
 from d1sync_dagster.schema import Schema
-from d1sync_dagster.sql.capture import dlq_name
 from d1sync_dagster.sql.d1_ddl import upsert_meta
-from d1sync_dagster.sql.quoting import ident
+
+__all__ = ["ApplyOptions", "ApplyReport", "TableStats", "apply"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TableStats:
-    messages: int = 0
-    upserts: int = 0
-    deletes: int = 0
-    truncates: int = 0
-    dead_lettered: int = 0
-    statements: int = 0
-    rows_written: int = 0
-    lag_seconds: float | None = None
-
-
-@dataclass
-class ApplyReport:
-    tables: dict[str, TableStats] = field(default_factory=dict)
-    messages: int = 0
-    batches: int = 0
-    requests: int = 0
-    statements: int = 0
-    rows_written: int = 0
-    rows_sent: int = 0
-    dead_lettered: int = 0
-    duration_seconds: float = 0.0
-    drained: bool = False
-    skipped: str | None = None
-    vacuumed: bool = False
-
-    @property
-    def rows_per_request(self) -> float:
-        return self.rows_sent / self.requests if self.requests else 0.0
-
-    @property
-    def changes_per_second(self) -> float:
-        return self.messages / self.duration_seconds if self.duration_seconds else 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["rows_per_request"] = round(self.rows_per_request, 1)
-        out["changes_per_second"] = round(self.changes_per_second, 1)
-        return out
 
 
 @dataclass(frozen=True)
@@ -103,10 +64,6 @@ class ApplyOptions:
     #: After a run that drained the queue, VACUUM the queue table when Postgres counts at least this many
     #: dead rows in it (None: leave it to autovacuum). See `vacuum_queue`.
     vacuum_dead_rows: int | None = 100_000
-
-
-def lock_name(queue: str) -> str:
-    return f"d1sync:apply:{queue}"
 
 
 @dataclass
@@ -138,7 +95,7 @@ def apply(
     """
     report = ApplyReport(tables={t.name: TableStats() for t in schema.tables})
     started = time.monotonic()
-    with pg.advisory_lock(lock_name(pg.queue)) as got, throughput():
+    with pg.consumer_lock() as got, throughput():
         if not got:
             report.skipped = "another apply is running on this queue"
             log.info("apply skipped: %s", report.skipped)
@@ -187,106 +144,16 @@ def apply(
     return report
 
 
-_vacuum_warned: set[str] = set()
-
-
-def vacuum_queue(pg: PgmqClient, min_dead_rows: int) -> bool:
-    """VACUUM the queue table when it holds at least `min_dead_rows` dead rows; True when it ran.
-
-    Every message is inserted, updated by `pgmq.read` and deleted: three row versions for one change. At
-    1,000 changes/s autovacuum (which visits a table at most once a minute by default) let the queue table
-    grow without bound in the soak benchmark. A plain VACUUM takes no lock writers wait for. Only the
-    table's owner may vacuum it (the role that ran the migration); any other role is told once, and the
-    table is left to autovacuum."""
-    table = f"pgmq.{ident('q_' + pg.queue)}"
-    try:
-        rows = pg.execute(
-            "SELECT s.n_dead_tup, pg_has_role(c.relowner, 'USAGE') FROM pg_stat_user_tables s "
-            "JOIN pg_class c ON c.oid = s.relid WHERE s.relid = to_regclass(%s)",
-            [table],
-        )
-        if not rows or rows[0][0] < min_dead_rows:
-            return False
-        dead, owner = rows[0]
-        if not owner:
-            _warn_once(table, f"{table} has {dead} dead rows; only its owner can vacuum it, so autovacuum has to")
-            return False
-        started = time.monotonic()
-        pg.execute(f"VACUUM (ANALYZE) {table}")
-    except QueueError as e:
-        _warn_once(table, f"could not vacuum the queue table {table} (autovacuum will): {e}")
-        return False
-    log.info("vacuumed %s (%d dead rows) in %.2f s", table, dead, time.monotonic() - started)
-    return True
-
-
-def _warn_once(table: str, message: str) -> None:
-    """Vacuum trouble is logged once per queue and process, not after every apply run."""
-    if table not in _vacuum_warned:
-        _vacuum_warned.add(table)
-        log.warning("%s", message)
-
-
 def _prepare(schema: Schema, msgs: list[QueueMessage], report: ApplyReport) -> _Prepared:
-    """Decode, size-check, count and plan one read batch (pure work, no I/O).
-
-    Planned in segments (see `core.chunks`): each compact backfill chunk on its own, the changes between
-    two chunks coalesced together; the statements keep message order."""
-    poison: list[Poison] = []
-    planned: list[Planned] = []
-    pending: list[Change] = []
-    table_of: dict[int, str | None] = {}
-    for m in msgs:
-        chunk = decode_chunk(m.msg_id, m.message, schema)
-        if chunk is None:
-            changes, bad = _decode(schema, [m])
-            pending += changes
-            poison += bad
-            table_of[m.msg_id] = changes[0].table if changes else bad[0].table if bad else None
-            continue
-        if pending:
-            planned += plan(schema, coalesce(pending))
-            pending = []
-        table_of[m.msg_id] = chunk.table.name
-        planned += plan_literals(chunk.table, chunk.literals)
-        for ch in chunk.changes:
-            problem = row_problem(chunk.table, ch.row or {})
-            if problem:
-                poison.append(Poison(ch.msg_id, f"{ch.table}: {problem}", ch.table))
-            else:
-                planned += plan_upserts(chunk.table, [ch.row or {}])
-        poison += chunk.poison
-    if pending:
-        planned += plan(schema, coalesce(pending))
-
+    """Plan one read batch (`core.batch`), count it, and add the bookkeeping statements."""
+    batch = plan_batch(schema, msgs)
     now = datetime.now(UTC)
-    for m in msgs:
-        stats = report.tables.get(table_of.get(m.msg_id) or "")
-        if stats is not None:
-            stats.messages += 1
-            stats.lag_seconds = max(stats.lag_seconds or 0.0, (now - m.enqueued_at).total_seconds())
+    report.count_messages(msgs, batch.tables, now)
     meta = [
         Statement(upsert_meta(), ("last_applied_at", now.isoformat(timespec="seconds"))),
         Statement(upsert_meta(), ("last_applied_msg_id", str(msgs[-1].msg_id))),
     ]
-    return _Prepared(msgs, poison, planned, meta)
-
-
-def _decode(schema: Schema, msgs: list[QueueMessage]) -> tuple[list[Change], list[Poison]]:
-    """Every row change of the messages (the general path), and the ones that cannot apply."""
-    changes: list[Change] = []
-    poison: list[Poison] = []
-    for m in msgs:
-        for item in decode_all(m.msg_id, m.message, schema):
-            if isinstance(item, Change) and item.row is not None:
-                problem = row_problem(schema.table(item.table), item.row)
-                if problem:
-                    item = Poison(m.msg_id, f"{item.table}: {problem}", item.table)
-            if isinstance(item, Change):
-                changes.append(item)
-            else:
-                poison.append(item)
-    return changes, poison
+    return _Prepared(msgs, batch.poison, batch.planned, meta)
 
 
 def _commit_and_finish(
@@ -333,7 +200,7 @@ def _commit(d1: D1Client, schema: Schema, p: _Prepared, report: ApplyReport, opt
         if e.retryable:
             raise
         # Isolate what D1 refuses on the general path: every row change of the batch, in message order.
-        changes, _ = _decode(schema, p.msgs)
+        changes, _ = decode_batch(schema, p.msgs)
         mid = len(changes) // 2
         return _apply_changes(d1, schema, changes[:mid], report, options, p.meta) + _apply_changes(
             d1, schema, changes[mid:], report, options, p.meta
@@ -378,31 +245,15 @@ def _send(
         if i == len(groups) - 1:
             stmts += meta  # the bookkeeping rides in the last request: no extra request per batch
         results = d1.batch(stmts)
-        report.requests += 1
-        for p, res in zip(group, results, strict=False):
-            stats = report.tables[p.table]
-            stats.statements += 1
-            stats.rows_written += res.rows_written
-            report.statements += 1
-            report.rows_written += res.rows_written
-            report.rows_sent += p.rows
-            if p.kind == "upsert":
-                stats.upserts += p.rows
-            elif p.kind == "delete":
-                stats.deletes += p.rows
-            else:
-                stats.truncates += 1
+        report.count_sent(group, [res.rows_written for res in results])
 
 
 def _finish(pg: PgmqClient, msgs: list[QueueMessage], poison: list[Poison], report: ApplyReport) -> None:
     """Dead-letter the poison and delete the whole batch from the queue, in one Postgres transaction."""
-    with pg.conn.transaction():
+    with pg.transaction():
         if poison:
-            pg.dead_letter([(p.msg_id, p.reason, p.table) for p in poison], dlq=dlq_name(pg.queue))
+            pg.dead_letter([(p.msg_id, p.reason, p.table) for p in poison])
         deleted = pg.delete([m.msg_id for m in msgs])
     if len(deleted) != len(msgs):
         log.warning("%d of %d messages were already gone from the queue", len(msgs) - len(deleted), len(msgs))
-    for p in poison:
-        report.dead_lettered += 1
-        if p.table in report.tables:
-            report.tables[p.table].dead_lettered += 1
+    report.count_dead_letters(poison)

@@ -28,8 +28,10 @@ from typing import Any
 
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
-from d1sync_dagster.engine.apply import ApplyOptions, ApplyReport, apply
-from d1sync_dagster.engine.ranges import enqueue_marker, key_types, range_condition
+from d1sync_dagster.engine.apply import ApplyOptions, apply
+from d1sync_dagster.engine.catalog import key_types
+from d1sync_dagster.engine.ranges import enqueue_marker, range_condition
+from d1sync_dagster.engine.reports import ApplyReport
 from d1sync_dagster.errors import QueueError
 from d1sync_dagster.schema import Schema, Table
 from d1sync_dagster.sql.capture import FUNCTION_SCHEMA, source_relation
@@ -154,7 +156,7 @@ def backfill(
     if failure:
         raise failure[0]
     if not applied.skipped:
-        _merge(applied, apply(pg, d1, schema, base))  # what arrived after the follower stopped
+        applied.merge(apply(pg, d1, schema, base))  # what arrived after the follower stopped
     report.apply = applied
     report.seconds = time.monotonic() - started
     return report
@@ -208,7 +210,7 @@ def _chunk(
     """One chunk transaction: bound, marker, progress. Returns (rows, msg_id, upper bound or None at the end)."""
     for attempt in range(5):
         try:
-            with pg.conn.transaction():
+            with pg.transaction():
                 bound = pg.execute(bound_sql(table, types, after=last is not None), params)
                 upper = list(bound[0][0]) if bound else None
                 if upper is not None:
@@ -231,7 +233,7 @@ def _wait_for_room(pg: PgmqClient, pending: deque[int], ahead: int, unthrottled:
     """Block while `ahead` of our chunks are still in the queue (the apply has not taken them yet)."""
     while len(pending) >= ahead and not unthrottled.is_set():
         oldest = pending[0]
-        if pg.execute(f"SELECT EXISTS (SELECT 1 FROM pgmq.{ident('q_' + pg.queue)} WHERE msg_id = %s)", [oldest])[0][0]:
+        if pg.contains(oldest):
             time.sleep(0.02)
         else:
             pending.popleft()
@@ -247,17 +249,3 @@ def _save(pg: PgmqClient, table: Table, last: list[str] | None, n: int, *, finis
               finished_at = excluded.finished_at""",
         {"q": pg.queue, "t": table.name, "last": last, "n": n, "c": 1 if n else 0, "fin": finished},
     )
-
-
-def _merge(total: ApplyReport, part: ApplyReport) -> None:
-    """Add one apply run's figures to the running total."""
-    for name, s in part.tables.items():
-        t = total.tables.setdefault(name, type(s)())
-        for f in ("messages", "upserts", "deletes", "truncates", "dead_lettered", "statements", "rows_written"):
-            setattr(t, f, getattr(t, f) + getattr(s, f))
-        t.lag_seconds = max(t.lag_seconds or 0.0, s.lag_seconds or 0.0) if s.lag_seconds is not None else t.lag_seconds
-    for f in ("messages", "batches", "requests", "statements", "rows_written", "rows_sent", "dead_lettered"):
-        setattr(total, f, getattr(total, f) + getattr(part, f))
-    total.duration_seconds += part.duration_seconds
-    total.drained = part.drained
-    total.skipped = part.skipped

@@ -60,6 +60,6 @@ DELETE FROM public.apps WHERE id IN (SELECT id FROM public.apps ORDER BY random(
 def live_writes(pg: PgmqClient, *, rows: int) -> None:
     """One tick of the dev generator: `rows` new apps and versions, `rows` download counts bumped, a quarter
     as many ratings changed and a tenth as many apps deleted, in one transaction."""
-    with pg.conn.transaction():
+    with pg.transaction():
         for statement in LIVE_WRITES.strip().split(";\n"):
             pg.execute(statement, {"rows": rows})

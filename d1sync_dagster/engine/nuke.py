@@ -10,15 +10,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from d1sync_dagster.clients.d1 import D1Client, Statement
+from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
-from d1sync_dagster.engine.apply import lock_name
+from d1sync_dagster.core.statements import Statement
 from d1sync_dagster.engine.backfill import reset_progress
 from d1sync_dagster.errors import ConfigError, QueueError
 from d1sync_dagster.schema import Schema
-from d1sync_dagster.sql.capture import dlq_name
 from d1sync_dagster.sql.d1_ddl import create_indexes, create_meta_table, create_table, drop_table
-from d1sync_dagster.sql.quoting import ident
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +45,7 @@ def nuke(
         raise ConfigError("nuke drops D1 tables and everything in them; confirm it (--yes, or confirm: true)")
     chosen = [schema.table(n) for n in tables] if tables else list(schema.tables)
     everything = len(chosen) == len(schema.tables)
-    with pg.advisory_lock(lock_name(pg.queue)) as got:
+    with pg.consumer_lock() as got:
         if not got:
             raise QueueError("an apply is running on this queue; nuke again when it has finished")
         # A restore point first, so a mistaken nuke can be undone (D1 Time Travel, or a local backup copy).
@@ -60,17 +58,9 @@ def nuke(
         report = NukeReport(tables=[t.name for t in chosen], bookmark=bookmark, statements=stmts)
         if purge_queue:
             names = [t.name for t in chosen]
-            with pg.conn.transaction():
-                for queue, attr in ((pg.queue, "purged_messages"), (dlq_name(pg.queue), "purged_dead_letters")):
-                    if everything:
-                        n = pg.purge(queue)
-                    else:
-                        n = len(
-                            pg.execute(
-                                f"DELETE FROM pgmq.{ident('q_' + queue)} WHERE message->>'table' = ANY(%s) RETURNING 1",
-                                [names],
-                            )
-                        )
+            with pg.transaction():
+                for queue, attr in ((pg.queue, "purged_messages"), (pg.dlq, "purged_dead_letters")):
+                    n = pg.purge(queue) if everything else pg.delete_for_tables(names, queue=queue)
                     setattr(report, attr, n)
         reset_progress(pg, chosen)
     log.warning("nuked D1 tables %s (queue purged: %s)", ", ".join(report.tables), purge_queue)

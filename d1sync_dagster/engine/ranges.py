@@ -1,10 +1,9 @@
 """Backfill range markers, resolved by the consumer: the rows of a key range are read when the apply reaches
 the marker in the queue, not when the backfill enqueues it.
 
-A marker is `{"type": "BACKFILL", "table", "range": {"after": [key text] | null, "upto": [key text] | null},
-"rows": <count when enqueued>}`. The apply's reader thread reads a batch of messages, then (same connection,
-later statement, so a later snapshot) reads each marker's range with a plain read and replaces the marker by
-the compact chunk form (`"columns"` + `"rows"`), which decodes like any chunk. The read selects each column
+A marker (its shape is in `core/messages.py`) names a table and a key range. The apply's reader thread reads
+a batch of messages, then (same connection, later statement, so a later snapshot) reads each marker's range
+with a plain read and replaces the marker by a compact chunk, which decodes like any chunk. The read selects each column
 as `to_jsonb` renders it, as the triggers do, or the column itself where psycopg loads the same value
 (`read_natively`: integers, booleans, text, jsonb, and double precision into REAL).
 
@@ -30,34 +29,15 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from psycopg.types.json import Jsonb
-
 from d1sync_dagster.clients.pgmq import PgmqClient, QueueMessage
+from d1sync_dagster.core import messages
+from d1sync_dagster.engine.catalog import column_types, key_types
 from d1sync_dagster.errors import QueueError
 from d1sync_dagster.schema import Schema, Table
 from d1sync_dagster.sql.capture import source_relation
 from d1sync_dagster.sql.quoting import ident
 
 log = logging.getLogger(__name__)
-
-
-def column_types(pg: PgmqClient, table: Table) -> dict[str, str]:
-    """The Postgres type (`format_type`) of every column of the table's source relation."""
-    rows = pg.execute(
-        "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
-        "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped",
-        [source_relation(table)],
-    )
-    return dict(rows)
-
-
-def key_types(pg: PgmqClient, table: Table) -> list[str]:
-    """The Postgres types of the key columns, to cast saved key text back exactly."""
-    types = column_types(pg, table)
-    missing = [k for k in table.key if k not in types]
-    if missing:
-        raise QueueError(f"{source_relation(table)} has no column(s) {', '.join(missing)} named as key in schema.json")
-    return [types[k] for k in table.key]
 
 
 def range_condition(table: Table, types: Sequence[str], *, after: bool, upto: bool) -> str:
@@ -84,20 +64,8 @@ def enqueue_marker(
     pg: PgmqClient, table: Table, after: list[str] | None, upto: list[str] | None, rows: int
 ) -> int | None:
     """Enqueue one range marker (in the caller's transaction); returns its msg_id."""
-    marker = {"type": "BACKFILL", "table": table.name, "range": {"after": after, "upto": upto}, "rows": rows}
-    res = pg.execute(
-        f"INSERT INTO pgmq.{ident('q_' + pg.queue)} (vt, message) VALUES (now(), %s) RETURNING msg_id", [Jsonb(marker)]
-    )
-    return int(res[0][0])
-
-
-def is_marker(payload: Any) -> bool:
-    return isinstance(payload, dict) and payload.get("type") == "BACKFILL" and isinstance(payload.get("range"), dict)
-
-
-def marker_rows(payload: Any) -> int:
-    n = payload.get("rows") if isinstance(payload, dict) else None
-    return n if isinstance(n, int) and n > 0 else 1
+    (msg_id,) = pg.enqueue([messages.range_marker(table.name, after, upto, rows)])
+    return msg_id
 
 
 #: Postgres types whose values psycopg loads as exactly the Python value that `loads_exact(to_jsonb(v))`
@@ -145,31 +113,26 @@ class RangeReader:
         out: list[QueueMessage] = []
         total = 0
         for i, m in enumerate(msgs):
-            if not is_marker(m.message):
+            if not messages.is_marker(m.message):
                 out.append(m)
                 total += 1
                 continue
-            if out and total + marker_rows(m.message) > self.max_rows:
-                self._release(msgs[i:])
+            if out and total + messages.marker_rows(m.message) > self.max_rows:
+                self.pg.release([later.msg_id for later in msgs[i:]])
                 break
             payload = self._read(m.msg_id, m.message)
             total += len(payload.get("rows") or ())
             out.append(replace(m, message=payload))
         return out
 
-    def _release(self, msgs: list[QueueMessage]) -> None:
-        self.pg.execute(
-            f"UPDATE pgmq.{ident('q_' + self.pg.queue)} SET vt = now() WHERE msg_id = ANY(%s)",
-            [[m.msg_id for m in msgs]],
-        )
-
     def _read(self, msg_id: int, marker: dict[str, Any]) -> dict[str, Any]:
         name = marker.get("table")
         table = self.schema.by_name.get(name) if isinstance(name, str) else None
+        bounds = messages.marker_bounds(marker)
+        if table is None or bounds is None:
+            return messages.unreadable_range(name, "range marker without a known table and key range")
+        after, upto = bounds
         rng = marker["range"]
-        after, upto = rng.get("after"), rng.get("upto")
-        if table is None or not all(v is None or (isinstance(v, list) and v) for v in (after, upto)):
-            return {"type": "BACKFILL", "table": name, "error": "range marker without a known table and key range"}
         try:
             if table.name not in self._types:
                 key_types(self.pg, table)  # a clear error when a key column is gone
@@ -182,5 +145,5 @@ class RangeReader:
             if e.sqlstate is None or not e.sqlstate.startswith(("22", "42")):
                 raise
             log.warning("backfill range %s of %s cannot be read: %s", rng, table.name, e)
-            return {"type": "BACKFILL", "table": table.name, "error": f"range {rng} cannot be read: {e}"}
-        return {"type": "BACKFILL", "table": table.name, "columns": list(table.columns), "rows": rows}
+            return messages.unreadable_range(table.name, f"range {rng} cannot be read: {e}")
+        return messages.chunk(table.name, list(table.columns), rows)

@@ -23,17 +23,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from psycopg.types.json import Jsonb
-
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.core import messages
 from d1sync_dagster.core.changes import Key, Row
 from d1sync_dagster.core.convert import to_sqlite
 from d1sync_dagster.core.plan import sql_literal
 from d1sync_dagster.engine.apply import ApplyOptions, apply
+from d1sync_dagster.engine.catalog import column_types, key_types
 from d1sync_dagster.engine.compare import diff, pg_rows, rows_from_raw, select_exact
 from d1sync_dagster.engine.prefetch import read_ahead
-from d1sync_dagster.engine.ranges import column_types, key_types
 from d1sync_dagster.engine.tuning import throughput
 from d1sync_dagster.errors import QueueError, ReconcileError
 from d1sync_dagster.schema import Schema, Table
@@ -143,7 +142,7 @@ def _pg_lookup(
     the same), so it deletes nothing."""
     where, params = _pg_key_filter(table, types, keys)
     try:
-        with pg.conn.transaction():
+        with pg.transaction():
             return run(where, params)
     except QueueError as e:
         if not (e.sqlstate or "").startswith("22"):
@@ -240,7 +239,7 @@ def repair(pg: PgmqClient, table: Table, drift: TableDrift) -> int:
     if not fix:
         return 0
     types = key_types(pg, table)
-    with pg.conn.transaction():
+    with pg.transaction():
         pg.execute(f"LOCK TABLE {source_relation(table)} IN SHARE MODE")
         cols = ", ".join(ident(c) for c in table.columns)
         rows = _pg_lookup(
@@ -252,22 +251,14 @@ def repair(pg: PgmqClient, table: Table, drift: TableDrift) -> int:
         )
         records = [r for (r,) in rows]
         present = {tuple(to_sqlite(r[k], table.columns[k]) for k in table.key) for r in records}
-        messages: list[Any] = []
-        if records:
-            messages.append(
-                {"type": "BACKFILL", "table": table.name, "record": None, "old_record": None, "records": records}
-            )
+        out: list[Any] = [messages.records_chunk(table.name, records)] if records else []
         for k in drift.extra:
             if k in present:
                 continue
             old = {c: ("\\x" + v.hex() if isinstance(v, bytes) else v) for c, v in zip(table.key, k, strict=True)}
-            messages.append({"type": "DELETE", "table": table.name, "record": None, "old_record": old})
-        if messages:
-            pg.execute(
-                f"INSERT INTO pgmq.{ident('q_' + pg.queue)} (vt, message) SELECT now(), m FROM unnest(%s::jsonb[]) m",
-                [[Jsonb(m) for m in messages]],
-            )
-    return len(messages)
+            out.append(messages.delete_message(table.name, old))
+        pg.enqueue(out)
+    return len(out)
 
 
 @throughput()  # the interpreter tuning of engine/tuning.py for the whole run

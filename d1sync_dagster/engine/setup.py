@@ -17,8 +17,9 @@ import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from d1sync_dagster.clients.d1 import D1Client, Statement
+from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.core.statements import Statement
 from d1sync_dagster.errors import D1Error, QueueError, SchemaError
 from d1sync_dagster.schema import Schema, Table
 from d1sync_dagster.sql.capture import migration

@@ -9,7 +9,6 @@ from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.errors import D1Error
 from d1sync_dagster.schema import Schema
-from d1sync_dagster.sql.capture import dlq_name
 from d1sync_dagster.sql.d1_ddl import META_TABLE
 from d1sync_dagster.sql.quoting import ident
 
@@ -30,14 +29,6 @@ class Status:
         return asdict(self)
 
 
-def dead_letters_by_table(pg: PgmqClient) -> dict[str, int]:
-    """Dead-lettered messages per table (`?` for messages that named no table)."""
-    rows = pg.execute(
-        f"SELECT coalesce(message->>'table', '?'), count(*) FROM pgmq.{ident('q_' + dlq_name(pg.queue))} GROUP BY 1"
-    )
-    return {t: int(n) for t, n in rows}
-
-
 def d1_meta(d1: D1Client) -> dict[str, str]:
     """d1sync's key/value records in D1 (empty before setup)."""
     try:
@@ -50,7 +41,7 @@ def d1_meta(d1: D1Client) -> dict[str, str]:
 def status(pg: PgmqClient, d1: D1Client, schema: Schema) -> Status:
     m = pg.metrics()
     meta = d1_meta(d1)
-    letters = dead_letters_by_table(pg)
+    letters = pg.dead_letters_by_table()
     return Status(
         queue=pg.queue,
         queue_depth=m.queue_length,

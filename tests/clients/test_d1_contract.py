@@ -2,7 +2,7 @@
 
 import pytest
 
-from d1sync_dagster.clients.d1 import Statement
+from d1sync_dagster.core.statements import Statement
 from d1sync_dagster.errors import D1Error, D1LimitError
 from d1sync_dagster.schema import load_schema
 from d1sync_dagster.sql.d1_ddl import META_TABLE, schema_ddl

@@ -5,8 +5,9 @@ import sqlite3
 import httpx
 import pytest
 
-from d1sync_dagster.clients.d1 import HttpD1Client, RetryPolicy, Statement
+from d1sync_dagster.clients.d1 import HttpD1Client, RetryPolicy
 from d1sync_dagster.clients.d1_local import LocalD1Client
+from d1sync_dagster.core.statements import Statement
 from d1sync_dagster.errors import D1Error
 from tests.conftest import free_port
 

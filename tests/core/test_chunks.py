@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from d1sync_dagster.core.changes import Change, Poison, decode_all
 from d1sync_dagster.core.chunks import decode_chunk
 from d1sync_dagster.core.coalesce import coalesce
-from d1sync_dagster.core.plan import PACK_BYTES, _literal_fns, _literal_row, plan, plan_literals
+from d1sync_dagster.core.plan import PACK_BYTES, plan, plan_literals, row_literal
 from d1sync_dagster.schema import parse_schema
 
 SCHEMA = parse_schema(
@@ -63,9 +63,8 @@ def test_fast_path_renders_and_refuses_exactly_as_the_general_path(chunk_rows):
     assert chunk is not None
     changes, poison = general(7, payload)
     assert chunk.poison == poison
-    fns = _literal_fns(tuple(TABLE.columns.items()))
-    assert chunk.literals + [_literal_row(fns, c.row) for c in chunk.changes] == [
-        _literal_row(fns, c.row) for c in changes
+    assert chunk.literals + [row_literal(TABLE, c.row) for c in chunk.changes] == [
+        row_literal(TABLE, c.row) for c in changes
     ]
     assert chunk.changes == []  # nothing here is too large for a packed statement
 

@@ -8,10 +8,10 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from d1sync_dagster.clients.d1 import MAX_BOUND_PARAMS, MAX_STATEMENT_BYTES
 from d1sync_dagster.core.changes import Change
 from d1sync_dagster.core.coalesce import coalesce
 from d1sync_dagster.core.plan import PACK_BYTES, plan, real_literal, sql_literal
+from d1sync_dagster.core.statements import MAX_BOUND_PARAMS, MAX_STATEMENT_BYTES
 from d1sync_dagster.schema import parse_schema
 from d1sync_dagster.sql.d1_ddl import schema_ddl
 

@@ -159,12 +159,11 @@ def test_row_count_check_counts_the_rows_of_a_queued_backfill_range(env):
 
 
 def test_table_health_waits_for_a_running_apply_and_says_when_it_could_not(env, source_db):
-    from d1sync_dagster.engine.apply import lock_name
-    from d1sync_dagster.engine.checks import table_health
+    from d1sync_dagster.engine.health import table_health
 
     pg, d1, _resources = env
     pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
-    with PgmqClient(source_db) as other, other.advisory_lock(lock_name(other.queue)) as got:
+    with PgmqClient(source_db) as other, other.consumer_lock() as got:
         assert got  # an apply holds the queue
         started = time.monotonic()
         health = table_health(pg, d1, SCHEMA, wait_for_apply_seconds=0.5)

@@ -6,8 +6,9 @@ import uuid
 import psycopg
 import pytest
 
-from d1sync_dagster.clients.pgmq import PgmqClient
-from d1sync_dagster.engine.apply import ApplyOptions, _vacuum_warned, apply, lock_name, vacuum_queue
+from d1sync_dagster.clients.pgmq import PgmqClient, lock_name
+from d1sync_dagster.engine.apply import ApplyOptions, apply
+from d1sync_dagster.engine.maintenance import vacuum_queue
 
 UUID = "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"
 
@@ -362,7 +363,6 @@ def test_a_role_that_does_not_own_the_queue_leaves_it_to_autovacuum(pair, source
     role = f"d1sync_t_{uuid.uuid4().hex[:8]}"
     pair.sql(f"CREATE ROLE {role} LOGIN")
     pair.sql(f"GRANT USAGE ON SCHEMA pgmq TO {role}")
-    _vacuum_warned.clear()
     try:
         pair.sql("INSERT INTO apps (id, name) SELECT g, 'x' FROM generate_series(1, 500) g")
         pair.apply(vacuum_dead_rows=None)

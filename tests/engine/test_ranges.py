@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from d1sync_dagster.clients.pgmq import PgmqClient, QueueMessage
 from d1sync_dagster.core.changes import Change, Poison, decode_all
 from d1sync_dagster.core.chunks import decode_chunk
-from d1sync_dagster.core.plan import _literal_fns, _literal_row
+from d1sync_dagster.core.plan import row_literal
 from d1sync_dagster.engine.ranges import RangeReader, column_types, read_natively
 from d1sync_dagster.schema import parse_schema
 
@@ -79,9 +79,8 @@ def test_native_and_to_jsonb_reads_give_d1_the_same(pg_url):
     fast = decode_chunk(1, resolved.message, SCHEMA)
     assert fast is not None
 
-    fns = _literal_fns(tuple(table.columns.items()))
-    expected_literals = [_literal_row(fns, c.row) for c in expected if isinstance(c, Change)]
-    assert [_literal_row(fns, c.row) for c in got if isinstance(c, Change)] == expected_literals
+    expected_literals = [row_literal(table, c.row) for c in expected if isinstance(c, Change)]
+    assert [row_literal(table, c.row) for c in got if isinstance(c, Change)] == expected_literals
     assert fast.literals == expected_literals
     expected_poison = [p for p in expected if isinstance(p, Poison)]
     assert [p for p in got if isinstance(p, Poison)] == expected_poison == fast.poison

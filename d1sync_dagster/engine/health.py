@@ -1,4 +1,5 @@
-"""Per-table health figures behind the asset checks and `d1sync status`."""
+"""Per-table health figures behind the Dagster asset checks (`defs/checks.py`): row counts on both sides,
+what is queued, dead letters."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ from dataclasses import dataclass
 
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
-from d1sync_dagster.engine.apply import lock_name
-from d1sync_dagster.engine.status import dead_letters_by_table
 from d1sync_dagster.schema import Schema
 from d1sync_dagster.sql.capture import source_relation
 from d1sync_dagster.sql.quoting import ident
@@ -48,25 +47,18 @@ def table_health(
         return _read_health(pg, d1, schema, apply_running=False)
     deadline = time.monotonic() + wait_for_apply_seconds
     while True:
-        with pg.advisory_lock(lock_name(pg.queue)) as got:
+        with pg.consumer_lock() as got:
             if got or time.monotonic() >= deadline:
                 return _read_health(pg, d1, schema, apply_running=not got)
         time.sleep(0.2)
 
 
 def _read_health(pg: PgmqClient, d1: D1Client, schema: Schema, *, apply_running: bool) -> dict[str, TableHealth]:
-    with pg.conn.transaction():
+    with pg.transaction():
         pg.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        queued = {
-            t: (int(n), int(rows), bool(truncate), float(age) if age is not None else None)
-            for t, n, rows, truncate, age in pg.execute(
-                f"SELECT message->>'table', count(*), sum({_ROW_CHANGES}), "
-                "bool_or(message->>'type' = 'TRUNCATE'), extract(epoch FROM now() - min(enqueued_at)) "
-                f"FROM pgmq.{ident('q_' + pg.queue)} GROUP BY 1"
-            )
-        }
+        queued = pg.queued_by_table()
         sources = {t.name: int(pg.execute(f"SELECT count(*) FROM {source_relation(t)}")[0][0]) for t in schema.tables}
-    letters = dead_letters_by_table(pg)
+    letters = pg.dead_letters_by_table()
     out = {}
     for t in schema.tables:
         (res,) = d1.query(f"SELECT count(*) AS n FROM {ident(t.target)}")
@@ -75,13 +67,3 @@ def _read_health(pg: PgmqClient, d1: D1Client, schema: Schema, *, apply_running:
             sources[t.name], int(res.results[0]["n"]), n, age, letters.get(t.name, 0), rows, truncate, apply_running
         )
     return out
-
-
-# Row changes a queued message carries, as `core.changes.message_rows` counts them: a range marker its row
-# count when enqueued, a chunk its rows or records, any other message one (messages of any shape, poison too).
-_ROW_CHANGES = """CASE
-  WHEN message->>'type' IS DISTINCT FROM 'BACKFILL' THEN 1
-  WHEN jsonb_typeof(message->'rows') = 'number' THEN greatest(floor((message->>'rows')::numeric), 1)::bigint
-  WHEN jsonb_typeof(message->'rows') = 'array' THEN greatest(jsonb_array_length(message->'rows'), 1)
-  WHEN jsonb_typeof(message->'records') = 'array' THEN greatest(jsonb_array_length(message->'records'), 1)
-  ELSE 1 END"""

@@ -1,0 +1,108 @@
+"""What an apply run reports: figures per table and for the run, shared by the CLI, Dagster and backfill."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime
+from typing import Any, Protocol
+
+from d1sync_dagster.core.changes import Poison
+from d1sync_dagster.core.plan import Planned
+
+
+class _Enqueued(Protocol):
+    @property
+    def msg_id(self) -> int: ...
+
+    @property
+    def enqueued_at(self) -> datetime: ...
+
+
+@dataclass
+class TableStats:
+    messages: int = 0
+    upserts: int = 0
+    deletes: int = 0
+    truncates: int = 0
+    dead_lettered: int = 0
+    statements: int = 0
+    rows_written: int = 0
+    #: Age of the oldest change applied to the table in the run, from enqueue to the run's read.
+    lag_seconds: float | None = None
+
+
+@dataclass
+class ApplyReport:
+    tables: dict[str, TableStats] = field(default_factory=dict)
+    messages: int = 0
+    batches: int = 0
+    requests: int = 0
+    statements: int = 0
+    rows_written: int = 0
+    rows_sent: int = 0
+    dead_lettered: int = 0
+    duration_seconds: float = 0.0
+    drained: bool = False
+    skipped: str | None = None
+    vacuumed: bool = False
+
+    @property
+    def rows_per_request(self) -> float:
+        return self.rows_sent / self.requests if self.requests else 0.0
+
+    @property
+    def changes_per_second(self) -> float:
+        return self.messages / self.duration_seconds if self.duration_seconds else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["rows_per_request"] = round(self.rows_per_request, 1)
+        out["changes_per_second"] = round(self.changes_per_second, 1)
+        return out
+
+    def count_messages(self, msgs: Iterable[_Enqueued], tables: dict[int, str | None], now: datetime) -> None:
+        """Count a read batch's messages per table and the oldest one's lag."""
+        for m in msgs:
+            stats = self.tables.get(tables.get(m.msg_id) or "")
+            if stats is not None:
+                stats.messages += 1
+                stats.lag_seconds = max(stats.lag_seconds or 0.0, (now - m.enqueued_at).total_seconds())
+
+    def count_sent(self, group: list[Planned], rows_written: list[int]) -> None:
+        """Count one D1 request: its statements, rows sent and rows D1 says it wrote."""
+        self.requests += 1
+        for p, written in zip(group, rows_written, strict=False):
+            stats = self.tables[p.table]
+            stats.statements += 1
+            stats.rows_written += written
+            self.statements += 1
+            self.rows_written += written
+            self.rows_sent += p.rows
+            if p.kind == "upsert":
+                stats.upserts += p.rows
+            elif p.kind == "delete":
+                stats.deletes += p.rows
+            else:
+                stats.truncates += 1
+
+    def count_dead_letters(self, poison: Iterable[Poison]) -> None:
+        for p in poison:
+            self.dead_lettered += 1
+            if p.table in self.tables:
+                self.tables[p.table].dead_lettered += 1
+
+    def merge(self, part: ApplyReport) -> None:
+        """Add another run's figures to this running total (a backfill applies in several runs)."""
+        for name, s in part.tables.items():
+            t = self.tables.setdefault(name, TableStats())
+            for f in fields(TableStats):
+                if f.name != "lag_seconds":
+                    setattr(t, f.name, getattr(t, f.name) + getattr(s, f.name))
+            if s.lag_seconds is not None:
+                t.lag_seconds = max(t.lag_seconds or 0.0, s.lag_seconds)
+        for f in ("messages", "batches", "requests", "statements", "rows_written", "rows_sent", "dead_lettered"):
+            setattr(self, f, getattr(self, f) + getattr(part, f))
+        self.duration_seconds += part.duration_seconds
+        self.drained = part.drained
+        self.skipped = part.skipped
