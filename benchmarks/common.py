@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from d1sync_dagster.config import pgmq_sql
+from d1sync_dagster.embedded import pgmq_sql
 
 
 def admin_url() -> str:

@@ -17,7 +17,7 @@ from contextlib import closing, contextmanager
 from dataclasses import replace
 from typing import TextIO
 
-from d1sync_dagster import config
+from d1sync_dagster import config, embedded
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.engine.apply import ApplyOptions, apply
@@ -48,7 +48,7 @@ def _cmd_generate_sql(args: argparse.Namespace) -> int:
 def _cmd_setup(args: argparse.Namespace) -> int:
     schema = load_schema(args.schema)
     d1_settings = config.d1_settings()
-    url = config.database_url()
+    url = embedded.source_url()
     with PgmqClient(url, queue=args.queue) as pg:
         if args.create_example_tables:
             pg.execute(example_source_tables())
@@ -125,7 +125,7 @@ class Progress:
 def _clients(args: argparse.Namespace) -> Iterator[tuple[PgmqClient, D1Client]]:
     """Both clients from the environment, closed afterwards."""
     d1_settings = config.d1_settings()
-    with PgmqClient(config.database_url(), queue=args.queue) as pg:
+    with PgmqClient(embedded.source_url(), queue=args.queue) as pg:
         d1 = d1_settings.client()
         try:
             yield pg, d1
@@ -292,7 +292,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_init_schema(args: argparse.Namespace) -> int:
     tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables else None
-    with PgmqClient(config.database_url(), queue=args.queue) as pg:
+    with PgmqClient(embedded.source_url(), queue=args.queue) as pg:
         result = introspect(pg, tables=tables, schema_name=args.schema_name)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)

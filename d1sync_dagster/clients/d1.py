@@ -26,6 +26,7 @@ from d1sync_dagster.errors import D1Error, D1LimitError
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class QueryResult:
     """What D1 returned for one statement: rows as dicts and D1's `meta` (rows_written, rows_read, ...)."""

@@ -11,11 +11,10 @@ carries the table's figures (messages, upserts, deletes, dead letters, D1 rows w
 
 import dagster as dg
 
-from d1sync_dagster.defs.resources import D1Resource, PostgresResource
+from d1sync_dagster.defs.resources import D1Resource, PostgresResource, open_clients
 from d1sync_dagster.engine.apply import ApplyOptions, apply
 from d1sync_dagster.engine.reports import TableStats
 from d1sync_dagster.engine.setup import ensure_schema
-from d1sync_dagster.errors import D1SyncError
 from d1sync_dagster.schema import Schema, Table
 
 GROUP = "d1"
@@ -79,17 +78,11 @@ def build_table_assets(schema: Schema, *, options: ApplyOptions | None = None) -
         description="Drain the PGMQ change queue into D1 (exactly once in effect, ordered per row).",
     )
     def d1_tables(context: dg.AssetExecutionContext, postgres: PostgresResource, d1: D1Resource):
-        client = d1.get_client()
-        try:
-            with postgres.get_client() as pg:
-                evolved = ensure_schema(pg, client, schema)
-                if evolved is not None:
-                    context.log.warning(f"schema.json changed: D1 updated first ({evolved})")
-                report = apply(pg, client, schema, options or ApplyOptions())
-        except D1SyncError as e:
-            raise dg.Failure(description=f"apply failed: {e}") from e
-        finally:
-            client.close()
+        with open_clients(postgres, d1, what="apply") as (pg, client):
+            evolved = ensure_schema(pg, client, schema)
+            if evolved is not None:
+                context.log.warning(f"schema.json changed: D1 updated first ({evolved})")
+            report = apply(pg, client, schema, options or ApplyOptions())
         if report.skipped:
             context.log.warning(f"apply skipped: {report.skipped}")
             return

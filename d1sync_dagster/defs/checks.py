@@ -4,10 +4,9 @@ import dagster as dg
 from pydantic import Field
 
 from d1sync_dagster.defs.assets import asset_key
-from d1sync_dagster.defs.resources import D1Resource, PostgresResource
+from d1sync_dagster.defs.resources import D1Resource, PostgresResource, open_clients
 from d1sync_dagster.engine.health import table_health
 from d1sync_dagster.engine.reconcile import reconcile
-from d1sync_dagster.errors import D1SyncError
 from d1sync_dagster.schema import Schema
 
 ROW_COUNT, LAG, DEAD_LETTERS = "row_count_matches_source", "replication_lag_under_threshold", "no_dead_letters"
@@ -38,16 +37,10 @@ def build_reconcile_checks(schema: Schema) -> dg.AssetChecksDefinition:
         context: dg.AssetCheckExecutionContext, config: ReconcileConfig, postgres: PostgresResource, d1: D1Resource
     ):
         names = [by_key[k.asset_key].name for k in context.selected_asset_check_keys]
-        client = d1.get_client()
-        try:
-            with postgres.get_client() as pg:
-                report = reconcile(
-                    pg, client, schema, tables=names, chunk_size=config.chunk_size, repair_drift=config.repair
-                )
-        except D1SyncError as e:
-            raise dg.Failure(description=f"reconcile failed: {e}") from e
-        finally:
-            client.close()
+        with open_clients(postgres, d1, what="reconcile") as (pg, client):
+            report = reconcile(
+                pg, client, schema, tables=names, chunk_size=config.chunk_size, repair_drift=config.repair
+            )
         for check_key in context.selected_asset_check_keys:
             t = report.tables[by_key[check_key.asset_key].name]
             sample = ", ".join(str(list(k)) for k in (t.missing + t.extra + t.different)[:20])
@@ -97,12 +90,8 @@ def build_table_checks(schema: Schema, *, lag_threshold_seconds: float = 300.0) 
 
     @dg.multi_asset_check(specs=specs, can_subset=True, name="d1_table_checks")
     def d1_table_checks(context: dg.AssetCheckExecutionContext, postgres: PostgresResource, d1: D1Resource):
-        client = d1.get_client()
-        try:
-            with postgres.get_client() as pg:
-                health = table_health(pg, client, schema)
-        finally:
-            client.close()
+        with open_clients(postgres, d1, what="the table checks") as (pg, client):
+            health = table_health(pg, client, schema)
         for check_key in context.selected_asset_check_keys:
             table = by_key[check_key.asset_key]
             h = health[table.name]

@@ -1,30 +1,16 @@
 """Jobs that are not asset materializations: setup, backfill, nuke (reconcile is an asset-check job, see
 `defs/checks.py`). Each op calls the same engine function as the command line, with typed config."""
 
-from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
-from d1sync_dagster.defs.resources import D1Resource, PostgresResource
+from d1sync_dagster.defs.resources import D1Resource, PostgresResource, open_clients
 from d1sync_dagster.engine.backfill import backfill
 from d1sync_dagster.engine.nuke import nuke
 from d1sync_dagster.engine.setup import setup
-from d1sync_dagster.errors import D1SyncError
 from d1sync_dagster.schema import Schema
-
-
-def _run(postgres: PostgresResource, d1: D1Resource, fn: Callable[..., Any]) -> Any:
-    """Run an engine function with fresh clients; our errors become a Dagster failure with the reason."""
-    client = d1.get_client()
-    try:
-        with postgres.get_client() as pg:
-            return fn(pg, client)
-    except D1SyncError as e:
-        raise dg.Failure(description=str(e)) from e
-    finally:
-        client.close()
 
 
 class BackfillConfig(dg.Config):
@@ -45,7 +31,8 @@ def build_setup_job(schema: Schema) -> dg.JobDefinition:
 
     @dg.op(name="d1sync_setup_op", description="Create the PGMQ queue, capture triggers, D1 tables and indexes.")
     def setup_op(context: dg.OpExecutionContext, postgres: PostgresResource, d1: D1Resource) -> dg.Output[None]:
-        result = _run(postgres, d1, lambda pg, c: setup(pg, c, schema))
+        with open_clients(postgres, d1, what="setup") as (pg, client):
+            result = setup(pg, client, schema)
         context.log.info(f"setup done: schema version {result.schema_version}, tables {', '.join(result.tables)}")
         return dg.Output(
             None,
@@ -72,19 +59,16 @@ def build_backfill_job(schema: Schema) -> dg.JobDefinition:
         def progress(table: str, t: Any) -> None:
             context.log.info(f"backfill {table}: {t.rows} rows in {t.chunks} chunks, {t.rows_per_second:.0f} rows/s")
 
-        report = _run(
-            postgres,
-            d1,
-            lambda pg, c: backfill(
+        with open_clients(postgres, d1, what="backfill") as (pg, client):
+            report = backfill(
                 pg,
-                c,
+                client,
                 schema,
                 tables=config.tables or None,
                 chunk_size=config.chunk_size,
                 restart=config.restart,
                 on_chunk=progress,
-            ),
-        )
+            )
         md: dict[str, Any] = {
             "rows": dg.MetadataValue.int(report.rows),
             "seconds": dg.MetadataValue.float(report.seconds),
@@ -108,11 +92,8 @@ def build_nuke_job(schema: Schema) -> dg.JobDefinition:
         if config.all_tables == bool(config.table):
             raise dg.Failure(description="set exactly one of all_tables: true or table: <name>")
         tables = None if config.all_tables else [config.table or ""]
-        report = _run(
-            postgres,
-            d1,
-            lambda pg, c: nuke(pg, c, schema, tables=tables, purge_queue=config.purge_queue, confirm=config.confirm),
-        )
+        with open_clients(postgres, d1, what="nuke") as (pg, client):
+            report = nuke(pg, client, schema, tables=tables, purge_queue=config.purge_queue, confirm=config.confirm)
         context.log.warning(f"nuked {', '.join(report.tables)}; run d1sync_backfill to fill them again")
         return dg.Output(
             None,

@@ -1,11 +1,15 @@
 """Resources hand out clients; they hold settings (secrets through `dg.EnvVar`) and no business logic."""
 
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+
 import dagster as dg
 from pydantic import Field
 
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.config import D1Settings
+from d1sync_dagster.errors import D1SyncError
 from d1sync_dagster.sql.capture import DEFAULT_QUEUE
 
 
@@ -39,3 +43,14 @@ class D1Resource(dg.ConfigurableResource):
 
     def get_client(self) -> D1Client:
         return self.settings().client()
+
+
+@contextmanager
+def open_clients(postgres: PostgresResource, d1: D1Resource, *, what: str) -> Iterator[tuple[PgmqClient, D1Client]]:
+    """Fresh Postgres and D1 clients for one op, asset or check, closed after it. d1sync's errors become a
+    `dg.Failure` that says what failed and why (the cause kept, never a secret)."""
+    try:
+        with closing(d1.get_client()) as client, postgres.get_client() as pg:
+            yield pg, client
+    except D1SyncError as e:
+        raise dg.Failure(description=f"{what} failed: {e}") from e

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.core.statements import Statement
+from d1sync_dagster.engine.backfill import backfill
 from d1sync_dagster.errors import D1Error, QueueError, SchemaError
 from d1sync_dagster.schema import Schema, Table
 from d1sync_dagster.sql.capture import migration
@@ -185,8 +186,6 @@ def setup(pg: PgmqClient, d1: D1Client, schema: Schema, *, backfill_changes: boo
     need = sorted({c.split(".")[0] for c in result.added_columns} | set(result.rebuilt_tables))
     names = [t.name for t in schema.tables if t.target in need or t.name in need]
     if backfill_changes and names:
-        from d1sync_dagster.engine.backfill import backfill  # backfill builds on setup's tables
-
         backfill(pg, d1, schema, tables=names, restart=True)
         result = SetupResult(**{**result.__dict__, "backfilled_tables": names})
     log.info("setup done: %d tables, schema version %s", len(schema.tables), schema.version)

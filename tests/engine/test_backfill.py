@@ -187,8 +187,9 @@ def test_backfill_killed_halfway_and_resumed_converges_while_writers_write(big):
 
 
 def test_writer_transaction_held_open_across_a_chunk_read(loaded):
-    """A writer changes a row, keeps its transaction open while the chunk is read, commits after: the share
-    lock makes the chunk wait and carry the committed row, so D1 ends with the writer's value."""
+    """A writer changes a row and keeps its transaction open while the backfill runs, then commits. Whether
+    the consumer read the range before or after that commit, the writer's queued change applies after the
+    chunk (it was not visible when the chunk's batch was read), so D1 ends with the writer's value."""
     pair, url = loaded
     holding = threading.Event()
 

@@ -148,7 +148,7 @@ def test_dev_leaves_an_embedded_postgres_it_did_not_start_running(tmp_path, monk
 
     import psycopg
 
-    from d1sync_dagster import config
+    from d1sync_dagster import embedded
     from d1sync_dagster.dev import DevOptions, run_dev
 
     for k in [k for k in os.environ if k == "DATABASE_URL" or k.startswith(("CLOUDFLARE_", "D1_"))]:
@@ -156,9 +156,9 @@ def test_dev_leaves_an_embedded_postgres_it_did_not_start_running(tmp_path, monk
     monkeypatch.setenv("D1SYNC_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster-home"))
     pgdata = tmp_path / "state" / "postgres"
-    url = config.database_url()  # as `d1sync setup` would, with no DATABASE_URL
+    url = embedded.source_url()  # as `d1sync setup` would, with no DATABASE_URL
     try:
-        assert config.embedded_postgres_running(pgdata)
+        assert embedded.running(pgdata)
         out = io.StringIO()
         opts = DevOptions(
             schema_file=str(ROOT / "schema.json"),
@@ -171,9 +171,9 @@ def test_dev_leaves_an_embedded_postgres_it_did_not_start_running(tmp_path, monk
         said = out.getvalue()
         assert "using the embedded Postgres already running" in said, said
         assert "was running before and keeps running" in said and "and the embedded Postgres" not in said, said
-        assert config.embedded_postgres_running(pgdata)
+        assert embedded.running(pgdata)
         with psycopg.connect(url) as conn:
             assert conn.execute("SELECT count(*) FROM apps").fetchone()[0] > 0  # dev wrote into it
     finally:
-        config.stop_embedded_postgres(pgdata)
-    assert not config.embedded_postgres_running(pgdata)
+        embedded.stop(pgdata)
+    assert not embedded.running(pgdata)
