@@ -7,7 +7,8 @@ Reading only: starting the embedded Postgres is `embedded.py`'s job.
 - `D1SYNC_QUEUE`: the PGMQ queue (default `replicate_data`).
 - D1: `CLOUDFLARE_ACCOUNT_ID` + `CLOUDFLARE_D1_DATABASE_ID` + `CLOUDFLARE_API_TOKEN` (optional
   `CLOUDFLARE_API_BASE_URL`) for the HTTP API; otherwise the local SQLite file `D1_LOCAL_PATH`
-  (default `.d1sync/local.sqlite`).
+  (default `.d1sync/local.sqlite`). `D1SYNC_D1_ATTEMPTS`: tries per D1 HTTP request on temporary
+  failures (default 5).
 - `D1SYNC_STATE_DIR`: where the embedded defaults live (default `.d1sync`): the embedded Postgres, the local
   D1 file and, for `d1sync dev`, the Dagster instance.
 """
@@ -19,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from d1sync_dagster.clients.d1 import D1Client, HttpD1Client
+from d1sync_dagster.clients.d1 import D1Client, HttpD1Client, RetryPolicy
 from d1sync_dagster.clients.d1_local import LocalD1Client
 from d1sync_dagster.errors import ConfigError
 from d1sync_dagster.sql.capture import DEFAULT_QUEUE
@@ -37,6 +38,8 @@ class D1Settings:
     database_id: str | None = None
     api_token: str | None = None
     base_url: str = "https://api.cloudflare.com/client/v4"
+    #: Tries per D1 request on 429, 5xx and connection errors, with backoff (`D1SYNC_D1_ATTEMPTS`).
+    attempts: int = 5
 
     @property
     def backend(self) -> str:
@@ -50,6 +53,7 @@ class D1Settings:
             database_id=self.database_id or "",
             api_token=self.api_token or "",
             base_url=self.base_url,
+            retry=RetryPolicy(attempts=self.attempts),
         )
 
     def __repr__(self) -> str:  # never print the token
@@ -71,8 +75,18 @@ def d1_settings(env: Mapping[str, str] | None = None) -> D1Settings:
             database_id=env["CLOUDFLARE_D1_DATABASE_ID"],
             api_token=env["CLOUDFLARE_API_TOKEN"],
             base_url=env.get("CLOUDFLARE_API_BASE_URL") or D1Settings.base_url,
+            attempts=_attempts(env),
         )
     return D1Settings(local_path=env.get("D1_LOCAL_PATH") or str(state_dir(env) / "local.sqlite"))
+
+
+def _attempts(env: Mapping[str, str]) -> int:
+    raw = env.get("D1SYNC_D1_ATTEMPTS")
+    if not raw:
+        return D1Settings.attempts
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"D1SYNC_D1_ATTEMPTS must be a whole number of at least 1, got {raw!r}")
+    return int(raw)
 
 
 def state_dir(env: Mapping[str, str] | None = None) -> Path:

@@ -29,7 +29,13 @@ def build_d1_resource() -> D1Resource:
     settings = config.d1_settings()
     if settings.backend == "http":
         account, database, token = (dg.EnvVar(v) for v in config.CLOUDFLARE_VARS)
-        return D1Resource(account_id=account, database_id=database, api_token=token, base_url=settings.base_url)
+        return D1Resource(
+            account_id=account,
+            database_id=database,
+            api_token=token,
+            base_url=settings.base_url,
+            attempts=settings.attempts,
+        )
     return D1Resource(local_path=settings.local_path)
 
 

@@ -81,10 +81,18 @@ def test_unreachable_d1_exits_3_and_keeps_the_token_secret(source_db):
         "CLOUDFLARE_D1_DATABASE_ID": "d",
         "CLOUDFLARE_API_TOKEN": "tok-never-print-me",
         "CLOUDFLARE_API_BASE_URL": "http://127.0.0.1:1/client/v4",
+        "D1SYNC_D1_ATTEMPTS": "1",  # the retries and their backoff are tested in tests/clients
     }
     out = run("setup", env=env)
     assert out.returncode == 3
     assert "unreachable" in out.stderr and "tok-never-print-me" not in out.stderr + out.stdout
+
+
+def test_a_bad_attempts_setting_is_a_clear_error():
+    env = {"CLOUDFLARE_ACCOUNT_ID": "a", "CLOUDFLARE_D1_DATABASE_ID": "d", "CLOUDFLARE_API_TOKEN": "t"}
+    out = run("setup", env=env | {"D1SYNC_D1_ATTEMPTS": "0", "DATABASE_URL": "postgresql://x@127.0.0.1:1/x"})
+    assert out.returncode == 2
+    assert "D1SYNC_D1_ATTEMPTS must be a whole number of at least 1, got '0'" in out.stderr
 
 
 def test_partial_cloudflare_config_is_a_clear_error():
@@ -137,6 +145,7 @@ def test_apply_against_unreachable_d1_fails_clearly_and_keeps_the_queue(source_d
         "CLOUDFLARE_D1_DATABASE_ID": "d",
         "CLOUDFLARE_API_TOKEN": "tok-secret-apply",
         "CLOUDFLARE_API_BASE_URL": "http://127.0.0.1:1/client/v4",
+        "D1SYNC_D1_ATTEMPTS": "1",  # the retries and their backoff are tested in tests/clients
     }
     out = run("apply", "--vt", "0", env=bad)
     assert out.returncode == 3 and "unreachable" in out.stderr and "tok-secret-apply" not in out.stderr + out.stdout

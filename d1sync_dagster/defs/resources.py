@@ -31,6 +31,7 @@ class D1Resource(dg.ConfigurableResource):
     database_id: str | None = Field(default=None, description="D1 database id")
     api_token: str | None = Field(default=None, description="API token with D1 edit rights; pass as dg.EnvVar")
     base_url: str = Field(default="https://api.cloudflare.com/client/v4", description="API base URL")
+    attempts: int = Field(default=5, description="tries per request on 429, 5xx and connection errors")
 
     def settings(self) -> D1Settings:
         return D1Settings(
@@ -39,6 +40,7 @@ class D1Resource(dg.ConfigurableResource):
             database_id=self.database_id,
             api_token=self.api_token,
             base_url=self.base_url,
+            attempts=self.attempts,
         )
 
     def get_client(self) -> D1Client:

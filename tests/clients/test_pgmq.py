@@ -82,3 +82,33 @@ def test_unreachable_postgres_error_hides_the_password():
 def test_redact_hides_passwords_in_urls_and_keyword_strings():
     assert redact("postgresql://u:pw@h:5432/d") == "postgresql://u:***@h:5432/d"
     assert "pw" not in redact("host=h password=pw user=u")
+
+
+def test_enqueue_keeps_order_and_the_queue_methods_see_the_messages(pg):
+    from d1sync_dagster.core import messages
+
+    shapes = [
+        {"type": "INSERT", "table": "a", "record": {"id": 1}},
+        messages.range_marker("a", None, ["9"], 9),
+        messages.chunk("b", ["id"], [[1], [2], [3]]),
+        messages.records_chunk("b", [{"id": 4}, {"id": 5}]),
+        {"type": "TRUNCATE", "table": "b"},
+        {"type": "BACKFILL", "table": "b", "rows": "many"},
+    ]
+    ids = pg.enqueue(shapes)
+    assert ids == sorted(ids) and len(ids) == 6
+    assert [m.message for m in pg.read(vt=30, qty=10)] == shapes  # msg_id order is the given order
+    assert pg.contains(ids[0]) and not pg.contains(ids[-1] + 1)
+    queued = pg.queued_by_table()
+    # Row changes counted inside Postgres exactly as core.messages.message_rows counts them in Python.
+    for table in ("a", "b"):
+        n, rows, truncate, age = queued[table]
+        mine = [m for m in shapes if m["table"] == table]
+        assert n == len(mine) and rows == sum(messages.message_rows(m) for m in mine)
+        assert truncate == (table == "b") and age is not None and age >= 0
+    pg.release(ids[:2])
+    assert [m.msg_id for m in pg.read(vt=30, qty=10)] == ids[:2]  # visible again at once
+    assert pg.delete_for_tables(["a"]) == 2 and pg.metrics().queue_length == 4
+    pg.execute("SELECT pgmq.create(%s)", [pg.dlq])
+    pg.dead_letter([(ids[2], "bad", "b")])
+    assert pg.dead_letters_by_table() == {"b": 1}

@@ -45,6 +45,7 @@ def test_definitions_name_assets_checks_jobs_and_sensor():
     assert len(graph.asset_check_keys) == 8
     assert defs.resolve_job_def(APPLY_JOB) is not None and defs.resolve_job_def("d1sync_setup") is not None
     assert defs.resolve_sensor_def("pgmq_depth_sensor") is not None
+    assert set(defs.resources) >= {"postgres", "d1"}
     spec = next(s for s in graph.asset_nodes if s.key == APPS)
     assert spec.group_name == "d1" and spec.code_version == SCHEMA.table("apps").version
     assert "public.apps" in (spec.description or "")

@@ -118,4 +118,7 @@ def test_resources_built_from_env_hold_variable_names_not_values(monkeypatch):
     monkeypatch.setenv("DATABASE_URL", f"postgresql://u:{PASSWORD}@h/db")
     defs = build_definitions(str(ROOT / "schema.json"))
     assert_clean(repr(defs.resources["d1"]), repr(defs.resources["postgres"]))
+    # The resource holds the variable's name (dg.EnvVar), resolved only when a run uses it.
+    token = defs.resources["d1"].api_token
+    assert isinstance(token, dg.EnvVar) and token == "CLOUDFLARE_API_TOKEN"
     assert isinstance(defs.resources["postgres"], PostgresResource) and isinstance(defs.resources["d1"], D1Resource)
