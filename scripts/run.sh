@@ -7,5 +7,5 @@
 # Ctrl-C stops everything it started. Arguments go to `d1sync dev` (e.g. --port 3001, --stop-after 120).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/bootstrap.sh
+bash scripts/bootstrap.sh  # Python only: what running needs (no npm, no test tools)
 exec .venv/bin/d1sync dev "$@"

@@ -3,6 +3,6 @@
 # and the real D1 engine. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/bootstrap.sh
+bash scripts/bootstrap.sh --test
 .venv/bin/ruff check d1sync_dagster tests benchmarks
 exec .venv/bin/python -m pytest "$@"
