@@ -8,6 +8,7 @@ another apply was running), 2 bad configuration or input, 3 a service
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
 import sys
@@ -183,6 +184,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"schema version in D1: {st.schema_version_applied or 'none'} ({same})")
     for table, n in st.dead_letters.items():
         print(f"  {table}: {n} dead letters")
+    if st.last_nuke:
+        n = st.last_nuke
+        print(
+            f"last nuke: {n.get('at')} of {', '.join(n.get('tables') or [])} by {n.get('launched_by')} "
+            f"from {n.get('source')}; restore point {n.get('restore_point')}"
+        )
     return 0
 
 
@@ -254,12 +261,29 @@ def _cmd_nuke(args: argparse.Namespace) -> int:
         for t in tables:
             schema.table(t)  # an unknown table is an error before anything is dropped
     with _clients(args) as (pg, d1):
-        report = nuke(pg, d1, schema, tables=tables, purge_queue=args.purge_queue, confirm=args.yes)
+        report = nuke(
+            pg,
+            d1,
+            schema,
+            tables=tables,
+            purge_queue=args.purge_queue,
+            confirm=args.yes,
+            launched_by=_os_user(),
+            source="cli",
+        )
     purged = f", purged {report.purged_messages} queued changes and {report.purged_dead_letters} dead letters"
     print(f"D1 restore point taken before the nuke: {report.bookmark}")
     print(f"nuked and recreated {', '.join(report.tables)}" + (purged if args.purge_queue else ""))
     print("run `d1sync backfill` to fill the tables again")
     return 0
+
+
+def _os_user() -> str:
+    """Who runs this command, for the record a destructive command leaves."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry and no LOGNAME (some containers)
+        return "unknown"
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:

@@ -9,6 +9,8 @@ Reading only: starting the embedded Postgres is `embedded.py`'s job.
   `CLOUDFLARE_API_BASE_URL`) for the HTTP API; otherwise the local SQLite file `D1_LOCAL_PATH`
   (default `.d1sync/local.sqlite`). `D1SYNC_D1_ATTEMPTS`: tries per D1 HTTP request on temporary
   failures (default 5).
+- `D1SYNC_ALLOW_DESTRUCTIVE`: `1` lets the Dagster jobs drop D1 tables (off by default; the CLI asks for
+  `--yes` instead).
 - `D1SYNC_STATE_DIR`: where the embedded defaults live (default `.d1sync`): the embedded Postgres, the local
   D1 file and, for `d1sync dev`, the Dagster instance.
 """
@@ -108,6 +110,22 @@ def database_url(env: Mapping[str, str] | None = None) -> str | None:
     """`DATABASE_URL`, or None when it is not set (the command line then uses `embedded.source_url`)."""
     env = os.environ if env is None else env
     return env.get("DATABASE_URL") or None
+
+
+ALLOW_DESTRUCTIVE = "D1SYNC_ALLOW_DESTRUCTIVE"
+_YES, _NO = {"1", "true", "yes", "on"}, {"", "0", "false", "no", "off"}
+
+
+def allow_destructive(env: Mapping[str, str] | None = None) -> bool:
+    """Whether this Dagster deployment may run destructive operations (`D1SYNC_ALLOW_DESTRUCTIVE=1`; off by
+    default, see `defs/guard.py`). Anything but a clear yes or no is an error, never a silent off or on."""
+    env = os.environ if env is None else env
+    raw = (env.get(ALLOW_DESTRUCTIVE) or "").strip().lower()
+    if raw in _YES:
+        return True
+    if raw in _NO:
+        return False
+    raise ConfigError(f"{ALLOW_DESTRUCTIVE} must be 1 (enable destructive operations) or 0, got {raw[:20]!r}")
 
 
 def number(name: str, default: float, env: Mapping[str, str] | None = None) -> float:

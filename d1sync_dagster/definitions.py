@@ -42,6 +42,7 @@ def build_d1_resource() -> D1Resource:
 def build_definitions(schema_file: str | None = None) -> dg.Definitions:
     """All d1sync definitions for one `schema.json`.
 
+    Destructive jobs are disabled unless `D1SYNC_ALLOW_DESTRUCTIVE=1` (see `defs/guard.py`).
     Tunables from the environment: `D1SYNC_SENSOR_INTERVAL_SECONDS` (default 30), `D1SYNC_LAG_THRESHOLD_SECONDS`
     (default 300), `D1SYNC_BATCH_SIZE` (default 2000), `D1SYNC_RECONCILE_CRON` (default `0 3 * * *`).
     """
@@ -73,7 +74,13 @@ def build_definitions(schema_file: str | None = None) -> dg.Definitions:
         asset_checks=[checks, drift],
         sensors=[sensor],
         schedules=[schedule],
-        jobs=[apply_job, build_setup_job(schema), build_backfill_job(schema), build_nuke_job(schema), reconcile_job],
+        jobs=[
+            apply_job,
+            build_setup_job(schema),
+            build_backfill_job(schema),
+            build_nuke_job(schema, allow_destructive=config.allow_destructive()),
+            reconcile_job,
+        ],
         resources={
             "postgres": PostgresResource(database_url=dg.EnvVar("DATABASE_URL"), queue=config.queue_name()),
             "d1": build_d1_resource(),

@@ -9,6 +9,7 @@ run workers (each started in its own process group), and the embedded Postgres w
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shutil
 import signal
@@ -80,12 +81,33 @@ def _stop_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
     proc.wait()
 
 
+def host_warning(host: str) -> str | None:
+    """The warning for a UI that listens beyond this machine (None for a loopback address)."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost: assume it is reachable from elsewhere
+        loopback = False
+    if loopback:
+        return None
+    allowed = config.allow_destructive()
+    return (
+        f"WARNING: the Dagster UI will listen on {host}, reachable from other machines, and it has no login: "
+        "anyone who can reach it can launch runs"
+        + (", including d1sync_nuke, because D1SYNC_ALLOW_DESTRUCTIVE is on" if allowed else "")
+        + ". Keep --host 127.0.0.1, or put the UI behind an authenticating proxy (docs/deploy.md)."
+    )
+
+
 def run_dev(opts: DevOptions, *, install_signal_handlers: bool = True) -> int:
     """Set up, start the Dagster webserver and daemon, write example changes until stopped; exit code."""
+    warning = host_warning(opts.host)
+    if warning:
+        opts.out.write("\n" + "!" * 80 + "\n" + warning + "\n" + "!" * 80 + "\n\n")
+        opts.out.flush()
     schema = load_schema(opts.schema_file)
     state = config.state_dir().resolve()
     state.mkdir(parents=True, exist_ok=True)
-    pgdata = embedded.pgdata()
+    pgdata = embedded.pgdata().resolve()
     use_embedded = not config.database_url()
     # An embedded Postgres that was already running (another d1sync command, another `d1sync dev`) is left
     # running: only the one started here is stopped at the end.

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
 
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
@@ -41,3 +50,40 @@ class Pair:
 
     def dead_letters(self) -> list[dict]:
         return [m for (m,) in self.pg.execute(f"SELECT message FROM pgmq.q_{self.pg.queue}_dlq ORDER BY msg_id")]
+
+
+@contextmanager
+def dagster_webserver(home: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`dagster-webserver -w workspace.yaml` (plus `args`) with `DAGSTER_HOME=home` on a free port; yields its
+    URL once it answers, stops it after."""
+    from tests.conftest import ROOT, free_port
+
+    port = free_port()
+    run_env = os.environ | {"DAGSTER_HOME": str(home), "DATABASE_URL": "postgresql://unused@127.0.0.1:1/x"}
+    exe = Path(sys.executable).parent / "dagster-webserver"
+    proc = subprocess.Popen(
+        [str(exe), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port), *args],
+        cwd=ROOT,
+        env=run_env | (env or {}),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/server_info", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        else:
+            raise AssertionError("dagster-webserver did not answer within 120 s")
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

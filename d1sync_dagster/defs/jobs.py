@@ -6,6 +6,8 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from d1sync_dagster.defs import guard
+from d1sync_dagster.defs.assets import asset_key
 from d1sync_dagster.defs.resources import D1Resource, PostgresResource, open_clients
 from d1sync_dagster.engine.backfill import backfill
 from d1sync_dagster.engine.nuke import nuke
@@ -86,26 +88,62 @@ def build_backfill_job(schema: Schema) -> dg.JobDefinition:
     return backfill_job
 
 
-def build_nuke_job(schema: Schema) -> dg.JobDefinition:
-    @dg.op(name="d1sync_nuke_op", description="Drop and recreate D1 tables; needs confirm: true.")
+def build_nuke_job(schema: Schema, *, allow_destructive: bool = False) -> dg.JobDefinition:
+    """`d1sync_nuke`: refuses, before touching anything, unless the deployment allows destructive
+    operations (`defs/guard.py`); records the launcher and restore point on the run and the tables' assets."""
+
+    @dg.op(
+        name="d1sync_nuke_op",
+        description=guard.describe("Drop and recreate D1 tables; needs confirm: true.", allowed=allow_destructive),
+    )
     def nuke_op(context: dg.OpExecutionContext, config: NukeConfig, postgres: PostgresResource, d1: D1Resource):
+        if not allow_destructive:
+            raise dg.Failure(description=guard.refusal("d1sync_nuke"))
         if config.all_tables == bool(config.table):
             raise dg.Failure(description="set exactly one of all_tables: true or table: <name>")
         tables = None if config.all_tables else [config.table or ""]
+        launcher = guard.Launcher.of(context.run)
         with open_clients(postgres, d1, what="nuke") as (pg, client):
-            report = nuke(pg, client, schema, tables=tables, purge_queue=config.purge_queue, confirm=config.confirm)
-        context.log.warning(f"nuked {', '.join(report.tables)}; run d1sync_backfill to fill them again")
+            report = nuke(
+                pg,
+                client,
+                schema,
+                tables=tables,
+                purge_queue=config.purge_queue,
+                confirm=config.confirm,
+                launched_by=launcher.user,
+                source=launcher.source,
+            )
+        guard.record(context, operation="nuke", launcher=launcher, restore_point=report.bookmark)
+        done = {
+            "operation": dg.MetadataValue.text("nuke: dropped and recreated empty"),
+            "restore_bookmark": dg.MetadataValue.text(report.bookmark or ""),
+            "launched_by": dg.MetadataValue.text(launcher.user),
+            "launched_from": dg.MetadataValue.text(launcher.source),
+            "queue_purged": dg.MetadataValue.bool(config.purge_queue),
+        }
+        for name in report.tables:  # the D1 tables' own history says what happened to them
+            context.log_event(dg.AssetMaterialization(asset_key=asset_key(schema.table(name)), metadata=done))
+        context.log.warning(
+            f"nuked {', '.join(report.tables)} (launched by {launcher.user} from {launcher.source}; restore point "
+            f"{report.bookmark}); run d1sync_backfill to fill them again"
+        )
         return dg.Output(
             None,
             metadata={
                 "tables": dg.MetadataValue.text(", ".join(report.tables)),
-                "restore_bookmark": dg.MetadataValue.text(report.bookmark or ""),
                 "purged_messages": dg.MetadataValue.int(report.purged_messages),
                 "purged_dead_letters": dg.MetadataValue.int(report.purged_dead_letters),
-            },
+            }
+            | done,
         )
 
-    @dg.job(name="d1sync_nuke", description="Drop and recreate all D1 tables or one (confirm: true required).")
+    @dg.job(
+        name="d1sync_nuke",
+        description=guard.describe(
+            "Drop and recreate all D1 tables or one (confirm: true required).", allowed=allow_destructive
+        ),
+    )
     def nuke_job() -> None:
         nuke_op()
 

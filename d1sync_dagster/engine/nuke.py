@@ -1,14 +1,19 @@
 """Nuke: drop and recreate D1 tables from `schema.json`, optionally purging their queued changes.
 
-Destructive, so it needs `confirm=True`. It holds the apply lock, so it never interleaves with an apply.
+Destructive, so it needs `confirm=True` (and, in Dagster, a deployment that allows it: `defs/guard.py`). It
+holds the apply lock, so it never interleaves with an apply. What it did, who launched it and the restore
+point are recorded in D1 (`_d1sync_meta` key `last_nuke`, shown by `d1sync status`) in the same request that
+drops the tables.
 After a nuke the tables are empty; run a backfill to fill them again (changes still queued, when not purged,
 apply on top of the empty tables and are not enough on their own).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
@@ -16,7 +21,7 @@ from d1sync_dagster.core.statements import Statement
 from d1sync_dagster.engine.backfill import reset_progress
 from d1sync_dagster.errors import ConfigError, QueueError
 from d1sync_dagster.schema import Schema
-from d1sync_dagster.sql.d1_ddl import create_indexes, create_meta_table, create_table, drop_table
+from d1sync_dagster.sql.d1_ddl import create_indexes, create_meta_table, create_table, drop_table, upsert_meta
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +43,11 @@ def nuke(
     tables: list[str] | None = None,
     purge_queue: bool = False,
     confirm: bool = False,
+    launched_by: str = "unknown",
+    source: str = "unknown",
 ) -> NukeReport:
     """Drop and recreate `tables` (None: all) in D1; with `purge_queue`, drop their queued changes and
-    dead letters too. Refuses without `confirm`."""
+    dead letters too. Refuses without `confirm`. `launched_by` and `source` say who asked, for the record."""
     if not confirm:
         raise ConfigError("nuke drops D1 tables and everything in them; confirm it (--yes, or confirm: true)")
     chosen = [schema.table(n) for n in tables] if tables else list(schema.tables)
@@ -54,7 +61,15 @@ def nuke(
         stmts = [create_meta_table()]
         for t in chosen:
             stmts += [drop_table(t), create_table(t), *create_indexes(t)]
-        d1.batch([Statement(s) for s in stmts])
+        audit = {
+            "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "tables": [t.name for t in chosen],
+            "purge_queue": purge_queue,
+            "launched_by": launched_by,
+            "source": source,
+            "restore_point": bookmark,
+        }
+        d1.batch([Statement(s) for s in stmts] + [Statement(upsert_meta(), ("last_nuke", json.dumps(audit)))])
         report = NukeReport(tables=[t.name for t in chosen], bookmark=bookmark, statements=stmts)
         if purge_queue:
             names = [t.name for t in chosen]
@@ -63,5 +78,11 @@ def nuke(
                     n = pg.purge(queue) if everything else pg.delete_for_tables(names, queue=queue)
                     setattr(report, attr, n)
         reset_progress(pg, chosen)
-    log.warning("nuked D1 tables %s (queue purged: %s)", ", ".join(report.tables), purge_queue)
+    log.warning(
+        "nuked D1 tables %s (queue purged: %s), launched by %s from %s",
+        ", ".join(report.tables),
+        purge_queue,
+        launched_by,
+        source,
+    )
     return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -24,6 +25,8 @@ class Status:
     last_applied_msg_id: int | None = None
     schema_version_applied: str | None = None
     schema_version_current: str = ""
+    #: The last nuke recorded in D1: when, which tables, who launched it, from where, its restore point.
+    last_nuke: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,4 +56,5 @@ def status(pg: PgmqClient, d1: D1Client, schema: Schema) -> Status:
         last_applied_msg_id=int(meta["last_applied_msg_id"]) if "last_applied_msg_id" in meta else None,
         schema_version_applied=meta.get("schema_version"),
         schema_version_current=schema.version,
+        last_nuke=json.loads(meta["last_nuke"]) if "last_nuke" in meta else None,
     )

@@ -244,7 +244,8 @@ def output_metadata(result, op):
     return ev.event_specific_data.metadata
 
 
-def test_backfill_nuke_and_reconcile_jobs(env):
+def test_backfill_nuke_and_reconcile_jobs(env, monkeypatch):
+    monkeypatch.setenv("D1SYNC_ALLOW_DESTRUCTIVE", "1")  # this deployment allows the nuke (tests/security)
     pg, d1, resources = env
     pg.execute("ALTER TABLE apps DISABLE TRIGGER USER")
     pg.execute("INSERT INTO apps (id, name) SELECT g, 'pre-existing' FROM generate_series(1, 120) g")

@@ -1,16 +1,12 @@
 """The Dagster UI's view of the code location: start dagster-webserver on workspace.yaml and ask its
 GraphQL API for the assets, checks, sensor, schedule and jobs."""
 
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.helpers import dagster_webserver
 
 QUERY = """
 {
@@ -36,35 +32,8 @@ QUERY = """
 
 @pytest.fixture
 def webserver(tmp_path):
-    port = free_port()
-    env = os.environ | {"DAGSTER_HOME": str(tmp_path), "DATABASE_URL": "postgresql://unused@127.0.0.1:1/x"}
-    exe = Path(sys.executable).parent / "dagster-webserver"
-    proc = subprocess.Popen(
-        [str(exe), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/server_info", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("dagster-webserver did not answer within 120 s")
+    with dagster_webserver(tmp_path) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_ui_shows_assets_checks_sensor_schedule_and_jobs(webserver):
