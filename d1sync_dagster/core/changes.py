@@ -121,8 +121,8 @@ def same_value(a: Any, b: Any) -> bool:
 
 def decode_all(msg_id: int, payload: Any, schema: Schema) -> list[Change | Poison]:
     """Decode a message into its changes: one for trigger messages, one per row for a BACKFILL chunk, each
-    an upsert. A chunk is `{"type": "BACKFILL", "table", "columns": [names], "rows": [[values], ...]}` (the
-    backfill's compact form) or `{"type": "BACKFILL", "table", "records": [{...}, ...]}` (repairs)."""
+    an upsert. A chunk is in the compact form (what a backfill range resolves to) or the record form
+    (repairs); both are described in `core/messages.py`."""
     if not messages.is_backfill(payload):
         return [decode(msg_id, payload, schema)]
     name = payload.get("table")
