@@ -87,3 +87,15 @@ def dagster_webserver(home: Path, *args: str, env: dict[str, str] | None = None)
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def graphql_repositories(url: str, query: str, *, timeout: float = 60) -> list[dict]:
+    """The repository nodes a GraphQL `repositoriesOrError` query returns, once the webserver has loaded
+    the code location (it loads in the background after the server answers)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        data = httpx.post(f"{url}/graphql", json={"query": query}, timeout=30).json()
+        nodes = (data.get("data") or {}).get("repositoriesOrError", {}).get("nodes") or []
+        if nodes or time.monotonic() > deadline:
+            return nodes
+        time.sleep(1)

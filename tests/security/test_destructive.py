@@ -5,7 +5,6 @@ before it listens beyond this machine."""
 import json
 import subprocess
 import sys
-import time
 from contextlib import closing
 
 import dagster as dg
@@ -23,7 +22,7 @@ from d1sync_dagster.engine.status import status
 from d1sync_dagster.errors import ConfigError
 from d1sync_dagster.schema import load_schema
 from tests.conftest import ROOT
-from tests.helpers import dagster_webserver
+from tests.helpers import dagster_webserver, graphql_repositories
 
 SCHEMA = load_schema(ROOT / "schema.json")
 NUKE = {"ops": {"d1sync_nuke_op": {"config": {"all_tables": True, "confirm": True, "purge_queue": True}}}}
@@ -144,14 +143,7 @@ LOCATION = "{ repositoriesOrError { ... on RepositoryConnection { nodes { name l
 
 def test_a_read_only_webserver_refuses_to_launch_runs(tmp_path):
     with dagster_webserver(tmp_path, "--read-only", env={"D1SYNC_ALLOW_DESTRUCTIVE": "1"}) as url:
-        deadline = time.monotonic() + 60
-        while True:  # the code location loads in the background
-            data = httpx.post(f"{url}/graphql", json={"query": LOCATION}, timeout=30).json()
-            nodes = (data.get("data") or {}).get("repositoriesOrError", {}).get("nodes") or []
-            if nodes or time.monotonic() > deadline:
-                break
-            time.sleep(1)
-        (repo,) = nodes
+        (repo,) = graphql_repositories(url, LOCATION)
         selector = {"repositoryLocationName": repo["location"]["name"], "repositoryName": repo["name"]}
         params = {"selector": selector | {"jobName": "d1sync_nuke"}, "runConfigData": NUKE}
         answer = httpx.post(

@@ -1,12 +1,9 @@
 """The Dagster UI's view of the code location: start dagster-webserver on workspace.yaml and ask its
 GraphQL API for the assets, checks, sensor, schedule and jobs."""
 
-import time
-
-import httpx
 import pytest
 
-from tests.helpers import dagster_webserver
+from tests.helpers import dagster_webserver, graphql_repositories
 
 QUERY = """
 {
@@ -37,14 +34,7 @@ def webserver(tmp_path):
 
 
 def test_ui_shows_assets_checks_sensor_schedule_and_jobs(webserver):
-    deadline = time.monotonic() + 60
-    while True:  # the code location loads in the background
-        data = httpx.post(f"{webserver}/graphql", json={"query": QUERY}, timeout=30).json()
-        nodes = (data.get("data") or {}).get("repositoriesOrError", {}).get("nodes") or []
-        if nodes or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    (repo,) = nodes
+    (repo,) = graphql_repositories(webserver, QUERY)
     assets = {tuple(a["assetKey"]["path"]): a for a in repo["assetNodes"]}
     assert set(assets) == {("d1", "apps"), ("d1", "app_versions")}
     apps = assets[("d1", "apps")]
