@@ -1,5 +1,12 @@
 """D1 as a local SQLite file: the embedded default, with D1's limits enforced so local runs fail where
-production would (100 bound parameters, 100 KB statements, no BEGIN/COMMIT, parameters as strings)."""
+production would: 100 bound parameters, 100 KB statements, 100 columns in a table and in a result,
+2,000,000 bytes in a value or row, 32 arguments to a function, expressions 100 deep, no BEGIN/COMMIT,
+parameters as strings.
+
+Billing figures differ: `rows_written` here counts the table rows a statement changed, while D1 also
+counts every index entry it wrote (and `rows_read` the rows a query scanned). Reports from this backend
+are a lower bound of what D1 would bill.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from d1sync_dagster.clients.d1 import QueryResult, encode_statements
-from d1sync_dagster.core.statements import MAX_BOUND_PARAMS, MAX_STATEMENT_BYTES, Param, Statement
+from d1sync_dagster.core.statements import (
+    MAX_BOUND_PARAMS,
+    MAX_EXPR_DEPTH,
+    MAX_FUNCTION_ARGS,
+    MAX_RESULT_COLUMNS,
+    MAX_ROW_BYTES,
+    MAX_STATEMENT_BYTES,
+    Param,
+    Statement,
+)
 from d1sync_dagster.errors import D1Error
 
 _TRANSACTION_WORDS = re.compile(r"^\s*(BEGIN|COMMIT|END|ROLLBACK|SAVEPOINT|RELEASE)\b", re.IGNORECASE)
@@ -43,6 +59,10 @@ class LocalD1Client:
         # SQLite itself enforces D1's limits, so nothing that D1 would refuse slips through.
         self._conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, MAX_BOUND_PARAMS)
         self._conn.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, MAX_STATEMENT_BYTES)
+        self._conn.setlimit(sqlite3.SQLITE_LIMIT_COLUMN, MAX_RESULT_COLUMNS)
+        self._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_ROW_BYTES)
+        self._conn.setlimit(sqlite3.SQLITE_LIMIT_FUNCTION_ARG, MAX_FUNCTION_ARGS)
+        self._conn.setlimit(sqlite3.SQLITE_LIMIT_EXPR_DEPTH, MAX_EXPR_DEPTH)
         self._conn.execute("PRAGMA journal_mode=WAL")
         # WAL with synchronous=NORMAL cannot corrupt the file; a power cut may lose the last batches, which
         # the queue replays (nothing is deleted from it before the commit returns).
@@ -78,6 +98,17 @@ class LocalD1Client:
             self._conn.backup(dst)
         return f"file:{target}"
 
+    def restore(self, bookmark: str) -> str:
+        """Put back the copy a `bookmark` names (SQLite's backup API, in place); returns a bookmark of the
+        state just before, which undoes the restore."""
+        source = Path(bookmark.removeprefix("file:")) if bookmark.startswith("file:") else None
+        if source is None or not source.is_file():
+            raise D1Error(f"no restore point {bookmark[:200]!r}: a local bookmark is file:<path of a copy>")
+        before = self.bookmark()
+        with self._lock, sqlite3.connect(source) as src:
+            src.backup(self._conn)
+        return before
+
     def raw(self, sql: str, params: Sequence[Param] = ()) -> tuple[list[str], list[list[Any]], dict[str, Any]]:
         """Rows as arrays, like the HTTP API's `/raw`."""
         (encoded,) = encode_statements([Statement(sql, tuple(params))])
@@ -87,14 +118,16 @@ class LocalD1Client:
                 cur = self._conn.execute(sql, encoded["params"])
                 rows = [list(r) for r in cur.fetchall()]
             except sqlite3.Error as e:
-                raise D1Error(f"D1 (local) refused the statement: {e}", statement_index=0) from None
+                raise _refused(e, 0) from None
         cols = [d[0] for d in cur.description or []]
         return cols, rows, {"rows_read": len(rows), "rows_written": 0}
 
     def _run(self, stmts: list[tuple[str, list[str | None]]]) -> list[QueryResult]:
         for i, (sql, _) in enumerate(stmts):
             if _TRANSACTION_WORDS.match(sql):
-                raise D1Error("D1 refuses BEGIN/COMMIT/SAVEPOINT; a batch is already a transaction", statement_index=i)
+                raise D1Error(
+                    "D1 refuses BEGIN/COMMIT/SAVEPOINT; a batch is already a transaction", statement_index=i, kind="sql"
+                )
         out = []
         with self._lock:
             self.requests += 1
@@ -107,7 +140,7 @@ class LocalD1Client:
                         cur = self._conn.execute(sql, params)
                         rows = cur.fetchall()
                     except sqlite3.Error as e:
-                        raise D1Error(f"D1 (local) refused the statement: {e}", statement_index=i, code=7500) from None
+                        raise _refused(e, i) from None
                     cols = [d[0] for d in cur.description or []]
                     changes = self._conn.total_changes - before
                     meta = {
@@ -123,3 +156,14 @@ class LocalD1Client:
                 self._conn.execute("ROLLBACK")
                 raise
         return out
+
+
+#: SQLite result codes that are about the moment (another writer, I/O), not about the statement.
+_TEMPORARY = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_NOMEM", "SQLITE_INTERRUPT")
+
+
+def _refused(e: sqlite3.Error, index: int) -> D1Error:
+    """SQLite's error as D1 words it (`<message>: SQLITE_<CODE>`, code 7500), classified like D1's."""
+    name = getattr(e, "sqlite_errorname", None) or "SQLITE_ERROR"
+    kind = "temporary" if name.startswith(_TEMPORARY) else "quota" if name.startswith("SQLITE_FULL") else "sql"
+    return D1Error(f"D1 (local) refused the statement: {e}: {name}", statement_index=index, code=7500, kind=kind)

@@ -142,8 +142,17 @@ def _tail(target: str, all_columns: tuple[str, ...], key: tuple[str, ...], colum
         return f" ON CONFLICT ({keys}) DO NOTHING"
     sets = ", ".join(f"{ident(c)} = excluded.{ident(c)}" for c in others)
     t = ident(target)
-    changed = " OR ".join(f"{t}.{ident(c)} IS NOT excluded.{ident(c)}" for c in others)
+    changed = any_of([f"{t}.{ident(c)} IS NOT excluded.{ident(c)}" for c in others])
     return f" ON CONFLICT ({keys}) DO UPDATE SET {sets} WHERE {changed}"
+
+
+def any_of(terms: list[str]) -> str:
+    """`t1 OR t2 OR ...` as a balanced tree of parenthesised halves. A flat chain nests one level per term,
+    and D1 refuses expressions deeper than `MAX_EXPR_DEPTH` (a 100-column upsert would be)."""
+    if len(terms) <= 8:
+        return " OR ".join(terms)
+    mid = len(terms) // 2
+    return f"({any_of(terms[:mid])}) OR ({any_of(terms[mid:])})"
 
 
 def _int_literal(v: SqlValue) -> str:

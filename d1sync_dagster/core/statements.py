@@ -11,7 +11,13 @@ from dataclasses import dataclass
 #: D1 limits (https://developers.cloudflare.com/d1/platform/limits/).
 MAX_BOUND_PARAMS = 100
 MAX_STATEMENT_BYTES = 100_000
+#: The largest string, BLOB or row.
 MAX_ROW_BYTES = 2_000_000
+#: Columns in a table, and in the result of a query.
+MAX_RESULT_COLUMNS = 100
+MAX_FUNCTION_ARGS = 32
+#: Depth of an expression tree (measured on D1's engine: "Expression tree is too large (maximum depth 100)").
+MAX_EXPR_DEPTH = 100
 
 Param = str | int | float | bool | None
 

@@ -61,6 +61,8 @@ class ApplyOptions:
     follow: Callable[[], bool] | None = None
     #: Called with the running report after each batch is applied and deleted (progress display).
     on_batch: Callable[[ApplyReport], None] | None = None
+    #: D1 requests one run may spend isolating the changes D1 refuses (bisection); see `_isolate`.
+    max_bisect_requests: int = 200
     #: After a run that drained the queue, VACUUM the queue table when Postgres counts at least this many
     #: dead rows in it (None: leave it to autovacuum). See `vacuum_queue`.
     vacuum_dead_rows: int | None = 100_000
@@ -170,7 +172,16 @@ def _commit_and_finish(
     if failed.is_set():
         return  # an earlier batch failed: later ones must not overtake it
     try:
-        refused = _commit(d1, schema, p, report, options)
+        try:
+            refused = _commit(d1, schema, p, report, options)
+        except _IsolationStopped as stop:
+            # Finish the messages whose every change is settled (applied or refused), keep the rest queued.
+            settled = [m for m in p.msgs if m.msg_id < stop.next_msg_id]
+            poison = [x for x in p.poison + stop.refused if x.msg_id < stop.next_msg_id]
+            _finish(finisher, settled, poison, report)
+            report.messages += len(settled)
+            failed.set()
+            raise stop.error from None
         if after_d1_commit is not None:
             after_d1_commit([m.msg_id for m in p.msgs])
         poison = p.poison + refused
@@ -190,25 +201,33 @@ def _commit_and_finish(
     )
 
 
+class _IsolationStopped(Exception):
+    """Bisection spent the run's request budget: changes before `next_msg_id`'s are settled."""
+
+    def __init__(self, next_msg_id: int, refused: list[Poison], error: D1Error) -> None:
+        super().__init__(str(error))
+        self.next_msg_id, self.refused, self.error = next_msg_id, refused, error
+
+
 def _commit(d1: D1Client, schema: Schema, p: _Prepared, report: ApplyReport, options: ApplyOptions) -> list[Poison]:
-    """Send a prepared batch to D1; returns the changes D1 refused, isolated by bisection."""
+    """Send a prepared batch to D1; returns the changes D1 refused, isolated by bisection.
+
+    Only a refusal for the statements' content (`D1Error.bisectable`: an SQLite error) is bisected; any
+    other failure (temporary, overloaded, rate limited, quota) is raised with the batch still queued."""
     if not p.planned:
         return []
     try:
         _send(d1, p.planned, report, options, p.meta)
     except D1Error as e:
-        if e.retryable:
+        if not e.bisectable:
             raise
         # Isolate what D1 refuses on the general path: every row change of the batch, in message order.
         changes, _ = decode_batch(schema, p.msgs)
-        mid = len(changes) // 2
-        return _apply_changes(d1, schema, changes[:mid], report, options, p.meta) + _apply_changes(
-            d1, schema, changes[mid:], report, options, p.meta
-        )
+        return _isolate(d1, schema, changes, report, options, p.meta)
     return []
 
 
-def _apply_changes(
+def _isolate(
     d1: D1Client,
     schema: Schema,
     changes: list[Change],
@@ -216,36 +235,73 @@ def _apply_changes(
     options: ApplyOptions,
     meta: list[Statement],
 ) -> list[Poison]:
-    """Apply changes; on a non-retryable D1 error, split in halves to isolate the changes D1 refuses."""
-    if not changes:
-        return []
-    planned = plan(schema, coalesce(changes))
-    try:
-        _send(d1, planned, report, options, meta)
-    except D1Error as e:
-        if e.retryable:
-            raise
-        if len(changes) == 1:
-            ch = changes[0]
-            log.warning("D1 refused msg %d for %s: %s", ch.msg_id, ch.table, e)
-            return [Poison(ch.msg_id, f"D1 refused the change to {ch.table}: {e}", ch.table)]
-        mid = len(changes) // 2
-        return _apply_changes(d1, schema, changes[:mid], report, options, meta) + _apply_changes(
-            d1, schema, changes[mid:], report, options, meta
-        )
-    return []
+    """Apply changes in halves, in order, splitting again where D1 refuses the content, down to the single
+    changes it refuses (returned as poison). Spends at most `options.max_bisect_requests` D1 requests; past
+    that it stops with the changes before the current one settled (`_IsolationStopped`)."""
+    refused: list[Poison] = []
+    start = report.requests
+    mid = len(changes) // 2
+    pending: deque[tuple[int, int]] = deque([(0, mid), (mid, len(changes))])
+    while pending:
+        lo, hi = pending.popleft()
+        if lo == hi:
+            continue
+        if report.requests - start >= options.max_bisect_requests:
+            error = D1Error(
+                f"isolating the changes D1 refuses took {report.requests - start} requests, this run's limit "
+                f"(max_bisect_requests); {len(refused)} refused changes found so far are dead-lettered and the rest "
+                "stays queued for the next run",
+                kind="temporary",
+            )
+            raise _IsolationStopped(changes[lo].msg_id, refused, error)
+        try:
+            _send(d1, plan(schema, coalesce(changes[lo:hi])), report, options, meta)
+        except D1Error as e:
+            if not e.bisectable:
+                raise
+            if hi - lo == 1:
+                ch = changes[lo]
+                log.warning("D1 refused msg %d for %s: %s", ch.msg_id, ch.table, e)
+                refused.append(Poison(ch.msg_id, f"D1 refused the change to {ch.table}: {e}", ch.table))
+                continue
+            half = (lo + hi) // 2
+            pending.extendleft([(half, hi), (lo, half)])  # left half first: per-key order is kept
+    return refused
+
+
+#: The smallest request body `_send` shrinks to when D1 is overloaded (then one statement per request).
+_MIN_REQUEST_BYTES = 1
 
 
 def _send(
     d1: D1Client, planned: list[Planned], report: ApplyReport, options: ApplyOptions, meta: list[Statement]
 ) -> None:
-    groups = requests(planned, max_bytes=options.request_bytes)
-    for i, group in enumerate(groups):
-        stmts = [p.statement for p in group]
-        if i == len(groups) - 1:
-            stmts += meta  # the bookkeeping rides in the last request: no extra request per batch
-        results = d1.batch(stmts)
-        report.count_sent(group, [res.rows_written for res in results])
+    """Send statements in order in as few requests as the body budget allows, the bookkeeping riding in the
+    last one. When D1 answers that it is overloaded, what is not yet sent goes again in requests a quarter
+    the size, down to one statement per request (correctness never depends on a request being one
+    transaction: every statement is idempotent and they stay in order)."""
+    max_bytes = options.request_bytes
+    rest = planned
+    while True:
+        groups = requests(rest, max_bytes=max_bytes)
+        for i, group in enumerate(groups):
+            stmts = [p.statement for p in group]
+            if i == len(groups) - 1:
+                stmts += meta  # the bookkeeping rides in the last request: no extra request per batch
+            try:
+                results = d1.batch(stmts)
+            except D1Error as e:
+                if e.kind != "overloaded" or max_bytes <= _MIN_REQUEST_BYTES:
+                    raise
+                max_bytes = max(_MIN_REQUEST_BYTES, max_bytes // 4)
+                rest = [p for g in groups[i:] for p in g]
+                log.warning("D1 is overloaded (%s); sending the rest in requests of at most %d bytes", e, max_bytes)
+                break
+            finally:
+                report.requests += 1
+            report.count_sent(group, [res.rows_written for res in results])
+        else:
+            return
 
 
 def _finish(pg: PgmqClient, msgs: list[QueueMessage], poison: list[Poison], report: ApplyReport) -> None:

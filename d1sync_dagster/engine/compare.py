@@ -15,12 +15,12 @@ from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.core.changes import Key, Row
 from d1sync_dagster.core.convert import CONVERTERS, SqlValue
+from d1sync_dagster.core.plan import sql_literal
+from d1sync_dagster.core.statements import MAX_RESULT_COLUMNS
 from d1sync_dagster.engine.ranges import select_list
 from d1sync_dagster.schema import Table
 from d1sync_dagster.sql.capture import source_relation
 from d1sync_dagster.sql.quoting import ident
-
-_TYPEOF = {type(None): "null", int: "integer", float: "real", str: "text", bytes: "blob"}
 
 
 @dataclass
@@ -55,41 +55,119 @@ def pg_rows(
     return out
 
 
-def select_exact(table: Table) -> str:
-    """Select list reading every column exactly: `typeof`, exact text (hex for BLOBs), raw value."""
-    exprs = []
-    for c in table.columns:
-        q = ident(c)
-        exprs += [f"typeof({q})", f"CASE typeof({q}) WHEN 'blob' THEN hex({q}) ELSE CAST({q} AS TEXT) END", q]
-    return ", ".join(exprs)
+class _Torn:
+    """A value that changed between the reads of one row's column groups: never equal to anything."""
 
 
-def rows_from_raw(table: Table, rows: list[list[Any]]) -> dict[Key, Row]:
-    """Rows read with `select_exact` through `/raw`, as typed rows by key."""
+_TYPEOF = {type(None): "null", int: "integer", float: "real", str: "text", bytes: "blob", _Torn: "torn"}
+
+
+#: D1 reads at most this many columns per query (`select_exact` splits wider reads into groups).
+_RESULT_COLUMNS = MAX_RESULT_COLUMNS
+
+
+def _exprs(table: Table, column: str) -> list[str]:
+    """How one column is read exactly. A REAL column: `typeof` and the value itself (a JSON number is the
+    exact double; text as text, BLOB as hex). Any other column: one tagged text, `i<digits>`, `t<text>`,
+    `b<hex>` or `r<text>` (a REAL in such a column is drift whatever its digits), NULL as NULL. One result
+    column per column where it can be, since D1 returns at most 100."""
+    q = ident(column)
+    if table.columns[column] == "REAL":
+        return [
+            f"typeof({q})",
+            f"CASE typeof({q}) WHEN 'real' THEN {q} WHEN 'blob' THEN hex({q}) ELSE CAST({q} AS TEXT) END",
+        ]
+    return [
+        f"CASE typeof({q}) WHEN 'integer' THEN 'i' || {q} WHEN 'text' THEN 't' || {q} "
+        f"WHEN 'blob' THEN 'b' || hex({q}) WHEN 'real' THEN 'r' || {q} END"
+    ]
+
+
+def column_groups(table: Table) -> list[list[str]]:
+    """The table's columns in reads of at most `_RESULT_COLUMNS` result columns, each read starting with
+    the key columns (so rows of the reads join by key). One group for any table whose columns fit."""
+    width = {c: len(_exprs(table, c)) for c in table.columns}
+    budget = _RESULT_COLUMNS - sum(width[k] for k in table.key)
+    groups: list[list[str]] = [[]]
+    used = 0
+    for c in (c for c in table.columns if c not in table.key):
+        if used + width[c] > budget and groups[-1]:
+            groups.append([])
+            used = 0
+        groups[-1].append(c)
+        used += width[c]
+    return [list(table.key) + g for g in groups]
+
+
+def select_exact(table: Table, columns: list[str]) -> str:
+    """Select list reading `columns` exactly (see `_exprs`)."""
+    return ", ".join(e for c in columns for e in _exprs(table, c))
+
+
+def _decode(table: Table, columns: list[str], rec: list[Any]) -> Row:
+    row: Row = {}
+    i = 0
+    for c in columns:
+        if table.columns[c] == "REAL":
+            row[c] = typed_value(rec[i], rec[i + 1])
+            i += 2
+        else:
+            v = rec[i]
+            row[c] = None if v is None else typed_value(_TAGS[v[0]], v[1:])
+            i += 1
+    return row
+
+
+_TAGS = {"i": "integer", "t": "text", "b": "blob", "r": "real"}
+
+
+def read_exact(d1: D1Client, table: Table, where: str = "", *, limit: int | None = None) -> tuple[dict[Key, Row], int]:
+    """Rows of the D1 table matching `where`, read exactly, by key, and the D1 rows read. With `limit`, the
+    first `limit` rows in key order. A table wider than one read takes one read per column group: the first
+    decides the rows (and, with `limit`, the last key), the others read the same keys; a row that changed in
+    between gets a `_Torn` value, so it compares as different and is checked again."""
+    keys = ", ".join(ident(k) for k in table.key)
+    target = ident(table.target)
+    first, *rest = column_groups(table)
+    tail = f" ORDER BY {keys} LIMIT {int(limit)}" if limit is not None else ""
+    _cols, rows, _meta = d1.raw(f"SELECT {select_exact(table, first)} FROM {target} {where}{tail}")
     out: dict[Key, Row] = {}
     for rec in rows:
-        row = {c: typed_value(rec[3 * i], rec[3 * i + 1], rec[3 * i + 2]) for i, c in enumerate(table.columns)}
+        row = _decode(table, first, rec)
         out[tuple(row[k] for k in table.key)] = row
-    return out
+    read = len(rows)
+    if rest and out and limit is not None:
+        last = "(" + ", ".join(sql_literal(v) for v in list(out)[-1]) + ")"
+        where = (f"{where} AND" if where else "WHERE") + f" ({keys}) <= {last}"
+    for group in rest if out else []:
+        _cols, rows, _meta = d1.raw(f"SELECT {select_exact(table, group)} FROM {target} {where}")
+        read += len(rows)
+        seen = {}
+        for rec in rows:
+            row = _decode(table, group, rec)
+            seen[tuple(row[k] for k in table.key)] = row
+        for key, row in out.items():
+            row |= seen.get(key) or {c: _Torn() for c in group if c not in table.key}
+    return out, read
 
 
 def d1_rows(d1: D1Client, table: Table) -> dict[Key, Row]:
     """Every row of the D1 table, read exactly, by key."""
-    _cols, rows, _meta = d1.raw(f"SELECT {select_exact(table)} FROM {ident(table.target)}")
-    return rows_from_raw(table, rows)
+    return read_exact(d1, table)[0]
 
 
-def typed_value(kind: str, text: str | None, raw: Any) -> SqlValue:
-    """A D1 value from its `typeof`, its text (exact for integers, hex for BLOBs) and its raw JSON value."""
+def typed_value(kind: str, value: Any) -> SqlValue:
+    """A D1 value from its `typeof` and its exact rendering (integers as digits, BLOBs as hex, REAL as the
+    JSON number itself)."""
     if kind == "null":
         return None
     if kind == "integer":
-        return int(text)  # type: ignore[arg-type]
+        return int(value)
     if kind == "real":
-        return float(raw)
+        return float(value)
     if kind == "blob":
-        return bytes.fromhex(text or "")
-    return str(raw)
+        return bytes.fromhex(value or "")
+    return str(value)
 
 
 def diff(source: dict[Key, Row], replica: dict[Key, Row]) -> Drift:

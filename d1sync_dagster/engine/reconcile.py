@@ -29,9 +29,10 @@ from d1sync_dagster.core import messages
 from d1sync_dagster.core.changes import Key, Row
 from d1sync_dagster.core.convert import to_sqlite
 from d1sync_dagster.core.plan import sql_literal
+from d1sync_dagster.core.statements import MAX_STATEMENT_BYTES
 from d1sync_dagster.engine.apply import ApplyOptions, apply
 from d1sync_dagster.engine.catalog import column_types, key_types
-from d1sync_dagster.engine.compare import diff, pg_rows, rows_from_raw, select_exact
+from d1sync_dagster.engine.compare import column_groups, diff, pg_rows, read_exact, select_exact
 from d1sync_dagster.engine.prefetch import read_ahead
 from d1sync_dagster.engine.tuning import throughput
 from d1sync_dagster.errors import QueueError, ReconcileError
@@ -99,17 +100,19 @@ class ReconcileReport:
 def d1_lookup(d1: D1Client, table: Table, keys: list[Key]) -> tuple[dict[Key, Row], int]:
     """D1 rows for `keys` (statements kept under D1's size limit); returns rows by key and rows read."""
     cols = ", ".join(ident(k) for k in table.key)
-    head = f"SELECT {select_exact(table)} FROM {ident(table.target)} WHERE ({cols}) IN (VALUES "
+    head = f"WHERE ({cols}) IN (VALUES "
     out: dict[Key, Row] = {}
     read = 0
     group: list[str] = []
+    # Each read's statement is its select list, the table and this key list: keep the widest under D1's limit.
+    room = MAX_STATEMENT_BYTES - 1_000 - max(len(select_exact(table, g).encode()) for g in column_groups(table))
     size = len(head)
     lits = ["(" + ", ".join(sql_literal(v) for v in k) + ")" for k in keys]
     for i, lit in enumerate(lits + [""]):
-        if group and (i == len(lits) or size + len(lit.encode()) + 2 > 90_000):
-            _c, rows, _m = d1.raw(head + ", ".join(group) + ")")
-            out |= rows_from_raw(table, rows)
-            read += len(rows)
+        if group and (i == len(lits) or size + len(lit.encode()) + 2 > room):
+            rows, n = read_exact(d1, table, head + ", ".join(group) + ")")
+            out |= rows
+            read += n
             group, size = [], len(head)
         if lit:
             group.append(lit)
@@ -159,20 +162,18 @@ def _pg_lookup(
 
 
 def d1_chunks(d1: D1Client, table: Table, chunk_size: int) -> Any:
-    """Yield (rows by key, rows read) from D1 in primary-key order."""
+    """Yield (rows by key, D1 rows read for them) from D1 in primary-key order."""
     cols = ", ".join(ident(k) for k in table.key)
     last: Key | None = None
     while True:
         where = ""
         if last is not None:
             where = f"WHERE ({cols}) > (" + ", ".join(sql_literal(v) for v in last) + ")"
-        sql = f"SELECT {select_exact(table)} FROM {ident(table.target)} {where} ORDER BY {cols} LIMIT {int(chunk_size)}"
-        _cols, rows, _meta = d1.raw(sql)
-        if not rows:
+        chunk, read = read_exact(d1, table, where, limit=chunk_size)
+        if not chunk:
             return
-        chunk = rows_from_raw(table, rows)
-        yield chunk, len(rows)
-        if len(rows) < chunk_size:
+        yield chunk, read
+        if len(chunk) < chunk_size:
             return
         last = list(chunk)[-1]
 
@@ -190,9 +191,9 @@ def compare_table(
     drift = TableDrift()
     types = key_types(pg, table)
     all_types = column_types(pg, table)
-    for chunk, n in read_ahead(d1_chunks(d1, table, chunk_size), name="d1sync-d1-read"):
-        drift.d1_rows += n
-        drift.d1_rows_read += n
+    for chunk, read in read_ahead(d1_chunks(d1, table, chunk_size), name="d1sync-d1-read"):
+        drift.d1_rows += len(chunk)
+        drift.d1_rows_read += read
         if on_chunk is not None:
             on_chunk(table.name, drift.d1_rows)
         found = _pg_lookup(

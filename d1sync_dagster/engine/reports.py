@@ -70,8 +70,7 @@ class ApplyReport:
                 stats.lag_seconds = max(stats.lag_seconds or 0.0, (now - m.enqueued_at).total_seconds())
 
     def count_sent(self, group: list[Planned], rows_written: list[int]) -> None:
-        """Count one D1 request: its statements, rows sent and rows D1 says it wrote."""
-        self.requests += 1
+        """Count what one D1 request carried: its statements, rows sent and rows D1 says it wrote."""
         for p, written in zip(group, rows_written, strict=False):
             stats = self.tables[p.table]
             stats.statements += 1

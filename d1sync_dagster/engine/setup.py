@@ -21,7 +21,8 @@ from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.core.statements import Statement
 from d1sync_dagster.engine.backfill import backfill
-from d1sync_dagster.errors import D1Error, QueueError, SchemaError
+from d1sync_dagster.engine.status import d1_meta
+from d1sync_dagster.errors import QueueError, SchemaError
 from d1sync_dagster.schema import Schema, Table
 from d1sync_dagster.sql.capture import migration
 from d1sync_dagster.sql.d1_ddl import (
@@ -194,11 +195,7 @@ def setup(pg: PgmqClient, d1: D1Client, schema: Schema, *, backfill_changes: boo
 
 def ensure_schema(pg: PgmqClient, d1: D1Client, schema: Schema) -> SetupResult | None:
     """Run `setup` when D1 does not have this schema version yet (before an apply); None when it has."""
-    try:
-        (res,) = d1.query(f"SELECT value FROM {ident(META_TABLE)} WHERE key = 'schema_version'")
-        applied = res.results[0]["value"] if res.results else None
-    except D1Error:  # no meta table yet
-        applied = None
+    applied = d1_meta(d1).get("schema_version")  # a temporary D1 failure is raised, not taken for "no table"
     if applied == schema.version:
         return None
     log.warning("schema.json changed since the last setup: updating D1 before applying")

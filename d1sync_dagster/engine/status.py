@@ -33,11 +33,15 @@ class Status:
 
 
 def d1_meta(d1: D1Client) -> dict[str, str]:
-    """d1sync's key/value records in D1 (empty before setup)."""
+    """d1sync's key/value records in D1 (empty before setup). Only D1 saying the table does not exist means
+    "before setup": any other failure (a temporary error, a lockout, a bad token) is raised, so that it is
+    never taken for a database that needs setting up."""
     try:
         (res,) = d1.query(f"SELECT key, value FROM {ident(META_TABLE)}")
-    except D1Error:
-        return {}
+    except D1Error as e:
+        if e.kind == "sql" and "no such table" in str(e).lower():
+            return {}
+        raise
     return {r["key"]: r["value"] for r in res.results}
 
 

@@ -2,10 +2,16 @@
 
 import pytest
 
+from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.engine.apply import apply
 from d1sync_dagster.engine.backfill import backfill
+from d1sync_dagster.engine.compare import column_groups
 from d1sync_dagster.engine.nuke import nuke
 from d1sync_dagster.engine.reconcile import reconcile
+from d1sync_dagster.engine.setup import setup
 from d1sync_dagster.errors import ConfigError, ReconcileError, SchemaError
+from d1sync_dagster.schema import parse_schema
+from tests.helpers import Pair
 
 
 def filled(pair):
@@ -120,3 +126,56 @@ def test_a_d1_key_postgres_cannot_hold_is_a_clear_error_and_nothing_is_deleted(p
     assert count(pair, "app_versions") == before and pair.queue_depth() == 0
     pair.d1.query(f"DELETE FROM app_versions WHERE app_id = {bad}")  # what the error says to do
     assert reconcile(pair.pg, pair.d1, pair.schema, chunk_size=100).in_sync
+
+
+def wide_schema(real_columns: int) -> dict:
+    """A 100-column table (the most schema.json allows): a key, `real_columns` REAL columns, the rest a mix."""
+    others = ["INTEGER", "TEXT", "JSON", "BOOLEAN", "BLOB"]
+    columns = {"id": "INTEGER"} | {f"r{i}": "REAL" for i in range(real_columns)}
+    columns |= {f"c{i}": others[i % len(others)] for i in range(99 - real_columns)}
+    return {"wide": {"primaryKey": "id", "columns": columns}}
+
+
+PG_TYPES = {
+    "INTEGER": "bigint",
+    "TEXT": "text",
+    "JSON": "jsonb",
+    "BOOLEAN": "boolean",
+    "BLOB": "bytea",
+    "REAL": "float8",
+}
+
+
+@pytest.mark.parametrize("real_columns", [0, 60])
+def test_verify_and_repair_a_100_column_table(pg_url, d1, real_columns):
+    """D1 returns at most 100 columns per query: a 100-column table is read in one query when its columns
+    fit, and in column groups when REAL columns (two result columns each) make it wider."""
+    spec = wide_schema(real_columns)
+    schema = parse_schema(spec)
+    table = schema.table("wide")
+    assert len(column_groups(table)) == (1 if real_columns == 0 else 2)
+    with PgmqClient(pg_url) as pg:
+        cols = ", ".join(f"{c} {PG_TYPES[t]}" for c, t in table.columns.items())
+        pg.execute(f"CREATE TABLE wide ({cols}, PRIMARY KEY (id))")
+        setup(pg, d1, schema)
+        values = {
+            "INTEGER": "g * 7",
+            "TEXT": "'t' || g",
+            "JSON": "jsonb_build_object('g', g)",
+            "BOOLEAN": "g % 2 = 0",
+            "BLOB": "decode(lpad(to_hex(g), 4, '0'), 'hex')",
+            "REAL": "g / 3.0",
+        }
+        select = ", ".join("g" if c == "id" else values[t] for c, t in table.columns.items())
+        pg.execute(f"INSERT INTO wide SELECT {select} FROM generate_series(1, 300) g")
+        apply(pg, d1, schema)
+        report = reconcile(pg, d1, schema, chunk_size=120)
+        assert report.tables["wide"].total == 0 and report.tables["wide"].d1_rows == 300
+        last = list(table.columns)[-1]
+        d1.query(f'UPDATE wide SET "{last}" = NULL WHERE id = 250')  # drift in the last column group
+        d1.query("UPDATE wide SET c0 = 999 WHERE id = 5")
+        d1.query("DELETE FROM wide WHERE id = 77")
+        drift = reconcile(pg, d1, schema, chunk_size=120, repair_drift=True).tables["wide"]
+        assert sorted(drift.different) == [(5,), (250,)] and drift.missing == [(77,)]
+        assert reconcile(pg, d1, schema, chunk_size=120).tables["wide"].total == 0
+        Pair(pg, d1, schema).assert_in_sync()
