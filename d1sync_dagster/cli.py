@@ -28,6 +28,7 @@ from d1sync_dagster.engine.demo import example_writes
 from d1sync_dagster.engine.introspect import introspect
 from d1sync_dagster.engine.nuke import nuke
 from d1sync_dagster.engine.reconcile import reconcile
+from d1sync_dagster.engine.restore import restore
 from d1sync_dagster.engine.setup import ensure_schema, setup
 from d1sync_dagster.engine.status import status
 from d1sync_dagster.errors import ConfigError, D1Error, D1SyncError, QueueError, SchemaError
@@ -190,6 +191,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
             f"last nuke: {n.get('at')} of {', '.join(n.get('tables') or [])} by {n.get('launched_by')} "
             f"from {n.get('source')}; restore point {n.get('restore_point')}"
         )
+    if st.last_restore:
+        r = st.last_restore
+        print(f"last restore: {r.get('at')} to {r.get('bookmark')} by {r.get('launched_by')} from {r.get('source')}")
     return 0
 
 
@@ -270,12 +274,25 @@ def _cmd_nuke(args: argparse.Namespace) -> int:
             confirm=args.yes,
             launched_by=_os_user(),
             source="cli",
+            accept_no_restore_point=args.no_restore_point,
         )
     purged = f", purged {report.purged_messages} queued changes and {report.purged_dead_letters} dead letters"
     print(f"D1 restore point taken before the nuke: {report.bookmark}")
     print(f"nuked and recreated {', '.join(report.tables)}" + (purged if args.purge_queue else ""))
     print("run `d1sync backfill` to fill the tables again")
     return 0
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    schema = load_schema(args.schema)
+    with _clients(args) as (pg, d1):
+        report = restore(pg, d1, schema, bookmark=args.bookmark, confirm=args.yes, launched_by=_os_user(), source="cli")
+        print(f"restored D1 to {report.bookmark}; to undo: d1sync restore --bookmark {report.undo_bookmark} --yes")
+        for name, t in report.reconcile.tables.items():
+            print(f"{name}: {t.total} rows differed from Postgres after the restore, {t.repaired} repair messages")
+        after = reconcile(pg, d1, schema)
+    print("D1 equals Postgres, row for row" if after.in_sync else "D1 still differs from Postgres: run d1sync verify")
+    return 0 if after.in_sync else 1
 
 
 def _os_user() -> str:
@@ -409,7 +426,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", action="append", help="one table (repeatable)")
     p.add_argument("--purge-queue", action="store_true", help="also drop their queued changes and dead letters")
     p.add_argument("--yes", action="store_true", help="confirm: the tables' contents in D1 are lost")
+    p.add_argument(
+        "--no-restore-point",
+        action="store_true",
+        help="go ahead even when no restore point (D1 Time Travel bookmark) can be taken first",
+    )
     p.set_defaults(func=_cmd_nuke)
+
+    p = sub.add_parser("restore", help="put D1 back to a restore point, then repair it from Postgres (needs --yes)")
+    common(p)
+    p.add_argument("--bookmark", required=True, help="the restore point (a nuke prints the one it took)")
+    p.add_argument("--yes", action="store_true", help="confirm: D1 is replaced by its earlier state")
+    p.set_defaults(func=_cmd_restore)
 
     p = sub.add_parser("verify", help="compare D1 with Postgres row by row (exit 1 on drift)")
     common(p)

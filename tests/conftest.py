@@ -125,6 +125,12 @@ class StandIn:
         body = {"faults": list(faults), "clear": clear}
         httpx.post(f"{self.base_url}/__faults", json=body, timeout=30).raise_for_status()
 
+    def ratelimit(self, quota: int | None, *, window_seconds: int = 300, lockout_seconds: int = 300) -> None:
+        """Give the stand-in the API's request budget (None: unlimited): `quota` requests per window, then
+        every call refused with 429 for `lockout_seconds`."""
+        body = {"quota": quota, "window_seconds": window_seconds, "lockout_seconds": lockout_seconds}
+        httpx.post(f"{self.base_url}/__ratelimit", json=body, timeout=30).raise_for_status()
+
     def client(self, **kw: object) -> HttpD1Client:
         kw.setdefault("retry", RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05))
         return HttpD1Client(

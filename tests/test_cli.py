@@ -209,3 +209,38 @@ def test_progress_is_one_updating_line_on_a_terminal_and_plain_lines_otherwise()
     assert plain.getvalue().count("\n") == 1 and "\r" not in plain.getvalue() and "rows: 10" in plain.getvalue()
     bar.close()  # the last figure is always shown
     assert plain.getvalue().splitlines()[-1].startswith("rows: 20, ") and plain.getvalue().endswith("(done)\n")
+
+
+def test_status_with_an_unreachable_d1_exits_3_with_the_reason(source_db, tmp_path):
+    env = {"DATABASE_URL": source_db, "D1_LOCAL_PATH": str(tmp_path / "d1.sqlite")}
+    assert run("setup", env=env).returncode == 0
+    bad = {
+        "DATABASE_URL": source_db,
+        "CLOUDFLARE_ACCOUNT_ID": "a",
+        "CLOUDFLARE_D1_DATABASE_ID": "d",
+        "CLOUDFLARE_API_TOKEN": "tok-secret-status",
+        "CLOUDFLARE_API_BASE_URL": "http://127.0.0.1:1/client/v4",
+        "D1SYNC_D1_ATTEMPTS": "1",
+    }
+    out = run("status", env=bad)
+    assert out.returncode == 3 and "unreachable" in out.stderr and "OUT OF DATE" not in out.stdout
+    assert "tok-secret-status" not in out.stderr + out.stdout
+
+
+def test_restore_after_a_mistaken_nuke_brings_d1_back_in_step(source_db, tmp_path):
+    env = {"DATABASE_URL": source_db, "D1_LOCAL_PATH": str(tmp_path / "d1.sqlite")}
+    assert run("setup", env=env).returncode == 0
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 50) g")
+        assert run("apply", env=env).returncode == 0
+        nuked = run("nuke", "--all", "--yes", env=env)
+        bookmark = nuked.stdout.split("restore point taken before the nuke: ")[1].split()[0]
+        conn.execute("UPDATE apps SET name = 'after the nuke' WHERE id <= 5")  # writes keep coming
+        assert run("apply", env=env).returncode == 0
+    assert run("restore", "--bookmark", bookmark, env=env).returncode == 2  # refused without --yes
+    out = run("restore", "--bookmark", bookmark, "--yes", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "D1 equals Postgres, row for row" in out.stdout and "to undo: d1sync restore --bookmark" in out.stdout
+    status = json.loads(run("status", "--json", env=env).stdout)
+    assert status["last_restore"]["bookmark"] == bookmark and status["last_restore"]["source"] == "cli"
+    assert status["last_nuke"] is None  # the restore rewound D1, its records included, to before the nuke

@@ -14,6 +14,7 @@ import re
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,8 @@ class LocalD1Client:
         """A consistent copy of the file next to it (SQLite's backup API); the copy's path is the bookmark."""
         if str(self.path) == ":memory:":
             raise D1Error("an in-memory database has no restore point")
-        target = self.path.with_name(f"{self.path.stem}.bookmark-{time.strftime('%Y%m%dT%H%M%S')}{self.path.suffix}")
+        stamp = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"  # two in one second never collide
+        target = self.path.with_name(f"{self.path.stem}.bookmark-{stamp}{self.path.suffix}")
         with self._lock, sqlite3.connect(target) as dst:
             self._conn.backup(dst)
         return f"file:{target}"

@@ -78,7 +78,7 @@ def build_table_assets(schema: Schema, *, options: ApplyOptions | None = None) -
         description="Drain the PGMQ change queue into D1 (exactly once in effect, ordered per row).",
     )
     def d1_tables(context: dg.AssetExecutionContext, postgres: PostgresResource, d1: D1Resource):
-        with open_clients(postgres, d1, what="apply") as (pg, client):
+        with open_clients(postgres, d1, what="apply", context=context) as (pg, client):
             evolved = ensure_schema(pg, client, schema)
             if evolved is not None:
                 context.log.warning(f"schema.json changed: D1 updated first ({evolved})")

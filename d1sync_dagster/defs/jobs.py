@@ -26,6 +26,9 @@ class NukeConfig(dg.Config):
     table: str | None = Field(default=None, description="or just this one")
     purge_queue: bool = Field(default=False, description="also drop their queued changes and dead letters")
     confirm: bool = Field(default=False, description="must be true: the tables' contents in D1 are lost")
+    accept_no_restore_point: bool = Field(
+        default=False, description="go ahead even when no D1 Time Travel bookmark can be taken first"
+    )
 
 
 def build_setup_job(schema: Schema) -> dg.JobDefinition:
@@ -113,6 +116,7 @@ def build_nuke_job(schema: Schema, *, allow_destructive: bool = False) -> dg.Job
                 confirm=config.confirm,
                 launched_by=launcher.user,
                 source=launcher.source,
+                accept_no_restore_point=config.accept_no_restore_point,
             )
         guard.record(context, operation="nuke", launcher=launcher, restore_point=report.bookmark)
         done = {

@@ -2,6 +2,8 @@
 
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
+from datetime import UTC, datetime
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
@@ -47,12 +49,24 @@ class D1Resource(dg.ConfigurableResource):
         return self.settings().client()
 
 
+#: Run tag of a run stopped by the D1 API's request budget: when (UTC, ISO) D1 may be called again.
+NOT_BEFORE_TAG = "d1sync/not_before"
+
+
 @contextmanager
-def open_clients(postgres: PostgresResource, d1: D1Resource, *, what: str) -> Iterator[tuple[PgmqClient, D1Client]]:
+def open_clients(
+    postgres: PostgresResource, d1: D1Resource, *, what: str, context: Any = None
+) -> Iterator[tuple[PgmqClient, D1Client]]:
     """Fresh Postgres and D1 clients for one op, asset or check, closed after it. d1sync's errors become a
-    `dg.Failure` that says what failed and why (the cause kept, never a secret)."""
+    `dg.Failure` that says what failed and why (the cause kept, never a secret). When the D1 API's budget is
+    spent, the run (`context`) is tagged with `NOT_BEFORE_TAG`, which the sensor respects."""
     try:
         with closing(d1.get_client()) as client, postgres.get_client() as pg:
             yield pg, client
     except D1SyncError as e:
+        retry_at = getattr(e, "retry_at", None)
+        if retry_at is not None and context is not None:
+            when = datetime.fromtimestamp(retry_at, UTC).isoformat(timespec="seconds")
+            context.instance.add_run_tags(context.run_id, {NOT_BEFORE_TAG: when})
+            raise dg.Failure(description=f"{what} failed: {e}; D1 may be called again from {when}") from e
         raise dg.Failure(description=f"{what} failed: {e}") from e

@@ -1,11 +1,12 @@
 """`pgmq_depth_sensor`: requests an apply run when the queue has work and no apply run is in flight."""
 
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
 
-from d1sync_dagster.defs.resources import PostgresResource
+from d1sync_dagster.defs.resources import NOT_BEFORE_TAG, PostgresResource
 
 IN_FLIGHT = [
     dg.DagsterRunStatus.QUEUED,
@@ -35,6 +36,13 @@ def build_depth_sensor(job: Any, *, interval_seconds: int = 30) -> dg.SensorDefi
         context.update_cursor(str(newest))
         if m.queue_length == 0:
             return dg.SkipReason(f"queue {m.queue_name} is empty (newest msg_id {newest})")
+        latest = context.instance.get_run_records(dg.RunsFilter(job_name=job.name), limit=1)
+        not_before = latest[0].dagster_run.tags.get(NOT_BEFORE_TAG) if latest else None
+        if not_before and datetime.fromisoformat(not_before) > datetime.now(UTC):
+            return dg.SkipReason(
+                f"{m.queue_length} changes waiting, but the D1 API's request budget is spent until {not_before} "
+                f"(run {latest[0].dagster_run.run_id})"
+            )
         in_flight = context.instance.get_run_records(dg.RunsFilter(job_name=job.name, statuses=IN_FLIGHT), limit=1)
         if in_flight:
             return dg.SkipReason(

@@ -19,7 +19,7 @@ from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.core.statements import Statement
 from d1sync_dagster.engine.backfill import reset_progress
-from d1sync_dagster.errors import ConfigError, QueueError
+from d1sync_dagster.errors import ConfigError, D1Error, QueueError
 from d1sync_dagster.schema import Schema
 from d1sync_dagster.sql.d1_ddl import create_indexes, create_meta_table, create_table, drop_table, upsert_meta
 
@@ -45,9 +45,11 @@ def nuke(
     confirm: bool = False,
     launched_by: str = "unknown",
     source: str = "unknown",
+    accept_no_restore_point: bool = False,
 ) -> NukeReport:
     """Drop and recreate `tables` (None: all) in D1; with `purge_queue`, drop their queued changes and
-    dead letters too. Refuses without `confirm`. `launched_by` and `source` say who asked, for the record."""
+    dead letters too. Refuses without `confirm`, and when no restore point can be taken unless
+    `accept_no_restore_point`. `launched_by` and `source` say who asked, for the record."""
     if not confirm:
         raise ConfigError("nuke drops D1 tables and everything in them; confirm it (--yes, or confirm: true)")
     chosen = [schema.table(n) for n in tables] if tables else list(schema.tables)
@@ -56,7 +58,18 @@ def nuke(
         if not got:
             raise QueueError("an apply is running on this queue; nuke again when it has finished")
         # A restore point first, so a mistaken nuke can be undone (D1 Time Travel, or a local backup copy).
-        bookmark = d1.bookmark()
+        bookmark: str | None = None
+        try:
+            bookmark = d1.bookmark()
+        except D1Error as e:
+            if not accept_no_restore_point:
+                raise D1Error(
+                    f"no restore point could be taken before the nuke ({e}); nothing was dropped. Try again, or "
+                    "accept a nuke that cannot be undone (--no-restore-point, or accept_no_restore_point: true)",
+                    kind=e.kind,
+                    retry_at=e.retry_at,
+                ) from None
+            log.warning("no restore point could be taken (%s); nuking anyway, as accepted", e)
         log.warning("D1 restore point before nuke: %s", bookmark)
         stmts = [create_meta_table()]
         for t in chosen:

@@ -27,6 +27,8 @@ class Status:
     schema_version_current: str = ""
     #: The last nuke recorded in D1: when, which tables, who launched it, from where, its restore point.
     last_nuke: dict[str, Any] | None = None
+    #: The last restore recorded in D1 (a restore rewinds the records too, so a nuke it undid is not shown).
+    last_restore: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,4 +63,5 @@ def status(pg: PgmqClient, d1: D1Client, schema: Schema) -> Status:
         schema_version_applied=meta.get("schema_version"),
         schema_version_current=schema.version,
         last_nuke=json.loads(meta["last_nuke"]) if "last_nuke" in meta else None,
+        last_restore=json.loads(meta["last_restore"]) if "last_restore" in meta else None,
     )

@@ -149,3 +149,64 @@ def test_bookmark_gives_a_restore_point(d1):
     make_table(d1)
     mark = d1.bookmark()
     assert isinstance(mark, str) and len(mark) > 8
+
+
+def test_at_most_100_columns_in_a_result(d1):
+    d1.query("SELECT " + ", ".join(f"{i} AS c{i}" for i in range(100)))
+    with pytest.raises(D1Error, match="too many columns in result set") as e:
+        d1.query("SELECT " + ", ".join(f"{i} AS c{i}" for i in range(101)))
+    assert e.value.kind == "sql"
+
+
+def test_at_most_100_columns_in_a_table(d1):
+    with pytest.raises(D1Error, match="too many columns on wide"):
+        d1.query("CREATE TABLE wide (" + ", ".join(f"c{i} INTEGER" for i in range(101)) + ")")
+
+
+def test_values_up_to_2_000_000_bytes(d1):
+    (res,) = d1.query("SELECT length(?) AS n", ["x" * 1_999_990])
+    assert res.results == [{"n": 1_999_990}]
+    with pytest.raises(D1Error, match="string or blob too big") as e:
+        d1.query("SELECT length(?) AS n", ["x" * 2_000_001])
+    assert e.value.kind == "sql"
+
+
+def test_at_most_32_function_arguments(d1):
+    (res,) = d1.query("SELECT coalesce(" + ", ".join(["NULL"] * 31 + ["7"]) + ") AS v")
+    assert res.results == [{"v": 7}]
+    with pytest.raises(D1Error, match="too many arguments on function coalesce") as e:
+        d1.query("SELECT coalesce(" + ", ".join(["1"] * 33) + ") AS v")
+    assert e.value.kind == "sql"
+
+
+def test_expressions_at_most_100_deep(d1):
+    d1.query("SELECT " + " OR ".join(["0"] * 90) + " AS v")
+    with pytest.raises(D1Error, match="Expression tree is too large") as e:
+        d1.query("SELECT " + " OR ".join(["0"] * 101) + " AS v")
+    assert e.value.kind == "sql"
+
+
+def test_raw_names_every_column_as_selected_even_for_no_rows(d1):
+    columns, rows, _ = d1.raw('SELECT 1 AS a, 2 AS a, 3 AS "1"')
+    assert columns == ["a", "a", "1"] and rows == [[1, 2, 3]]
+    columns, rows, _ = d1.raw("SELECT 1 AS a, 2 AS b WHERE 0")
+    assert columns == ["a", "b"] and rows == []
+
+
+def test_a_restore_point_brings_the_database_back(d1):
+    d1.query("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT, b BLOB)")
+    d1.query("INSERT INTO t VALUES (1, 'a', X'00ff'), (2, 'b', NULL)")
+    bookmark = d1.bookmark()
+    d1.query("DELETE FROM t WHERE id = 1")
+    d1.query("INSERT INTO t VALUES (3, 'c', NULL)")
+    undo = d1.restore(bookmark)
+    (res,) = d1.query("SELECT id, v, hex(b) AS b FROM t ORDER BY id")
+    assert res.results == [{"id": 1, "v": "a", "b": "00FF"}, {"id": 2, "v": "b", "b": ""}]
+    d1.restore(undo)  # the restore is undone by the bookmark it returned
+    (res,) = d1.query("SELECT id FROM t ORDER BY id")
+    assert res.results == [{"id": 2}, {"id": 3}]
+
+
+def test_an_unknown_restore_point_is_a_clear_error(d1):
+    with pytest.raises(D1Error, match="bookmark|restore point"):
+        d1.restore("00000000-nope")

@@ -1,6 +1,7 @@
 """Dagster: definitions, materializations that really apply, checks on synced and drifted tables, sensor ticks."""
 
 import time
+from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import pytest
@@ -229,6 +230,22 @@ def test_sensor_does_not_pile_up_runs_while_one_is_in_flight(env):
         assert tick.run_requests == [] and run.run_id in tick.skip_message and "1 changes waiting" in tick.skip_message
         instance.report_run_failed(run)
         _sensor, tick = sensor_tick(instance, resources, cursor="1")
+        assert len(tick.run_requests) == 1
+
+
+def test_sensor_waits_until_the_d1_budget_of_a_rate_limited_run_is_back(env):
+    pg, _d1, resources = env
+    pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
+    with dg.instance_for_test() as instance:
+        job = build_definitions(str(ROOT / "schema.json")).resolve_job_def(APPLY_JOB)
+        run = instance.create_run_for_job(job, status=dg.DagsterRunStatus.FAILURE)
+        soon = datetime.now(UTC) + timedelta(minutes=4)
+        instance.add_run_tags(run.run_id, {"d1sync/not_before": soon.isoformat(timespec="seconds")})
+        _sensor, tick = sensor_tick(instance, resources, cursor="0")
+        assert tick.run_requests == [] and "request budget is spent until" in tick.skip_message
+        past = datetime.now(UTC) - timedelta(seconds=1)
+        instance.add_run_tags(run.run_id, {"d1sync/not_before": past.isoformat(timespec="seconds")})
+        _sensor, tick = sensor_tick(instance, resources, cursor="0")
         assert len(tick.run_requests) == 1
 
 
