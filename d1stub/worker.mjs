@@ -60,7 +60,7 @@ export function maxFunctionArgs(sql) {
       i = j === -1 ? sql.length : j;
     } else if (c === "(") {
       // A call is a name before "(" that is neither a keyword nor a table or index being named.
-      const before = sql.slice(0, i).match(/(?:([A-Za-z_][A-Za-z0-9_]*)\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*$/);
+      const before = sql.slice(Math.max(0, i - 160), i).match(/(?:([A-Za-z_][A-Za-z0-9_]*)\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*$/);
       const keyword = /^(IN|VALUES|AS|ON|USING|KEY|EXISTS|INTO|TABLE|INDEX|WHERE|AND|OR|NOT|CHECK|UNIQUE|OVER)$/i;
       const naming = /^(TABLE|INTO|INDEX|VIEW|EXISTS|ON|REFERENCES|JOIN|FROM|UPDATE|TRIGGER)$/i;
       const isCall = before && !keyword.test(before[2]) && !(before[1] && naming.test(before[1]));

@@ -166,6 +166,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             f"{report.rows_per_request:,.0f} rows/request, {report.dead_lettered} dead-lettered"
             + ("" if report.drained else " (budget reached; the queue is not empty)")
         )
+        if config.d1_settings().backend == "local" and report.rows_written:
+            print("(local D1 file: rows written counts table rows only; D1 also bills every index entry written)")
     if report.skipped:
         return 1
     return 0 if report.dead_lettered == 0 else 1

@@ -225,3 +225,21 @@ def test_nuke_refuses_without_a_restore_point_unless_accepted(http_pair):
     assert report.bookmark is None
     (res,) = pair.d1.query("SELECT count(*) AS n FROM apps")
     assert res.results == [{"n": 0}]
+
+
+def test_a_403_is_an_auth_error_with_the_same_hint_as_a_401(http_pair):
+    pair, standin, _ = http_pair
+    depth = pair.queue_depth()
+    standin.inject(answer(403, 10000, "Authentication error"))
+    with pytest.raises(D1Error, match="403.*CLOUDFLARE_API_TOKEN") as e:
+        pair.apply(vt_seconds=0)
+    assert e.value.kind == "auth" and not e.value.retryable
+    assert pair.queue_depth() == depth and pair.dead_letters() == []
+
+
+def test_a_413_request_too_large_is_split_and_nothing_is_dead_lettered(http_pair):
+    pair, standin, _ = http_pair
+    standin.inject(answer(413, 10413, "Request entity too large"))
+    report = pair.apply()
+    assert report.drained and report.dead_lettered == 0
+    pair.assert_in_sync()
