@@ -17,13 +17,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import psycopg
 from psycopg.types.json import Jsonb, set_json_loads
 
 from d1sync_dagster.core.messages import ROW_CHANGES_SQL
-from d1sync_dagster.errors import QueueError
+from d1sync_dagster.errors import ConfigError, QueueError
 from d1sync_dagster.exactjson import loads_exact
 from d1sync_dagster.sql.capture import DEFAULT_QUEUE, dlq_name
 from d1sync_dagster.sql.quoting import check_queue_name, ident
@@ -37,16 +37,48 @@ def lock_name(queue: str) -> str:
     return f"d1sync:apply:{queue}"
 
 
+def _password(url: str) -> str | None:
+    """The password as typed in a URL (between the user's ':' and the last '@', so a password holding an
+    unencoded '@' is whole) or a `password=` keyword; None when there is none."""
+    m = re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^:/@]*:(.*)@[^@]*$", url)
+    if m:
+        return m.group(1)
+    m = re.search(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", url)
+    return m.group(1).strip("'") if m else None
+
+
+def scrub(text: str, url: str) -> str:
+    """`text` (an error from libpq, which may echo the URL or, when a password holds an unencoded '@',
+    take part of it for the host name) with every piece of the URL's password of 3 or more characters
+    replaced by ***."""
+    secret = _password(url)
+    if not secret:
+        return text
+    for size in range(len(secret), 2, -1):
+        for start in range(len(secret) - size + 1):
+            piece = secret[start : start + size]
+            if piece in text:
+                text = text.replace(piece, "***")
+    return text
+
+
 def redact(url: str) -> str:
     """A connection URL with its password replaced, safe for logs and errors."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable database url>"
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        parts = parts._replace(netloc=netloc)
-    return re.sub(r"password=\S+", "password=***", urlunsplit(parts))
+    secret = _password(url)
+    if secret and "://" in url:
+        head, _, host = url.rpartition("@")
+        return head[: len(head) - len(secret)] + "***@" + host
+    return re.sub(r"password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", "password=***", url)
+
+
+def _connect_hint(url: str) -> str:
+    """What to fix, for the mistakes that make libpq's own message unhelpful."""
+    if "://" in url and not re.match(r"^postgres(ql)?://", url):
+        return " (the URL must start with postgresql:// or postgres://)"
+    secret = _password(url) or ""
+    if re.search(r"[@:/?#]", secret):
+        return " (the password holds @, :, /, ? or #: percent-encode it in the URL, @ as %40)"
+    return ""
 
 
 def is_pooled(url: str) -> bool:
@@ -81,6 +113,8 @@ class PgmqClient:
         self.queue = check_queue_name(queue)
         self.pooled = is_pooled(url)
         self._url = url
+        if "://" in url and not re.match(r"^postgres(ql)?://", url):
+            raise ConfigError(f"cannot connect to Postgres at {redact(url)}: the URL must start with postgresql://")
         try:
             self.conn = psycopg.connect(
                 url,
@@ -90,7 +124,8 @@ class PgmqClient:
                 prepare_threshold=None if self.pooled else 5,
             )
         except psycopg.Error as e:
-            raise QueueError(f"cannot connect to Postgres at {redact(url)}: {_first_line(e)}") from None
+            reason = scrub(_first_line(e), url)
+            raise QueueError(f"cannot connect to Postgres at {redact(url)}: {reason}{_connect_hint(url)}") from None
         # JSON numbers decode without losing digits (see exactjson.loads_exact).
         set_json_loads(loads_exact, self.conn)
 

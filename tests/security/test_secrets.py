@@ -122,3 +122,34 @@ def test_resources_built_from_env_hold_variable_names_not_values(monkeypatch):
     token = defs.resources["d1"].api_token
     assert isinstance(token, dg.EnvVar) and token == "CLOUDFLARE_API_TOKEN"
     assert isinstance(defs.resources["postgres"], PostgresResource) and isinstance(defs.resources["d1"], D1Resource)
+
+
+@pytest.mark.parametrize(
+    "url, hint",
+    [
+        # a typo in the scheme: libpq echoes the whole string in its "missing =" error
+        ("postgressql://postgres:S3cretPassw0rd@127.0.0.1:5432/postgres", "must start with postgresql://"),
+        # an unencoded @ in the password: libpq takes the rest of the password for the host name
+        ("postgresql://postgres:S3cret@Passw0rd@127.0.0.1:1/postgres", "percent-encode it"),
+        ("postgresql://postgres:S3c@ret@Pass:w0rd@nohost.invalid:5432/postgres", "percent-encode it"),
+        ("host=nohost.invalid user=postgres password=S3cretPassw0rd connect_timeout=2", ""),
+    ],
+)
+def test_connection_errors_show_no_part_of_a_password(url, hint):
+    from d1sync_dagster.clients.pgmq import PgmqClient
+    from d1sync_dagster.errors import D1SyncError
+
+    with pytest.raises(D1SyncError) as e:
+        PgmqClient(url, connect_timeout=2)
+    message = str(e.value)
+    for piece in ("S3cret", "Passw0rd", "ret@Pass", "w0rd", "Pass"):
+        assert piece not in message, message
+    assert hint in message
+    out = subprocess.run(
+        [sys.executable, "-m", "d1sync_dagster", "status"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"PATH": os.environ["PATH"], "DATABASE_URL": url},
+    )
+    assert out.returncode in (2, 3) and not any(p in out.stdout + out.stderr for p in ("S3cret", "Passw0rd", "w0rd"))
