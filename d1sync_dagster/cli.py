@@ -181,6 +181,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(st.to_json()))
         return 0
     age = "-" if st.oldest_message_age_seconds is None else f"{st.oldest_message_age_seconds}s"
+    print(f"PGMQ: {st.pgmq}")
     print(f"queue {st.queue}: {st.queue_depth} messages waiting, oldest {age}, newest msg_id {st.newest_msg_id}")
     print(f"last applied: {st.last_applied_at or 'never'} (msg_id {st.last_applied_msg_id or '-'})")
     same = "current" if st.schema_version_applied == st.schema_version_current else "OUT OF DATE: run d1sync setup"

@@ -301,6 +301,14 @@ class PgmqClient:
         """The single-consumer lock of this queue (see `advisory_lock`); yields whether it was taken."""
         return self.advisory_lock(lock_name(self.queue))
 
+    def pgmq_install(self) -> str:
+        """How PGMQ is installed here: `<version> (extension)` (Supabase), `SQL install` (the plain-SQL
+        script, which records no version), or `missing`."""
+        rows = self.execute("SELECT extversion FROM pg_extension WHERE extname = 'pgmq'")
+        if rows:
+            return f"{rows[0][0]} (extension)"
+        return "SQL install" if self.has_pgmq() else "missing"
+
     def has_pgmq(self) -> bool:
         return bool(self.execute("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'pgmq')")[0][0])
 

@@ -103,7 +103,9 @@ def build_table_checks(schema: Schema, *, lag_threshold_seconds: float = 300.0) 
                     says = f"D1 is {abs(gap)} rows apart, within what the {h.queued_rows} queued row changes explain"
                 else:
                     says = f"D1 is {abs(gap)} rows apart; only {h.queued_rows} row changes are queued for it"
-                if h.apply_running:
+                if h.filtered:
+                    says = h.filtered
+                elif h.apply_running:
                     says += " (an apply held the queue while the counts were read, so D1 may have moved meanwhile)"
                 yield dg.AssetCheckResult(
                     asset_key=check_key.asset_key,

@@ -29,7 +29,7 @@ from typing import Any
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.engine.apply import ApplyOptions, apply
-from d1sync_dagster.engine.catalog import key_types
+from d1sync_dagster.engine.catalog import check_reads_every_row, key_types
 from d1sync_dagster.engine.ranges import enqueue_marker, range_condition
 from d1sync_dagster.engine.reports import ApplyReport
 from d1sync_dagster.errors import QueueError
@@ -122,6 +122,8 @@ def backfill(
     if chunk_size < 1:
         raise ValueError("chunk_size must be at least 1")
     chosen = [schema.table(n) for n in tables] if tables else list(schema.tables)
+    for table in chosen:  # a role under row level security would copy a filtered view
+        check_reads_every_row(pg, table, doing="copy")
     if restart:
         reset_progress(pg, chosen)
     report = BackfillReport(tables={t.name: TableBackfill() for t in chosen})

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.engine.catalog import check_reads_every_row
+from d1sync_dagster.errors import QueueError
 from d1sync_dagster.schema import Schema
 from d1sync_dagster.sql.capture import source_relation
 from d1sync_dagster.sql.quoting import ident
@@ -24,12 +26,16 @@ class TableHealth:
     truncate_queued: bool = False
     #: An apply held the queue the whole time the counts were read: D1 may have moved while they were.
     apply_running: bool = False
+    #: Why the source count is not the table's (row level security filters what this role sees), or None.
+    filtered: str | None = None
 
     @property
     def count_explained(self) -> bool:
         """Whether the row counts agree once the queued changes are applied, as far as counts can tell: equal,
         or apart by no more than the queued row changes (or a queued TRUNCATE) can account for. Exact when the
         queue holds nothing for the table."""
+        if self.filtered:
+            return False
         gap = abs(self.source_rows - self.d1_rows)
         return gap == 0 or self.truncate_queued or gap <= self.queued_rows
 
@@ -61,9 +67,22 @@ def _read_health(pg: PgmqClient, d1: D1Client, schema: Schema, *, apply_running:
     letters = pg.dead_letters_by_table()
     out = {}
     for t in schema.tables:
+        try:
+            check_reads_every_row(pg, t, doing="count")
+            filtered = None
+        except QueueError as e:
+            filtered = str(e)
         (res,) = d1.query(f"SELECT count(*) AS n FROM {ident(t.target)}")
         n, rows, truncate, age = queued.get(t.name, (0, 0, False, None))
         out[t.name] = TableHealth(
-            sources[t.name], int(res.results[0]["n"]), n, age, letters.get(t.name, 0), rows, truncate, apply_running
+            sources[t.name],
+            int(res.results[0]["n"]),
+            n,
+            age,
+            letters.get(t.name, 0),
+            rows,
+            truncate,
+            apply_running,
+            filtered,
         )
     return out

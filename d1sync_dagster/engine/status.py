@@ -25,6 +25,7 @@ class Status:
     last_applied_msg_id: int | None = None
     schema_version_applied: str | None = None
     schema_version_current: str = ""
+    pgmq: str = ""
     #: The last nuke recorded in D1: when, which tables, who launched it, from where, its restore point.
     last_nuke: dict[str, Any] | None = None
     #: The last restore recorded in D1 (a restore rewinds the records too, so a nuke it undid is not shown).
@@ -53,6 +54,7 @@ def status(pg: PgmqClient, d1: D1Client, schema: Schema) -> Status:
     letters = pg.dead_letters_by_table()
     return Status(
         queue=pg.queue,
+        pgmq=pg.pgmq_install(),
         queue_depth=m.queue_length,
         oldest_message_age_seconds=m.oldest_msg_age_sec,
         newest_msg_id=m.total_messages,

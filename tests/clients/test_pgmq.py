@@ -112,3 +112,8 @@ def test_enqueue_keeps_order_and_the_queue_methods_see_the_messages(pg):
     pg.execute("SELECT pgmq.create(%s)", [pg.dlq])
     pg.dead_letter([(ids[2], "bad", "b")])
     assert pg.dead_letters_by_table() == {"b": 1}
+
+
+def test_the_pgmq_install_is_reported(pg):
+    # The tests install PGMQ from its SQL file (no extension); Supabase reports "<version> (extension)".
+    assert pg.pgmq_install() == "SQL install"
