@@ -25,6 +25,7 @@ from d1sync_dagster.engine.apply import ApplyOptions, apply
 from d1sync_dagster.engine.backfill import backfill
 from d1sync_dagster.engine.compare import d1_rows, diff, pg_rows
 from d1sync_dagster.engine.demo import example_writes
+from d1sync_dagster.engine.doctor import diagnose
 from d1sync_dagster.engine.introspect import introspect
 from d1sync_dagster.engine.nuke import nuke
 from d1sync_dagster.engine.reconcile import reconcile
@@ -298,6 +299,18 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     return 0 if after.in_sync else 1
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    schema = load_schema(args.schema)
+    dx = diagnose(
+        lambda: PgmqClient(embedded.source_url(), queue=args.queue),
+        lambda: config.d1_settings().client(),
+        schema,
+        lag_threshold_seconds=config.number("D1SYNC_LAG_THRESHOLD_SECONDS", 300),
+    )
+    print(json.dumps(dx.to_json()) if args.json else dx.table())
+    return dx.exit_code
+
+
 def _os_user() -> str:
     """Who runs this command, for the record a destructive command leaves."""
     try:
@@ -435,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="go ahead even when no restore point (D1 Time Travel bookmark) can be taken first",
     )
     p.set_defaults(func=_cmd_nuke)
+
+    p = sub.add_parser("doctor", help="check both sides and say how to fix each problem (exit 0, 1, or 3)")
+    common(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser("restore", help="put D1 back to a restore point, then repair it from Postgres (needs --yes)")
     common(p)

@@ -14,7 +14,7 @@ import dagster as dg
 from d1sync_dagster import config
 from d1sync_dagster.defs.assets import GROUP, build_table_assets
 from d1sync_dagster.defs.checks import build_reconcile_checks, build_table_checks
-from d1sync_dagster.defs.jobs import build_backfill_job, build_nuke_job, build_setup_job
+from d1sync_dagster.defs.jobs import build_backfill_job, build_doctor_job, build_nuke_job, build_setup_job
 from d1sync_dagster.defs.resources import D1Resource, PostgresResource
 from d1sync_dagster.defs.sensors import build_depth_sensor
 from d1sync_dagster.engine.apply import ApplyOptions
@@ -77,6 +77,7 @@ def build_definitions(schema_file: str | None = None) -> dg.Definitions:
         jobs=[
             apply_job,
             build_setup_job(schema),
+            build_doctor_job(schema),
             build_backfill_job(schema),
             build_nuke_job(schema, allow_destructive=config.allow_destructive()),
             reconcile_job,

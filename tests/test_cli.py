@@ -244,3 +244,19 @@ def test_restore_after_a_mistaken_nuke_brings_d1_back_in_step(source_db, tmp_pat
     status = json.loads(run("status", "--json", env=env).stdout)
     assert status["last_restore"]["bookmark"] == bookmark and status["last_restore"]["source"] == "cli"
     assert status["last_nuke"] is None  # the restore rewound D1, its records included, to before the nuke
+
+
+def test_doctor_prints_its_findings_and_exits_by_what_it_found(source_db, tmp_path):
+    env = {"DATABASE_URL": source_db, "D1_LOCAL_PATH": str(tmp_path / "d1.sqlite")}
+    assert run("setup", env=env).returncode == 0
+    out = run("doctor", "--json", env=env)
+    assert out.returncode == 0, out.stdout
+    report = json.loads(out.stdout)
+    assert report["exit_code"] == 0 and {f["check"] for f in report["findings"]} >= {"pgmq", "capture apps", "d1"}
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("ALTER TABLE apps DISABLE TRIGGER d1sync_capture_update")
+    out = run("doctor", env=env)
+    assert out.returncode == 1 and "FAIL  capture apps" in out.stdout and "fix: ALTER TABLE" in out.stdout
+    bad = env | {"DATABASE_URL": "postgresql://postgres:S3cretPw@127.0.0.1:1/x"}
+    out = run("doctor", env=bad)
+    assert out.returncode == 3 and "S3cretPw" not in out.stdout + out.stderr and "FAIL  postgres" in out.stdout

@@ -356,6 +356,57 @@ class PgmqClient:
             return f"{rows[0][0]} (extension)"
         return "SQL install" if self.has_pgmq() else "missing"
 
+    #: The oid of a queue's table, found through the catalog (no USAGE on schema pgmq needed, unlike a name).
+    _QUEUE_OID = (
+        "(SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = 'pgmq' AND c.relname = %s)"
+    )
+
+    def queue_exists(self, queue: str | None = None) -> bool:
+        """Whether the queue's table exists (PGMQ created the queue)."""
+        rows = self.execute(f"SELECT {self._QUEUE_OID} IS NOT NULL", [f"q_{queue or self.queue}"])
+        return bool(rows[0][0])
+
+    def missing_queue_rights(self, queue: str | None = None) -> list[str]:
+        """The rights this role lacks on a queue: USAGE on schema pgmq, and SELECT, INSERT, UPDATE, DELETE on
+        its table (what apply, backfill and dead-lettering need). Empty when it has them all."""
+        table = self._table(queue)
+        if not self.execute("SELECT has_schema_privilege('pgmq', 'USAGE')")[0][0]:
+            return ["USAGE on schema pgmq"]
+        rows = self.execute(
+            f"SELECT p FROM unnest(ARRAY['SELECT','INSERT','UPDATE','DELETE']) p "
+            f"WHERE NOT has_table_privilege({self._QUEUE_OID}, p)",
+            [f"q_{queue or self.queue}"],
+        )
+        return [f"{p} on {table}" for (p,) in rows]
+
+    def queue_owner(self) -> tuple[str, bool]:
+        """The queue table's owner, and whether this role may act as it (vacuum the table)."""
+        rows = self.execute(
+            "SELECT pg_get_userbyid(relowner), pg_has_role(relowner, 'USAGE') FROM pg_class "
+            f"WHERE oid = {self._QUEUE_OID}",
+            [f"q_{self.queue}"],
+        )
+        return (str(rows[0][0]), bool(rows[0][1])) if rows else ("", False)
+
+    def capture_triggers(
+        self, relation: str, function_schema: str, function: str
+    ) -> list[tuple[str, bool, bool, bool]]:
+        """The triggers on `relation` that call `function_schema.function`: (name, enabled, the function
+        writes to this queue, the function's owner may insert into this queue's table). Found through the
+        catalog, so a role without USAGE on those schemas is still answered."""
+        return [
+            (str(name), bool(enabled), bool(ours), bool(can_insert))
+            for name, enabled, ours, can_insert in self.execute(
+                "SELECT t.tgname, t.tgenabled <> 'D', "
+                "position(%s in p.prosrc) > 0 OR position(%s in p.prosrc) > 0, "
+                f"has_table_privilege(p.proowner, {self._QUEUE_OID}, 'INSERT') "
+                "FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid JOIN pg_namespace n ON n.oid = p.pronamespace "
+                "WHERE t.tgrelid = to_regclass(%s) AND NOT t.tgisinternal AND n.nspname = %s AND p.proname = %s",
+                [ident(f"q_{self.queue}"), f"'{self.queue}'", f"q_{self.queue}", relation, function_schema, function],
+            )
+        ]
+
     def has_pgmq(self) -> bool:
         return bool(self.execute("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'pgmq')")[0][0])
 

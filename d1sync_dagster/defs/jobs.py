@@ -10,6 +10,7 @@ from d1sync_dagster.defs import guard
 from d1sync_dagster.defs.assets import asset_key
 from d1sync_dagster.defs.resources import D1Resource, PostgresResource, open_clients
 from d1sync_dagster.engine.backfill import backfill
+from d1sync_dagster.engine.doctor import diagnose
 from d1sync_dagster.engine.nuke import nuke
 from d1sync_dagster.engine.setup import setup
 from d1sync_dagster.schema import Schema
@@ -152,3 +153,29 @@ def build_nuke_job(schema: Schema, *, allow_destructive: bool = False) -> dg.Job
         nuke_op()
 
     return nuke_job
+
+
+def build_doctor_job(schema: Schema) -> dg.JobDefinition:
+    """`d1sync_doctor`: the checks of `d1sync doctor`, with the findings as a table in the run; fails when
+    replication is broken, saying why and how to fix it."""
+
+    @dg.op(name="d1sync_doctor_op", description="Check Postgres, PGMQ, the capture triggers and D1.")
+    def doctor_op(context: dg.OpExecutionContext, postgres: PostgresResource, d1: D1Resource) -> dg.Output[None]:
+        dx = diagnose(postgres.get_client, d1.get_client, schema)
+        rows = "\n".join(
+            f"| {f.check} | {f.level} | {f.detail.replace('|', '/')} | {f.fix.replace('|', '/')} |" for f in dx.findings
+        )
+        report = "| check | level | detail | fix |\n|---|---|---|---|\n" + rows
+        problems = [f for f in dx.findings if f.level == "fail"]
+        if dx.exit_code:
+            raise dg.Failure(
+                description="; ".join(f"{f.check}: {f.detail} (fix: {f.fix})" for f in problems),
+                metadata={"findings": dg.MetadataValue.md(report)},
+            )
+        return dg.Output(None, metadata={"findings": dg.MetadataValue.md(report)})
+
+    @dg.job(name="d1sync_doctor", description="Check both sides of the replication and say how to fix problems.")
+    def doctor_job() -> None:
+        doctor_op()
+
+    return doctor_job

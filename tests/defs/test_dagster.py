@@ -318,3 +318,16 @@ def test_apply_job_runs_the_cheap_checks_but_not_the_full_comparison(env):
         e.event_specific_data.check_name for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"
     ]
     assert len(names) == 6 and "rows_match_source" not in names
+
+
+def test_the_doctor_job_says_why_replication_is_broken(env):
+    pg, _d1, resources = env
+    assert run_job("d1sync_doctor", resources).success
+    pg.execute("ALTER TABLE apps DISABLE TRIGGER d1sync_capture_insert")
+    result = run_job("d1sync_doctor", resources)
+    assert not result.success
+    failure = result.failure_data_for_node("d1sync_doctor_op").user_failure_data
+    assert "capture triggers disabled" in failure.description and "ENABLE TRIGGER d1sync_capture_insert" in (
+        failure.description
+    )
+    assert "| capture apps | fail |" in failure.metadata["findings"].value
