@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import TextIO
 
 from d1sync_dagster import config, embedded
@@ -25,7 +25,7 @@ from d1sync_dagster.engine.apply import ApplyOptions, apply
 from d1sync_dagster.engine.backfill import backfill
 from d1sync_dagster.engine.compare import d1_rows, diff, pg_rows
 from d1sync_dagster.engine.demo import example_writes
-from d1sync_dagster.engine.doctor import diagnose
+from d1sync_dagster.engine.doctor import capture_findings, diagnose
 from d1sync_dagster.engine.introspect import introspect
 from d1sync_dagster.engine.nuke import nuke
 from d1sync_dagster.engine.reconcile import reconcile
@@ -178,9 +178,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
     schema = load_schema(args.schema)
     with _clients(args) as (pg, d1):
         st = status(pg, d1, schema)
+        problems = capture_findings(pg, schema)
+    failing = [f for f in problems if f.level == "fail"]
     if args.json:
-        print(json.dumps(st.to_json()))
-        return 0
+        print(json.dumps(st.to_json() | {"problems": [asdict(f) for f in problems]}))
+        return 1 if failing else 0
     age = "-" if st.oldest_message_age_seconds is None else f"{st.oldest_message_age_seconds}s"
     print(f"PGMQ: {st.pgmq}")
     print(f"queue {st.queue}: {st.queue_depth} messages waiting, oldest {age}, newest msg_id {st.newest_msg_id}")
@@ -198,7 +200,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if st.last_restore:
         r = st.last_restore
         print(f"last restore: {r.get('at')} to {r.get('bookmark')} by {r.get('launched_by')} from {r.get('source')}")
-    return 0
+    for f in problems:
+        print(f"{f.level.upper()}: {f.check}: {f.detail}; fix: {f.fix}")
+    return 1 if failing else 0
 
 
 def _row_estimates(pg: PgmqClient, schema: Schema, tables: list[str] | None) -> dict[str, int | None]:

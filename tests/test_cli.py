@@ -260,3 +260,15 @@ def test_doctor_prints_its_findings_and_exits_by_what_it_found(source_db, tmp_pa
     bad = env | {"DATABASE_URL": "postgresql://postgres:S3cretPw@127.0.0.1:1/x"}
     out = run("doctor", env=bad)
     assert out.returncode == 3 and "S3cretPw" not in out.stdout + out.stderr and "FAIL  postgres" in out.stdout
+
+
+def test_status_exits_1_and_says_so_when_the_capture_path_is_broken(source_db, tmp_path):
+    env = {"DATABASE_URL": source_db, "D1_LOCAL_PATH": str(tmp_path / "d1.sqlite")}
+    assert run("setup", env=env).returncode == 0
+    assert run("status", env=env).returncode == 0
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("ALTER TABLE app_versions DISABLE TRIGGER d1sync_capture_delete")
+    out = run("status", env=env)
+    assert out.returncode == 1 and "FAIL: capture app_versions" in out.stdout and "ENABLE TRIGGER" in out.stdout
+    report = json.loads(run("status", "--json", env=env).stdout)
+    assert report["problems"][0]["check"] == "capture app_versions"

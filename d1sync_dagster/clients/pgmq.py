@@ -407,6 +407,16 @@ class PgmqClient:
             )
         ]
 
+    def schema_rights(self, schema: str) -> tuple[str, str | None, bool, bool]:
+        """(this role, the schema's owner or None when it does not exist, USAGE, CREATE) on `schema`."""
+        rows = self.execute(
+            "SELECT current_user, pg_get_userbyid(n.nspowner), has_schema_privilege(n.oid, 'USAGE'), "
+            "has_schema_privilege(n.oid, 'CREATE') FROM (SELECT 1) x LEFT JOIN pg_namespace n ON n.nspname = %s",
+            [schema],
+        )
+        role, owner, usage, create = rows[0]
+        return str(role), owner, bool(usage), bool(create)
+
     def has_pgmq(self) -> bool:
         return bool(self.execute("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'pgmq')")[0][0])
 

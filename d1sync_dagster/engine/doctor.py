@@ -256,3 +256,12 @@ def _d1(dx: Diagnosis, d1: D1Client, schema: Schema) -> None:
             f"D1 has version {applied or 'none'}, schema.json is {schema.version}",
             "d1sync setup (apply runs do it too)",
         )
+
+
+def capture_findings(pg: PgmqClient, schema: Schema) -> list[Finding]:
+    """The per-table read and capture checks alone (what `d1sync status` shows): a broken capture path
+    loses changes silently, so it must never look like "0 messages waiting"."""
+    dx = Diagnosis()
+    for table in schema.tables:
+        _capture(dx, pg, table)
+    return [f for f in dx.findings if f.level != "ok"]

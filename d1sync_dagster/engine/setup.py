@@ -114,7 +114,31 @@ def setup_postgres(pg: PgmqClient, schema: Schema) -> None:
             f"source table(s) {', '.join(missing)} named in schema.json do not exist in Postgres; create them "
             "or remove them from schema.json"
         )
-    pg.execute(migration(schema, queue=pg.queue))
+    try:
+        pg.execute(migration(schema, queue=pg.queue))
+    except QueueError as e:
+        if e.sqlstate != "42501":  # insufficient_privilege
+            raise
+        raise QueueError(f"setup could not install the capture side in Postgres: {e}. {_rights_hint(pg)}") from None
+
+
+def _rights_hint(pg: PgmqClient) -> str:
+    """Which role lacks what for the migration, and the statements that grant it."""
+    role, owner, usage, create = pg.schema_rights("pgmq")
+    if owner is not None and not (usage and create):
+        lacking = " and ".join(x for x, ok in (("USAGE", usage), ("CREATE", create)) if not ok)
+        return (
+            f"Role {role} lacks {lacking} on schema pgmq, which {owner} owns. As {owner} (Supabase: the SQL editor "
+            f"runs as postgres; older projects need supabase_admin): GRANT USAGE, CREATE ON SCHEMA pgmq TO {role}; "
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgmq TO {role}; GRANT USAGE ON ALL "
+            f"SEQUENCES IN SCHEMA pgmq TO {role}. Or run supabase_migration.sql in the SQL editor, then d1sync setup. "
+            "d1sync doctor lists every right it checks."
+        )
+    return (
+        f"Role {role} may not create the capture functions (schema d1sync) or triggers on the source tables: "
+        "run setup as the tables' owner, or run supabase_migration.sql in the Supabase SQL editor. d1sync doctor "
+        "lists every right it checks."
+    )
 
 
 def _needs_rebuild(table: Table, recorded: dict[str, object] | None) -> bool:

@@ -4,6 +4,7 @@ import contextlib
 import uuid
 
 import psycopg
+import pytest
 
 from d1sync_dagster.clients.d1 import HttpD1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
@@ -144,3 +145,19 @@ def test_a_rejected_token_is_a_problem_with_the_fix(source_db, d1_http, d1_stand
     f = finding(dx, "d1")
     assert dx.exit_code == 1 and f.level == "fail" and "401" in f.detail and "D1 Edit" in f.fix
     assert "wrong-token" not in dx.table()
+
+
+def test_setup_without_rights_on_pgmq_names_the_role_and_the_grant(pair, source_db):
+    role = f"d1sync_dx_{uuid.uuid4().hex[:8]}"
+    pair.sql(f"CREATE ROLE {role} LOGIN")
+    try:
+        with PgmqClient(psycopg.conninfo.make_conninfo(source_db, user=role)) as pg:
+            with pytest.raises(QueueError) as e:
+                setup(pg, pair.d1, pair.schema)
+        message = str(e.value)
+        assert "setup could not install the capture side" in message and "permission denied" in message
+        assert f"Role {role} lacks USAGE and CREATE on schema pgmq" in message
+        assert f"GRANT USAGE, CREATE ON SCHEMA pgmq TO {role}" in message
+    finally:
+        pair.sql(f"DROP OWNED BY {role}")
+        pair.sql(f"DROP ROLE {role}")
