@@ -56,7 +56,7 @@ def _cmd_setup(args: argparse.Namespace) -> int:
         if args.create_example_tables:
             pg.execute(example_source_tables())
         with closing(d1_settings.client()) as d1:
-            result = setup(pg, d1, schema)
+            result = setup(pg, d1, schema, pgmq_sql=embedded.pgmq_sql() if args.install_pgmq else None)
     out = {
         "schema_version": result.schema_version,
         "tables": result.tables,
@@ -417,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("setup", help="create queue and triggers in Postgres, tables and indexes in D1 (idempotent)")
     common(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument(
+        "--install-pgmq",
+        action="store_true",
+        help="where the database has no PGMQ and the extension is not available, install the PGMQ SQL bundled "
+        "with d1sync",
+    )
     p.add_argument(
         "--create-example-tables",
         action="store_true",

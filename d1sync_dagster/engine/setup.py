@@ -94,16 +94,27 @@ def d1_state(d1: D1Client, schema: Schema) -> D1State:
     return state
 
 
-def setup_postgres(pg: PgmqClient, schema: Schema) -> None:
-    """Install the queue, the dead-letter queue, capture functions and triggers (idempotent)."""
+#: What Postgres says when the pgmq schema holds a plain-SQL install older than 1.5.1: 1.4's SQL file makes
+#: `pgmq.create` run `ALTER EXTENSION pgmq ADD TABLE`, and 1.5.0's does not install at all.
+_OLD_SQL_INSTALL = ('extension "pgmq" does not exist', "function pgmq.create(unknown) does not exist")
+
+
+def setup_postgres(pg: PgmqClient, schema: Schema, *, pgmq_sql: str | None = None) -> None:
+    """Install the queue, the dead-letter queue, capture functions and triggers (idempotent). Where the
+    database has no PGMQ and the extension cannot be created, `pgmq_sql` (the bundled plain-SQL install,
+    offered by `setup --install-pgmq`) is installed instead; without it, setup stops and says so."""
     if not pg.has_pgmq():
         try:
             pg.execute("CREATE EXTENSION IF NOT EXISTS pgmq")
         except QueueError as e:
-            raise QueueError(
-                f"PGMQ is not installed in this database and could not be created ({e}); on Supabase enable "
-                "the pgmq extension, elsewhere install it (https://github.com/pgmq/pgmq)"
-            ) from None
+            if pgmq_sql is None:
+                raise QueueError(
+                    f"PGMQ is not installed in this database and the extension could not be created ({e}). On "
+                    "Supabase enable the pgmq extension (Database, Extensions); elsewhere install PGMQ, or let "
+                    "`d1sync setup --install-pgmq` install the PGMQ SQL bundled with d1sync"
+                ) from None
+            pg.execute(pgmq_sql)
+            log.warning("installed PGMQ from its SQL file (no extension was available)")
     missing = [
         f"{t.spec.source_schema}.{t.name}"
         for t in schema.tables
@@ -117,6 +128,12 @@ def setup_postgres(pg: PgmqClient, schema: Schema) -> None:
     try:
         pg.execute(migration(schema, queue=pg.queue))
     except QueueError as e:
+        if any(text in str(e) for text in _OLD_SQL_INSTALL):
+            raise QueueError(
+                f"setup could not create the queue: {e}. The pgmq schema here is a plain-SQL install of PGMQ "
+                "older than 1.5.1 (1.4's SQL file expects the extension, 1.5.0's does not install): use the "
+                "pgmq extension (Supabase ships 1.4.4 and later as one), or a plain-SQL install of 1.5.1 or later"
+            ) from None
         if e.sqlstate != "42501":  # insufficient_privilege
             raise
         raise QueueError(f"setup could not install the capture side in Postgres: {e}. {_rights_hint(pg)}") from None
@@ -204,9 +221,12 @@ def setup_d1(d1: D1Client, schema: Schema) -> SetupResult:
     )
 
 
-def setup(pg: PgmqClient, d1: D1Client, schema: Schema, *, backfill_changes: bool = True) -> SetupResult:
-    """Both sides, Postgres first; then backfill the tables that gained columns or were rebuilt."""
-    setup_postgres(pg, schema)
+def setup(
+    pg: PgmqClient, d1: D1Client, schema: Schema, *, backfill_changes: bool = True, pgmq_sql: str | None = None
+) -> SetupResult:
+    """Both sides, Postgres first; then backfill the tables that gained columns or were rebuilt. `pgmq_sql`:
+    see `setup_postgres`."""
+    setup_postgres(pg, schema, pgmq_sql=pgmq_sql)
     result = setup_d1(d1, schema)
     need = sorted({c.split(".")[0] for c in result.added_columns} | set(result.rebuilt_tables))
     names = [t.name for t in schema.tables if t.target in need or t.name in need]

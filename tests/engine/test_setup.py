@@ -1,11 +1,17 @@
 """Schema evolution through setup (both D1 backends): add column, add index, drop column, type change."""
 
+import uuid
+
+import psycopg
 import pytest
 
 from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.embedded import pgmq_sql
 from d1sync_dagster.engine.apply import apply
 from d1sync_dagster.engine.setup import ensure_schema, setup
+from d1sync_dagster.errors import QueueError
 from d1sync_dagster.schema import load_schema, parse_schema
+from d1sync_dagster.sql.capture import example_source_tables
 from tests.conftest import ROOT
 from tests.helpers import Pair
 
@@ -89,3 +95,47 @@ def test_apply_brings_d1_to_a_changed_schema_first(synced):
     assert ensure_schema(pg, d1, grown) is None
     apply(pg, d1, grown)
     Pair(pg, d1, grown).assert_in_sync()
+
+
+@pytest.fixture
+def bare_db(pg_admin_url):
+    """A database with the example tables and no PGMQ at all."""
+    name = f"d1sync_bare_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = psycopg.conninfo.make_conninfo(pg_admin_url, dbname=name)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(example_source_tables().encode())
+    try:
+        yield url
+    finally:
+        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_no_pgmq_and_no_extension_is_refused_unless_the_bundled_sql_is_asked_for(bare_db, d1_local):
+    schema = load_schema(ROOT / "schema.json")
+    with PgmqClient(bare_db) as pg:
+        with pytest.raises(QueueError, match="setup --install-pgmq"):
+            setup(pg, d1_local, schema)
+        assert pg.pgmq_install() == "missing"  # never installed silently
+        setup(pg, d1_local, schema, pgmq_sql=pgmq_sql())
+        assert pg.pgmq_install() == "SQL install" and pg.queue_exists()
+
+
+def test_a_plain_sql_pgmq_older_than_1_5_1_is_named_as_the_reason(bare_db, d1_local):
+    """PGMQ 1.4's SQL file makes pgmq.create add its tables to the extension, which does not exist then."""
+    with psycopg.connect(bare_db, autocommit=True) as conn:
+        conn.execute(
+            """CREATE SCHEMA pgmq;
+            CREATE TABLE pgmq.meta (queue_name varchar UNIQUE NOT NULL, is_partitioned boolean NOT NULL DEFAULT false,
+                                    is_unlogged boolean NOT NULL DEFAULT false, created_at timestamptz DEFAULT now());
+            CREATE FUNCTION pgmq.create(queue_name text) RETURNS void LANGUAGE plpgsql AS $$
+            BEGIN
+              EXECUTE format('CREATE TABLE pgmq.%I (msg_id bigint)', 'q_' || queue_name);
+              EXECUTE format('ALTER EXTENSION pgmq ADD TABLE pgmq.%I', 'q_' || queue_name);
+            END $$;"""
+        )
+    with PgmqClient(bare_db) as pg, pytest.raises(QueueError) as e:
+        setup(pg, d1_local, load_schema(ROOT / "schema.json"))
+    assert "plain-SQL install of PGMQ older than 1.5.1" in str(e.value) and "extension" in str(e.value)
