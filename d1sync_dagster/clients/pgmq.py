@@ -113,7 +113,6 @@ class PgmqClient:
         self.queue = check_queue_name(queue)
         self.pooled = is_pooled(url)
         self._url = url
-        self._lock_holder: PgmqClient | None = None
         if "://" in url and not re.match(r"^postgres(ql)?://", url):
             raise ConfigError(f"cannot connect to Postgres at {redact(url)}: the URL must start with postgresql://")
         try:
@@ -121,10 +120,8 @@ class PgmqClient:
                 url,
                 autocommit=True,
                 connect_timeout=connect_timeout,
-                # No automatic prepared statements: behind a transaction pooler (pgbouncer 1.18, Supavisor, on
-                # any port) a statement prepared on one server connection is run on another, or clashes with
-                # another client's of the same name. A pooler cannot be told from Postgres reliably.
-                prepare_threshold=None,
+                # The transaction pooler breaks automatic prepared statements.
+                prepare_threshold=None if self.pooled else 5,
             )
         except psycopg.Error as e:
             reason = scrub(_first_line(e), url)
@@ -300,53 +297,9 @@ class PgmqClient:
     def purge(self, queue: str | None = None) -> int:
         return int(self.execute("SELECT pgmq.purge_queue(%s)", [queue or self.queue])[0][0])
 
-    @contextmanager
-    def consumer_lock(self) -> Iterator[bool]:
-        """The single-consumer lock of this queue; yields whether it was taken.
-
-        Held as a transaction-level advisory lock by a connection of its own whose transaction stays open
-        while the lock is held. A transaction pins one server connection behind any pooler (pgbouncer or
-        Supavisor in transaction mode, whatever the port), so the lock is really held, by exactly that
-        backend; a session lock taken through such a pooler would be held by whichever server connection
-        ran the statement, and released, or leaked, on another. When this process dies, the pooler or
-        Postgres ends the transaction and the lock is gone: nothing leaks. The transaction takes no
-        transaction id and keeps no snapshot between statements, so it does not hold back vacuum.
-        `check_consumer_lock` proves, before messages are deleted, that the lock is still held."""
-        holder = self.clone()
-        holder.conn.autocommit = False
-        try:
-            try:
-                got = bool(
-                    holder.execute(
-                        "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))", [lock_name(self.queue)]
-                    )[0][0]
-                )
-            except QueueError:
-                holder.close()
-                raise
-            self._lock_holder = holder if got else None
-            yield got
-        finally:
-            self._lock_holder = None
-            try:
-                holder.conn.rollback()
-            except psycopg.Error:
-                pass  # the connection is gone, and its transaction with it
-            holder.close()
-
-    def check_consumer_lock(self) -> None:
-        """Raise unless the consumer lock taken by `consumer_lock` is still held (its connection and its
-        transaction are alive). Also keeps that transaction from looking idle to Postgres's timeouts."""
-        holder = self._lock_holder
-        if holder is None:
-            return
-        try:
-            holder.execute("SELECT 1")
-        except QueueError as e:
-            raise QueueError(
-                f"the single-consumer lock was lost ({e}); stopping before deleting anything: the batch is "
-                "replayed by the next run"
-            ) from None
+    def consumer_lock(self) -> Any:
+        """The single-consumer lock of this queue (see `advisory_lock`); yields whether it was taken."""
+        return self.advisory_lock(lock_name(self.queue))
 
     def pgmq_install(self) -> str:
         """How PGMQ is installed here: `<version> (extension)` (Supabase), `SQL install` (the plain-SQL

@@ -126,16 +126,7 @@ def apply(
                     prepared = _prepare(schema, msgs, report)
                     in_flight.append(
                         pool.submit(
-                            _commit_and_finish,
-                            d1,
-                            finisher,
-                            schema,
-                            prepared,
-                            report,
-                            options,
-                            failed,
-                            after_d1_commit,
-                            pg.check_consumer_lock,
+                            _commit_and_finish, d1, finisher, schema, prepared, report, options, failed, after_d1_commit
                         )
                     )
                     while len(in_flight) > 1:
@@ -176,10 +167,8 @@ def _commit_and_finish(
     options: ApplyOptions,
     failed: threading.Event,
     after_d1_commit: Callable[[list[int]], None] | None,
-    check_lock: Callable[[], None],
 ) -> None:
-    """D1 commit, then dead-letter and delete (worker thread; batches run one at a time, in order). The
-    consumer lock is proven still held (`check_lock`) before anything is deleted."""
+    """D1 commit, then dead-letter and delete (worker thread; batches run one at a time, in order)."""
     if failed.is_set():
         return  # an earlier batch failed: later ones must not overtake it
     try:
@@ -189,7 +178,6 @@ def _commit_and_finish(
             # Finish the messages whose every change is settled (applied or refused), keep the rest queued.
             settled = [m for m in p.msgs if m.msg_id < stop.next_msg_id]
             poison = [x for x in p.poison + stop.refused if x.msg_id < stop.next_msg_id]
-            check_lock()
             _finish(finisher, settled, poison, report)
             report.messages += len(settled)
             failed.set()
@@ -197,7 +185,6 @@ def _commit_and_finish(
         if after_d1_commit is not None:
             after_d1_commit([m.msg_id for m in p.msgs])
         poison = p.poison + refused
-        check_lock()
         _finish(finisher, p.msgs, poison, report)
     except BaseException:
         failed.set()

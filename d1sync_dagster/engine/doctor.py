@@ -110,8 +110,21 @@ def _postgres(dx: Diagnosis, pg: PgmqClient, schema: Schema, lag_threshold: floa
         "FROM pg_roles r WHERE r.rolname = current_user"
     )[0]
     dx.add("postgres", "ok", f"connected to {db} as {role}, PostgreSQL {version}")
-    how = "Supabase's transaction pooler (port 6543)" if pg.pooled else "a direct or session connection"
-    dx.add("connection", "ok", f"through {how}; the consumer lock and d1sync's statements work through either")
+    if pg.pooled:
+        dx.add(
+            "connection",
+            "fail",
+            "through Supabase's transaction pooler (port 6543): apply refuses it, the single-consumer lock "
+            "needs a session",
+            "use the direct connection or the session pooler (port 5432)",
+        )
+    else:
+        dx.add(
+            "connection",
+            "ok",
+            "a direct or session connection (a transaction pooler on another port cannot be told apart from "
+            "one: do not use one)",
+        )
     dx.add("role", "ok", f"{role}" + (", superuser" if superuser else "") + (", bypasses RLS" if bypass else ""))
     install = pg.pgmq_install()
     if install == "missing":

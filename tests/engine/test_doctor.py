@@ -161,3 +161,13 @@ def test_setup_without_rights_on_pgmq_names_the_role_and_the_grant(pair, source_
     finally:
         pair.sql(f"DROP OWNED BY {role}")
         pair.sql(f"DROP ROLE {role}")
+
+
+def test_a_missing_queue_and_an_old_change_are_found(pair):
+    pair.sql("INSERT INTO apps (id, name) VALUES (1, 'waiting')")
+    dx = diagnose(lambda: PgmqClient(pair.pg._url), lambda: Borrowed(pair.d1), pair.schema, lag_threshold_seconds=-1)
+    f = finding(dx, "oldest change")
+    assert f.level == "warn" and "1 changes waiting" in f.detail and "sensor" in f.fix
+    pair.sql("SELECT pgmq.drop_queue('replicate_data')")
+    f = finding(run(pair), "queue")
+    assert f.level == "fail" and "does not exist" in f.detail and f.fix.startswith("d1sync setup")
