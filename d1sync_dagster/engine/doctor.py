@@ -136,11 +136,17 @@ def _postgres(dx: Diagnosis, pg: PgmqClient, schema: Schema, lag_threshold: floa
         )
         return
     dx.add("pgmq", "ok", f"PGMQ {install}")
+    usable: dict[str, bool] = {}  # queue -> exists and this role may use it (asked once per queue)
+    present: set[str] = set()
     for queue, what in ((pg.queue, "queue"), (pg.dlq, "dead-letter queue")):
-        if not pg.queue_exists(queue):
+        usable[queue] = False
+        if pg.queue_exists(queue):
+            present.add(queue)
+        else:
             dx.add(what, "fail", f"the {what} {queue} does not exist", "d1sync setup (or run supabase_migration.sql)")
             continue
         missing = pg.missing_queue_rights(queue)
+        usable[queue] = not missing
         if missing:
             dx.add(
                 what,
@@ -151,7 +157,7 @@ def _postgres(dx: Diagnosis, pg: PgmqClient, schema: Schema, lag_threshold: floa
             )
         else:
             dx.add(what, "ok", f"{queue} exists and {role} may read, write and delete in it")
-    if not pg.queue_exists():
+    if pg.queue not in present:
         return
     owner, may_vacuum = pg.queue_owner()
     if may_vacuum:
@@ -165,8 +171,8 @@ def _postgres(dx: Diagnosis, pg: PgmqClient, schema: Schema, lag_threshold: floa
         )
     for table in schema.tables:
         _capture(dx, pg, table)
-    if not pg.missing_queue_rights():  # what is waiting can only be read with the rights on the queue
-        _waiting(dx, pg, schema, lag_threshold)
+    if usable[pg.queue]:  # what is waiting can only be read with the rights on the queue
+        _waiting(dx, pg, lag_threshold, read_dead_letters=usable[pg.dlq])
 
 
 def _capture(dx: Diagnosis, pg: PgmqClient, table: Table) -> None:
@@ -218,8 +224,8 @@ def _capture(dx: Diagnosis, pg: PgmqClient, table: Table) -> None:
     dx.add(check, "ok", f"{rel}: four capture triggers enabled, writing to {pg.queue}")
 
 
-def _waiting(dx: Diagnosis, pg: PgmqClient, schema: Schema, lag_threshold: float) -> None:
-    letters = pg.dead_letters_by_table() if pg.queue_exists(pg.dlq) and not pg.missing_queue_rights(pg.dlq) else {}
+def _waiting(dx: Diagnosis, pg: PgmqClient, lag_threshold: float, *, read_dead_letters: bool) -> None:
+    letters = pg.dead_letters_by_table() if read_dead_letters else {}
     if letters:
         total = sum(letters.values())
         dx.add(
