@@ -11,6 +11,7 @@ the `headers`/`last_read_at` columns are never named.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -28,7 +29,7 @@ from d1sync_dagster.exactjson import loads_exact
 from d1sync_dagster.sql.capture import DEFAULT_QUEUE, dlq_name
 from d1sync_dagster.sql.quoting import check_queue_name, ident
 
-#: Supabase's transaction-mode pooler; session state (advisory locks, prepared statements) does not survive.
+#: Supabase's transaction-mode pooler. Session state does not survive it; d1sync keeps none (see `consumer_lock`).
 POOLER_PORT = 6543
 
 
@@ -113,6 +114,7 @@ class PgmqClient:
         self.queue = check_queue_name(queue)
         self.pooled = is_pooled(url)
         self._url = url
+        self._lock_holder: PgmqClient | None = None
         if "://" in url and not re.match(r"^postgres(ql)?://", url):
             raise ConfigError(f"cannot connect to Postgres at {redact(url)}: the URL must start with postgresql://")
         try:
@@ -120,8 +122,10 @@ class PgmqClient:
                 url,
                 autocommit=True,
                 connect_timeout=connect_timeout,
-                # The transaction pooler breaks automatic prepared statements.
-                prepare_threshold=None if self.pooled else 5,
+                # No automatic prepared statements: behind a transaction pooler (pgbouncer 1.18, Supavisor, on
+                # any port) a statement prepared on one server connection is run on another, or clashes with
+                # another client's of the same name. A pooler cannot be told from Postgres reliably.
+                prepare_threshold=None,
             )
         except psycopg.Error as e:
             reason = scrub(_first_line(e), url)
@@ -297,9 +301,82 @@ class PgmqClient:
     def purge(self, queue: str | None = None) -> int:
         return int(self.execute("SELECT pgmq.purge_queue(%s)", [queue or self.queue])[0][0])
 
-    def consumer_lock(self) -> Any:
-        """The single-consumer lock of this queue (see `advisory_lock`); yields whether it was taken."""
-        return self.advisory_lock(lock_name(self.queue))
+    @contextmanager
+    def consumer_lock(self) -> Iterator[bool]:
+        """The single-consumer lock of this queue; yields whether it was taken.
+
+        Held as a transaction-level advisory lock by a connection of its own whose transaction stays open
+        while the lock is held. A transaction pins one server connection behind any pooler (pgbouncer or
+        Supavisor in transaction mode, whatever the port), so the lock is really held, by exactly that
+        backend; a session lock taken through such a pooler is held by whichever server connection ran the
+        statement, and released, or leaked, on another. When this process dies, the pooler or Postgres ends
+        the transaction and the lock is gone: nothing leaks. The transaction takes no transaction id and
+        keeps no snapshot between statements, so it holds back no vacuum; `idle_in_transaction_session_timeout`
+        is switched off for it alone (SET LOCAL). `check_consumer_lock` proves, before messages are deleted,
+        that this backend still holds the lock."""
+        # The lock's statements carry no bound parameters: a parameterised statement leaves its portal open,
+        # and with it a snapshot that would hold back vacuum for as long as the lock is held.
+        holder = self.clone()
+        holder.conn.autocommit = False
+        try:
+            try:
+                got = bool(
+                    holder.execute(
+                        "SELECT pg_try_advisory_xact_lock(hashtextextended({}, 0)), "
+                        "set_config('idle_in_transaction_session_timeout', '0', true), "
+                        "set_config('application_name', {}, true)".format(
+                            _literal(lock_name(self.queue)),
+                            _literal(f"d1sync consumer of {self.queue} (pid {os.getpid()})"),
+                        )
+                    )[0][0]
+                )
+            except QueueError as e:
+                raise QueueError(_lock_refused(str(e))) from None
+            self._lock_holder = holder if got else None
+            yield got
+        finally:
+            self._lock_holder = None
+            try:
+                holder.conn.rollback()
+            except psycopg.Error:
+                pass  # the connection is gone, and its transaction with it
+            holder.close()
+
+    def check_consumer_lock(self) -> None:
+        """Raise unless this client's consumer lock (`consumer_lock`) is still held by its backend: the lock's
+        connection and transaction are alive and `pg_locks` shows the lock granted to that very backend."""
+        holder = self._lock_holder
+        if holder is None:
+            return
+        try:
+            held = holder.execute(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() "
+                "AND granted AND objsubid = 1 "
+                f"AND (classid::bigint << 32) | objid::bigint = hashtextextended({_literal(lock_name(self.queue))}, 0))"
+            )[0][0]
+        except QueueError as e:
+            held, why = False, str(e)
+        else:
+            why = "pg_locks does not show it"
+        if not held:
+            raise QueueError(
+                f"the single-consumer lock was lost ({why}); stopped before deleting anything: the batch is "
+                "replayed by the next run"
+            )
+
+    def lock_holders(self) -> list[tuple[int, str, datetime | None]]:
+        """Who holds this queue's consumer lock: (pid, application name, since when) for each backend (an
+        advisory lock belongs to one database: the same queue name in another database is another lock)."""
+        return [
+            (int(pid), str(app or ""), since)
+            for pid, app, since in self.execute(
+                "SELECT a.pid, a.application_name, coalesce(a.xact_start, a.backend_start) FROM pg_locks l "
+                "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+                "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+                "AND l.objsubid = 1 AND (l.classid::bigint << 32) | l.objid::bigint = hashtextextended(%s, 0)",
+                [lock_name(self.queue)],
+            )
+        ]
 
     def pgmq_install(self) -> str:
         """How PGMQ is installed here: `<version> (extension)` (Supabase), `SQL install` (the plain-SQL
@@ -373,23 +450,21 @@ class PgmqClient:
     def has_pgmq(self) -> bool:
         return bool(self.execute("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'pgmq')")[0][0])
 
-    @contextmanager
-    def advisory_lock(self, name: str) -> Iterator[bool]:
-        """Try a session advisory lock keyed by `name`; yields whether it was taken, releases it after.
 
-        Through the transaction pooler a session lock protects nothing, so it refuses to pretend.
-        """
-        if self.pooled:
-            raise QueueError(
-                "the single-consumer lock needs a session connection: use Supabase's direct or session-mode "
-                "connection string (port 5432), not the transaction pooler (port 6543)"
-            )
-        got = bool(self.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", [name])[0][0])
-        try:
-            yield got
-        finally:
-            if got:
-                self.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", [name])
+def _literal(text: str) -> str:
+    """A SQL string literal (standard_conforming_strings, which Postgres has on since 9.1)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _lock_refused(error: str) -> str:
+    """Why the consumer lock could not be taken, with the fix where a pooler is the cause."""
+    if "statement pooling" in error or "transaction blocks not allowed" in error:
+        return (
+            f"the single-consumer lock needs a transaction, and this connection's pooler runs in statement mode "
+            f"({error}): use a direct connection, or a pooler in session or transaction mode (Supabase: port "
+            "5432 or 6543)"
+        )
+    return f"cannot take the single-consumer lock: {error}"
 
 
 def _first_line(e: BaseException) -> str:

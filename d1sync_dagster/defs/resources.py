@@ -16,7 +16,7 @@ from d1sync_dagster.sql.capture import DEFAULT_QUEUE
 
 
 class PostgresResource(dg.ConfigurableResource):
-    """The source Postgres with PGMQ. Use a session connection (port 5432), not the transaction pooler."""
+    """The source Postgres with PGMQ: a direct connection or a pooler in session or transaction mode."""
 
     database_url: str = Field(description="postgresql:// URL; pass it as dg.EnvVar('DATABASE_URL')")
     queue: str = Field(default=DEFAULT_QUEUE, description="PGMQ queue that the capture triggers write to")

@@ -1,6 +1,6 @@
 """Incremental apply: drain the PGMQ queue into D1, exactly and cheaply.
 
-Per read batch (msg_id order, visibility timeout, under a session advisory lock so two applies never run at
+Per read batch (msg_id order, visibility timeout, under the consumer lock so two applies never run at
 once): decode -> coalesce per key -> plan statements -> one D1 batch request (more only when the body budget
 is exceeded) -> then, in one Postgres transaction, dead-letter the poison and delete the batch's messages.
 
@@ -88,12 +88,12 @@ def apply(
 ) -> ApplyReport:
     """Drain the queue (or stop at the message/time budget); returns figures per table.
 
-    Pipelined in three stages: a reader thread reads batches ahead (on this connection, which holds the
-    lock), this thread decodes and plans them, and a worker thread sends each to D1 and then deletes its
-    messages (on a second connection). D1 requests stay strictly sequential, a batch's messages are deleted
-    only after its D1 commit, and once a batch fails no later batch is sent. `after_d1_commit` is called
-    with the batch's msg_ids between the D1 commit and the queue delete (tests use it to kill the process
-    at the worst moment).
+    Pipelined in three stages: a reader thread reads batches ahead (on this connection; the consumer
+    lock is held on one of its own), this thread decodes and plans them, and a worker thread sends each to
+    D1 and then deletes its messages (on a second connection). D1 requests stay strictly sequential, a
+    batch's messages are deleted only after its D1 commit and proof that the lock is still held, and once
+    a batch fails no later batch is sent. `after_d1_commit` is called with the batch's msg_ids between the
+    D1 commit and the queue delete (tests use it to kill the process at the worst moment).
     """
     report = ApplyReport(tables={t.name: TableStats() for t in schema.tables})
     started = time.monotonic()
@@ -126,7 +126,16 @@ def apply(
                     prepared = _prepare(schema, msgs, report)
                     in_flight.append(
                         pool.submit(
-                            _commit_and_finish, d1, finisher, schema, prepared, report, options, failed, after_d1_commit
+                            _commit_and_finish,
+                            d1,
+                            finisher,
+                            schema,
+                            prepared,
+                            report,
+                            options,
+                            failed,
+                            after_d1_commit,
+                            pg.check_consumer_lock,
                         )
                     )
                     while len(in_flight) > 1:
@@ -167,8 +176,10 @@ def _commit_and_finish(
     options: ApplyOptions,
     failed: threading.Event,
     after_d1_commit: Callable[[list[int]], None] | None,
+    check_lock: Callable[[], None],
 ) -> None:
-    """D1 commit, then dead-letter and delete (worker thread; batches run one at a time, in order)."""
+    """D1 commit, then dead-letter and delete (worker thread; batches run one at a time, in order). The
+    consumer lock is proven still held (`check_lock`) before anything is deleted."""
     if failed.is_set():
         return  # an earlier batch failed: later ones must not overtake it
     try:
@@ -178,6 +189,7 @@ def _commit_and_finish(
             # Finish the messages whose every change is settled (applied or refused), keep the rest queued.
             settled = [m for m in p.msgs if m.msg_id < stop.next_msg_id]
             poison = [x for x in p.poison + stop.refused if x.msg_id < stop.next_msg_id]
+            check_lock()
             _finish(finisher, settled, poison, report)
             report.messages += len(settled)
             failed.set()
@@ -185,6 +197,7 @@ def _commit_and_finish(
         if after_d1_commit is not None:
             after_d1_commit([m.msg_id for m in p.msgs])
         poison = p.poison + refused
+        check_lock()
         _finish(finisher, p.msgs, poison, report)
     except BaseException:
         failed.set()

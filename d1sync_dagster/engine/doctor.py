@@ -104,27 +104,33 @@ def diagnose(
     return dx
 
 
+def _consumer_lock(dx: Diagnosis, pg: PgmqClient) -> None:
+    """Whether this connection can hold the single-consumer lock (a pooler in statement mode cannot), and
+    who holds it now."""
+    via = "Supabase's transaction pooler (port 6543)" if pg.pooled else "a direct connection or a pooler"
+    try:
+        with pg.consumer_lock() as got:
+            pass
+    except QueueError as e:
+        dx.add("consumer lock", "fail", str(e), "connect directly or through a pooler in session or transaction mode")
+        return
+    if got:
+        dx.add("consumer lock", "ok", f"free, and it can be held through {via}")
+        return
+    holders = ", ".join(
+        f"pid {pid} ({app or 'no application name'}) since {since:%Y-%m-%d %H:%M:%S %Z}".rstrip()
+        for pid, app, since in pg.lock_holders()
+    )
+    dx.add("consumer lock", "ok", f"held by {holders or 'another consumer'}, through {via}")
+
+
 def _postgres(dx: Diagnosis, pg: PgmqClient, schema: Schema, lag_threshold: float) -> None:
     role, db, version, superuser, bypass = pg.execute(
         "SELECT current_user, current_database(), current_setting('server_version'), r.rolsuper, r.rolbypassrls "
         "FROM pg_roles r WHERE r.rolname = current_user"
     )[0]
     dx.add("postgres", "ok", f"connected to {db} as {role}, PostgreSQL {version}")
-    if pg.pooled:
-        dx.add(
-            "connection",
-            "fail",
-            "through Supabase's transaction pooler (port 6543): apply refuses it, the single-consumer lock "
-            "needs a session",
-            "use the direct connection or the session pooler (port 5432)",
-        )
-    else:
-        dx.add(
-            "connection",
-            "ok",
-            "a direct or session connection (a transaction pooler on another port cannot be told apart from "
-            "one: do not use one)",
-        )
+    _consumer_lock(dx, pg)
     dx.add("role", "ok", f"{role}" + (", superuser" if superuser else "") + (", bypasses RLS" if bypass else ""))
     install = pg.pgmq_install()
     if install == "missing":

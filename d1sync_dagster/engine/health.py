@@ -49,8 +49,6 @@ def table_health(
     the queued messages counted (the capture trigger enqueues in the writer's transaction). D1 is counted
     while this holds the apply lock, so no apply moves D1 or the queue in between; when an apply holds the
     queue for longer than `wait_for_apply_seconds`, the counts are read anyway and marked `apply_running`."""
-    if pg.pooled:  # no session lock through the transaction pooler
-        return _read_health(pg, d1, schema, apply_running=False)
     deadline = time.monotonic() + wait_for_apply_seconds
     while True:
         with pg.consumer_lock() as got:

@@ -1,5 +1,8 @@
 """The PGMQ client against real Postgres with PGMQ installed from the pgmq package's SQL."""
 
+import os
+import time
+
 import pytest
 
 from d1sync_dagster.clients.pgmq import PgmqClient, is_pooled, redact
@@ -57,17 +60,39 @@ def test_empty_id_lists_do_nothing(pg):
     assert pg.delete([]) == [] and pg.archive([]) == [] and pg.send_batch([]) == []
 
 
-def test_advisory_lock_excludes_a_second_session(pg, pg_url):
-    with PgmqClient(pg_url) as other:
-        with pg.advisory_lock("apply:q_test") as got:
+def test_consumer_lock_excludes_a_second_consumer_and_says_who_holds_it(pg, pg_url):
+    with PgmqClient(pg_url, queue="q_test") as other, PgmqClient(pg_url, queue="q_other") as elsewhere:
+        with pg.consumer_lock() as got:
             assert got
-            with other.advisory_lock("apply:q_test") as got_other:
+            with elsewhere.consumer_lock() as got_elsewhere:
+                assert got_elsewhere  # another queue's lock is another lock
+            pg.check_consumer_lock()  # held, by the lock's own backend
+            with other.consumer_lock() as got_other:
                 assert not got_other
-        with other.advisory_lock("apply:q_test") as got_after:
+                other.check_consumer_lock()  # not taken: nothing to prove
+            ((pid, app, since),) = other.lock_holders()
+            assert pid != other.execute("SELECT pg_backend_pid()")[0][0]
+            assert app == f"d1sync consumer of {pg.queue} (pid {os.getpid()})" and since is not None
+        assert other.lock_holders() == []
+        with other.consumer_lock() as got_after:
             assert got_after
 
 
-def test_pooler_url_is_detected_and_lock_refused():
+def test_the_lock_transaction_has_no_idle_timeout_and_no_snapshot(pg, pg_url):
+    with PgmqClient(pg_url) as admin:
+        (db,) = admin.execute("SELECT current_database()")[0]
+        admin.execute(f"ALTER DATABASE {db} SET idle_in_transaction_session_timeout = '200ms'")
+    with PgmqClient(pg_url, queue="q_test") as consumer, consumer.consumer_lock() as got:
+        assert got
+        time.sleep(0.6)  # longer than the database's idle-in-transaction timeout
+        consumer.check_consumer_lock()
+        ((xid, snapshot),) = pg.execute(
+            "SELECT backend_xid, backend_xmin FROM pg_stat_activity WHERE pid = %s", [consumer.lock_holders()[0][0]]
+        )
+        assert xid is None and snapshot is None  # holds back no vacuum
+
+
+def test_pooler_url_is_recognised():
     assert is_pooled("postgresql://u:p@db.example.com:6543/postgres")
     assert not is_pooled("postgresql://u:p@db.example.com:5432/postgres")
 

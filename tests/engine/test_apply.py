@@ -6,7 +6,7 @@ import uuid
 import psycopg
 import pytest
 
-from d1sync_dagster.clients.pgmq import PgmqClient, lock_name
+from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.engine.apply import ApplyOptions, apply
 from d1sync_dagster.engine.maintenance import vacuum_queue
 
@@ -276,7 +276,7 @@ def test_row_over_d1_row_limit_is_dead_lettered(pair):
 
 def test_second_apply_exits_cleanly_while_one_runs(pair, source_db):
     pair.sql("INSERT INTO apps (id, name) VALUES (1, 'x')")
-    with PgmqClient(source_db) as holder, holder.advisory_lock(lock_name("replicate_data")) as got:
+    with PgmqClient(source_db) as holder, holder.consumer_lock() as got:
         assert got
         report = pair.apply()
     assert report.skipped == "another apply is running on this queue" and report.messages == 0

@@ -43,6 +43,16 @@ def test_a_healthy_setup_passes(pair):
     assert "SQL install" in finding(dx, "pgmq").detail
 
 
+def test_a_consumer_holding_the_lock_is_named(pair):
+    with PgmqClient(pair.pg._url) as other, other.consumer_lock() as got:
+        assert got
+        f = finding(run(pair), "consumer lock")
+        assert (
+            f.level == "ok" and f.detail.startswith("held by pid ") and "(d1sync consumer of replicate_data" in f.detail
+        )
+    assert finding(run(pair), "consumer lock").detail.startswith("free")
+
+
 def test_a_disabled_capture_trigger_is_found_with_the_statement_that_fixes_it(pair):
     pair.sql("ALTER TABLE apps DISABLE TRIGGER d1sync_capture_update")
     dx = run(pair)
