@@ -1,4 +1,4 @@
-"""Drain a backlog of queued changes into D1 and report throughput and D1 cost.
+"""Drain a backlog of queued changes into D1 and report throughput, D1 cost and Supabase-side cost.
 
     .venv/bin/python benchmarks/apply_drain.py [--changes 100000] [--keys 20000] [--batch-size 5000]
 
@@ -7,6 +7,13 @@ Workload (table `events`: bigint key + text, integer, real, boolean, JSON; no se
 `changes` messages are queued by the real capture triggers. Each backend (the local SQLite file, and the
 HTTP API stand-in on miniflare's D1 engine) drains the same backlog in its own process, so peak memory
 (max RSS of that process) is the drain's alone.
+
+In the same run, exact copies of the backlog (CREATE DATABASE ... TEMPLATE) are drained by two loops that do
+nothing but empty the queue, in batches of the same size: `raw` (SELECT by msg_id order + DELETE, the queue
+table's limit) and `pgmq` (pgmq.read + pgmq.delete). d1sync's rate is also given as a ratio of theirs.
+Supabase-side cost per change, for capture and for each drain: row versions written in the queue table
+(inserts + updates + deletes, from pg_stat_user_tables) and WAL bytes (pg_current_wal_lsn before and after;
+nothing else should use this Postgres meanwhile).
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import fresh_database, print_figures, run_child  # noqa: E402
+from benchmarks.common import copy_of, fresh_database, print_figures, run_child  # noqa: E402
 
 SCHEMA = {
     "events": {
@@ -68,6 +75,80 @@ def queue_workload(url: str, changes: int, keys: int) -> dict[str, int]:
             seed += 1
         total = conn.execute("SELECT count(*) FROM pgmq.q_replicate_data").fetchone()[0]
     return {"queued": total}
+
+
+QUEUE_TABLE = "pgmq.q_replicate_data"
+
+
+class Cost:
+    """WAL bytes and queue-table row versions between `start()` and `stop()`."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def _read(self) -> tuple[int, int]:
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute("SELECT pg_stat_force_next_flush()")
+            lsn = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint").fetchone()[0]
+            (versions,) = conn.execute(
+                "SELECT n_tup_ins + n_tup_upd + n_tup_del FROM pg_stat_user_tables "
+                "WHERE schemaname = 'pgmq' AND relname = 'q_replicate_data'"
+            ).fetchone()
+        return int(lsn), int(versions)
+
+    def start(self) -> Cost:
+        """Begin after a checkpoint, so every drain pays its full-page writes alike."""
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            try:
+                conn.execute("CHECKPOINT")
+            except psycopg.Error:
+                pass  # a role without pg_checkpoint: the figures then carry some full-page-write noise
+        self.wal, self.versions = self._read()
+        return self
+
+    def stop(self, changes: int) -> dict[str, float]:
+        wal, versions = self._read()
+        return {
+            "wal_bytes_per_change": round((wal - self.wal) / max(changes, 1), 1),
+            "row_versions_per_change": round((versions - self.versions) / max(changes, 1), 3),
+        }
+
+
+def raw_drain(url: str, batch_size: int, *, via_pgmq: bool) -> dict[str, float]:
+    """Empty the queue and nothing else: SELECT + DELETE by msg_id, or pgmq.read + pgmq.delete."""
+    import time
+
+    import psycopg
+
+    cost = Cost(url).start()
+    changes = 0
+    with psycopg.connect(url, autocommit=True) as conn:
+        started = time.monotonic()
+        while True:
+            if via_pgmq:
+                rows = conn.execute(
+                    "SELECT msg_id, message FROM pgmq.read('replicate_data', 120, %s)", [batch_size]
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    f"SELECT msg_id, message FROM {QUEUE_TABLE} ORDER BY msg_id LIMIT %s", [batch_size]
+                ).fetchall()
+            if not rows:
+                break
+            ids = [r[0] for r in rows]
+            if via_pgmq:
+                conn.execute("SELECT pgmq.delete('replicate_data', %s::bigint[])", [ids])
+            else:
+                conn.execute(f"DELETE FROM {QUEUE_TABLE} WHERE msg_id = ANY(%s)", [ids])
+            changes += len(rows)
+        seconds = time.monotonic() - started
+    return {"changes": changes, "seconds": round(seconds, 2), "changes_per_second": round(changes / seconds)} | (
+        cost.stop(changes)
+    )
 
 
 def drain(args: argparse.Namespace) -> None:
@@ -129,9 +210,23 @@ def main() -> None:
             with PgmqClient(url) as pg:
                 pg.execute(TABLE)
                 setup_postgres(pg, parse_schema(SCHEMA))
+            cost = Cost(url).start()
             q = queue_workload(url, args.changes, args.keys)
-            fig = run_child(__file__, backend, url, ["--batch-size", str(args.batch_size)])
+            capture = cost.stop(q["queued"])
+            with copy_of(url) as raw_url, copy_of(url) as pgmq_url:
+                raw = raw_drain(raw_url, args.batch_size, via_pgmq=False)
+                via_pgmq = raw_drain(pgmq_url, args.batch_size, via_pgmq=True)
+                cost = Cost(url).start()
+                fig = run_child(__file__, backend, url, ["--batch-size", str(args.batch_size)])
+                fig |= cost.stop(int(fig["changes"]))  # type: ignore[arg-type]
+            fig["ratio_to_raw"] = round(fig["changes_per_second"] / raw["changes_per_second"], 2)  # type: ignore[operator]
+            fig["ratio_to_pgmq_read"] = round(fig["changes_per_second"] / via_pgmq["changes_per_second"], 2)  # type: ignore[operator]
             print_figures(f"{backend} ({q['queued']:,} messages queued)", fig)
+            print_figures("  capture (writer's statements, per queued change)", capture)
+            print_figures("  raw SELECT + DELETE drain of the same backlog", raw)
+            print_figures("  pgmq.read + pgmq.delete drain of the same backlog", via_pgmq)
+            per_change = capture["row_versions_per_change"] + float(fig["row_versions_per_change"])  # type: ignore[arg-type]
+            print(f"  queue-table row versions per change, capture + apply: {per_change:.3f}")
 
 
 if __name__ == "__main__":

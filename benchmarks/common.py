@@ -48,6 +48,22 @@ def fresh_database() -> Iterator[str]:
 
 
 @contextmanager
+def copy_of(url: str) -> Iterator[str]:
+    """A copy of `url`'s database (CREATE DATABASE ... TEMPLATE: the same rows, the same queue), dropped
+    afterwards. Nothing may be connected to the original while it is copied."""
+    admin = admin_url()
+    source = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+    name = f"d1sync_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(source)))
+    try:
+        yield psycopg.conninfo.make_conninfo(admin, dbname=name)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@contextmanager
 def d1_standin() -> Iterator[dict[str, str]]:
     """Start the D1 HTTP API stand-in (d1stub/, miniflare on the real D1 engine) on a free port."""
     import select

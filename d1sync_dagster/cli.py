@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--json", action="store_true", help="print per-table figures as JSON")
     p.add_argument("--batch-size", type=int, default=2000, help="messages read per batch (default 2000)")
-    p.add_argument("--vt", type=int, default=120, help="visibility timeout in seconds (default 120)")
+    p.add_argument("--vt", type=int, default=120, help="ignored: apply no longer sets visibility timeouts")
     p.add_argument("--max-messages", type=int, default=None, help="stop after this many messages")
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this many seconds")
     p.set_defaults(func=_cmd_apply)

@@ -1,13 +1,17 @@
 """Incremental apply: drain the PGMQ queue into D1, exactly and cheaply.
 
-Per read batch (msg_id order, visibility timeout, under the consumer lock so two applies never run at
-once): decode -> coalesce per key -> plan statements -> one D1 batch request (more only when the body budget
-is exceeded) -> then, in one Postgres transaction, dead-letter the poison and delete the batch's messages.
+Per read batch (the oldest messages not yet claimed by this run, in msg_id order, under the consumer lock
+so two applies never run at once): decode -> coalesce per key -> plan statements -> one D1 batch request
+(more only when the body budget is exceeded) -> then, in one Postgres transaction, dead-letter the poison
+and delete the batch's messages.
 
 Invariants:
 - Nothing is deleted from the queue before it was applied to D1 or copied to the dead-letter queue.
-- Messages apply in msg_id order even after a crash: a run first makes visible again any message an
-  interrupted run had hidden (its visibility timeout would otherwise let newer batches overtake it).
+- Messages apply in msg_id order, also after a crash. Reads do not hide messages (no visibility timeout, see
+  `PgmqClient.read_in_order`): the run itself keeps the ids it has read and not yet finished (`_Claimed`)
+  and reads past exactly those, releasing them only once their delete has committed. So no message is read
+  twice in a run, none is skipped (one whose transaction commits late, below ids already read, is read
+  next), and a run after a crash starts again at the oldest message, with nothing to wait for.
 - A crash between the D1 commit and the delete replays the batch; every statement is idempotent, so the
   replay leaves D1 as it was.
 - A change D1 refuses is isolated by splitting the batch in halves (applied in order, so per-key order is
@@ -51,6 +55,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class ApplyOptions:
     batch_size: int = 2000
+    #: Ignored: apply no longer reads through pgmq.read, so nothing is hidden (see `_Claimed`). Kept so that
+    #: callers (and `d1sync apply --vt`) that set it keep working.
     vt_seconds: int = 120
     max_messages: int | None = None
     max_seconds: float | None = None
@@ -102,17 +108,19 @@ def apply(
             report.skipped = "another apply is running on this queue"
             log.info("apply skipped: %s", report.skipped)
             return report
-        # Under the lock no other consumer runs, so a hidden message was read by one that died mid-batch.
-        # Reading past it would apply newer changes before it and then replay it over them: show it again.
-        revived = pg.make_visible()
-        if revived:
-            log.warning("%d messages hidden by an interrupted apply are visible again and apply first", revived)
         deadline = None if options.max_seconds is None else started + options.max_seconds
         failed = threading.Event()
         with pg.clone() as finisher, ThreadPoolExecutor(max_workers=1, thread_name_prefix="d1sync-d1") as pool:
             ranges = RangeReader(pg, schema, max_rows=options.max_rows_per_batch)
+            claimed = _Claimed()
+
+            def read(qty: int) -> list[QueueMessage]:
+                msgs = ranges.resolve(pg.read_in_order(qty, skip=claimed.ids()))
+                claimed.add(msgs)
+                return msgs
+
             batches = Prefetch(
-                lambda qty: ranges.resolve(pg.read(vt=options.vt_seconds, qty=qty)),
+                read,
                 batch_size=options.batch_size,
                 max_messages=options.max_messages,
                 deadline=deadline,
@@ -136,6 +144,7 @@ def apply(
                             failed,
                             after_d1_commit,
                             pg.check_consumer_lock,
+                            claimed,
                         )
                     )
                     while len(in_flight) > 1:
@@ -177,6 +186,7 @@ def _commit_and_finish(
     failed: threading.Event,
     after_d1_commit: Callable[[list[int]], None] | None,
     check_lock: Callable[[], None],
+    claimed: _Claimed,
 ) -> None:
     """D1 commit, then dead-letter and delete (worker thread; batches run one at a time, in order). The
     consumer lock is proven still held (`check_lock`) before anything is deleted."""
@@ -191,6 +201,7 @@ def _commit_and_finish(
             poison = [x for x in p.poison + stop.refused if x.msg_id < stop.next_msg_id]
             check_lock()
             _finish(finisher, settled, poison, report)
+            claimed.release(settled)
             report.messages += len(settled)
             failed.set()
             raise stop.error from None
@@ -199,6 +210,7 @@ def _commit_and_finish(
         poison = p.poison + refused
         check_lock()
         _finish(finisher, p.msgs, poison, report)
+        claimed.release(p.msgs)
     except BaseException:
         failed.set()
         raise
@@ -212,6 +224,28 @@ def _commit_and_finish(
         len(poison),
         report.requests,
     )
+
+
+class _Claimed:
+    """The ids this run has read and not yet finished. The reader reads past them; the worker releases a
+    batch's ids only after its delete has committed (released earlier, a read could see the rows still there
+    and apply a stale copy after newer changes). At most a few batches' ids at a time."""
+
+    def __init__(self) -> None:
+        self._ids: set[int] = set()
+        self._lock = threading.Lock()
+
+    def ids(self) -> list[int]:
+        with self._lock:
+            return list(self._ids)
+
+    def add(self, msgs: list[QueueMessage]) -> None:
+        with self._lock:
+            self._ids.update(m.msg_id for m in msgs)
+
+    def release(self, msgs: list[QueueMessage]) -> None:
+        with self._lock:
+            self._ids.difference_update(m.msg_id for m in msgs)
 
 
 class _IsolationStopped(Exception):

@@ -108,17 +108,16 @@ class RangeReader:
 
     def resolve(self, msgs: list[QueueMessage]) -> list[QueueMessage]:
         """The batch with every marker replaced by its rows. When the markers' rows would exceed `max_rows`,
-        the batch ends before the marker that does not fit, and that marker and every message after it are
-        made visible again at once, so the next read starts with them (the order stays msg_id order)."""
+        the batch ends before the marker that does not fit; that marker and every message after it stay
+        unread (the reader claims only what this returns), so the next read starts with them."""
         out: list[QueueMessage] = []
         total = 0
-        for i, m in enumerate(msgs):
+        for m in msgs:
             if not messages.is_marker(m.message):
                 out.append(m)
                 total += 1
                 continue
             if out and total + messages.marker_rows(m.message) > self.max_rows:
-                self.pg.release([later.msg_id for later in msgs[i:]])
                 break
             payload = self._read(m.msg_id, m.message)
             total += len(payload.get("rows") or ())

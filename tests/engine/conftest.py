@@ -14,3 +14,12 @@ def pair(source_db, d1):
     with PgmqClient(source_db) as pg:
         setup(pg, d1, schema)
         yield Pair(pg, d1, schema)
+
+
+@pytest.fixture
+def local_pair(source_db, d1_local):
+    """The same, on the local D1 file only (for tests whose child processes open that file)."""
+    schema = load_schema(ROOT / "schema.json")
+    with PgmqClient(source_db) as pg:
+        setup(pg, d1_local, schema)
+        yield Pair(pg, d1_local, schema)

@@ -1,5 +1,8 @@
 """Incremental apply through real Postgres + PGMQ and both D1 backends: D1 ends equal to Postgres."""
 
+import signal
+import subprocess
+import sys
 import time
 import uuid
 
@@ -9,6 +12,7 @@ import pytest
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.engine.apply import ApplyOptions, apply
 from d1sync_dagster.engine.maintenance import vacuum_queue
+from tests.conftest import ROOT
 
 UUID = "A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11"
 
@@ -321,6 +325,75 @@ def test_batch_hidden_by_a_dead_consumer_is_not_overtaken(pair):
     report = pair.apply()
     assert report.messages == 3
     pair.assert_in_sync()  # the old INSERT did not land last
+
+
+def test_a_consumer_killed_mid_batch_leaves_nothing_out_of_order_and_nothing_to_wait_for(local_pair, source_db):
+    """A real process is killed (SIGKILL) between a batch's D1 commit and its delete, with newer changes to the
+    same rows queued behind it; the next apply starts at once (no visibility timeout to wait out, whatever
+    the killed run's --vt) and replays in order."""
+    pair = local_pair  # the child process writes the same local D1 file
+    pair.sql("INSERT INTO apps (id, name) SELECT g, 'v1' FROM generate_series(1, 40) g")
+    pair.sql("UPDATE apps SET name = 'v2' WHERE id <= 20")
+    pair.sql("DELETE FROM apps WHERE id > 35")
+    code = (
+        "import os, signal, sys\n"
+        "from d1sync_dagster.clients.d1_local import LocalD1Client\n"
+        "from d1sync_dagster.clients.pgmq import PgmqClient\n"
+        "from d1sync_dagster.engine.apply import ApplyOptions, apply\n"
+        "from d1sync_dagster.schema import load_schema\n"
+        "def die(ids):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "with PgmqClient(sys.argv[1]) as pg:\n"
+        "    options = ApplyOptions(batch_size=1, vt_seconds=3600)\n"
+        "    apply(pg, LocalD1Client(sys.argv[2]), load_schema(sys.argv[3]), options, after_d1_commit=die)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, source_db, str(pair.d1.path), str(ROOT / "schema.json")], cwd=ROOT, timeout=60
+    )
+    assert proc.returncode == -signal.SIGKILL
+    assert pair.queue_depth() == 65  # nothing was deleted
+    assert pair.d1.query("SELECT count(*) AS n FROM apps")[0].results == [{"n": 1}]  # the first batch landed
+    started = time.monotonic()
+    report = pair.apply()
+    assert report.messages == 65 and report.drained
+    assert time.monotonic() - started < 30  # nothing hidden for the --vt of the dead run (an hour)
+    pair.assert_in_sync()
+
+
+def test_reads_do_not_rewrite_messages(pair):
+    """apply reads without pgmq.read's visibility update: the queue table sees each message inserted and
+    deleted, never updated, and what a run leaves queued is untouched (read_ct 0, visible to any reader)."""
+    pair.sql("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 30) g")
+    pair.sql("UPDATE apps SET name = 'm'")
+    pair.sql("SELECT pg_stat_reset()")
+    report = pair.apply(batch_size=1, max_messages=1)
+    assert report.messages == 1
+    pair.sql("SELECT pg_stat_force_next_flush()")
+    ((updated, deleted),) = pair.sql(
+        "SELECT n_tup_upd, n_tup_del FROM pg_stat_user_tables "
+        "WHERE schemaname = 'pgmq' AND relname = 'q_replicate_data'"
+    )
+    assert (updated, deleted) == (0, 1)
+    assert pair.sql("SELECT count(*), max(read_ct), bool_and(vt <= now()) FROM pgmq.q_replicate_data") == [
+        (59, 0, True)
+    ]
+
+
+def test_a_change_that_commits_late_below_ids_already_read_is_not_lost_or_reordered(pair, source_db):
+    """A transaction takes its msg_id, then commits after later ones were applied; the later transaction
+    touching the same row waits for it (row lock), so its change is newer and must land last."""
+    pair.sql("INSERT INTO apps (id, name) VALUES (1, 'a'), (2, 'b')")
+    pair.apply()
+    with psycopg.connect(source_db) as slow:
+        slow.execute("UPDATE apps SET name = 'slow' WHERE id = 1")  # msg_id taken, not committed
+        pair.sql("UPDATE apps SET name = 'fast' WHERE id = 2")  # a higher msg_id, committed first
+        assert pair.apply().messages == 1
+        slow.commit()
+    pair.sql("UPDATE apps SET name = 'after' WHERE id = 1")
+    report = pair.apply()
+    assert report.messages == 2
+    pair.assert_in_sync()
+    assert pair.d1.query("SELECT name FROM apps ORDER BY id")[0].results == [{"name": "after"}, {"name": "fast"}]
 
 
 def test_update_of_a_row_missing_in_d1_restores_it(pair):
