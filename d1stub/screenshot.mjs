@@ -16,6 +16,12 @@ try {
     await page.getByText(text, { exact: true }).first().waitFor({ state: "visible", timeout: 60000 });
     found.push(text);
   }
+  try {
+    // asset nodes fill in their latest event and checks after the graph is drawn
+    await page.getByText("Loading...", { exact: true }).first().waitFor({ state: "hidden", timeout: 30000 });
+  } catch {
+    // still loading after 30 s: take the screenshot as it is
+  }
   const skip = page.getByRole("button", { name: "Skip" });
   try {
     await skip.waitFor({ state: "visible", timeout: 3000 });

@@ -124,6 +124,8 @@ def run_dev(opts: DevOptions, *, install_signal_handlers: bool = True) -> int:
 
     procs: dict[str, subprocess.Popen] = {}
     home = state / "dagster"
+    # Not under DAGSTER_HOME: Dagster's telemetry thread renames, uploads and deletes $DAGSTER_HOME/logs.
+    logs = state / "logs"
     try:
         if ours:
             say(f"starting the embedded Postgres in {pgdata} (no DATABASE_URL set)")
@@ -134,11 +136,11 @@ def run_dev(opts: DevOptions, *, install_signal_handlers: bool = True) -> int:
         with PgmqClient(url, queue=opts.queue) as pg:
             tables = _setup(pg, d1_settings, schema, create_example_tables=writes)
             say(f"setup done: tables {', '.join(tables)}, queue {opts.queue}, D1 backend {d1_settings.backend}")
-            procs |= _start_dagster(opts, home, _dagster_env(opts, url, home, state, d1_settings))
-            say(f"Dagster UI: http://{opts.host}:{opts.port}  (logs in {home / 'logs'}; Ctrl-C stops everything)")
+            procs |= _start_dagster(opts, logs, _dagster_env(opts, url, home, state, d1_settings))
+            say(f"Dagster UI: http://{opts.host}:{opts.port}  (logs in {logs}; Ctrl-C stops everything)")
             if writes:
                 say(f"writing {opts.rows_per_tick} new apps plus updates and deletes every {opts.tick_seconds:g}s")
-            return _run_until_stopped(opts, pg, procs, home / "logs", writes=writes, stop=stop, say=say)
+            return _run_until_stopped(opts, pg, procs, logs, writes=writes, stop=stop, say=say)
     finally:
         for p in procs.values():
             _stop_group(p)
@@ -161,7 +163,7 @@ def _setup(pg: PgmqClient, d1_settings: config.D1Settings, schema: Schema, *, cr
 
 def _dagster_env(opts: DevOptions, url: str, home: Path, state: Path, d1_settings: config.D1Settings) -> dict[str, str]:
     """The environment of the Dagster processes: this run's database, schema, queue, D1 and instance."""
-    (home / "logs").mkdir(parents=True, exist_ok=True)
+    home.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_text(DAGSTER_YAML, encoding="utf-8")
     env = os.environ | {
         "DATABASE_URL": url,
@@ -178,15 +180,16 @@ def _dagster_env(opts: DevOptions, url: str, home: Path, state: Path, d1_setting
     return env
 
 
-def _start_dagster(opts: DevOptions, home: Path, env: dict[str, str]) -> dict[str, subprocess.Popen]:
-    """`dagster-webserver` and `dagster-daemon`, each in its own process group, logging under `home`."""
+def _start_dagster(opts: DevOptions, logs: Path, env: dict[str, str]) -> dict[str, subprocess.Popen]:
+    """`dagster-webserver` and `dagster-daemon`, each in its own process group, logging into `logs`."""
+    logs.mkdir(parents=True, exist_ok=True)
     commands = {
         "webserver": [_executable("dagster-webserver"), *CODE_LOCATION, "-h", opts.host, "-p", str(opts.port)],
         "daemon": [_executable("dagster-daemon"), "run", *CODE_LOCATION],
     }
     procs: dict[str, subprocess.Popen] = {}
     for name, argv in commands.items():
-        with open(home / "logs" / f"{name}.log", "ab") as log:
+        with open(logs / f"{name}.log", "ab") as log:
             procs[name] = subprocess.Popen(
                 argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,

@@ -2,7 +2,8 @@
 
 The seed format stays valid (`{table: {primaryKey, columns: {name: INTEGER|TEXT|BOOLEAN|JSON}, indexes}}`).
 Optional extensions: a composite `primaryKey` (a list), the types REAL and BLOB, `target` (the D1 table
-name, default the source name) and `sourceSchema` (the Postgres schema, default `public`).
+name, default the source name), `sourceSchema` (the Postgres schema, default `public`), and, for the Dagster
+asset only, `owners` (e-mail addresses or `team:<name>`) and `tags` (string to string).
 
 Validation is strict and happens once, at load; every message names the table and the field.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -60,6 +62,29 @@ class TableSpec(BaseModel):
     indexes: tuple[tuple[Identifier, ...], ...] = ()
     target: Identifier | None = None
     source_schema: Identifier = Field(default="public", alias="sourceSchema")
+    #: Shown on the table's Dagster asset only (not part of the replication, nor of the schema version).
+    owners: tuple[str, ...] = ()
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("owners")
+    @classmethod
+    def _check_owners(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for owner in v:
+            if not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+|team:[A-Za-z0-9_.-]+", owner):
+                raise ValueError(f"owners: {owner!r} is neither an e-mail address nor team:<name>")
+        return v
+
+    @field_validator("tags")
+    @classmethod
+    def _check_tags(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,63}", key):
+                raise ValueError(f"tags: key {key!r} must be 1 to 63 letters, digits, '_', '.' or '-'")
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{0,63}", value):
+                raise ValueError(
+                    f"tags: value {value!r} of {key!r} must be at most 63 letters, digits, '_', '.' or '-'"
+                )
+        return v
 
     @field_validator("primary_key", mode="before")
     @classmethod
@@ -132,6 +157,17 @@ class TableSpec(BaseModel):
             out["target"] = self.target
         if self.source_schema != "public":
             out["sourceSchema"] = self.source_schema
+        if self.owners:
+            out["owners"] = list(self.owners)
+        if self.tags:
+            out["tags"] = dict(self.tags)
+        return out
+
+    def replicated_json(self) -> dict[str, object]:
+        """`to_json` without what only Dagster shows (owners, tags): what the versions are hashed from."""
+        out = self.to_json()
+        out.pop("owners", None)
+        out.pop("tags", None)
         return out
 
 
@@ -178,7 +214,7 @@ class Table(BaseModel):
     @property
     def version(self) -> str:
         """A short hash of this table's entry, used as the asset's code_version."""
-        return _digest({self.name: self.spec.to_json()})
+        return _digest({self.name: self.spec.replicated_json()})
 
 
 class Schema(BaseModel):
@@ -191,7 +227,7 @@ class Schema(BaseModel):
     @property
     def version(self) -> str:
         """A short hash of the canonical schema; recorded in D1 when applied."""
-        return _digest({t.name: t.spec.to_json() for t in self.tables})
+        return _digest({t.name: t.spec.replicated_json() for t in self.tables})
 
     @functools.cached_property
     def by_name(self) -> dict[str, Table]:

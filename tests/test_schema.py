@@ -59,6 +59,15 @@ def test_version_changes_when_a_column_is_added():
     assert a.version != b.version
 
 
+def test_owners_and_tags_are_kept_for_dagster_without_changing_the_versions():
+    plain = parse_schema({"t": table()})
+    dressed = parse_schema({"t": table(owners=["data@example.com", "team:edge"], tags={"tier": "gold"})})
+    assert dressed.version == plain.version and dressed.tables[0].version == plain.tables[0].version
+    assert dressed.tables[0].spec.owners == ("data@example.com", "team:edge")
+    assert dressed.to_json()["t"]["tags"] == {"tier": "gold"}
+    assert parse_schema(dressed.to_json()) == dressed
+
+
 @pytest.mark.parametrize(
     "data, expected",
     [
@@ -81,6 +90,9 @@ def test_version_changes_when_a_column_is_added():
         ({"a": table(target="x"), "b": table(target="x")}, "same D1 table name"),
         ({}, "lists no tables"),
         ({"t": table(columns={})}, "at least one column"),
+        ({"t": table(owners=["not an owner"])}, "table 't'.*owners: 'not an owner' is neither an e-mail"),
+        ({"t": table(tags={"bad key": "x"})}, "table 't'.*tags: key 'bad key'"),
+        ({"t": table(tags={"tier": "a b"})}, "table 't'.*tags: value 'a b' of 'tier'"),
     ],
 )
 def test_bad_schema_is_refused_naming_table_and_field(data, expected):

@@ -456,6 +456,18 @@ class PgmqClient:
         return bool(self.execute("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'pgmq')")[0][0])
 
 
+def describe_holders(holders: Sequence[tuple[int, str, datetime | None]]) -> str:
+    """`lock_holders()` in words: "pid 123 (d1sync consumer of q (pid 45), since 2026-12-01 10:00:00 UTC)".
+    Another role's session shows no application name or start unless this role may read its activity
+    (pg_read_all_stats)."""
+    return ", ".join(
+        f"pid {pid} ({app or 'application name not visible'}"
+        + (f", since {since:%Y-%m-%d %H:%M:%S %Z}".rstrip() if since else "")
+        + ")"
+        for pid, app, since in holders
+    )
+
+
 def _literal(text: str) -> str:
     """A SQL string literal (standard_conforming_strings, which Postgres has on since 9.1)."""
     return "'" + text.replace("'", "''") + "'"

@@ -18,10 +18,42 @@ from d1sync_dagster.engine.setup import ensure_schema
 from d1sync_dagster.schema import Schema, Table
 
 GROUP = "d1"
+SOURCE_GROUP = "postgres"
 
 
 def asset_key(table: Table) -> dg.AssetKey:
     return dg.AssetKey(["d1", table.target])
+
+
+def source_key(table: Table) -> dg.AssetKey:
+    return dg.AssetKey(["postgres", table.spec.source_schema, table.name])
+
+
+def source_spec(table: Table) -> dg.AssetSpec:
+    """The Postgres table a D1 table replicates: an external asset (Dagster does not materialize it)."""
+    return dg.AssetSpec(
+        key=source_key(table),
+        group_name=SOURCE_GROUP,
+        description=(
+            f"Postgres table `{table.spec.source_schema}.{table.name}`, the source of D1 `{table.target}`. Its "
+            "capture triggers queue every change into PGMQ; d1sync never writes to it."
+        ),
+        kinds={"postgres"},
+        owners=list(table.spec.owners),
+        tags=dict(table.spec.tags),
+        metadata={"dagster/table_name": dg.MetadataValue.text(f"{table.spec.source_schema}.{table.name}")},
+    )
+
+
+def column_schema(table: Table) -> dg.TableSchema:
+    key = set(table.key)
+    return dg.TableSchema(
+        columns=[
+            dg.TableColumn(name, type_, constraints=dg.TableColumnConstraints(nullable=name not in key))
+            for name, type_ in table.columns.items()
+        ],
+        constraints=dg.TableConstraints(other=[f"PRIMARY KEY ({', '.join(table.key)})"]),
+    )
 
 
 def asset_spec(table: Table) -> dg.AssetSpec:
@@ -37,8 +69,13 @@ def asset_spec(table: Table) -> dg.AssetSpec:
         ),
         code_version=table.version,
         skippable=True,
+        deps=[source_key(table)],
         kinds={"cloudflare", "sqlite"},
+        owners=list(table.spec.owners),
+        tags=dict(table.spec.tags),
         metadata={
+            "dagster/table_name": dg.MetadataValue.text(table.target),
+            "dagster/column_schema": column_schema(table),
             "source_table": dg.MetadataValue.text(f"{table.spec.source_schema}.{table.name}"),
             "primary_key": dg.MetadataValue.text(key),
             "columns": dg.MetadataValue.int(len(table.columns)),

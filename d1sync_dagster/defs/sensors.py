@@ -1,11 +1,20 @@
-"""`pgmq_depth_sensor`: requests an apply run when the queue has work and no apply run is in flight."""
+"""`pgmq_depth_sensor`: requests an apply run when the queue has work and nothing else consumes it.
 
-import time
+It never starts a run that could only find the queue taken: it skips, saying why, while any run that
+consumes the queue is queued or running (an apply, a backfill, a nuke, a reconcile, a UI materialization or
+check of the D1 assets), or while anyone holds the single-consumer lock (a CLI apply, a backfill from a
+shell: pid, application name and since when are named). Its cursor is the newest msg_id it has seen, so a
+skip can say how many changes arrived since the last tick. Runs carry no `run_key`: whether a run is due
+depends on what is in flight, which a key cannot express (a failed run's key would block its retry).
+"""
+
+from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
 
+from d1sync_dagster.clients.pgmq import describe_holders
 from d1sync_dagster.defs.resources import NOT_BEFORE_TAG, PostgresResource
 
 IN_FLIGHT = [
@@ -13,11 +22,30 @@ IN_FLIGHT = [
     dg.DagsterRunStatus.NOT_STARTED,
     dg.DagsterRunStatus.STARTING,
     dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
 ]
 
 
-def build_depth_sensor(job: Any, *, interval_seconds: int = 30) -> dg.SensorDefinition:
-    """The sensor's cursor is the newest msg_id it has seen; skip reasons say depth and oldest age."""
+def consuming_run(run: dg.DagsterRun, consumers: Collection[str], asset_keys: Collection[dg.AssetKey]) -> bool:
+    """Whether `run` reads or writes the queue: one of the `consumers` jobs, or a run (from the UI, an asset
+    job, a backfill of assets) that materializes or checks any of the D1 assets."""
+    if run.job_name in consumers:
+        return True
+    if run.asset_selection and any(k in asset_keys for k in run.asset_selection):
+        return True
+    return bool(run.asset_check_selection and any(c.asset_key in asset_keys for c in run.asset_check_selection))
+
+
+def build_depth_sensor(
+    job: Any,
+    *,
+    interval_seconds: int = 30,
+    consumers: Collection[str] = (),
+    asset_keys: Collection[dg.AssetKey] = (),
+) -> dg.SensorDefinition:
+    """The sensor for `job` (the apply job); `consumers` names the other jobs that take the queue."""
+    consumer_jobs = {job.name, *consumers}
+    keys = set(asset_keys)
 
     @dg.sensor(
         name="pgmq_depth_sensor",
@@ -25,33 +53,45 @@ def build_depth_sensor(job: Any, *, interval_seconds: int = 30) -> dg.SensorDefi
         minimum_interval_seconds=interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
-            "Watches the PGMQ change queue (pgmq.metrics) and starts an apply run when changes are waiting and no "
-            f"apply run is queued or running. Checks every {interval_seconds}s."
+            "Watches the PGMQ change queue (pgmq.metrics) and starts an apply run when changes are waiting, "
+            "unless a run that consumes the queue (apply, backfill, nuke, reconcile, a materialization of the D1 "
+            f"assets) is queued or running or another consumer holds the queue's lock. Checks every "
+            f"{interval_seconds}s; the skip reason says why no run started."
         ),
     )
     def pgmq_depth_sensor(context: dg.SensorEvaluationContext, postgres: PostgresResource):
         with postgres.get_client() as pg:
             m = pg.metrics()
+            holders = pg.lock_holders() if m.queue_length else []
         newest = m.total_messages
+        seen = int(context.cursor) if context.cursor and context.cursor.isdigit() else None
         context.update_cursor(str(newest))
+        arrived = "" if seen is None else f"; {max(newest - seen, 0)} new since the last tick"
         if m.queue_length == 0:
-            return dg.SkipReason(f"queue {m.queue_name} is empty (newest msg_id {newest})")
+            return dg.SkipReason(f"queue {m.queue_name} is empty (newest msg_id {newest}{arrived})")
+        waiting = f"{m.queue_length} changes waiting (oldest {m.oldest_msg_age_sec}s{arrived})"
+        in_flight = context.instance.get_run_records(dg.RunsFilter(statuses=IN_FLIGHT), limit=100)
+        busy = [r.dagster_run for r in in_flight if consuming_run(r.dagster_run, consumer_jobs, keys)]
+        if busy:
+            run = busy[0]
+            return dg.SkipReason(
+                f"{waiting}, but run {run.run_id} ({run.job_name}, {run.status.value.lower()}) consumes the queue"
+            )
+        if holders:
+            return dg.SkipReason(f"{waiting}, but the queue's consumer lock is held by {describe_holders(holders)}")
         latest = context.instance.get_run_records(dg.RunsFilter(job_name=job.name), limit=1)
         not_before = latest[0].dagster_run.tags.get(NOT_BEFORE_TAG) if latest else None
         if not_before and datetime.fromisoformat(not_before) > datetime.now(UTC):
             return dg.SkipReason(
-                f"{m.queue_length} changes waiting, but the D1 API's request budget is spent until {not_before} "
+                f"{waiting}, but the D1 API's request budget is spent until {not_before} "
                 f"(run {latest[0].dagster_run.run_id})"
             )
-        in_flight = context.instance.get_run_records(dg.RunsFilter(job_name=job.name, statuses=IN_FLIGHT), limit=1)
-        if in_flight:
-            return dg.SkipReason(
-                f"{m.queue_length} changes waiting (oldest {m.oldest_msg_age_sec}s) but apply run "
-                f"{in_flight[0].dagster_run.run_id} is still in flight"
-            )
         return dg.RunRequest(
-            run_key=f"apply-{newest}-{int(time.time())}",
-            tags={"d1sync/queue_depth": str(m.queue_length), "d1sync/oldest_age_seconds": str(m.oldest_msg_age_sec)},
+            tags={
+                "d1sync/queue_depth": str(m.queue_length),
+                "d1sync/oldest_age_seconds": str(m.oldest_msg_age_sec),
+                "d1sync/newest_msg_id": str(newest),
+            },
         )
 
     return pgmq_depth_sensor

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from d1sync_dagster.clients.d1 import D1Client, HttpD1Client
-from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.clients.pgmq import PgmqClient, describe_holders
 from d1sync_dagster.engine.catalog import check_reads_every_row
 from d1sync_dagster.engine.status import d1_meta
 from d1sync_dagster.errors import D1Error, QueueError
@@ -117,11 +117,8 @@ def _consumer_lock(dx: Diagnosis, pg: PgmqClient) -> None:
     if got:
         dx.add("consumer lock", "ok", f"free, and it can be held through {via}")
         return
-    holders = ", ".join(
-        f"pid {pid} ({app or 'no application name'}) since {since:%Y-%m-%d %H:%M:%S %Z}".rstrip()
-        for pid, app, since in pg.lock_holders()
-    )
-    dx.add("consumer lock", "ok", f"held by {holders or 'another consumer'}, through {via}")
+    holders = describe_holders(pg.lock_holders()) or "another consumer"
+    dx.add("consumer lock", "ok", f"held by {holders}, through {via}")
 
 
 def _postgres(dx: Diagnosis, pg: PgmqClient, schema: Schema, lag_threshold: float) -> None:

@@ -1,5 +1,6 @@
 """Dagster: definitions, materializations that really apply, checks on synced and drifted tables, sensor ticks."""
 
+import json
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -35,7 +36,8 @@ def env(source_db, tmp_path, monkeypatch):
 def test_definitions_name_assets_checks_jobs_and_sensor():
     defs = build_definitions(str(ROOT / "schema.json"))
     graph = defs.resolve_asset_graph()
-    assert set(graph.get_all_asset_keys()) == {APPS, VERSIONS}
+    sources = {dg.AssetKey(["postgres", "public", "apps"]), dg.AssetKey(["postgres", "public", "app_versions"])}
+    assert set(graph.get_all_asset_keys()) == {APPS, VERSIONS} | sources
     check_names = {k.name for k in graph.asset_check_keys}
     assert check_names == {
         "row_count_matches_source",
@@ -50,6 +52,22 @@ def test_definitions_name_assets_checks_jobs_and_sensor():
     spec = next(s for s in graph.asset_nodes if s.key == APPS)
     assert spec.group_name == "d1" and spec.code_version == SCHEMA.table("apps").version
     assert "public.apps" in (spec.description or "")
+
+
+def test_each_d1_asset_has_its_postgres_table_upstream_and_standard_metadata(tmp_path):
+    data = json.loads((ROOT / "schema.json").read_text())
+    data["apps"] |= {"owners": ["data@example.com", "team:edge"], "tags": {"tier": "gold"}}
+    (tmp_path / "schema.json").write_text(json.dumps(data))
+    graph = build_definitions(str(tmp_path / "schema.json")).resolve_asset_graph()
+    source = dg.AssetKey(["postgres", "public", "apps"])
+    apps = graph.get(APPS)
+    assert apps.parent_keys == {source} and graph.get(source).is_external and graph.get(source).kinds == {"postgres"}
+    assert apps.owners == ["data@example.com", "team:edge"] and apps.tags.get("tier") == "gold"
+    assert apps.metadata["dagster/table_name"].value == "apps"
+    md = apps.metadata["dagster/column_schema"]
+    columns = {c.name: c.type for c in getattr(md, "schema", md).columns}
+    assert columns == dict(SCHEMA.table("apps").columns)
+    assert graph.get(VERSIONS).parent_keys == {dg.AssetKey(["postgres", "public", "app_versions"])}
 
 
 def test_materialize_applies_changes_and_records_metadata(env):
@@ -231,6 +249,54 @@ def test_sensor_does_not_pile_up_runs_while_one_is_in_flight(env):
         instance.report_run_failed(run)
         _sensor, tick = sensor_tick(instance, resources, cursor="1")
         assert len(tick.run_requests) == 1
+
+
+def test_sensor_skips_while_a_cli_apply_holds_the_lock_and_says_who(env, source_db):
+    pg, _d1, resources = env
+    pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
+    with dg.instance_for_test() as instance, PgmqClient(source_db) as cli, cli.consumer_lock() as got:
+        assert got
+        ((pid, _app, _since),) = pg.lock_holders()
+        _sensor, tick = sensor_tick(instance, resources, cursor="0")
+    assert tick.run_requests == []
+    assert f"consumer lock is held by pid {pid} (d1sync consumer of replicate_data" in tick.skip_message
+    assert "1 changes waiting" in tick.skip_message and "1 new since the last tick" in tick.skip_message
+
+
+@pytest.mark.parametrize("job", ["d1sync_backfill", "d1sync_nuke", "d1sync_reconcile", "ui_materialization"])
+def test_sensor_skips_while_any_run_that_consumes_the_queue_is_in_flight(env, job):
+    pg, _d1, resources = env
+    pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
+    defs = build_definitions(str(ROOT / "schema.json"))
+    with dg.instance_for_test() as instance:
+        if job == "ui_materialization":  # "Materialize" on d1/apps in the UI: an implicit asset job
+            asset_job = defs.resolve_implicit_global_asset_job_def()
+            run = instance.create_run_for_job(
+                asset_job, status=dg.DagsterRunStatus.STARTING, asset_selection=frozenset({dg.AssetKey(["d1", "apps"])})
+            )
+        else:
+            run = instance.create_run_for_job(defs.resolve_job_def(job), status=dg.DagsterRunStatus.STARTED)
+        _sensor, tick = sensor_tick(instance, resources, cursor="1")
+        assert tick.run_requests == [] and run.run_id in tick.skip_message and "consumes the queue" in tick.skip_message
+        instance.report_run_failed(run)
+        _sensor, tick = sensor_tick(instance, resources, cursor="1")
+        assert len(tick.run_requests) == 1 and tick.run_requests[0].run_key is None
+
+
+def test_sensor_ignores_runs_that_do_not_consume_the_queue(env):
+    pg, _d1, resources = env
+    pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
+    defs = build_definitions(str(ROOT / "schema.json"))
+    with dg.instance_for_test() as instance:
+        instance.create_run_for_job(defs.resolve_job_def("d1sync_doctor"), status=dg.DagsterRunStatus.STARTED)
+        _sensor, tick = sensor_tick(instance, resources, cursor="1")
+    assert len(tick.run_requests) == 1
+
+
+def test_every_job_runs_its_steps_in_process():
+    defs = build_definitions(str(ROOT / "schema.json"))
+    for name in [APPLY_JOB, "d1sync_reconcile", "d1sync_backfill", "d1sync_nuke", "d1sync_setup", "d1sync_doctor"]:
+        assert defs.resolve_job_def(name).executor_def is dg.in_process_executor, name
 
 
 def test_sensor_waits_until_the_d1_budget_of_a_rate_limited_run_is_back(env):

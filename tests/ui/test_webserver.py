@@ -36,7 +36,12 @@ def webserver(tmp_path):
 def test_ui_shows_assets_checks_sensor_schedule_and_jobs(webserver):
     (repo,) = graphql_repositories(webserver, QUERY)
     assets = {tuple(a["assetKey"]["path"]): a for a in repo["assetNodes"]}
-    assert set(assets) == {("d1", "apps"), ("d1", "app_versions")}
+    assert set(assets) == {
+        ("d1", "apps"),
+        ("d1", "app_versions"),
+        ("postgres", "public", "apps"),
+        ("postgres", "public", "app_versions"),
+    }
     apps = assets[("d1", "apps")]
     assert apps["groupName"] == "d1" and "public.apps" in apps["description"]
     checks = {c["name"] for c in apps["assetChecksOrError"]["checks"]}
