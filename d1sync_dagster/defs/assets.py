@@ -92,11 +92,13 @@ def _table_metadata(stats: TableStats, run_figures: dict[str, float]) -> dict[st
         "dead_lettered": dg.MetadataValue.int(stats.dead_lettered),
         "d1_statements": dg.MetadataValue.int(stats.statements),
         "d1_rows_written": dg.MetadataValue.int(stats.rows_written),
-        "lag_seconds": dg.MetadataValue.float(float(round(stats.lag_seconds or 0.0, 3))),
+        # How old the oldest change this run applied was when it landed (commit to D1); the lag check's
+        # `oldest_waiting_seconds` is how old the oldest change still waiting is.
+        "applied_change_age_seconds": dg.MetadataValue.float(float(round(stats.lag_seconds or 0.0, 3))),
     }
     md |= {f"run_{k}": dg.MetadataValue.float(float(round(v, 2))) for k, v in run_figures.items()}
     md["summary"] = dg.MetadataValue.md(
-        "| messages | upserts | deletes | dead letters | D1 rows written | lag (s) |\n"
+        "| messages | upserts | deletes | dead letters | D1 rows written | oldest applied change (s) |\n"
         "|---:|---:|---:|---:|---:|---:|\n"
         f"| {stats.messages} | {stats.upserts} | {stats.deletes} | {stats.dead_lettered} | {stats.rows_written} "
         f"| {stats.lag_seconds or 0.0:.2f} |"

@@ -80,7 +80,11 @@ def build_table_checks(schema: Schema, *, lag_threshold_seconds: float = 300.0) 
             dg.AssetCheckSpec(
                 LAG,
                 asset=key,
-                description=f"The oldest queued change of `{t.name}` is under {lag_threshold_seconds:g}s old.",
+                description=(
+                    f"The oldest change of `{t.name}` still waiting in the queue is under {lag_threshold_seconds:g}s "
+                    "old (`oldest_waiting_seconds`: how far D1 is behind now, unlike the materialization's "
+                    "`applied_change_age_seconds`, which is how old the changes it applied were)."
+                ),
             ),
             dg.AssetCheckSpec(
                 DEAD_LETTERS, asset=key, description=f"No change of `{t.name}` is in the dead-letter queue."
@@ -124,7 +128,10 @@ def build_table_checks(schema: Schema, *, lag_threshold_seconds: float = 300.0) 
                     asset_key=check_key.asset_key,
                     check_name=LAG,
                     passed=(h.lag_seconds or 0.0) <= lag_threshold_seconds,
-                    metadata={"lag_seconds": float(h.lag_seconds or 0.0), "threshold_seconds": lag_threshold_seconds},
+                    metadata={
+                        "oldest_waiting_seconds": float(h.lag_seconds or 0.0),
+                        "threshold_seconds": lag_threshold_seconds,
+                    },
                 )
             else:
                 yield dg.AssetCheckResult(
