@@ -115,6 +115,7 @@ class PgmqClient:
         self.pooled = is_pooled(url)
         self._url = url
         self._lock_holder: PgmqClient | None = None
+        self._idle_holder: PgmqClient | None = None  # the lock's connection, kept between consumer_lock calls
         if "://" in url and not re.match(r"^postgres(ql)?://", url):
             raise ConfigError(f"cannot connect to Postgres at {redact(url)}: the URL must start with postgresql://")
         try:
@@ -134,6 +135,9 @@ class PgmqClient:
         set_json_loads(loads_exact, self.conn)
 
     def close(self) -> None:
+        if self._idle_holder is not None:
+            self._idle_holder.close()
+            self._idle_holder = None
         self.conn.close()
 
     def clone(self) -> PgmqClient:
@@ -321,22 +325,16 @@ class PgmqClient:
         that this backend still holds the lock."""
         # The lock's statements carry no bound parameters: a parameterised statement leaves its portal open,
         # and with it a snapshot that would hold back vacuum for as long as the lock is held.
-        holder = self.clone()
-        holder.conn.autocommit = False
+        # The connection is kept for the next call (the health checks try every 0.2 s while an apply runs):
+        # between calls it is idle outside a transaction, so a pooler pins nothing for it. A kept connection
+        # that the server or the pooler closed meanwhile is replaced once.
+        kept, self._idle_holder = self._idle_holder, None
         try:
-            try:
-                got = bool(
-                    holder.execute(
-                        "SELECT pg_try_advisory_xact_lock(hashtextextended({}, 0)), "
-                        "set_config('idle_in_transaction_session_timeout', '0', true), "
-                        "set_config('application_name', {}, true)".format(
-                            _literal(lock_name(self.queue)),
-                            _literal(f"d1sync consumer of {self.queue} (pid {os.getpid()})"),
-                        )
-                    )[0][0]
-                )
-            except QueueError as e:
-                raise QueueError(_lock_refused(str(e))) from None
+            holder, got = self._try_lock(kept)
+        except QueueError as e:
+            raise QueueError(_lock_refused(str(e))) from None
+        healthy = True
+        try:
             self._lock_holder = holder if got else None
             yield got
         finally:
@@ -344,8 +342,36 @@ class PgmqClient:
             try:
                 holder.conn.rollback()
             except psycopg.Error:
-                pass  # the connection is gone, and its transaction with it
+                healthy = False  # the connection is gone, and its transaction with it
+            if healthy and not holder.conn.closed and self._idle_holder is None:
+                self._idle_holder = holder
+            else:
+                holder.close()
+
+    def _try_lock(self, kept: PgmqClient | None) -> tuple[PgmqClient, bool]:
+        """Take the lock's transaction on `kept` (or on a new connection when it is None or turns out dead);
+        returns the connection used and whether the lock was taken."""
+        sql = (
+            "SELECT pg_try_advisory_xact_lock(hashtextextended({}, 0)), "
+            "set_config('idle_in_transaction_session_timeout', '0', true), "
+            "set_config('application_name', {}, true)".format(
+                _literal(lock_name(self.queue)),
+                _literal(f"d1sync consumer of {self.queue} (pid {os.getpid()})"),
+            )
+        )
+        if kept is not None:
+            try:
+                kept.conn.autocommit = False
+                return kept, bool(kept.execute(sql)[0][0])
+            except (QueueError, psycopg.Error):
+                kept.close()  # closed meanwhile: a fresh connection below
+        holder = self.clone()
+        holder.conn.autocommit = False
+        try:
+            return holder, bool(holder.execute(sql)[0][0])
+        except QueueError:
             holder.close()
+            raise
 
     def check_consumer_lock(self) -> None:
         """Raise unless this client's consumer lock (`consumer_lock`) is still held by its backend: the lock's

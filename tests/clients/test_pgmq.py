@@ -78,6 +78,19 @@ def test_consumer_lock_excludes_a_second_consumer_and_says_who_holds_it(pg, pg_u
             assert got_after
 
 
+def test_the_lock_connection_is_kept_between_calls_and_replaced_when_it_died(pg, pg_url):
+    with PgmqClient(pg_url, queue="q_test") as consumer:
+        with consumer.consumer_lock() as got:
+            assert got
+            ((first, _, _),) = pg.lock_holders()
+        with consumer.consumer_lock() as got:
+            assert got and pg.lock_holders()[0][0] == first  # one connection, not one per call
+        pg.execute("SELECT pg_terminate_backend(%s)", [first])  # the server drops it while it is idle
+        with consumer.consumer_lock() as got:
+            assert got and pg.lock_holders()[0][0] != first
+    assert pg.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [first]) == [(0,)]
+
+
 def test_the_lock_transaction_has_no_idle_timeout_and_no_snapshot(pg, pg_url):
     with PgmqClient(pg_url) as admin:
         (db,) = admin.execute("SELECT current_database()")[0]
