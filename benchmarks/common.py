@@ -30,6 +30,11 @@ def admin_url() -> str:
         return server.get_uri("postgres")
 
 
+def _drop(admin: str, name: str) -> None:
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
 @contextmanager
 def fresh_database() -> Iterator[str]:
     """A new database with PGMQ installed, dropped afterwards."""
@@ -43,8 +48,7 @@ def fresh_database() -> Iterator[str]:
             conn.execute(pgmq_sql().encode())
         yield url
     finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        _drop(admin, name)
 
 
 @contextmanager
@@ -59,8 +63,7 @@ def copy_of(url: str) -> Iterator[str]:
     try:
         yield psycopg.conninfo.make_conninfo(admin, dbname=name)
     finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        _drop(admin, name)
 
 
 @contextmanager

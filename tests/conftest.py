@@ -30,6 +30,7 @@ from psycopg import sql
 from d1sync_dagster.clients.d1 import D1Client, HttpD1Client, RetryPolicy
 from d1sync_dagster.clients.d1_local import LocalD1Client
 from d1sync_dagster.embedded import pgmq_sql
+from tests.helpers import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDIN = ROOT / "d1stub"
@@ -176,11 +177,7 @@ def d1_standin() -> Iterator[StandIn]:
         threading.Thread(target=proc.stdout.read, daemon=True).start()
         yield info
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, timeout=10)
 
 
 @pytest.fixture

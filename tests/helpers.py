@@ -21,6 +21,16 @@ from d1sync_dagster.engine.reports import ApplyReport
 from d1sync_dagster.schema import Schema
 
 
+def stop_process(proc: subprocess.Popen, *, timeout: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @dataclass
 class Pair:
     pg: PgmqClient
@@ -82,11 +92,7 @@ def dagster_webserver(home: Path, *args: str, env: dict[str, str] | None = None)
             raise AssertionError("dagster-webserver did not answer within 120 s")
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, timeout=30)
 
 
 def graphql_repositories(url: str, query: str, *, timeout: float = 60) -> list[dict]:

@@ -27,7 +27,7 @@ from d1sync_dagster.core.messages import ROW_CHANGES_SQL
 from d1sync_dagster.errors import ConfigError, QueueError
 from d1sync_dagster.exactjson import loads_exact
 from d1sync_dagster.sql.capture import DEFAULT_QUEUE, dlq_name
-from d1sync_dagster.sql.quoting import check_queue_name, ident
+from d1sync_dagster.sql.quoting import check_queue_name, ident, literal
 
 #: Supabase's transaction-mode pooler. Session state does not survive it; d1sync keeps none (see `consumer_lock`).
 POOLER_PORT = 6543
@@ -355,8 +355,8 @@ class PgmqClient:
             "SELECT pg_try_advisory_xact_lock(hashtextextended({}, 0)), "
             "set_config('idle_in_transaction_session_timeout', '0', true), "
             "set_config('application_name', {}, true)".format(
-                _literal(lock_name(self.queue)),
-                _literal(f"d1sync consumer of {self.queue} (pid {os.getpid()})"),
+                literal(lock_name(self.queue)),
+                literal(f"d1sync consumer of {self.queue} (pid {os.getpid()})"),
             )
         )
         if kept is not None:
@@ -383,7 +383,7 @@ class PgmqClient:
             held = holder.execute(
                 "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() "
                 "AND granted AND objsubid = 1 "
-                f"AND (classid::bigint << 32) | objid::bigint = hashtextextended({_literal(lock_name(self.queue))}, 0))"
+                f"AND (classid::bigint << 32) | objid::bigint = hashtextextended({literal(lock_name(self.queue))}, 0))"
             )[0][0]
         except QueueError as e:
             held, why = False, str(e)
@@ -492,11 +492,6 @@ def describe_holders(holders: Sequence[tuple[int, str, datetime | None]]) -> str
         + ")"
         for pid, app, since in holders
     )
-
-
-def _literal(text: str) -> str:
-    """A SQL string literal (standard_conforming_strings, which Postgres has on since 9.1)."""
-    return "'" + text.replace("'", "''") + "'"
 
 
 def _lock_refused(error: str) -> str:
