@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TextIO
 
 from d1sync_dagster import config, embedded
-from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.clients.pgmq import PgmqClient, scrub
 from d1sync_dagster.engine.demo import live_writes
 from d1sync_dagster.engine.setup import setup
 from d1sync_dagster.errors import ConfigError
@@ -140,7 +140,7 @@ def run_dev(opts: DevOptions, *, install_signal_handlers: bool = True) -> int:
             say(f"Dagster UI: http://{opts.host}:{opts.port}  (logs in {logs}; Ctrl-C stops everything)")
             if writes:
                 say(f"writing {opts.rows_per_tick} new apps plus updates and deletes every {opts.tick_seconds:g}s")
-            return _run_until_stopped(opts, pg, procs, logs, writes=writes, stop=stop, say=say)
+            return _run_until_stopped(opts, pg, procs, logs, url=url, writes=writes, stop=stop, say=say)
     finally:
         for p in procs.values():
             _stop_group(p)
@@ -183,6 +183,16 @@ def _dagster_env(opts: DevOptions, url: str, home: Path, state: Path, d1_setting
 def _start_dagster(opts: DevOptions, logs: Path, env: dict[str, str]) -> dict[str, subprocess.Popen]:
     """`dagster-webserver` and `dagster-daemon`, each in its own process group, logging into `logs`."""
     logs.mkdir(parents=True, exist_ok=True)
+    # The instance's storage first, in one process: the webserver and the daemon both create the SQLite
+    # storage of a new DAGSTER_HOME when they start, and two processes creating it at once can fail.
+    with open(logs / "instance.log", "ab") as log:
+        done = subprocess.run(
+            [_executable("dagster"), "instance", "migrate"], env=env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, check=False,
+        )  # fmt: skip
+    if done.returncode:
+        tail = scrub(_tail(logs / "instance.log"), env["DATABASE_URL"])
+        raise ConfigError(f"could not prepare the Dagster instance in {env['DAGSTER_HOME']}:\n{tail}")
     commands = {
         "webserver": [_executable("dagster-webserver"), *CODE_LOCATION, "-h", opts.host, "-p", str(opts.port)],
         "daemon": [_executable("dagster-daemon"), "run", *CODE_LOCATION],
@@ -203,6 +213,7 @@ def _run_until_stopped(
     procs: dict[str, subprocess.Popen],
     logs: Path,
     *,
+    url: str,
     writes: bool,
     stop: threading.Event,
     say: Callable[[str], None],
@@ -215,7 +226,9 @@ def _run_until_stopped(
     while not stop.is_set():
         for name, p in procs.items():
             if p.poll() is not None:
-                say(f"dagster {name} exited with code {p.returncode}; see {logs / (name + '.log')}")
+                log = logs / f"{name}.log"
+                tail = scrub(_tail(log), url)
+                say(f"dagster {name} exited with code {p.returncode}; see {log}. Its last lines:\n{tail}")
                 return 3
         if writes:
             live_writes(pg, rows=opts.rows_per_tick)
@@ -230,3 +243,12 @@ def _run_until_stopped(
         stop.wait(opts.tick_seconds)
     say("stopping")
     return 0
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a log (the reason a process stopped), indented."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+    except OSError as e:
+        return f"  (cannot read it: {e})"
+    return "\n".join("  " + line for line in text)
