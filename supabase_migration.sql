@@ -46,9 +46,11 @@ BEGIN
   IF TG_OP = 'INSERT' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
       SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', pg_catalog.to_jsonb(r), 'old_record', NULL, 'type', 'INSERT', 'table', 'apps') AS m FROM (SELECT "id", "owner_id", "name", "is_public", "settings", "rating", "icon", "created_at" FROM new_rows) r) s;
+    IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   ELSIF TG_OP = 'DELETE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
       SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', pg_catalog.to_jsonb(r), 'type', 'DELETE', 'table', 'apps') AS m FROM (SELECT "id", "owner_id", "name", "is_public", "settings", "rating", "icon", "created_at" FROM old_rows) r) s;
+    IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   ELSIF TG_OP = 'UPDATE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
       SELECT pg_catalog.now(), m FROM (WITH o AS (SELECT r."id" AS k0, pg_catalog.to_jsonb(r) AS r FROM (SELECT "id", "owner_id", "name", "is_public", "settings", "rating", "icon", "created_at" FROM old_rows) r),
@@ -61,9 +63,11 @@ BEGIN
           FROM n LEFT JOIN o ON n.k0 = o.k0
           WHERE o.r IS DISTINCT FROM n.r
       ) c ORDER BY ord) s;
+    IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   ELSIF TG_OP = 'TRUNCATE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
       SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', NULL, 'type', 'TRUNCATE', 'table', 'apps') AS m) s;
+    IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   END IF;
   RETURN NULL;
 END
@@ -90,9 +94,11 @@ BEGIN
   IF TG_OP = 'INSERT' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
       SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', pg_catalog.to_jsonb(r), 'old_record', NULL, 'type', 'INSERT', 'table', 'app_versions') AS m FROM (SELECT "app_id", "version", "manifest", "downloads", "released_at" FROM new_rows) r) s;
+    IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   ELSIF TG_OP = 'DELETE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
       SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', pg_catalog.to_jsonb(r), 'type', 'DELETE', 'table', 'app_versions') AS m FROM (SELECT "app_id", "version", "manifest", "downloads", "released_at" FROM old_rows) r) s;
+    IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   ELSIF TG_OP = 'UPDATE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
       SELECT pg_catalog.now(), m FROM (WITH o AS (SELECT r."app_id" AS k0, r."version" AS k1, pg_catalog.to_jsonb(r) AS r FROM (SELECT "app_id", "version", "manifest", "downloads", "released_at" FROM old_rows) r),
@@ -105,9 +111,11 @@ BEGIN
           FROM n LEFT JOIN o ON n.k0 = o.k0 AND n.k1 = o.k1
           WHERE o.r IS DISTINCT FROM n.r
       ) c ORDER BY ord) s;
+    IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   ELSIF TG_OP = 'TRUNCATE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
       SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', NULL, 'type', 'TRUNCATE', 'table', 'app_versions') AS m) s;
+    IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   END IF;
   RETURN NULL;
 END

@@ -1,11 +1,20 @@
 """Soak: sustained writes with the sensor deciding when to apply; replication lag, D1 requests, queue size.
 
     .venv/bin/python benchmarks/soak.py [--rate 1000] [--seconds 60] [--interval 1] [--backend sqlite|standin]
+    .venv/bin/python benchmarks/soak.py --daemon [--mode stream|run] [--rate 1000] [--seconds 60] [--json]
 
 A writer commits `rate` changes per second (multi-row statements every 100 ms: inserts and updates of the
-example `apps` table). Every `interval` seconds the real `pgmq_depth_sensor` is evaluated; when it asks for
+example `apps` table).
+
+In-process (default): every `interval` seconds the real `pgmq_depth_sensor` is evaluated; when it asks for
 a run, the apply engine (the one the `d1/*` assets run) drains the queue in this process. Lag is measured
 per message from its enqueue time to the D1 commit of its batch.
+
+`--daemon`: nothing in process. A fresh DAGSTER_HOME, `dagster-daemon run -w workspace.yaml` with the
+sensor every `interval` seconds, in `--mode stream` (the sensor keeps a `d1sync_stream` run alive) or `run`
+(a `d1sync_apply` run per tick with changes waiting), and the local D1 file. Lag is measured per inserted
+row from its commit to the moment it is seen in the D1 file (polled every 10 ms). `--json` ends with one
+line `{"lag_p50_s", "lag_p99_s", "lag_max_s", "runs", "drift"}`.
 """
 
 from __future__ import annotations
@@ -68,7 +77,16 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--interval", type=float, default=1.0)
     ap.add_argument("--backend", choices=["sqlite", "standin"], default="sqlite")
+    ap.add_argument("--daemon", action="store_true", help="through dagster-daemon on workspace.yaml")
+    ap.add_argument("--mode", choices=["stream", "run"], default="stream", help="with --daemon: D1SYNC_APPLY_MODE")
+    ap.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
+    ap.add_argument("--stream-seconds", type=float, default=None, help="with --daemon: D1SYNC_STREAM_SECONDS")
     args = ap.parse_args()
+    if args.daemon:
+        from benchmarks.soak_daemon import soak_daemon
+
+        soak_daemon(args)
+        return
     schema = load_schema(ROOT / "schema.json")
     with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
         with PgmqClient(url) as pg:

@@ -136,3 +136,16 @@ def number(name: str, default: float, env: Mapping[str, str] | None = None) -> f
         return float(raw) if raw else default
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+
+
+APPLY_MODES = ("stream", "run")
+
+
+def apply_mode(env: Mapping[str, str] | None = None) -> str:
+    """`D1SYNC_APPLY_MODE`: `stream` (default; one long run follows the queue) or `run` (a short run per sensor
+    tick that finds changes waiting)."""
+    env = os.environ if env is None else env
+    value = (env.get("D1SYNC_APPLY_MODE") or "stream").strip().lower()
+    if value not in APPLY_MODES:
+        raise ConfigError(f"D1SYNC_APPLY_MODE must be one of {', '.join(APPLY_MODES)}, not {value!r}")
+    return value

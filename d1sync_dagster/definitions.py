@@ -13,11 +13,13 @@ import dagster as dg
 
 from d1sync_dagster import config
 from d1sync_dagster.defs.assets import GROUP, asset_key, build_table_assets, source_spec
-from d1sync_dagster.defs.checks import build_reconcile_checks, build_table_checks
+from d1sync_dagster.defs.checks import all_cheap_check_keys, build_reconcile_checks
 from d1sync_dagster.defs.jobs import build_backfill_job, build_doctor_job, build_nuke_job, build_setup_job
 from d1sync_dagster.defs.resources import D1Resource, PostgresResource
 from d1sync_dagster.defs.sensors import build_depth_sensor
+from d1sync_dagster.defs.stream import build_stream_job
 from d1sync_dagster.engine.apply import ApplyOptions
+from d1sync_dagster.engine.stream import StreamOptions
 from d1sync_dagster.schema import load_schema
 
 APPLY_JOB = "d1sync_apply"
@@ -43,18 +45,30 @@ def build_definitions(schema_file: str | None = None) -> dg.Definitions:
     """All d1sync definitions for one `schema.json`.
 
     Destructive jobs are disabled unless `D1SYNC_ALLOW_DESTRUCTIVE=1` (see `defs/guard.py`).
-    Tunables from the environment: `D1SYNC_SENSOR_INTERVAL_SECONDS` (default 30), `D1SYNC_LAG_THRESHOLD_SECONDS`
+    Tunables from the environment: `D1SYNC_APPLY_MODE` (`stream`, the default: the sensor keeps one
+    `d1sync_stream` run alive; `run`: the sensor starts a short `d1sync_apply` run when changes wait),
+    `D1SYNC_STREAM_SECONDS` (default 900, how long a streaming run lasts),
+    `D1SYNC_SENSOR_INTERVAL_SECONDS` (default 30), `D1SYNC_LAG_THRESHOLD_SECONDS`
     (default 300), `D1SYNC_BATCH_SIZE` (default 2000), `D1SYNC_RECONCILE_CRON` (default `0 3 * * *`).
     """
     schema = load_schema(schema_file or config.schema_path())
-    tables = build_table_assets(schema, options=ApplyOptions(batch_size=int(config.number("D1SYNC_BATCH_SIZE", 2000))))
-    checks = build_table_checks(schema, lag_threshold_seconds=config.number("D1SYNC_LAG_THRESHOLD_SECONDS", 300))
-    drift = build_reconcile_checks(schema)
-    # The apply job runs the cheap checks after each materialization, never the full comparison.
+    lag_threshold = config.number("D1SYNC_LAG_THRESHOLD_SECONDS", 300)
+    allow_destructive = config.allow_destructive()
+    apply_options = ApplyOptions(batch_size=int(config.number("D1SYNC_BATCH_SIZE", 2000)))
+    tables = build_table_assets(
+        schema,
+        options=apply_options,
+        lag_threshold_seconds=lag_threshold,
+        allow_destructive=allow_destructive,
+    )
+    reconcile_cron = os.environ.get("D1SYNC_RECONCILE_CRON") or "0 3 * * *"
+    drift = build_reconcile_checks(schema, cron=reconcile_cron)
+    # The apply job runs the cheap checks in the same step as the apply, never the full comparison.
     apply_job = dg.define_asset_job(
         APPLY_JOB,
-        selection=dg.AssetSelection.groups(GROUP).without_checks() | dg.AssetSelection.checks(checks),
-        description="Apply queued changes to every D1 table.",
+        selection=dg.AssetSelection.groups(GROUP).without_checks()
+        | dg.AssetSelection.checks(*all_cheap_check_keys(schema)),
+        description="Apply queued changes to every D1 table, then run each table's checks.",
     )
     reconcile_job = dg.define_asset_job(
         "d1sync_reconcile",
@@ -62,27 +76,38 @@ def build_definitions(schema_file: str | None = None) -> dg.Definitions:
         description="Full comparison of every table with Postgres; repairs drift through the queue (config: repair).",
     )
     backfill_job = build_backfill_job(schema)
-    nuke_job = build_nuke_job(schema, allow_destructive=config.allow_destructive())
+    nuke_job = build_nuke_job(schema, allow_destructive=allow_destructive, lag_threshold_seconds=lag_threshold)
+    stream_job = build_stream_job(
+        schema,
+        options=apply_options,
+        defaults=StreamOptions(seconds=config.number("D1SYNC_STREAM_SECONDS", 900)),
+        lag_threshold_seconds=lag_threshold,
+    )
+    streaming = config.apply_mode() == "stream"
     sensor = build_depth_sensor(
         apply_job,
+        stream_job=stream_job if streaming else None,
         interval_seconds=int(config.number("D1SYNC_SENSOR_INTERVAL_SECONDS", 30)),
-        consumers=[backfill_job.name, nuke_job.name, reconcile_job.name],
+        consumers=[backfill_job.name, nuke_job.name, reconcile_job.name, stream_job.name],
         asset_keys=[asset_key(t) for t in schema.tables],
+        # A sensor run records a materialization only for the tables its changes reached.
+        run_config={"ops": {tables.node_def.name: {"config": {"record_unchanged": False}}}},
     )
     schedule = dg.ScheduleDefinition(
         name="d1sync_reconcile_schedule",
         job=reconcile_job,
-        cron_schedule=os.environ.get("D1SYNC_RECONCILE_CRON") or "0 3 * * *",
+        cron_schedule=reconcile_cron,
         default_status=dg.DefaultScheduleStatus.RUNNING,
         description="Full reconciliation of every table (compare and repair), daily by default.",
     )
     return dg.Definitions(
         assets=[*(source_spec(t) for t in schema.tables), tables],
-        asset_checks=[checks, drift],
+        asset_checks=[drift],
         sensors=[sensor],
         schedules=[schedule],
         jobs=[
             apply_job,
+            stream_job,
             build_setup_job(schema),
             build_doctor_job(schema),
             backfill_job,

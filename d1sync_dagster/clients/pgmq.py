@@ -11,8 +11,10 @@ the `headers`/`last_read_at` columns are never named.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from psycopg.types.json import Jsonb, set_json_loads
 from d1sync_dagster.core.messages import ROW_CHANGES_SQL
 from d1sync_dagster.errors import ConfigError, QueueError
 from d1sync_dagster.exactjson import loads_exact
-from d1sync_dagster.sql.capture import DEFAULT_QUEUE, dlq_name
+from d1sync_dagster.sql.capture import DEFAULT_QUEUE, dlq_name, notify_channel
 from d1sync_dagster.sql.quoting import check_queue_name, ident, literal
 
 #: Supabase's transaction-mode pooler. Session state does not survive it; d1sync keeps none (see `consumer_lock`).
@@ -239,7 +241,12 @@ class PgmqClient:
             "SELECT now(), m FROM unnest(%s::jsonb[]) WITH ORDINALITY AS u(m, n) ORDER BY n RETURNING msg_id",
             [[Jsonb(m) for m in messages]],
         )
+        self.notify()
         return sorted(int(r[0]) for r in rows)
+
+    def notify(self) -> None:
+        """Wake a streaming apply, as the capture triggers do (delivered when the caller's transaction commits)."""
+        self.execute("SELECT pg_notify(%s, '')", [notify_channel(self.queue)])
 
     def contains(self, msg_id: int) -> bool:
         """Whether the message is still in the queue (not yet applied and deleted)."""
@@ -507,3 +514,68 @@ def _lock_refused(error: str) -> str:
 
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+log = logging.getLogger(__name__)
+
+
+class ChangeListener:
+    """What the streaming apply waits on when the queue is empty: the notification the capture triggers send
+    at commit (LISTEN on a connection of its own), or, where notifications cannot arrive, a short poll.
+
+    Whether they arrive is proven, not assumed: after LISTEN the listener sends itself a notification from the
+    client's connection and waits up to `probe_seconds` for it. Through a transaction pooler the LISTEN and
+    the notification land on server sessions that are not this client's, so the probe fails and `wait` polls
+    every `poll_seconds` instead. A listening connection that breaks falls back to polling too. Either way
+    `wait` returns at the latest after `poll_seconds` (a notification can also be lost with its connection).
+    """
+
+    def __init__(self, client: PgmqClient, *, poll_seconds: float, probe_seconds: float = 2.0) -> None:
+        self.channel = notify_channel(client.queue)
+        self.poll_seconds = poll_seconds
+        self.listening = False
+        self.reason = ""
+        self._url = client._url
+        self._conn: psycopg.Connection[Any] | None = None
+        if client.pooled:
+            self.reason = "the connection goes through a transaction pooler, which does not deliver notifications"
+            return
+        listener = client.clone()
+        self._conn = listener.conn
+        try:
+            self._conn.execute(f"LISTEN {ident(self.channel)}")
+            client.execute("SELECT pg_notify(%s, 'probe')", [self.channel])
+            self.listening = any(True for _ in self._conn.notifies(timeout=probe_seconds, stop_after=1))
+        except psycopg.Error as e:
+            self.reason = f"LISTEN failed: {scrub(str(e), client._url)}"
+        if not self.listening:
+            self.reason = self.reason or (
+                f"a notification sent to {self.channel} did not arrive within {probe_seconds:g}s (a pooler between "
+                "d1sync and Postgres?)"
+            )
+            self.close()
+
+    @property
+    def mode(self) -> str:
+        if self.listening:
+            return f"woken by notifications on {self.channel} (and looking every {self.poll_seconds:g}s)"
+        return f"polling every {self.poll_seconds:g}s: {self.reason}"
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for a notification; whether one came (always False when polling)."""
+        if self._conn is None:
+            time.sleep(timeout)
+            return False
+        try:
+            return any(True for _ in self._conn.notifies(timeout=timeout, stop_after=1))
+        except psycopg.Error as e:
+            why = scrub(str(e), self._url)
+            log.warning("the notification listener broke (%s); polling every %gs from now on", why, self.poll_seconds)
+            self.listening, self.reason = False, "the listening connection broke"
+            self.close()
+            return False
+
+    def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            conn.close()

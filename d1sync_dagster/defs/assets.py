@@ -9,24 +9,30 @@ tables chooses which assets record a materialization, not which changes are appl
 carries the table's figures (messages, upserts, deletes, dead letters, D1 rows written, lag).
 """
 
-import dagster as dg
+from typing import Literal
 
+import dagster as dg
+from pydantic import Field
+
+from d1sync_dagster.clients.d1 import D1Client
+from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.defs import guard
+from d1sync_dagster.defs.checks import table_check_specs, table_outcomes
+from d1sync_dagster.defs.keys import asset_key, source_key
 from d1sync_dagster.defs.resources import D1Resource, PostgresResource, open_clients
 from d1sync_dagster.engine.apply import ApplyOptions, apply
-from d1sync_dagster.engine.reports import TableStats
+from d1sync_dagster.engine.backfill import BackfillReport, backfill
+from d1sync_dagster.engine.health import table_health
+from d1sync_dagster.engine.nuke import nuke
+from d1sync_dagster.engine.reports import ApplyReport, TableStats
 from d1sync_dagster.engine.setup import ensure_schema
 from d1sync_dagster.schema import Schema, Table
+from d1sync_dagster.sql.quoting import ident
+
+__all__ = ["asset_key", "build_table_assets", "source_key", "source_spec"]
 
 GROUP = "d1"
 SOURCE_GROUP = "postgres"
-
-
-def asset_key(table: Table) -> dg.AssetKey:
-    return dg.AssetKey(["d1", table.target])
-
-
-def source_key(table: Table) -> dg.AssetKey:
-    return dg.AssetKey(["postgres", table.spec.source_schema, table.name])
 
 
 def source_spec(table: Table) -> dg.AssetSpec:
@@ -83,7 +89,7 @@ def asset_spec(table: Table) -> dg.AssetSpec:
     )
 
 
-def _table_metadata(stats: TableStats, run_figures: dict[str, float]) -> dict[str, dg.MetadataValue]:
+def table_metadata(stats: TableStats, run_figures: dict[str, float]) -> dict[str, dg.MetadataValue]:
     md: dict[str, dg.MetadataValue] = {
         "messages": dg.MetadataValue.int(stats.messages),
         "upserts": dg.MetadataValue.int(stats.upserts),
@@ -106,38 +112,156 @@ def _table_metadata(stats: TableStats, run_figures: dict[str, float]) -> dict[st
     return md
 
 
-def build_table_assets(schema: Schema, *, options: ApplyOptions | None = None) -> dg.AssetsDefinition:
-    """The multi-asset that applies queued changes to every table of `schema`."""
+class TablesConfig(dg.Config):
+    """What a materialization of the D1 table assets does (UI: Materialize -> Open launchpad)."""
+
+    mode: Literal["apply", "backfill", "rebuild"] = Field(
+        default="apply",
+        description=(
+            "apply: drain the queued changes (of every table; the selected ones record a materialization). "
+            "backfill: copy every row of the selected tables through the queue, resumable. rebuild: drop and "
+            "recreate the selected D1 tables, then backfill them (destructive: needs D1SYNC_ALLOW_DESTRUCTIVE=1 "
+            "and confirm: true)."
+        ),
+    )
+    record_unchanged: bool = Field(
+        default=True,
+        description="also record a materialization for a selected table no change reached (the sensor sets false)",
+    )
+    chunk_size: int = Field(default=5000, description="backfill and rebuild: rows per chunk")
+    restart: bool = Field(default=False, description="backfill: start over instead of resuming an unfinished one")
+    confirm: bool = Field(default=False, description="rebuild: must be true, the tables' contents in D1 are replaced")
+    accept_no_restore_point: bool = Field(
+        default=False, description="rebuild: go ahead even when no D1 Time Travel bookmark can be taken first"
+    )
+
+
+def _backfill_metadata(report: BackfillReport, name: str) -> dict[str, dg.MetadataValue]:
+    t = report.tables[name]
+    return {
+        "backfill_rows": dg.MetadataValue.int(t.rows),
+        "backfill_chunks": dg.MetadataValue.int(t.chunks),
+        "backfill_rows_per_second": dg.MetadataValue.float(float(round(t.rows_per_second, 1))),
+        "backfill_seconds": dg.MetadataValue.float(float(round(report.seconds, 2))),
+    }
+
+
+def build_table_assets(
+    schema: Schema,
+    *,
+    options: ApplyOptions | None = None,
+    lag_threshold_seconds: float = 300.0,
+    allow_destructive: bool = False,
+) -> dg.AssetsDefinition:
+    """The multi-asset that applies queued changes to every table of `schema` (or backfills or rebuilds the
+    selected ones, by `TablesConfig.mode`), with the tables' cheap checks evaluated in the same step."""
     by_key = {asset_key(t): t for t in schema.tables}
+    apply_options = options or ApplyOptions()
 
     @dg.multi_asset(
         name="d1_incremental_apply",
         specs=[asset_spec(t) for t in schema.tables],
+        check_specs=table_check_specs(schema, lag_threshold_seconds=lag_threshold_seconds),
         can_subset=True,
-        description="Drain the PGMQ change queue into D1 (exactly once in effect, ordered per row).",
+        description=(
+            "Drain the PGMQ change queue into D1 (exactly once in effect, ordered per row); with mode backfill or "
+            "rebuild, copy the selected tables. Each table's checks run after it."
+        ),
     )
-    def d1_tables(context: dg.AssetExecutionContext, postgres: PostgresResource, d1: D1Resource):
-        with open_clients(postgres, d1, what="apply", context=context) as (pg, client):
-            evolved = ensure_schema(pg, client, schema)
-            if evolved is not None:
-                context.log.warning(f"schema.json changed: D1 updated first ({evolved})")
-            report = apply(pg, client, schema, options or ApplyOptions())
-        if report.skipped:
+    def d1_tables(context: dg.AssetExecutionContext, config: TablesConfig, postgres: PostgresResource, d1: D1Resource):
+        chosen = [by_key[k] for k in context.selected_asset_keys]
+        with open_clients(postgres, d1, what=config.mode, context=context) as (pg, client):
+            extra: dict[str, dict[str, dg.MetadataValue]] = {t.name: {} for t in chosen}
+            report = None
+            if chosen:  # else only checks were selected ("Execute checks" in the UI)
+                evolved = ensure_schema(pg, client, schema)
+                if evolved is not None:
+                    context.log.warning(f"schema.json changed: D1 updated first ({evolved})")
+                report = _run_mode(context, config, pg, client, schema, chosen, apply_options, extra, allow_destructive)
+            health = table_health(pg, client, schema)
+        if report is not None and report.skipped:
             context.log.warning(f"apply skipped: {report.skipped}")
-            return
-        context.log.info(
-            f"applied {report.messages} messages in {report.duration_seconds:.2f}s, {report.requests} D1 requests "
-            f"({report.rows_per_request:.0f} rows/request), {report.dead_lettered} dead-lettered"
+        elif report is not None:
+            context.log.info(
+                f"{config.mode}: applied {report.messages} messages in {report.duration_seconds:.2f}s, "
+                f"{report.requests} D1 requests ({report.rows_per_request:.0f} rows/request), "
+                f"{report.dead_lettered} dead-lettered"
+            )
+            figures = run_figures(report)
+            for t in chosen:
+                stats = report.tables[t.name]
+                if stats.messages or extra[t.name] or config.record_unchanged:
+                    md = table_metadata(stats, figures) | extra[t.name]
+                    md["dagster/row_count"] = dg.MetadataValue.int(health[t.name].d1_rows)
+                    md["operation"] = dg.MetadataValue.text(config.mode)
+                    yield dg.MaterializeResult(asset_key=asset_key(t), metadata=md)
+        outcomes = table_outcomes(
+            health, schema, context.selected_asset_check_keys, lag_threshold_seconds=lag_threshold_seconds
         )
-        figures = {
-            "messages": report.messages,
-            "d1_requests": report.requests,
-            "rows_per_request": report.rows_per_request,
-            "changes_per_second": report.changes_per_second,
-            "duration_seconds": report.duration_seconds,
-        }
-        for key in context.selected_asset_keys:
-            table = by_key[key]
-            yield dg.MaterializeResult(asset_key=key, metadata=_table_metadata(report.tables[table.name], figures))
+        for outcome in outcomes:
+            yield outcome.result()
 
     return d1_tables
+
+
+def _run_mode(
+    context: dg.AssetExecutionContext,
+    config: TablesConfig,
+    pg: PgmqClient,
+    client: D1Client,
+    schema: Schema,
+    chosen: list[Table],
+    options: ApplyOptions,
+    extra: dict[str, dict[str, dg.MetadataValue]],
+    allow_destructive: bool,
+) -> ApplyReport:
+    """Apply, backfill or rebuild; fills `extra` with what the mode adds to each table's materialization."""
+    if config.mode == "apply":
+        return apply(pg, client, schema, options)
+    names = [t.name for t in chosen]
+    if config.mode == "rebuild":
+        if not allow_destructive:
+            raise dg.Failure(description=guard.refusal("a rebuild (mode: rebuild)"))
+        if not config.confirm:
+            raise dg.Failure(description="a rebuild drops and recreates the D1 tables: set confirm: true")
+        launcher = guard.Launcher.of(context.run)
+        before = {t.name: d1_row_count(client, t) for t in chosen}
+        dropped = nuke(
+            pg, client, schema, tables=names, confirm=True, launched_by=launcher.user, source=launcher.source,
+            accept_no_restore_point=config.accept_no_restore_point,
+        )  # fmt: skip
+        guard.record(context, operation="rebuild", launcher=launcher, restore_point=dropped.bookmark)
+        for t in chosen:
+            extra[t.name] |= {
+                "rows_dropped": dg.MetadataValue.int(before[t.name]),
+                "restore_bookmark": dg.MetadataValue.text(dropped.bookmark or ""),
+                "launched_by": dg.MetadataValue.text(launcher.user),
+            }
+    done = backfill(
+        pg,
+        client,
+        schema,
+        tables=names,
+        chunk_size=config.chunk_size,
+        restart=config.restart or config.mode == "rebuild",
+        apply_options=options,
+        on_chunk=lambda table, t: context.log.info(f"{config.mode} {table}: {t.rows} rows in {t.chunks} chunks"),
+    )
+    for t in chosen:
+        extra[t.name] |= _backfill_metadata(done, t.name)
+    return done.apply or ApplyReport()
+
+
+def run_figures(report: ApplyReport) -> dict[str, float]:
+    return {
+        "messages": report.messages,
+        "d1_requests": report.requests,
+        "rows_per_request": report.rows_per_request,
+        "changes_per_second": report.changes_per_second,
+        "duration_seconds": report.duration_seconds,
+    }
+
+
+def d1_row_count(client: D1Client, table: Table) -> int:
+    (res,) = client.query(f"SELECT count(*) AS n FROM {ident(table.target)}")
+    return int(res.results[0]["n"])

@@ -1,11 +1,14 @@
 """Asset checks per table: D1 row count equals Postgres, replication lag under a threshold, no dead letters."""
 
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
 import dagster as dg
 from pydantic import Field
 
-from d1sync_dagster.defs.assets import asset_key
+from d1sync_dagster.defs.keys import asset_key
 from d1sync_dagster.defs.resources import D1Resource, PostgresResource, open_clients
-from d1sync_dagster.engine.health import table_health
+from d1sync_dagster.engine.health import TableHealth
 from d1sync_dagster.engine.reconcile import reconcile
 from d1sync_dagster.schema import Schema
 
@@ -18,7 +21,7 @@ class ReconcileConfig(dg.Config):
     chunk_size: int = Field(default=5000, description="rows per D1 read")
 
 
-def build_reconcile_checks(schema: Schema) -> dg.AssetChecksDefinition:
+def build_reconcile_checks(schema: Schema, *, cron: str = "0 3 * * *") -> dg.AssetChecksDefinition:
     """`rows_match_source` per table: a full row-by-row comparison (reads every D1 row, so it runs in the
     scheduled `d1sync_reconcile` job, not after every apply). Fails when drift was found, even when the run
     repaired it; the metadata says what differed and what was re-enqueued."""
@@ -26,7 +29,11 @@ def build_reconcile_checks(schema: Schema) -> dg.AssetChecksDefinition:
         dg.AssetCheckSpec(
             MATCHES,
             asset=asset_key(t),
-            description=f"Every row of D1 `{t.target}` equals Postgres `{t.name}` after conversion (full compare).",
+            description=(
+                f"Every row of D1 `{t.target}` equals Postgres `{t.name}` after conversion (full compare). Scheduled, "
+                f"not run with applies: d1sync_reconcile_schedule runs it at `{cron}`; until its first run it shows "
+                "as not evaluated."
+            ),
         )
         for t in schema.tables
     ]
@@ -63,8 +70,44 @@ def build_reconcile_checks(schema: Schema) -> dg.AssetChecksDefinition:
     return d1_reconcile_checks
 
 
-def build_table_checks(schema: Schema, *, lag_threshold_seconds: float = 300.0) -> dg.AssetChecksDefinition:
-    """Three checks for every table, computed together (one pass over the queue and the dead letters)."""
+@dataclass(frozen=True)
+class Outcome:
+    """One cheap check's outcome, before it becomes an `AssetCheckResult` (inside the multi-asset) or an
+    `AssetCheckEvaluation` (yielded by the streaming and nuke ops)."""
+
+    asset_key: dg.AssetKey
+    check_name: str
+    passed: bool
+    metadata: dict[str, float | int | str]
+    description: str | None = None
+
+    def result(self) -> dg.AssetCheckResult:
+        return dg.AssetCheckResult(
+            asset_key=self.asset_key,
+            check_name=self.check_name,
+            passed=self.passed,
+            description=self.description,
+            metadata=self.metadata,
+            severity=dg.AssetCheckSeverity.ERROR,
+        )
+
+    def evaluation(self) -> dg.AssetCheckEvaluation:
+        return dg.AssetCheckEvaluation(
+            asset_key=self.asset_key,
+            check_name=self.check_name,
+            passed=self.passed,
+            description=self.description,
+            metadata=self.metadata,
+            severity=dg.AssetCheckSeverity.ERROR,
+        )
+
+
+CHEAP_CHECKS = (ROW_COUNT, LAG, DEAD_LETTERS)
+
+
+def table_check_specs(schema: Schema, *, lag_threshold_seconds: float = 300.0) -> list[dg.AssetCheckSpec]:
+    """The three checks every table gets, evaluated in the same step as each apply, backfill or rebuild
+    (one pass over the queue and the dead letters), and by the streaming run when it ends."""
     specs = []
     for t in schema.tables:
         key = asset_key(t)
@@ -90,56 +133,57 @@ def build_table_checks(schema: Schema, *, lag_threshold_seconds: float = 300.0) 
                 DEAD_LETTERS, asset=key, description=f"No change of `{t.name}` is in the dead-letter queue."
             ),
         ]
+    return specs
+
+
+def table_outcomes(
+    health: Mapping[str, TableHealth],
+    schema: Schema,
+    check_keys: Iterable[dg.AssetCheckKey],
+    *,
+    lag_threshold_seconds: float,
+) -> list[Outcome]:
+    """The outcomes of the cheap checks `check_keys` from one `table_health` reading."""
     by_key = {asset_key(t): t for t in schema.tables}
-
-    @dg.multi_asset_check(specs=specs, can_subset=True, name="d1_table_checks")
-    def d1_table_checks(context: dg.AssetCheckExecutionContext, postgres: PostgresResource, d1: D1Resource):
-        with open_clients(postgres, d1, what="the table checks") as (pg, client):
-            health = table_health(pg, client, schema)
-        for check_key in context.selected_asset_check_keys:
-            table = by_key[check_key.asset_key]
-            h = health[table.name]
-            if check_key.name == ROW_COUNT:
-                gap = h.source_rows - h.d1_rows
-                if gap == 0:
-                    says = "row counts are equal"
-                elif h.count_explained:
-                    says = f"D1 is {abs(gap)} rows apart, within what the {h.queued_rows} queued row changes explain"
-                else:
-                    says = f"D1 is {abs(gap)} rows apart; only {h.queued_rows} row changes are queued for it"
-                if h.filtered:
-                    says = h.filtered
-                elif h.apply_running:
-                    says += " (an apply held the queue while the counts were read, so D1 may have moved meanwhile)"
-                yield dg.AssetCheckResult(
-                    asset_key=check_key.asset_key,
-                    check_name=ROW_COUNT,
-                    passed=h.count_explained,
-                    description=says,
-                    metadata={
-                        "postgres_rows": h.source_rows,
-                        "d1_rows": h.d1_rows,
-                        "queued_changes": h.queued,
-                        "queued_row_changes": h.queued_rows,
-                    },
-                )
-            elif check_key.name == LAG:
-                yield dg.AssetCheckResult(
-                    asset_key=check_key.asset_key,
-                    check_name=LAG,
-                    passed=(h.lag_seconds or 0.0) <= lag_threshold_seconds,
-                    metadata={
-                        "oldest_waiting_seconds": float(h.lag_seconds or 0.0),
-                        "threshold_seconds": lag_threshold_seconds,
-                    },
-                )
+    out = []
+    for check_key in check_keys:
+        h = health[by_key[check_key.asset_key].name]
+        if check_key.name == ROW_COUNT:
+            gap = h.source_rows - h.d1_rows
+            if gap == 0:
+                says = "row counts are equal"
+            elif h.count_explained:
+                says = f"D1 is {abs(gap)} rows apart, within what the {h.queued_rows} queued row changes explain"
             else:
-                yield dg.AssetCheckResult(
-                    asset_key=check_key.asset_key,
-                    check_name=DEAD_LETTERS,
-                    passed=h.dead_letters == 0,
-                    severity=dg.AssetCheckSeverity.ERROR,
-                    metadata={"dead_letters": h.dead_letters},
-                )
+                says = f"D1 is {abs(gap)} rows apart; only {h.queued_rows} row changes are queued for it"
+            if h.filtered:
+                says = h.filtered
+            elif h.apply_running:
+                says += " (an apply held the queue while the counts were read, so D1 may have moved meanwhile)"
+            figures: dict[str, float | int | str] = {
+                "postgres_rows": h.source_rows,
+                "d1_rows": h.d1_rows,
+                "queued_changes": h.queued,
+                "queued_row_changes": h.queued_rows,
+            }
+            out.append(Outcome(check_key.asset_key, ROW_COUNT, h.count_explained, figures, says))
+        elif check_key.name == LAG:
+            lag = float(h.lag_seconds or 0.0)
+            figures = {"oldest_waiting_seconds": lag, "threshold_seconds": lag_threshold_seconds}
+            says = f"the oldest waiting change is {lag:.1f}s old" if h.queued else "nothing is waiting"
+            out.append(Outcome(check_key.asset_key, LAG, lag <= lag_threshold_seconds, figures, says))
+        elif check_key.name == DEAD_LETTERS:
+            says = f"{h.dead_letters} dead letters" if h.dead_letters else "no dead letters"
+            figures = {"dead_letters": h.dead_letters}
+            out.append(Outcome(check_key.asset_key, DEAD_LETTERS, h.dead_letters == 0, figures, says))
+    return out
 
-    return d1_table_checks
+
+def all_cheap_check_keys(schema: Schema, tables: Iterable[str] | None = None) -> list[dg.AssetCheckKey]:
+    names = set(tables) if tables is not None else None
+    return [
+        dg.AssetCheckKey(asset_key(t), name)
+        for t in schema.tables
+        if names is None or t.name in names
+        for name in CHEAP_CHECKS
+    ]

@@ -7,10 +7,13 @@ import dagster as dg
 from pydantic import Field
 
 from d1sync_dagster.defs import guard
-from d1sync_dagster.defs.assets import asset_key
+from d1sync_dagster.defs.assets import d1_row_count
+from d1sync_dagster.defs.checks import all_cheap_check_keys, table_outcomes
+from d1sync_dagster.defs.keys import asset_key
 from d1sync_dagster.defs.resources import D1Resource, PostgresResource, open_clients
 from d1sync_dagster.engine.backfill import backfill
 from d1sync_dagster.engine.doctor import diagnose
+from d1sync_dagster.engine.health import table_health
 from d1sync_dagster.engine.nuke import nuke
 from d1sync_dagster.engine.setup import setup
 from d1sync_dagster.schema import Schema
@@ -92,7 +95,9 @@ def build_backfill_job(schema: Schema) -> dg.JobDefinition:
     return backfill_job
 
 
-def build_nuke_job(schema: Schema, *, allow_destructive: bool = False) -> dg.JobDefinition:
+def build_nuke_job(
+    schema: Schema, *, allow_destructive: bool = False, lag_threshold_seconds: float = 300.0
+) -> dg.JobDefinition:
     """`d1sync_nuke`: refuses, before touching anything, unless the deployment allows destructive
     operations (`defs/guard.py`); records the launcher and restore point on the run and the tables' assets."""
 
@@ -108,6 +113,8 @@ def build_nuke_job(schema: Schema, *, allow_destructive: bool = False) -> dg.Job
         tables = None if config.all_tables else [config.table or ""]
         launcher = guard.Launcher.of(context.run)
         with open_clients(postgres, d1, what="nuke") as (pg, client):
+            chosen = [schema.table(n) for n in tables] if tables else list(schema.tables)
+            before = {t.name: d1_row_count(client, t) for t in chosen} if config.confirm else {}
             report = nuke(
                 pg,
                 client,
@@ -119,6 +126,7 @@ def build_nuke_job(schema: Schema, *, allow_destructive: bool = False) -> dg.Job
                 source=launcher.source,
                 accept_no_restore_point=config.accept_no_restore_point,
             )
+            health = table_health(pg, client, schema)
         guard.record(context, operation="nuke", launcher=launcher, restore_point=report.bookmark)
         done = {
             "operation": dg.MetadataValue.text("nuke: dropped and recreated empty"),
@@ -128,12 +136,24 @@ def build_nuke_job(schema: Schema, *, allow_destructive: bool = False) -> dg.Job
             "queue_purged": dg.MetadataValue.bool(config.purge_queue),
         }
         for name in report.tables:  # the D1 tables' own history says what happened to them
-            context.log_event(dg.AssetMaterialization(asset_key=asset_key(schema.table(name)), metadata=done))
+            table = schema.table(name)
+            yield dg.AssetMaterialization(
+                asset_key=asset_key(table),
+                metadata=done
+                | {
+                    "rows_dropped": dg.MetadataValue.int(before.get(name, 0)),
+                    "dagster/row_count": dg.MetadataValue.int(health[name].d1_rows),
+                },
+            )
+        # ... and their checks say what that means now (a row count check fails on an emptied table).
+        keys = all_cheap_check_keys(schema, report.tables)
+        for outcome in table_outcomes(health, schema, keys, lag_threshold_seconds=lag_threshold_seconds):
+            yield outcome.evaluation()
         context.log.warning(
             f"nuked {', '.join(report.tables)} (launched by {launcher.user} from {launcher.source}; restore point "
-            f"{report.bookmark}); run d1sync_backfill to fill them again"
+            f"{report.bookmark}); materialize them with mode: backfill (or run d1sync_backfill) to fill them again"
         )
-        return dg.Output(
+        yield dg.Output(
             None,
             metadata={
                 "tables": dg.MetadataValue.text(", ".join(report.tables)),

@@ -1,4 +1,5 @@
-"""`pgmq_depth_sensor`: requests an apply run when the queue has work and nothing else consumes it.
+"""`pgmq_depth_sensor`: keeps one streaming apply run alive (`d1sync_stream`, the default), or, in per-run
+mode (`D1SYNC_APPLY_MODE=run`), requests an apply run when the queue has work and nothing else consumes it.
 
 It never starts a run that could only find the queue taken: it skips, saying why, while any run that
 consumes the queue is queued or running (an apply, a backfill, a nuke, a reconcile, a UI materialization or
@@ -42,18 +43,31 @@ def build_depth_sensor(
     interval_seconds: int = 30,
     consumers: Collection[str] = (),
     asset_keys: Collection[dg.AssetKey] = (),
+    run_config: dict[str, Any] | None = None,
+    stream_job: Any = None,
 ) -> dg.SensorDefinition:
-    """The sensor for `job` (the apply job); `consumers` names the other jobs that take the queue."""
-    consumer_jobs = {job.name, *consumers}
+    """The sensor for `job` (the apply job); `consumers` names the other jobs that take the queue;
+    `run_config` is the config of the runs it requests. With a `stream_job` it keeps one streaming run
+    alive instead (started whether or not changes are waiting), and requests no apply runs."""
+    consumer_jobs = {job.name, *consumers} | ({stream_job.name} if stream_job is not None else set())
     keys = set(asset_keys)
+    jobs = [job] if stream_job is None else [stream_job]
+    what = (
+        "starts an apply run when changes are waiting"
+        if stream_job is None
+        else (
+            f"keeps one {stream_job.name} run alive (it follows the queue and ends by itself; the next tick starts "
+            "the next one)"
+        )
+    )
 
     @dg.sensor(
         name="pgmq_depth_sensor",
-        job=job,
+        jobs=jobs,
         minimum_interval_seconds=interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
-            "Watches the PGMQ change queue (pgmq.metrics) and starts an apply run when changes are waiting, "
+            f"Watches the PGMQ change queue (pgmq.metrics) and {what}, "
             "unless a run that consumes the queue (apply, backfill, nuke, reconcile, a materialization of the D1 "
             f"assets) is queued or running or another consumer holds the queue's lock. Checks every "
             f"{interval_seconds}s; the skip reason says why no run started."
@@ -62,16 +76,22 @@ def build_depth_sensor(
     def pgmq_depth_sensor(context: dg.SensorEvaluationContext, postgres: PostgresResource):
         with postgres.get_client() as pg:
             m = pg.metrics()
-            holders = pg.lock_holders() if m.queue_length else []
+            holders = pg.lock_holders() if m.queue_length or stream_job is not None else []
         newest = m.total_messages
         seen = int(context.cursor) if context.cursor and context.cursor.isdigit() else None
         context.update_cursor(str(newest))
         arrived = "" if seen is None else f"; {max(newest - seen, 0)} new since the last tick"
-        if m.queue_length == 0:
+        if m.queue_length == 0 and stream_job is None:
             return dg.SkipReason(f"queue {m.queue_name} is empty (newest msg_id {newest}{arrived})")
         waiting = f"{m.queue_length} changes waiting (oldest {m.oldest_msg_age_sec}s{arrived})"
         in_flight = context.instance.get_run_records(dg.RunsFilter(statuses=IN_FLIGHT), limit=100)
         busy = [r.dagster_run for r in in_flight if consuming_run(r.dagster_run, consumer_jobs, keys)]
+        streaming = [r for r in busy if stream_job is not None and r.job_name == stream_job.name]
+        if streaming:
+            run = streaming[0]
+            return dg.SkipReason(
+                f"{waiting}; run {run.run_id} ({run.job_name}, {run.status.value.lower()}) follows the queue"
+            )
         if busy:
             run = busy[0]
             return dg.SkipReason(
@@ -79,7 +99,8 @@ def build_depth_sensor(
             )
         if holders:
             return dg.SkipReason(f"{waiting}, but the queue's consumer lock is held by {describe_holders(holders)}")
-        latest = context.instance.get_run_records(dg.RunsFilter(job_name=job.name), limit=1)
+        launched = job if stream_job is None else stream_job
+        latest = context.instance.get_run_records(dg.RunsFilter(job_name=launched.name), limit=1)
         not_before = latest[0].dagster_run.tags.get(NOT_BEFORE_TAG) if latest else None
         if not_before and datetime.fromisoformat(not_before) > datetime.now(UTC):
             return dg.SkipReason(
@@ -87,6 +108,8 @@ def build_depth_sensor(
                 f"(run {latest[0].dagster_run.run_id})"
             )
         return dg.RunRequest(
+            job_name=launched.name,
+            run_config=run_config if stream_job is None and run_config else {},
             tags={
                 "d1sync/queue_depth": str(m.queue_length),
                 "d1sync/oldest_age_seconds": str(m.oldest_msg_age_sec),

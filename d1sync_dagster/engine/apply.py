@@ -67,6 +67,13 @@ class ApplyOptions:
     follow: Callable[[], bool] | None = None
     #: Called with the running report after each batch is applied and deleted (progress display).
     on_batch: Callable[[ApplyReport], None] | None = None
+    #: Called with the running report, the batch's messages and each message's table after each batch is
+    #: applied and deleted (the streaming run: what landed, and how old it was).
+    on_batch_messages: Callable[[ApplyReport, list[QueueMessage], dict[int, str | None]], None] | None = None
+    #: While `follow` holds, called on an empty queue; returns when changes may have arrived (streaming).
+    idle: Callable[[], None] | None = None
+    #: True ends the run after the batch in hand (the streaming run being stopped).
+    stopped: Callable[[], bool] | None = None
     #: D1 requests one run may spend isolating the changes D1 refuses (bisection); see `_isolate`.
     max_bisect_requests: int = 200
     #: After a run that drained the queue, VACUUM the queue table when Postgres counts at least this many
@@ -82,6 +89,7 @@ class _Prepared:
     poison: list[Poison]
     planned: list[Planned]
     meta: list[Statement]
+    tables: dict[int, str | None]  # msg_id -> table
 
 
 def apply(
@@ -127,6 +135,8 @@ def apply(
                 weigh=lambda msgs: sum(message_rows(m.message) for m in msgs),
                 max_rows=options.max_rows_per_batch,
                 follow=options.follow,
+                idle=options.idle,
+                stopped=options.stopped,
                 # One batch ahead is enough since reads no longer update the queue: decoding is the slow
                 # stage. Measured on 100k changes: same rate as two ahead, 10 MB less peak memory.
                 depth=1,
@@ -176,7 +186,7 @@ def _prepare(schema: Schema, msgs: list[QueueMessage], report: ApplyReport) -> _
         Statement(upsert_meta(), ("last_applied_at", now.isoformat(timespec="seconds"))),
         Statement(upsert_meta(), ("last_applied_msg_id", str(msgs[-1].msg_id))),
     ]
-    return _Prepared(msgs, batch.poison, batch.planned, meta)
+    return _Prepared(msgs, batch.poison, batch.planned, meta, batch.tables)
 
 
 def _commit_and_finish(
@@ -221,6 +231,8 @@ def _commit_and_finish(
     report.batches += 1
     if options.on_batch is not None:
         options.on_batch(report)
+    if options.on_batch_messages is not None:
+        options.on_batch_messages(report, p.msgs, p.tables)
     log.info(
         "applied batch of %d messages (%d dead-lettered); %d D1 requests so far",
         len(p.msgs),

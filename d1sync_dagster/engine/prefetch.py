@@ -20,7 +20,9 @@ class Prefetch:
     Stops at an empty read (`drained` becomes True), at `max_messages` read, or at `deadline` (monotonic).
     When messages carry many rows each (backfill chunks, weighed by `weigh`), later reads ask for fewer
     messages so a batch holds about `max_rows` rows, which bounds memory. While `follow()` is true an empty
-    read waits for more instead of ending (a backfill producing chunks concurrently).
+    read waits for more instead of ending (a backfill producing chunks concurrently, the streaming apply),
+    by calling `idle()` (which returns when more may have come), else 20 ms. `stopped()` true ends it like
+    the deadline.
     A read error is raised in the consuming thread. The reading connection is used by this thread only
     until `close()` returns.
     """
@@ -36,9 +38,12 @@ class Prefetch:
         weigh: Callable[[list[QueueMessage]], int] | None = None,
         max_rows: int | None = None,
         follow: Callable[[], bool] | None = None,
+        idle: Callable[[], None] | None = None,
+        stopped: Callable[[], bool] | None = None,
     ) -> None:
         self._read, self._batch, self._max, self._deadline = read, batch_size, max_messages, deadline
         self._weigh, self._max_rows, self._follow = weigh, max_rows, follow
+        self._idle, self._stopped = idle, stopped
         self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self.drained = False
@@ -60,13 +65,18 @@ class Prefetch:
             while not self._stop.is_set():
                 if self._deadline is not None and time.monotonic() >= self._deadline:
                     return self._put(_BUDGET)
+                if self._stopped is not None and self._stopped():
+                    return self._put(_BUDGET)
                 qty = size if self._max is None else min(size, self._max - total)
                 if qty <= 0:
                     return self._put(_BUDGET)
                 msgs = self._read(qty)
                 if not msgs:
                     if self._follow is not None and self._follow():
-                        time.sleep(0.02)  # a producer is still writing: wait for more
+                        if self._idle is not None:
+                            self._idle()  # the streaming apply: until notified or its poll interval
+                        else:
+                            time.sleep(0.02)  # a backfill's producer is still writing: wait for more
                         continue
                     return self._put(_DRAINED)
                 total += len(msgs)

@@ -14,6 +14,8 @@ Design:
   was changed) is sent first as a DELETE, then every changed new row as an UPDATE. Replication is by state,
   so this gives the right final rows even for `UPDATE t SET id = id + 1`.
 - TRUNCATE sends one TRUNCATE message, a barrier for the consumer.
+- A statement that queued changes also notifies `d1sync_<queue>` (`pg_notify`, no payload): Postgres folds
+  the notifications of one transaction into one, delivered at commit, and the streaming apply wakes on it.
 - Functions are SECURITY DEFINER with an empty search_path, so app roles writing rows need no PGMQ rights
   and nothing can be hijacked through search_path.
 - The file uses only what PGMQ 1.4 has (`create`, `send_batch(text, jsonb[])`, the `q_<queue>` table with
@@ -69,15 +71,26 @@ def _message(table: Table, record: str, old_record: str, op: str) -> str:
     )
 
 
+def notify_channel(queue: str) -> str:
+    """The channel the capture triggers notify once per statement that queued changes, and the streaming
+    apply listens on (Postgres delivers it at commit, once per transaction however many statements)."""
+    return f"d1sync_{check_queue_name(queue)}"
+
+
 def _enqueue(queue: str, select: str, via: SendVia) -> str:
+    notify = f"PERFORM pg_catalog.pg_notify({literal(notify_channel(queue))}, '');"
     if via == "send_batch":
         return (
             f"msgs := ARRAY(SELECT m FROM ({select}) s);\n"
-            f"    IF pg_catalog.cardinality(msgs) > 0 THEN PERFORM pgmq.send_batch({literal(queue)}, msgs); END IF;"
+            f"    IF pg_catalog.cardinality(msgs) > 0 THEN\n"
+            f"      PERFORM pgmq.send_batch({literal(queue)}, msgs); {notify}\n    END IF;"
         )
     # One INSERT into the queue table, with the columns pgmq.send_batch itself fills (vt, message): the
     # same rows, without building, copying and unnesting an array of every message of the statement.
-    return f"INSERT INTO pgmq.{ident('q_' + queue)} (vt, message)\n      SELECT pg_catalog.now(), m FROM ({select}) s;"
+    return (
+        f"INSERT INTO pgmq.{ident('q_' + queue)} (vt, message)\n      SELECT pg_catalog.now(), m FROM ({select}) s;\n"
+        f"    IF FOUND THEN {notify} END IF;"
+    )
 
 
 def capture_function(table: Table, queue: str, *, via: SendVia = "insert") -> str:

@@ -11,7 +11,6 @@ from d1sync_dagster.clients.d1_local import LocalD1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.definitions import APPLY_JOB, build_definitions
 from d1sync_dagster.defs.assets import build_table_assets
-from d1sync_dagster.defs.checks import build_table_checks
 from d1sync_dagster.defs.resources import D1Resource, PostgresResource
 from d1sync_dagster.engine.setup import setup
 from d1sync_dagster.schema import load_schema
@@ -26,6 +25,7 @@ def env(source_db, tmp_path, monkeypatch):
     d1_path = str(tmp_path / "d1.sqlite")
     monkeypatch.setenv("DATABASE_URL", source_db)
     monkeypatch.setenv("D1_LOCAL_PATH", d1_path)
+    monkeypatch.setenv("D1SYNC_APPLY_MODE", "run")  # the per-run sensor; the streaming one is tested below
     with PgmqClient(source_db) as pg:
         d1 = LocalD1Client(d1_path)
         setup(pg, d1, SCHEMA)
@@ -99,8 +99,9 @@ def test_subset_materializes_only_the_selected_asset_but_drains_the_queue(env):
 
 
 def checks_result(resources):
+    """The cheap checks alone ("Execute checks" in the UI): nothing is applied."""
     return dg.materialize(
-        [build_table_assets(SCHEMA), build_table_checks(SCHEMA, lag_threshold_seconds=60)],
+        [build_table_assets(SCHEMA, lag_threshold_seconds=60)],
         resources=resources,
         selection=dg.AssetSelection.all_asset_checks(),
     )
@@ -397,3 +398,183 @@ def test_the_doctor_job_says_why_replication_is_broken(env):
         failure.description
     )
     assert "| capture apps | fail |" in failure.metadata["findings"].value
+
+
+def materializations(result):
+    return {
+        e.event_specific_data.materialization.asset_key: e.event_specific_data.materialization.metadata
+        for e in result.get_asset_materialization_events()
+    }
+
+
+def mode_config(**config):
+    return {"ops": {"d1_incremental_apply": {"config": config}}}
+
+
+def test_a_sensor_run_records_only_the_tables_its_changes_reached_and_checks_all(env):
+    pg, _d1, resources = env
+    pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
+    result = dg.materialize(
+        [build_table_assets(SCHEMA)], resources=resources, run_config=mode_config(record_unchanged=False)
+    )
+    assert result.success and set(materializations(result)) == {APPS}
+    outcomes = check_outcomes(result)  # the checks of the unchanged table still run
+    assert len(outcomes) == 6 and all(outcomes.values()), outcomes
+    assert materializations(result)[APPS]["dagster/row_count"].value == 1
+    # A run launched by hand records every selected table, changed or not.
+    assert set(materializations(dg.materialize([build_table_assets(SCHEMA)], resources=resources))) == {APPS, VERSIONS}
+
+
+def without_capture(pg, sql):
+    pg.execute("ALTER TABLE apps DISABLE TRIGGER USER")  # rows only a backfill brings to D1
+    pg.execute(sql)
+    pg.execute("ALTER TABLE apps ENABLE TRIGGER USER")
+
+
+def test_backfill_as_a_materialization_of_the_selected_table_records_its_figures_and_runs_its_checks(env):
+    pg, d1, resources = env
+    without_capture(pg, "INSERT INTO apps (id, name) SELECT g, 'old' FROM generate_series(1, 130) g")
+    assert check_outcomes(checks_result(resources))[("apps", "row_count_matches_source")] is False
+    result = dg.materialize(
+        [build_table_assets(SCHEMA)], resources=resources, selection=[APPS],
+        run_config=mode_config(mode="backfill", chunk_size=50),
+    )  # fmt: skip
+    assert result.success
+    md = materializations(result)[APPS]
+    assert md["operation"].value == "backfill" and md["backfill_rows"].value == 130
+    assert md["backfill_chunks"].value == 3 and md["dagster/row_count"].value == 130
+    outcomes = check_outcomes(result)
+    assert set(outcomes) == {
+        ("apps", c) for c in ("row_count_matches_source", "replication_lag_under_threshold", "no_dead_letters")
+    }
+    assert all(outcomes.values()), outcomes
+    (res,) = d1.query("SELECT count(*) AS n FROM apps")
+    assert res.results == [{"n": 130}]
+
+
+def test_a_nuke_records_what_it_dropped_and_fails_the_row_count_check_until_a_backfill(env, monkeypatch):
+    monkeypatch.setenv("D1SYNC_ALLOW_DESTRUCTIVE", "1")
+    pg, d1, resources = env
+    pg.execute("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 40) g")
+    assert all(check_outcomes(dg.materialize([build_table_assets(SCHEMA)], resources=resources)).values())
+    result = run_job("d1sync_nuke", resources, {"d1sync_nuke_op": {"config": {"table": "apps", "confirm": True}}})
+    assert result.success
+    md = materializations(result)[APPS]
+    assert md["rows_dropped"].value == 40 and md["dagster/row_count"].value == 0
+    assert md["restore_bookmark"].value  # the local backend takes a restore point too
+    outcomes = check_outcomes(result)
+    assert (
+        outcomes[("apps", "row_count_matches_source")] is False and ("app_versions", "no_dead_letters") not in outcomes
+    )
+    result = dg.materialize(
+        [build_table_assets(SCHEMA)], resources=resources, selection=[APPS], run_config=mode_config(mode="backfill")
+    )
+    assert check_outcomes(result)[("apps", "row_count_matches_source")] is True
+    (res,) = d1.query("SELECT count(*) AS n FROM apps")
+    assert res.results == [{"n": 40}]
+
+
+def test_a_rebuild_is_refused_unless_destructive_operations_are_on_and_confirmed(env, monkeypatch):
+    pg, d1, resources = env
+    pg.execute("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 30) g")
+    dg.materialize([build_table_assets(SCHEMA)], resources=resources)
+    d1.query("INSERT INTO apps (id, name) VALUES (999, 'stray')")  # only a rebuild removes a row Postgres never had
+    refused = dg.materialize(
+        [build_table_assets(SCHEMA)],
+        resources=resources,
+        selection=[APPS],
+        run_config=mode_config(mode="rebuild", confirm=True),
+        raise_on_error=False,
+    )
+    assert not refused.success
+    failure = refused.failure_data_for_node("d1_incremental_apply").user_failure_data.description
+    assert "D1SYNC_ALLOW_DESTRUCTIVE=1" in failure and "Nothing was touched" in failure
+    (res,) = d1.query("SELECT count(*) AS n FROM apps")
+    assert res.results == [{"n": 31}]
+    assets = build_table_assets(SCHEMA, allow_destructive=True)
+    unconfirmed = dg.materialize(
+        [assets], resources=resources, selection=[APPS], run_config=mode_config(mode="rebuild"), raise_on_error=False
+    )
+    assert not unconfirmed.success
+    result = dg.materialize(
+        [assets], resources=resources, selection=[APPS], run_config=mode_config(mode="rebuild", confirm=True)
+    )
+    md = materializations(result)[APPS]
+    assert md["operation"].value == "rebuild" and md["rows_dropped"].value == 31 and md["backfill_rows"].value == 30
+    assert all(check_outcomes(result).values())
+    (res,) = d1.query("SELECT count(*) AS n FROM apps")
+    assert res.results == [{"n": 30}]
+
+
+@pytest.fixture
+def streaming(env, monkeypatch):
+    monkeypatch.setenv("D1SYNC_APPLY_MODE", "stream")
+    return env
+
+
+def test_the_streaming_sensor_keeps_exactly_one_stream_run_alive(streaming, source_db):
+    pg, _d1, resources = streaming
+    defs = build_definitions(str(ROOT / "schema.json"))
+    stream_job = defs.resolve_job_def("d1sync_stream")
+    with dg.instance_for_test() as instance:
+        _sensor, tick = sensor_tick(instance, resources)  # empty queue: a stream still starts, to follow it
+        (req,) = tick.run_requests
+        assert req.job_name == "d1sync_stream"
+        run = instance.create_run_for_job(stream_job, status=dg.DagsterRunStatus.STARTED)
+        pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
+        _sensor, tick = sensor_tick(instance, resources, cursor="0")
+        assert tick.run_requests == [] and f"run {run.run_id} (d1sync_stream, started) follows the queue" in (
+            tick.skip_message
+        )
+        instance.report_run_failed(run)
+        backfill = instance.create_run_for_job(
+            defs.resolve_job_def("d1sync_backfill"), status=dg.DagsterRunStatus.STARTED
+        )
+        _sensor, tick = sensor_tick(instance, resources, cursor="1")
+        assert (
+            tick.run_requests == []
+            and backfill.run_id in tick.skip_message
+            and "consumes the queue" in tick.skip_message
+        )
+        instance.report_run_failed(backfill)
+        with PgmqClient(source_db) as cli, cli.consumer_lock() as got:
+            assert got
+            _sensor, tick = sensor_tick(instance, resources, cursor="1")
+            assert tick.run_requests == [] and "consumer lock is held by pid" in tick.skip_message
+        _sensor, tick = sensor_tick(instance, resources, cursor="1")
+        assert [r.job_name for r in tick.run_requests] == ["d1sync_stream"]
+
+
+def test_the_stream_run_applies_changes_written_after_it_started_records_changed_tables_and_ends_on_time(
+    streaming, source_db
+):
+    import threading
+
+    import psycopg
+
+    pg, d1, resources = streaming
+
+    def writer():
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            for i in range(1, 4):
+                time.sleep(0.7)
+                conn.execute("INSERT INTO apps (id, name) VALUES (%s, 'n')", [i])
+
+    w = threading.Thread(target=writer)
+    w.start()
+    started = time.monotonic()
+    config = {"d1sync_stream_op": {"config": {"seconds": 4, "record_every_seconds": 0.5}}}
+    result = run_job("d1sync_stream", resources, config)
+    elapsed = time.monotonic() - started
+    w.join()
+    assert result.success and elapsed < 10
+    mats = [e.event_specific_data.materialization for e in result.get_asset_materialization_events()]
+    assert mats and {m.asset_key for m in mats} == {APPS}  # app_versions did not change: no materialization
+    assert sum(m.metadata["messages"].value for m in mats) == 3
+    assert all(m.metadata["applied_change_age_seconds"].value < 1.0 for m in mats)
+    outcomes = check_outcomes(result)
+    assert len(outcomes) == 6 and all(outcomes.values()), outcomes
+    (res,) = d1.query("SELECT count(*) AS n FROM apps")
+    assert res.results == [{"n": 3}]
+    md = output_metadata(result, "d1sync_stream_op")
+    assert md["messages"].value == 3 and "notifications" in md["wake"].value

@@ -245,3 +245,21 @@ def test_doctor_through_the_transaction_pooler_finds_nothing_wrong(pooled_pair):
     pair, url = pooled_pair
     dx = diagnose(lambda: PgmqClient(url), lambda: Borrowed(pair.d1), SCHEMA)
     assert dx.exit_code == 0, dx.table()
+
+
+def test_the_streaming_apply_finds_out_that_notifications_do_not_arrive_and_polls(pooled_pair):
+    """pgbouncer on 6432 is not recognised by its port: the listener's probe finds that no notification
+    arrives through it, and the stream polls; changes written meanwhile land."""
+    from d1sync_dagster.clients.pgmq import ChangeListener
+    from d1sync_dagster.engine.stream import StreamOptions, follow_queue
+
+    p, _url = pooled_pair
+    assert not p.pg.pooled  # not port 6543: only the probe can tell
+    listener = ChangeListener(p.pg, poll_seconds=0.2, probe_seconds=1.0)
+    assert not listener.listening and "did not arrive" in listener.mode
+    listener.close()
+    p.sql("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 30) g")
+    updates = list(follow_queue(p.pg, p.d1, p.schema, StreamOptions(seconds=3, poll_seconds=0.2)))
+    assert "polling every 0.2s" in updates[-1].wake and updates[-1].totals.messages == 30
+    (res,) = p.d1.query("SELECT count(*) AS n FROM apps")
+    assert res.results == [{"n": 30}]

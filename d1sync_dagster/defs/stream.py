@@ -1,0 +1,91 @@
+"""`d1sync_stream`: the streaming apply as a Dagster run. It follows the queue for `seconds` (applying each
+change within a fraction of a second of its commit), records a materialization of `d1/<table>` for each
+table that changed, at most every `record_every_seconds`, evaluates every table's checks when it ends, and
+ends by itself so that a code reload takes effect. The sensor keeps one such run alive."""
+
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from d1sync_dagster.defs.assets import run_figures, table_metadata
+from d1sync_dagster.defs.checks import all_cheap_check_keys, table_outcomes
+from d1sync_dagster.defs.keys import asset_key
+from d1sync_dagster.defs.resources import D1Resource, PostgresResource, open_clients
+from d1sync_dagster.engine.apply import ApplyOptions
+from d1sync_dagster.engine.health import table_health
+from d1sync_dagster.engine.setup import ensure_schema
+from d1sync_dagster.engine.stream import Landed, StreamOptions, follow_queue
+from d1sync_dagster.schema import Schema
+
+STREAM_JOB = "d1sync_stream"
+
+
+class StreamConfig(dg.Config):
+    seconds: float = Field(default=900.0, description="how long the run follows the queue before it ends by itself")
+    poll_seconds: float = Field(
+        default=1.0, description="how often an idle run looks at the queue without a notification (pooler: always)"
+    )
+    record_every_seconds: float = Field(
+        default=2.0, description="a changed table records a materialization at most this often"
+    )
+
+
+def build_stream_job(
+    schema: Schema,
+    *,
+    options: ApplyOptions | None = None,
+    defaults: StreamOptions | None = None,
+    lag_threshold_seconds: float = 300.0,
+) -> dg.JobDefinition:
+    default = defaults or StreamOptions()
+
+    @dg.op(
+        name="d1sync_stream_op",
+        description="Follow the queue and apply each change as it commits; ends after `seconds`.",
+    )
+    def stream_op(context: dg.OpExecutionContext, config: StreamConfig, postgres: PostgresResource, d1: D1Resource):
+        stream = StreamOptions(config.seconds, config.poll_seconds, config.record_every_seconds)
+        final: Landed | None = None
+        with open_clients(postgres, d1, what="the streaming apply", context=context) as (pg, client):
+            evolved = ensure_schema(pg, client, schema)
+            if evolved is not None:
+                context.log.warning(f"schema.json changed: D1 updated first ({evolved})")
+            for landed in follow_queue(pg, client, schema, stream, options):
+                if final is None and not landed.final:
+                    context.log.info(f"streaming apply, {landed.wake}")
+                figures = run_figures(landed.totals)
+                for name, stats in landed.tables.items():
+                    md = table_metadata(stats, figures) | {"operation": dg.MetadataValue.text("stream")}
+                    yield dg.AssetMaterialization(asset_key=asset_key(schema.table(name)), metadata=md)
+                final = landed
+            health = table_health(pg, client, schema)
+        assert final is not None and final.final  # follow_queue ends with its final report or raises
+        report = final.totals
+        if report.skipped:
+            context.log.warning(f"streaming apply skipped: {report.skipped}")
+        else:
+            context.log.info(
+                f"streamed {report.messages} messages in {report.duration_seconds:.1f}s ({final.wake}), "
+                f"{report.requests} D1 requests, {report.dead_lettered} dead-lettered"
+            )
+        keys = all_cheap_check_keys(schema)
+        for outcome in table_outcomes(health, schema, keys, lag_threshold_seconds=lag_threshold_seconds):
+            yield outcome.evaluation()
+        md: dict[str, Any] = {k: dg.MetadataValue.float(float(round(v, 2))) for k, v in run_figures(report).items()}
+        md["wake"] = dg.MetadataValue.text(final.wake)
+        md["skipped"] = dg.MetadataValue.text(report.skipped or "")
+        yield dg.Output(None, metadata=md)
+
+    @dg.job(
+        name=STREAM_JOB,
+        description=(
+            "Streaming apply: follows the queue and applies each change within a fraction of a second of its "
+            f"commit, for {default.seconds:g}s by default, then ends (the sensor starts the next one)."
+        ),
+        config={"ops": {"d1sync_stream_op": {"config": {"seconds": default.seconds}}}},
+    )
+    def stream_job() -> None:
+        stream_op()
+
+    return stream_job
