@@ -46,8 +46,17 @@ from d1sync_dagster.sql.capture import example_source_tables  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def writer(url: str, rate: int, seconds: float, stop: threading.Event, written: list[int]) -> None:
-    per_tick = max(1, rate // 10)
+def writer(
+    url: str,
+    rate: int,
+    seconds: float,
+    stop: threading.Event,
+    written: list[int],
+    committed: dict[int, float] | None = None,
+) -> None:
+    """`rate` changes/s in 10 statements a second: inserts (ids 1, 2, ... in commit order) and updates;
+    `committed[id]`, when given, is when the insert of `id` committed (time.monotonic)."""
+    per_tick = max(2, rate // 10)
     next_id = 1
     with psycopg.connect(url, autocommit=True) as conn:
         start = time.monotonic()
@@ -59,6 +68,9 @@ def writer(url: str, rate: int, seconds: float, stop: threading.Event, written: 
                 "FROM generate_series(%s::bigint, %s::bigint) g",
                 [next_id, next_id + inserts - 1],
             )
+            if committed is not None:
+                now = time.monotonic()
+                committed.update(dict.fromkeys(range(next_id, next_id + inserts), now))
             next_id += inserts
             updates = per_tick - inserts
             conn.execute(

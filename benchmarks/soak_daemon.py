@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import psycopg
 
 from benchmarks.common import fresh_database
+from benchmarks.soak import writer
 from d1sync_dagster.clients.d1_local import LocalD1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.engine.compare import d1_rows, diff, pg_rows
@@ -28,34 +28,6 @@ from d1sync_dagster.sql.capture import example_source_tables
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-
-
-def _writer(url: str, rate: int, seconds: float, committed: dict[int, float], stop: threading.Event) -> None:
-    """Inserts (ids 1, 2, ... in commit order) and updates, `rate` changes/s in 10 statements a second;
-    `committed[id]` is when the insert's transaction committed."""
-    per_tick = max(2, rate // 10)
-    next_id = 1
-    with psycopg.connect(url, autocommit=True) as conn:
-        start = time.monotonic()
-        tick = 0
-        while not stop.is_set() and time.monotonic() - start < seconds:
-            inserts = per_tick // 2
-            conn.execute(
-                "INSERT INTO apps (id, name, rating) SELECT g, 'n' || g, g / 3.0 "
-                "FROM generate_series(%s::bigint, %s::bigint) g",
-                [next_id, next_id + inserts - 1],
-            )
-            now = time.monotonic()
-            for i in range(next_id, next_id + inserts):
-                committed[i] = now
-            next_id += inserts
-            conn.execute(
-                "UPDATE apps SET name = name || '.', rating = rating + 1 WHERE id IN "
-                "(SELECT (random() * %s)::bigint + 1 FROM generate_series(1, %s))",
-                [max(1, next_id - 2), per_tick - inserts],
-            )
-            tick += 1
-            time.sleep(max(0.0, start + tick * 0.1 - time.monotonic()))
 
 
 def _watcher(path: str, seen: dict[int, float], stop: threading.Event) -> None:
@@ -98,16 +70,31 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             pass
 
 
-def _runs(home: str) -> dict[str, int]:
-    """Runs per job and status in the instance."""
+def _runs(home: str) -> tuple[dict[str, int], dict[str, float]]:
+    """Runs per job and status in the instance, and the median phases of the finished runs (seconds): from
+    the run's creation to its start (the daemon launching it, the run worker starting and loading the code),
+    its steps, and the rest of the run."""
     import dagster as dg
 
     with dg.DagsterInstance.from_config(home) as instance:
-        out: dict[str, int] = {}
-        for r in instance.get_runs():
+        counts: dict[str, int] = {}
+        launch, steps, rest = [], [], []
+        for record in instance.get_run_records():
+            r = record.dagster_run
             key = f"{r.job_name} {r.status.value.lower()}"
-            out[key] = out.get(key, 0) + 1
-        return out
+            counts[key] = counts.get(key, 0) + 1
+            if record.start_time is None or record.end_time is None:
+                continue
+            launch.append(record.start_time - record.create_timestamp.timestamp())
+            stats = instance.get_run_step_stats(r.run_id)
+            busy = sum((s.end_time or 0) - (s.start_time or 0) for s in stats if s.start_time and s.end_time)
+            steps.append(busy)
+            rest.append(record.end_time - record.start_time - busy)
+
+        def median(xs: list[float]) -> float:
+            return round(statistics.median(xs), 2) if xs else 0.0
+
+        return counts, {"to_start_s": median(launch), "steps_s": median(steps), "rest_s": median(rest)}
 
 
 def soak_daemon(args: Any) -> None:
@@ -154,7 +141,7 @@ def soak_daemon(args: Any) -> None:
                 watcher = threading.Thread(target=_watcher, args=(d1_path, seen, stop), daemon=True)
                 watcher.start()
                 started = time.monotonic()
-                _writer(url, args.rate, args.seconds, committed, threading.Event())
+                writer(url, args.rate, args.seconds, threading.Event(), [0], committed)
                 written = len(committed)
                 drain_by = time.monotonic() + 120
                 while time.monotonic() < drain_by and (pg.metrics().queue_length or len(seen) < written):
@@ -167,7 +154,7 @@ def soak_daemon(args: Any) -> None:
             stop.set()
             _stop(daemon)
             log.close()
-        runs = _runs(str(home))
+        runs, phases = _runs(str(home))
         d1.close()
     lags = sorted(seen[i] - committed[i] for i in committed if i in seen)
     missing = len(committed) - len(lags)
@@ -185,7 +172,12 @@ def soak_daemon(args: Any) -> None:
     print(
         f"  lag p50 / p99 / max          {figures['lag_p50_s']} s / {figures['lag_p99_s']} s / {figures['lag_max_s']} s"
     )
-    print(f"  runs                         {', '.join(f'{n} {k}' for k, n in sorted(runs.items()))}")
+    listed = ", ".join(f"{n} {k}" for k, n in sorted(runs.items()))
+    print(f"  runs                         {listed} (the last one stopped with the daemon)")
+    print(
+        f"  a finished run, median        {phases['to_start_s']} s from its creation to its start (launch, run "
+        f"worker, code), {phases['steps_s']} s in its steps, {phases['rest_s']} s besides"
+    )
     print(f"  drift after the run          {drift} (rows never seen in D1: {missing})")
     if args.json:
         print(json.dumps(figures))

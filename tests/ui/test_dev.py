@@ -70,6 +70,7 @@ def dev(tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith("CLOUDFLARE_")}
     env |= {"D1SYNC_STATE_DIR": str(tmp_path / "state"), "D1SYNC_SENSOR_INTERVAL_SECONDS": "2"}
+    env |= {"D1SYNC_STREAM_SECONDS": "20"}  # the streaming run ends, with its checks, while the test watches
     env.pop("D1_LOCAL_PATH", None)
     exe = Path(sys.executable).parent / "d1sync"
     log = open(tmp_path / "dev.out", "w+")  # noqa: SIM115 - read back after the process ends
