@@ -30,11 +30,11 @@ from d1sync_dagster.engine.introspect import introspect
 from d1sync_dagster.engine.nuke import nuke
 from d1sync_dagster.engine.reconcile import reconcile
 from d1sync_dagster.engine.restore import restore
-from d1sync_dagster.engine.setup import ensure_schema, setup
+from d1sync_dagster.engine.setup import ensure_schema, setup, teardown_postgres
 from d1sync_dagster.engine.status import status
 from d1sync_dagster.errors import ConfigError, D1Error, D1SyncError, QueueError, SchemaError
 from d1sync_dagster.schema import Schema, load_schema
-from d1sync_dagster.sql.capture import example_source_tables, migration
+from d1sync_dagster.sql.capture import dlq_name, example_source_tables, migration
 from d1sync_dagster.sql.d1_ddl import schema_ddl
 from d1sync_dagster.sql.quoting import ident
 
@@ -303,6 +303,22 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     return 0 if after.in_sync else 1
 
 
+def _cmd_teardown(args: argparse.Namespace) -> int:
+    schema = load_schema(args.schema)
+    if not args.yes:
+        print(
+            f"teardown removes the capture of queue {args.queue} from {len(schema.tables)} tables: their changes "
+            "stop reaching this D1 (other queues' capture stays as it is). Run again with --yes.",
+            file=sys.stderr,
+        )
+        return 2
+    with PgmqClient(embedded.source_url(), queue=args.queue) as pg:
+        removed = teardown_postgres(pg, schema, drop_queue=args.drop_queue)
+    dropped = f"; queues {args.queue} and {dlq_name(args.queue)} dropped" if args.drop_queue else ""
+    print(f"capture of queue {args.queue} removed from {', '.join(removed) or 'no table'}{dropped}")
+    return 0
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     schema = load_schema(args.schema)
     dx = diagnose(
@@ -458,6 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="go ahead even when no restore point (D1 Time Travel bookmark) can be taken first",
     )
     p.set_defaults(func=_cmd_nuke)
+
+    p = sub.add_parser(
+        "teardown", help="remove this queue's capture triggers from the tables (other queues' stay; needs --yes)"
+    )
+    common(p)
+    p.add_argument("--drop-queue", action="store_true", help="also drop the queue and its dead-letter queue")
+    p.add_argument("--yes", action="store_true", help="confirm: changes stop being captured for this queue")
+    p.set_defaults(func=_cmd_teardown)
 
     p = sub.add_parser("doctor", help="check both sides and say how to fix each problem (exit 0, 1, or 3)")
     common(p)

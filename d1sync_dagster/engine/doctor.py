@@ -22,16 +22,10 @@ from d1sync_dagster.engine.catalog import check_reads_every_row
 from d1sync_dagster.engine.status import d1_meta
 from d1sync_dagster.errors import D1Error, QueueError
 from d1sync_dagster.schema import Schema, Table
-from d1sync_dagster.sql.capture import FUNCTION_SCHEMA, function_name, source_relation
+from d1sync_dagster.sql.capture import FUNCTION_SCHEMA, function_name, source_relation, trigger_names
 from d1sync_dagster.sql.quoting import ident
 
 Level = Literal["ok", "warn", "fail"]
-CAPTURE_TRIGGERS = (
-    "d1sync_capture_insert",
-    "d1sync_capture_update",
-    "d1sync_capture_delete",
-    "d1sync_capture_truncate",
-)
 
 
 @dataclass(frozen=True)
@@ -192,13 +186,15 @@ def _capture(dx: Diagnosis, pg: PgmqClient, table: Table) -> None:
             dx.add(read, "ok", f"{rel}: this role reads every row")
         except QueueError as e:
             dx.add(read, "fail", str(e), "BYPASSRLS for the role, the table's owner, or a FOR SELECT policy")
-    function = f"{ident(FUNCTION_SCHEMA)}.{ident(function_name(table))}"
-    found = {name: rest for name, *rest in pg.capture_triggers(rel, FUNCTION_SCHEMA, function_name(table))}
-    missing = [t for t in CAPTURE_TRIGGERS if t not in found]
+    fn_name = function_name(table, pg.queue)
+    function = f"{ident(FUNCTION_SCHEMA)}.{ident(fn_name)}"
+    found = {name: rest for name, *rest in pg.capture_triggers(rel, FUNCTION_SCHEMA, fn_name)}
+    names = list(trigger_names(pg.queue).values())
+    missing = [t for t in names if t not in found]
     if missing:
         dx.add(check, "fail", f"capture triggers missing on {rel}: {', '.join(missing)}", "d1sync setup")
         return
-    disabled = [t for t in CAPTURE_TRIGGERS if not found[t][0]]
+    disabled = [t for t in names if not found[t][0]]
     if disabled:
         dx.add(
             check,

@@ -24,7 +24,15 @@ from d1sync_dagster.engine.backfill import backfill
 from d1sync_dagster.engine.status import d1_meta
 from d1sync_dagster.errors import QueueError, SchemaError
 from d1sync_dagster.schema import Schema, Table
-from d1sync_dagster.sql.capture import migration
+from d1sync_dagster.sql.capture import (
+    DEFAULT_QUEUE,
+    FUNCTION_SCHEMA,
+    dlq_name,
+    function_name,
+    migration,
+    remove_capture,
+    source_relation,
+)
 from d1sync_dagster.sql.d1_ddl import (
     META_TABLE,
     add_column,
@@ -137,6 +145,43 @@ def setup_postgres(pg: PgmqClient, schema: Schema, *, pgmq_sql: str | None = Non
         if e.sqlstate != "42501":  # insufficient_privilege
             raise
         raise QueueError(f"setup could not install the capture side in Postgres: {e}. {_rights_hint(pg)}") from None
+    _drop_legacy_capture(pg, schema)
+
+
+def _drop_legacy_capture(pg: PgmqClient, schema: Schema) -> None:
+    """Before each queue had capture of its own, a deployment on another queue than the default installed
+    its capture under the default names (and so replaced the default deployment's). Where those triggers
+    still write into this queue, they are this queue's old copy: drop them, or every change would be queued
+    twice."""
+    if pg.queue == DEFAULT_QUEUE:
+        return
+    for table in schema.tables:
+        rel = source_relation(table)
+        legacy = pg.capture_triggers(rel, FUNCTION_SCHEMA, function_name(table, DEFAULT_QUEUE))
+        if legacy and all(ours for _, _, ours, _ in legacy):
+            pg.execute(remove_capture(table, DEFAULT_QUEUE))
+            log.warning(
+                "dropped the capture of %s that an older d1sync installed for queue %s under the default names",
+                rel,
+                pg.queue,
+            )
+
+
+def teardown_postgres(pg: PgmqClient, schema: Schema, *, drop_queue: bool = False) -> list[str]:
+    """Remove this queue's capture (triggers and functions) from the schema's tables, and with `drop_queue`
+    the queue and its dead-letter queue. Other queues' capture on the same tables stays exactly as it was.
+    Returns the tables whose capture was removed."""
+    removed = []
+    with pg.transaction():
+        for table in schema.tables:
+            if not pg.execute("SELECT to_regclass(%s) IS NULL", [source_relation(table)])[0][0]:
+                pg.execute(remove_capture(table, pg.queue))
+                removed.append(table.name)
+        if drop_queue:
+            for name in (pg.queue, dlq_name(pg.queue)):
+                if pg.execute("SELECT EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = %s)", [name])[0][0]:
+                    pg.execute("SELECT pgmq.drop_queue(%s)", [name])
+    return removed
 
 
 def _rights_hint(pg: PgmqClient) -> str:

@@ -43,13 +43,33 @@ def dlq_name(queue: str) -> str:
     return f"{queue}_dlq"
 
 
-def function_name(table: Table) -> str:
-    """The capture function's name (unqualified), at most 63 bytes."""
-    name = f"capture_{table.spec.source_schema}_{table.name}"
+def _short(name: str) -> str:
+    """`name` when it fits Postgres' 63 bytes, else a prefix and a hash of it."""
     if len(name.encode()) <= 63:
         return name
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
     return f"{name.encode()[:50].decode(errors='ignore')}_{digest}"
+
+
+def _suffix(queue: str) -> str:
+    """What sets a queue's capture apart from another queue's on the same table. The default queue keeps
+    the names every existing install has; any other queue has functions and triggers of its own, so that
+    setting one deployment up, changing it or removing it leaves the others' capture as it was."""
+    return "" if check_queue_name(queue) == DEFAULT_QUEUE else f"__{queue}"
+
+
+def function_name(table: Table, queue: str = DEFAULT_QUEUE) -> str:
+    """The capture function's name (unqualified) for `queue`, at most 63 bytes."""
+    return _short(f"capture_{table.spec.source_schema}_{table.name}{_suffix(queue)}")
+
+
+#: The statement events captured, each with its own trigger.
+EVENTS = ("INSERT", "UPDATE", "DELETE", "TRUNCATE")
+
+
+def trigger_names(queue: str = DEFAULT_QUEUE) -> dict[str, str]:
+    """The capture triggers' names for `queue`, by event."""
+    return {event: _short(f"d1sync_capture_{event.lower()}{_suffix(queue)}") for event in EVENTS}
 
 
 def source_relation(table: Table) -> str:
@@ -94,11 +114,11 @@ def _enqueue(queue: str, select: str, via: SendVia) -> str:
 
 
 def capture_function(table: Table, queue: str, *, via: SendVia = "insert") -> str:
-    """`CREATE OR REPLACE FUNCTION` for the table's capture trigger function."""
+    """`CREATE OR REPLACE FUNCTION` for the table's capture trigger function of `queue`."""
     check_queue_name(queue)
     keys = ", ".join(f"r.{ident(k)} AS k{i}" for i, k in enumerate(table.key))
     join = " AND ".join(f"n.k{i} = o.k{i}" for i in range(len(table.key)))
-    fn = f"{ident(FUNCTION_SCHEMA)}.{ident(function_name(table))}"
+    fn = f"{ident(FUNCTION_SCHEMA)}.{ident(function_name(table, queue))}"
     insert = (
         f"SELECT {_message(table, 'pg_catalog.to_jsonb(r)', 'NULL', 'INSERT')} AS m FROM {_rows(table, 'new_rows')}"
     )
@@ -135,18 +155,21 @@ END
 $fn$;"""
 
 
-def triggers(table: Table) -> str:
-    """Drop-and-create the four statement-level triggers on the source table (idempotent)."""
+_REFERENCING = {
+    "INSERT": "REFERENCING NEW TABLE AS new_rows ",
+    "UPDATE": "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows ",
+    "DELETE": "REFERENCING OLD TABLE AS old_rows ",
+    "TRUNCATE": "",
+}
+
+
+def triggers(table: Table, queue: str = DEFAULT_QUEUE) -> str:
+    """Drop-and-create the four statement-level triggers of `queue` on the source table (idempotent)."""
     rel = source_relation(table)
-    fn = f"{ident(FUNCTION_SCHEMA)}.{ident(function_name(table))}"
-    specs = [
-        ("d1sync_capture_insert", "INSERT", "REFERENCING NEW TABLE AS new_rows "),
-        ("d1sync_capture_update", "UPDATE", "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows "),
-        ("d1sync_capture_delete", "DELETE", "REFERENCING OLD TABLE AS old_rows "),
-        ("d1sync_capture_truncate", "TRUNCATE", ""),
-    ]
+    fn = f"{ident(FUNCTION_SCHEMA)}.{ident(function_name(table, queue))}"
     out = []
-    for name, event, referencing in specs:
+    for event, name in trigger_names(queue).items():
+        referencing = _REFERENCING[event]
         out.append(f"DROP TRIGGER IF EXISTS {ident(name)} ON {rel};")
         out.append(
             f"CREATE TRIGGER {ident(name)} AFTER {event} ON {rel}\n"
@@ -213,6 +236,14 @@ def migration(schema: Schema, *, queue: str = DEFAULT_QUEUE, via: SendVia = "ins
             "",
             f"-- {table.name} -> D1 table {table.target}",
             capture_function(table, queue, via=via),
-            triggers(table),
+            triggers(table, queue),
         ]
     return "\n".join(parts) + "\n"
+
+
+def remove_capture(table: Table, queue: str) -> str:
+    """Drop `queue`'s capture triggers and function on the table (another queue's stay as they are)."""
+    rel = source_relation(table)
+    out = [f"DROP TRIGGER IF EXISTS {ident(name)} ON {rel};" for name in trigger_names(queue).values()]
+    out.append(f"DROP FUNCTION IF EXISTS {ident(FUNCTION_SCHEMA)}.{ident(function_name(table, queue))}();")
+    return "\n".join(out)

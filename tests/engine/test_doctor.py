@@ -11,6 +11,7 @@ from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.engine.doctor import diagnose
 from d1sync_dagster.engine.setup import setup
 from d1sync_dagster.errors import QueueError
+from d1sync_dagster.sql.capture import capture_function
 
 
 class Borrowed:
@@ -70,7 +71,15 @@ def test_a_missing_trigger_and_a_trigger_of_another_queue_are_found(pair):
     )
     setup(pair.pg, pair.d1, pair.schema)
     with PgmqClient(pair.pg._url, queue="replicate_other") as other:
-        setup(other, pair.d1, pair.schema)  # another deployment on the same database took the triggers over
+        setup(other, pair.d1, pair.schema)  # another deployment's capture of its own: no problem for this one
+    assert finding(run(pair), "capture apps").level == "ok"
+    # An older d1sync set up for another queue replaced this queue's function under the default name.
+    table = pair.schema.table("apps")
+    pair.sql(
+        capture_function(table, "replicate_other").replace(
+            "capture_public_apps__replicate_other", "capture_public_apps"
+        )
+    )
     f = finding(run(pair), "capture apps")
     assert f.level == "fail" and "another queue" in f.detail and "--queue replicate_data" in f.fix
 
