@@ -82,6 +82,11 @@ def d1_settings(env: Mapping[str, str] | None = None) -> D1Settings:
     return D1Settings(local_path=env.get("D1_LOCAL_PATH") or str(state_dir(env) / "local.sqlite"))
 
 
+def attempts(env: Mapping[str, str] | None = None) -> int:
+    """`D1SYNC_D1_ATTEMPTS`: tries per D1 HTTP request (default 5)."""
+    return _attempts(os.environ if env is None else env)
+
+
 def _attempts(env: Mapping[str, str]) -> int:
     raw = env.get("D1SYNC_D1_ATTEMPTS")
     if not raw:

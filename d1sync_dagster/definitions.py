@@ -8,43 +8,63 @@ config. The D1 backend is the HTTP API when the `CLOUDFLARE_*` variables are set
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import dagster as dg
 
 from d1sync_dagster import config
-from d1sync_dagster.defs.assets import GROUP, asset_key, build_table_assets, source_spec
+from d1sync_dagster.defs.assets import build_table_assets, source_spec
 from d1sync_dagster.defs.checks import all_cheap_check_keys, build_reconcile_checks
 from d1sync_dagster.defs.jobs import build_backfill_job, build_doctor_job, build_nuke_job, build_setup_job
+from d1sync_dagster.defs.keys import Wiring
 from d1sync_dagster.defs.resources import D1Resource, PostgresResource
 from d1sync_dagster.defs.sensors import build_depth_sensor
 from d1sync_dagster.defs.stream import build_stream_job
 from d1sync_dagster.engine.apply import ApplyOptions
 from d1sync_dagster.engine.stream import StreamOptions
-from d1sync_dagster.schema import load_schema
+from d1sync_dagster.errors import ConfigError
+from d1sync_dagster.schema import Schema, load_schema
+from d1sync_dagster.targets import Target, load_targets
 
 APPLY_JOB = "d1sync_apply"
 
 
-def build_d1_resource() -> D1Resource:
+def build_d1_resource(target: Target | None = None) -> D1Resource:
     """The D1 resource for the backend `config.d1_settings` chose (and validated: all three Cloudflare
-    variables or none). The ids and the token reach the resource as `dg.EnvVar`, read when a run uses it."""
-    settings = config.d1_settings()
-    if settings.backend == "http":
-        account, database, token = (dg.EnvVar(v) for v in config.CLOUDFLARE_VARS)
-        return D1Resource(
-            account_id=account,
-            database_id=database,
-            api_token=token,
-            base_url=settings.base_url,
-            attempts=settings.attempts,
-        )
-    return D1Resource(local_path=settings.local_path)
+    variables or none), or a target's. The ids and the token reach the resource as `dg.EnvVar`, read when a
+    run uses it."""
+    if target is not None and target.local_path:
+        return D1Resource(local_path=target.local_path)
+    if target is not None and target.account_id_env:
+        names = (target.account_id_env, target.database_id_env or "", target.api_token_env or "")
+    else:
+        settings = config.d1_settings()
+        if settings.backend != "http":
+            return D1Resource(local_path=settings.local_path)
+        names = config.CLOUDFLARE_VARS
+    account, database, token = (dg.EnvVar(v) for v in names)
+    return D1Resource(
+        account_id=account,
+        database_id=database,
+        api_token=token,
+        base_url=os.environ.get("CLOUDFLARE_API_BASE_URL") or D1Resource.model_fields["base_url"].default,
+        attempts=config.attempts(),
+    )
 
 
-def build_definitions(schema_file: str | None = None) -> dg.Definitions:
-    """All d1sync definitions for one `schema.json`.
+def build_definitions(
+    schema_file: str | None = None,
+    *,
+    targets_file: str | None = None,
+    prefix: Sequence[str] = (),
+    resource_keys: tuple[str, str] | None = None,
+) -> dg.Definitions:
+    """All d1sync definitions for one `schema.json`, for each target of `targets_file` (default
+    `D1SYNC_TARGETS`; without one, the single target of today's variables).
 
-    Destructive jobs are disabled unless `D1SYNC_ALLOW_DESTRUCTIVE=1` (see `defs/guard.py`).
+    `prefix` goes before every asset key and `resource_keys` names the (Postgres, D1) resources of a single
+    target, so that an instance lives next to a user's own assets (see `components.py`). Destructive jobs
+    are disabled unless `D1SYNC_ALLOW_DESTRUCTIVE=1` (see `defs/guard.py`).
     Tunables from the environment: `D1SYNC_APPLY_MODE` (`stream`, the default: the sensor keeps one
     `d1sync_stream` run alive; `run`: the sensor starts a short `d1sync_apply` run when changes wait),
     `D1SYNC_STREAM_SECONDS` (default 900, how long a streaming run lasts),
@@ -52,6 +72,38 @@ def build_definitions(schema_file: str | None = None) -> dg.Definitions:
     (default 300), `D1SYNC_BATCH_SIZE` (default 2000), `D1SYNC_RECONCILE_CRON` (default `0 3 * * *`).
     """
     schema = load_schema(schema_file or config.schema_path())
+    targets = load_targets(schema, targets_file)
+    several = len(targets) > 1
+    if several and resource_keys is not None:
+        raise ConfigError("resource_keys names the resources of one target; with several, each gets its own")
+    parts: list[dg.Definitions] = []
+    sources: dict[dg.AssetKey, dg.AssetSpec] = {}
+    for target in targets:
+        if several:
+            pg_key, d1_key = f"postgres_{target.name}", f"d1_{target.name}"
+        else:
+            pg_key, d1_key = resource_keys or ("postgres", "d1")
+        wiring = Wiring(
+            target=target.name if several else None, postgres_key=pg_key, d1_key=d1_key, prefix=tuple(prefix)
+        )
+        part = target.schema(schema)
+        for t in part.tables:  # one source asset per Postgres table, whatever targets it feeds
+            sources.setdefault(wiring.source_key(t), source_spec(t, wiring))
+        parts.append(_target_definitions(part, target, wiring))
+    return dg.Definitions.merge(
+        dg.Definitions(
+            assets=list(sources.values()),
+            # Every job runs its steps in the run worker: the multiprocess default starts a Python process
+            # per step (about 5 s each on a small machine), which made a sensor-started apply take 9-24 s for
+            # well under a second of work.
+            executor=dg.in_process_executor,
+        ),
+        *parts,
+    )
+
+
+def _target_definitions(schema: Schema, target: Target, wiring: Wiring) -> dg.Definitions:
+    """One target's assets, checks, jobs, sensor, schedule and resources."""
     lag_threshold = config.number("D1SYNC_LAG_THRESHOLD_SECONDS", 300)
     allow_destructive = config.allow_destructive()
     apply_options = ApplyOptions(batch_size=int(config.number("D1SYNC_BATCH_SIZE", 2000)))
@@ -60,28 +112,35 @@ def build_definitions(schema_file: str | None = None) -> dg.Definitions:
         options=apply_options,
         lag_threshold_seconds=lag_threshold,
         allow_destructive=allow_destructive,
+        wiring=wiring,
     )
     reconcile_cron = os.environ.get("D1SYNC_RECONCILE_CRON") or "0 3 * * *"
-    drift = build_reconcile_checks(schema, cron=reconcile_cron)
+    drift = build_reconcile_checks(schema, cron=reconcile_cron, wiring=wiring)
+    where = f" of target {target.name}" if wiring.target else ""
     # The apply job runs the cheap checks in the same step as the apply, never the full comparison.
     apply_job = dg.define_asset_job(
-        APPLY_JOB,
-        selection=dg.AssetSelection.groups(GROUP).without_checks()
-        | dg.AssetSelection.checks(*all_cheap_check_keys(schema)),
-        description="Apply queued changes to every D1 table, then run each table's checks.",
+        wiring.name(APPLY_JOB),
+        selection=dg.AssetSelection.groups(wiring.group).without_checks()
+        | dg.AssetSelection.checks(*all_cheap_check_keys(schema, wiring=wiring)),
+        description=f"Apply queued changes to every D1 table{where}, then run each table's checks.",
     )
     reconcile_job = dg.define_asset_job(
-        "d1sync_reconcile",
+        wiring.name("d1sync_reconcile"),
         selection=dg.AssetSelection.checks(drift),
-        description="Full comparison of every table with Postgres; repairs drift through the queue (config: repair).",
+        description=(
+            f"Full comparison of every table{where} with Postgres; repairs drift through the queue (config: repair)."
+        ),
     )
-    backfill_job = build_backfill_job(schema)
-    nuke_job = build_nuke_job(schema, allow_destructive=allow_destructive, lag_threshold_seconds=lag_threshold)
+    backfill_job = build_backfill_job(schema, wiring)
+    nuke_job = build_nuke_job(
+        schema, allow_destructive=allow_destructive, lag_threshold_seconds=lag_threshold, wiring=wiring
+    )
     stream_job = build_stream_job(
         schema,
         options=apply_options,
         defaults=StreamOptions(seconds=config.number("D1SYNC_STREAM_SECONDS", 900)),
         lag_threshold_seconds=lag_threshold,
+        wiring=wiring,
     )
     streaming = config.apply_mode() == "stream"
     sensor = build_depth_sensor(
@@ -89,38 +148,35 @@ def build_definitions(schema_file: str | None = None) -> dg.Definitions:
         stream_job=stream_job if streaming else None,
         interval_seconds=int(config.number("D1SYNC_SENSOR_INTERVAL_SECONDS", 30)),
         consumers=[backfill_job.name, nuke_job.name, reconcile_job.name, stream_job.name],
-        asset_keys=[asset_key(t) for t in schema.tables],
+        asset_keys=[wiring.asset_key(t) for t in schema.tables],
         # A sensor run records a materialization only for the tables its changes reached.
         run_config={"ops": {tables.node_def.name: {"config": {"record_unchanged": False}}}},
+        wiring=wiring,
     )
     schedule = dg.ScheduleDefinition(
-        name="d1sync_reconcile_schedule",
+        name=wiring.name("d1sync_reconcile_schedule"),
         job=reconcile_job,
         cron_schedule=reconcile_cron,
         default_status=dg.DefaultScheduleStatus.RUNNING,
-        description="Full reconciliation of every table (compare and repair), daily by default.",
+        description=f"Full reconciliation of every table{where} (compare and repair), daily by default.",
     )
     return dg.Definitions(
-        assets=[*(source_spec(t) for t in schema.tables), tables],
+        assets=[tables],
         asset_checks=[drift],
         sensors=[sensor],
         schedules=[schedule],
         jobs=[
             apply_job,
             stream_job,
-            build_setup_job(schema),
-            build_doctor_job(schema),
+            build_setup_job(schema, wiring),
+            build_doctor_job(schema, wiring),
             backfill_job,
             nuke_job,
             reconcile_job,
         ],
-        # Every job runs its steps in the run worker: the multiprocess default starts a Python process per
-        # step (about 5 s each on a small machine), which made a sensor-started apply take 9-24 s for well
-        # under a second of work.
-        executor=dg.in_process_executor,
         resources={
-            "postgres": PostgresResource(database_url=dg.EnvVar("DATABASE_URL"), queue=config.queue_name()),
-            "d1": build_d1_resource(),
+            wiring.postgres_key: PostgresResource(database_url=dg.EnvVar("DATABASE_URL"), queue=target.queue),
+            wiring.d1_key: build_d1_resource(target if wiring.target or target.name else None),
         },
     )
 

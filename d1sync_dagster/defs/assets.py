@@ -18,8 +18,8 @@ from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.defs import guard
 from d1sync_dagster.defs.checks import table_check_specs, table_outcomes
-from d1sync_dagster.defs.keys import asset_key, source_key
-from d1sync_dagster.defs.resources import D1Resource, PostgresResource, open_clients
+from d1sync_dagster.defs.keys import DEFAULT, Wiring, asset_key, source_key
+from d1sync_dagster.defs.resources import open_clients
 from d1sync_dagster.engine.apply import ApplyOptions, apply
 from d1sync_dagster.engine.backfill import BackfillReport, backfill
 from d1sync_dagster.engine.health import table_health
@@ -35,10 +35,10 @@ GROUP = "d1"
 SOURCE_GROUP = "postgres"
 
 
-def source_spec(table: Table) -> dg.AssetSpec:
+def source_spec(table: Table, wiring: Wiring = DEFAULT) -> dg.AssetSpec:
     """The Postgres table a D1 table replicates: an external asset (Dagster does not materialize it)."""
     return dg.AssetSpec(
-        key=source_key(table),
+        key=wiring.source_key(table),
         group_name=SOURCE_GROUP,
         description=(
             f"Postgres table `{table.spec.source_schema}.{table.name}`, the source of D1 `{table.target}`. Its "
@@ -62,20 +62,21 @@ def column_schema(table: Table) -> dg.TableSchema:
     )
 
 
-def asset_spec(table: Table) -> dg.AssetSpec:
+def asset_spec(table: Table, wiring: Wiring = DEFAULT) -> dg.AssetSpec:
     """The translator: one `AssetSpec` per `schema.json` entry."""
     cols = ", ".join(f"{c} {t}" for c, t in table.columns.items())
     key = ", ".join(table.key)
+    where = f" of target `{wiring.target}`" if wiring.target else ""
     return dg.AssetSpec(
-        key=asset_key(table),
-        group_name=GROUP,
+        key=wiring.asset_key(table),
+        group_name=wiring.group,
         description=(
-            f"D1 table `{table.target}`, replicated from Postgres `{table.spec.source_schema}.{table.name}` "
+            f"D1 table `{table.target}`{where}, replicated from Postgres `{table.spec.source_schema}.{table.name}` "
             f"through PGMQ. Primary key ({key}); columns: {cols}."
         ),
         code_version=table.version,
         skippable=True,
-        deps=[source_key(table)],
+        deps=[wiring.source_key(table)],
         kinds={"cloudflare", "sqlite"},
         owners=list(table.spec.owners),
         tags=dict(table.spec.tags),
@@ -152,23 +153,27 @@ def build_table_assets(
     options: ApplyOptions | None = None,
     lag_threshold_seconds: float = 300.0,
     allow_destructive: bool = False,
+    wiring: Wiring = DEFAULT,
 ) -> dg.AssetsDefinition:
     """The multi-asset that applies queued changes to every table of `schema` (or backfills or rebuilds the
     selected ones, by `TablesConfig.mode`), with the tables' cheap checks evaluated in the same step."""
-    by_key = {asset_key(t): t for t in schema.tables}
+    by_key = {wiring.asset_key(t): t for t in schema.tables}
     apply_options = options or ApplyOptions()
 
     @dg.multi_asset(
-        name="d1_incremental_apply",
-        specs=[asset_spec(t) for t in schema.tables],
-        check_specs=table_check_specs(schema, lag_threshold_seconds=lag_threshold_seconds),
+        name=wiring.name("d1_incremental_apply"),
+        specs=[asset_spec(t, wiring) for t in schema.tables],
+        check_specs=table_check_specs(schema, lag_threshold_seconds=lag_threshold_seconds, wiring=wiring),
         can_subset=True,
+        required_resource_keys=wiring.resource_keys,
+        pool=wiring.name("d1sync"),
         description=(
             "Drain the PGMQ change queue into D1 (exactly once in effect, ordered per row); with mode backfill or "
             "rebuild, copy the selected tables. Each table's checks run after it."
         ),
     )
-    def d1_tables(context: dg.AssetExecutionContext, config: TablesConfig, postgres: PostgresResource, d1: D1Resource):
+    def d1_tables(context: dg.AssetExecutionContext, config: TablesConfig):
+        postgres, d1 = wiring.resources(context)
         chosen = [by_key[k] for k in context.selected_asset_keys]
         with open_clients(postgres, d1, what=config.mode, context=context) as (pg, client):
             extra: dict[str, dict[str, dg.MetadataValue]] = {t.name: {} for t in chosen}
@@ -194,9 +199,13 @@ def build_table_assets(
                     md = table_metadata(stats, figures) | extra[t.name]
                     md["dagster/row_count"] = dg.MetadataValue.int(health[t.name].d1_rows)
                     md["operation"] = dg.MetadataValue.text(config.mode)
-                    yield dg.MaterializeResult(asset_key=asset_key(t), metadata=md)
+                    yield dg.MaterializeResult(asset_key=wiring.asset_key(t), metadata=md)
         outcomes = table_outcomes(
-            health, schema, context.selected_asset_check_keys, lag_threshold_seconds=lag_threshold_seconds
+            health,
+            schema,
+            context.selected_asset_check_keys,
+            lag_threshold_seconds=lag_threshold_seconds,
+            wiring=wiring,
         )
         for outcome in outcomes:
             yield outcome.result()

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 import dagster as dg
 from pydantic import Field
 
-from d1sync_dagster.defs.keys import asset_key
-from d1sync_dagster.defs.resources import D1Resource, PostgresResource, open_clients
+from d1sync_dagster.defs.keys import DEFAULT, Wiring
+from d1sync_dagster.defs.resources import open_clients
 from d1sync_dagster.engine.health import TableHealth
 from d1sync_dagster.engine.reconcile import reconcile
 from d1sync_dagster.schema import Schema
@@ -21,14 +21,16 @@ class ReconcileConfig(dg.Config):
     chunk_size: int = Field(default=5000, description="rows per D1 read")
 
 
-def build_reconcile_checks(schema: Schema, *, cron: str = "0 3 * * *") -> dg.AssetChecksDefinition:
+def build_reconcile_checks(
+    schema: Schema, *, cron: str = "0 3 * * *", wiring: Wiring = DEFAULT
+) -> dg.AssetChecksDefinition:
     """`rows_match_source` per table: a full row-by-row comparison (reads every D1 row, so it runs in the
     scheduled `d1sync_reconcile` job, not after every apply). Fails when drift was found, even when the run
     repaired it; the metadata says what differed and what was re-enqueued."""
     specs = [
         dg.AssetCheckSpec(
             MATCHES,
-            asset=asset_key(t),
+            asset=wiring.asset_key(t),
             description=(
                 f"Every row of D1 `{t.target}` equals Postgres `{t.name}` after conversion (full compare). Scheduled, "
                 f"not run with applies: d1sync_reconcile_schedule runs it at `{cron}`; until its first run it shows "
@@ -37,12 +39,17 @@ def build_reconcile_checks(schema: Schema, *, cron: str = "0 3 * * *") -> dg.Ass
         )
         for t in schema.tables
     ]
-    by_key = {asset_key(t): t for t in schema.tables}
+    by_key = {wiring.asset_key(t): t for t in schema.tables}
 
-    @dg.multi_asset_check(specs=specs, can_subset=True, name="d1_reconcile_checks")
-    def d1_reconcile_checks(
-        context: dg.AssetCheckExecutionContext, config: ReconcileConfig, postgres: PostgresResource, d1: D1Resource
-    ):
+    @dg.multi_asset_check(
+        specs=specs,
+        can_subset=True,
+        name=wiring.name("d1_reconcile_checks"),
+        required_resource_keys=wiring.resource_keys,
+        pool=wiring.name("d1sync"),
+    )
+    def d1_reconcile_checks(context: dg.AssetCheckExecutionContext, config: ReconcileConfig):
+        postgres, d1 = wiring.resources(context)
         names = [by_key[k.asset_key].name for k in context.selected_asset_check_keys]
         with open_clients(postgres, d1, what="reconcile") as (pg, client):
             report = reconcile(
@@ -105,12 +112,14 @@ class Outcome:
 CHEAP_CHECKS = (ROW_COUNT, LAG, DEAD_LETTERS)
 
 
-def table_check_specs(schema: Schema, *, lag_threshold_seconds: float = 300.0) -> list[dg.AssetCheckSpec]:
+def table_check_specs(
+    schema: Schema, *, lag_threshold_seconds: float = 300.0, wiring: Wiring = DEFAULT
+) -> list[dg.AssetCheckSpec]:
     """The three checks every table gets, evaluated in the same step as each apply, backfill or rebuild
     (one pass over the queue and the dead letters), and by the streaming run when it ends."""
     specs = []
     for t in schema.tables:
-        key = asset_key(t)
+        key = wiring.asset_key(t)
         specs += [
             dg.AssetCheckSpec(
                 ROW_COUNT,
@@ -142,9 +151,10 @@ def table_outcomes(
     check_keys: Iterable[dg.AssetCheckKey],
     *,
     lag_threshold_seconds: float,
+    wiring: Wiring = DEFAULT,
 ) -> list[Outcome]:
     """The outcomes of the cheap checks `check_keys` from one `table_health` reading."""
-    by_key = {asset_key(t): t for t in schema.tables}
+    by_key = {wiring.asset_key(t): t for t in schema.tables}
     out = []
     for check_key in check_keys:
         h = health[by_key[check_key.asset_key].name]
@@ -179,10 +189,12 @@ def table_outcomes(
     return out
 
 
-def all_cheap_check_keys(schema: Schema, tables: Iterable[str] | None = None) -> list[dg.AssetCheckKey]:
+def all_cheap_check_keys(
+    schema: Schema, tables: Iterable[str] | None = None, wiring: Wiring = DEFAULT
+) -> list[dg.AssetCheckKey]:
     names = set(tables) if tables is not None else None
     return [
-        dg.AssetCheckKey(asset_key(t), name)
+        dg.AssetCheckKey(wiring.asset_key(t), name)
         for t in schema.tables
         if names is None or t.name in names
         for name in CHEAP_CHECKS

@@ -9,8 +9,8 @@ from pydantic import Field
 from d1sync_dagster.defs import guard
 from d1sync_dagster.defs.assets import d1_row_count
 from d1sync_dagster.defs.checks import all_cheap_check_keys, table_outcomes
-from d1sync_dagster.defs.keys import asset_key
-from d1sync_dagster.defs.resources import D1Resource, PostgresResource, open_clients
+from d1sync_dagster.defs.keys import DEFAULT, Wiring
+from d1sync_dagster.defs.resources import open_clients
 from d1sync_dagster.engine.backfill import backfill
 from d1sync_dagster.engine.doctor import diagnose
 from d1sync_dagster.engine.health import table_health
@@ -35,11 +35,16 @@ class NukeConfig(dg.Config):
     )
 
 
-def build_setup_job(schema: Schema) -> dg.JobDefinition:
+def build_setup_job(schema: Schema, wiring: Wiring = DEFAULT) -> dg.JobDefinition:
     """`d1sync_setup`: queue and triggers in Postgres, tables and indexes in D1 (idempotent)."""
 
-    @dg.op(name="d1sync_setup_op", description="Create the PGMQ queue, capture triggers, D1 tables and indexes.")
-    def setup_op(context: dg.OpExecutionContext, postgres: PostgresResource, d1: D1Resource) -> dg.Output[None]:
+    @dg.op(
+        name=wiring.name("d1sync_setup_op"),
+        description="Create the PGMQ queue, capture triggers, D1 tables and indexes.",
+        required_resource_keys=wiring.resource_keys,
+    )
+    def setup_op(context: dg.OpExecutionContext) -> dg.Output[None]:
+        postgres, d1 = wiring.resources(context)
         with open_clients(postgres, d1, what="setup") as (pg, client):
             result = setup(pg, client, schema)
         context.log.info(f"setup done: schema version {result.schema_version}, tables {', '.join(result.tables)}")
@@ -53,18 +58,26 @@ def build_setup_job(schema: Schema) -> dg.JobDefinition:
             },
         )
 
-    @dg.job(name="d1sync_setup", description="Create or update the capture side in Postgres and the tables in D1.")
+    @dg.job(
+        name=wiring.name("d1sync_setup"),
+        description="Create or update the capture side in Postgres and the tables in D1.",
+    )
     def setup_job() -> None:
         setup_op()
 
     return setup_job
 
 
-def build_backfill_job(schema: Schema) -> dg.JobDefinition:
-    @dg.op(name="d1sync_backfill_op", description="Copy existing rows into D1 through the ordered queue.")
-    def backfill_op(
-        context: dg.OpExecutionContext, config: BackfillConfig, postgres: PostgresResource, d1: D1Resource
-    ) -> dg.Output[None]:
+def build_backfill_job(schema: Schema, wiring: Wiring = DEFAULT) -> dg.JobDefinition:
+    @dg.op(
+        name=wiring.name("d1sync_backfill_op"),
+        description="Copy existing rows into D1 through the ordered queue.",
+        required_resource_keys=wiring.resource_keys,
+        pool=wiring.name("d1sync"),
+    )
+    def backfill_op(context: dg.OpExecutionContext, config: BackfillConfig) -> dg.Output[None]:
+        postgres, d1 = wiring.resources(context)
+
         def progress(table: str, t: Any) -> None:
             context.log.info(f"backfill {table}: {t.rows} rows in {t.chunks} chunks, {t.rows_per_second:.0f} rows/s")
 
@@ -88,7 +101,7 @@ def build_backfill_job(schema: Schema) -> dg.JobDefinition:
             md[f"{name}_rows_per_second"] = dg.MetadataValue.float(round(t.rows_per_second, 1))
         return dg.Output(None, metadata=md)
 
-    @dg.job(name="d1sync_backfill", description="Backfill tables (all by default) into D1; resumable.")
+    @dg.job(name=wiring.name("d1sync_backfill"), description="Backfill tables (all by default) into D1; resumable.")
     def backfill_job() -> None:
         backfill_op()
 
@@ -96,18 +109,21 @@ def build_backfill_job(schema: Schema) -> dg.JobDefinition:
 
 
 def build_nuke_job(
-    schema: Schema, *, allow_destructive: bool = False, lag_threshold_seconds: float = 300.0
+    schema: Schema, *, allow_destructive: bool = False, lag_threshold_seconds: float = 300.0, wiring: Wiring = DEFAULT
 ) -> dg.JobDefinition:
     """`d1sync_nuke`: refuses, before touching anything, unless the deployment allows destructive
     operations (`defs/guard.py`); records the launcher and restore point on the run and the tables' assets."""
 
     @dg.op(
-        name="d1sync_nuke_op",
+        name=wiring.name("d1sync_nuke_op"),
         description=guard.describe("Drop and recreate D1 tables; needs confirm: true.", allowed=allow_destructive),
+        required_resource_keys=wiring.resource_keys,
+        pool=wiring.name("d1sync"),
     )
-    def nuke_op(context: dg.OpExecutionContext, config: NukeConfig, postgres: PostgresResource, d1: D1Resource):
+    def nuke_op(context: dg.OpExecutionContext, config: NukeConfig):
         if not allow_destructive:
-            raise dg.Failure(description=guard.refusal("d1sync_nuke"))
+            raise dg.Failure(description=guard.refusal(wiring.name("d1sync_nuke")))
+        postgres, d1 = wiring.resources(context)
         if config.all_tables == bool(config.table):
             raise dg.Failure(description="set exactly one of all_tables: true or table: <name>")
         tables = None if config.all_tables else [config.table or ""]
@@ -138,7 +154,7 @@ def build_nuke_job(
         for name in report.tables:  # the D1 tables' own history says what happened to them
             table = schema.table(name)
             yield dg.AssetMaterialization(
-                asset_key=asset_key(table),
+                asset_key=wiring.asset_key(table),
                 metadata=done
                 | {
                     "rows_dropped": dg.MetadataValue.int(before.get(name, 0)),
@@ -146,8 +162,8 @@ def build_nuke_job(
                 },
             )
         # ... and their checks say what that means now (a row count check fails on an emptied table).
-        keys = all_cheap_check_keys(schema, report.tables)
-        for outcome in table_outcomes(health, schema, keys, lag_threshold_seconds=lag_threshold_seconds):
+        keys = all_cheap_check_keys(schema, report.tables, wiring)
+        for outcome in table_outcomes(health, schema, keys, lag_threshold_seconds=lag_threshold_seconds, wiring=wiring):
             yield outcome.evaluation()
         context.log.warning(
             f"nuked {', '.join(report.tables)} (launched by {launcher.user} from {launcher.source}; restore point "
@@ -164,7 +180,7 @@ def build_nuke_job(
         )
 
     @dg.job(
-        name="d1sync_nuke",
+        name=wiring.name("d1sync_nuke"),
         description=guard.describe(
             "Drop and recreate all D1 tables or one (confirm: true required).", allowed=allow_destructive
         ),
@@ -175,12 +191,17 @@ def build_nuke_job(
     return nuke_job
 
 
-def build_doctor_job(schema: Schema) -> dg.JobDefinition:
+def build_doctor_job(schema: Schema, wiring: Wiring = DEFAULT) -> dg.JobDefinition:
     """`d1sync_doctor`: the checks of `d1sync doctor`, with the findings as a table in the run; fails when
     replication is broken, saying why and how to fix it."""
 
-    @dg.op(name="d1sync_doctor_op", description="Check Postgres, PGMQ, the capture triggers and D1.")
-    def doctor_op(context: dg.OpExecutionContext, postgres: PostgresResource, d1: D1Resource) -> dg.Output[None]:
+    @dg.op(
+        name=wiring.name("d1sync_doctor_op"),
+        description="Check Postgres, PGMQ, the capture triggers and D1.",
+        required_resource_keys=wiring.resource_keys,
+    )
+    def doctor_op(context: dg.OpExecutionContext) -> dg.Output[None]:
+        postgres, d1 = wiring.resources(context)
         dx = diagnose(postgres.get_client, d1.get_client, schema)
         rows = "\n".join(
             f"| {f.check} | {f.level} | {f.detail.replace('|', '/')} | {f.fix.replace('|', '/')} |" for f in dx.findings
@@ -194,7 +215,10 @@ def build_doctor_job(schema: Schema) -> dg.JobDefinition:
             )
         return dg.Output(None, metadata={"findings": dg.MetadataValue.md(report)})
 
-    @dg.job(name="d1sync_doctor", description="Check both sides of the replication and say how to fix problems.")
+    @dg.job(
+        name=wiring.name("d1sync_doctor"),
+        description="Check both sides of the replication and say how to fix problems.",
+    )
     def doctor_job() -> None:
         doctor_op()
 

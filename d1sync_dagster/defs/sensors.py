@@ -16,7 +16,8 @@ from typing import Any
 import dagster as dg
 
 from d1sync_dagster.clients.pgmq import describe_holders
-from d1sync_dagster.defs.resources import NOT_BEFORE_TAG, PostgresResource
+from d1sync_dagster.defs.keys import DEFAULT, Wiring
+from d1sync_dagster.defs.resources import NOT_BEFORE_TAG
 
 IN_FLIGHT = [
     dg.DagsterRunStatus.QUEUED,
@@ -45,6 +46,7 @@ def build_depth_sensor(
     asset_keys: Collection[dg.AssetKey] = (),
     run_config: dict[str, Any] | None = None,
     stream_job: Any = None,
+    wiring: Wiring = DEFAULT,
 ) -> dg.SensorDefinition:
     """The sensor for `job` (the apply job); `consumers` names the other jobs that take the queue;
     `run_config` is the config of the runs it requests. With a `stream_job` it keeps one streaming run
@@ -62,8 +64,9 @@ def build_depth_sensor(
     )
 
     @dg.sensor(
-        name="pgmq_depth_sensor",
+        name=wiring.name("pgmq_depth_sensor"),
         jobs=jobs,
+        required_resource_keys={wiring.postgres_key},
         minimum_interval_seconds=interval_seconds,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
@@ -73,7 +76,8 @@ def build_depth_sensor(
             f"{interval_seconds}s; the skip reason says why no run started."
         ),
     )
-    def pgmq_depth_sensor(context: dg.SensorEvaluationContext, postgres: PostgresResource):
+    def pgmq_depth_sensor(context: dg.SensorEvaluationContext):
+        postgres = getattr(context.resources, wiring.postgres_key)
         with postgres.get_client() as pg:
             m = pg.metrics()
             holders = pg.lock_holders() if m.queue_length or stream_job is not None else []

@@ -10,8 +10,8 @@ from pydantic import Field
 
 from d1sync_dagster.defs.assets import run_figures, table_metadata
 from d1sync_dagster.defs.checks import all_cheap_check_keys, table_outcomes
-from d1sync_dagster.defs.keys import asset_key
-from d1sync_dagster.defs.resources import D1Resource, PostgresResource, open_clients
+from d1sync_dagster.defs.keys import DEFAULT, Wiring
+from d1sync_dagster.defs.resources import open_clients
 from d1sync_dagster.engine.apply import ApplyOptions
 from d1sync_dagster.engine.health import table_health
 from d1sync_dagster.engine.setup import ensure_schema
@@ -37,14 +37,20 @@ def build_stream_job(
     options: ApplyOptions | None = None,
     defaults: StreamOptions | None = None,
     lag_threshold_seconds: float = 300.0,
+    wiring: Wiring = DEFAULT,
 ) -> dg.JobDefinition:
     default = defaults or StreamOptions()
+    op_name = wiring.name("d1sync_stream_op")
 
+    # No concurrency pool: the streaming run is the standing consumer (the consumer lock arbitrates), and
+    # a pool slot held for its whole run would keep a backfill or a UI materialization waiting that long.
     @dg.op(
-        name="d1sync_stream_op",
+        name=op_name,
         description="Follow the queue and apply each change as it commits; ends after `seconds`.",
+        required_resource_keys=wiring.resource_keys,
     )
-    def stream_op(context: dg.OpExecutionContext, config: StreamConfig, postgres: PostgresResource, d1: D1Resource):
+    def stream_op(context: dg.OpExecutionContext, config: StreamConfig):
+        postgres, d1 = wiring.resources(context)
         stream = StreamOptions(config.seconds, config.poll_seconds, config.record_every_seconds)
         final: Landed | None = None
         with open_clients(postgres, d1, what="the streaming apply", context=context) as (pg, client):
@@ -57,7 +63,7 @@ def build_stream_job(
                 figures = run_figures(landed.totals)
                 for name, stats in landed.tables.items():
                     md = table_metadata(stats, figures) | {"operation": dg.MetadataValue.text("stream")}
-                    yield dg.AssetMaterialization(asset_key=asset_key(schema.table(name)), metadata=md)
+                    yield dg.AssetMaterialization(asset_key=wiring.asset_key(schema.table(name)), metadata=md)
                 final = landed
             health = table_health(pg, client, schema)
         assert final is not None and final.final  # follow_queue ends with its final report or raises
@@ -69,8 +75,8 @@ def build_stream_job(
                 f"streamed {report.messages} messages in {report.duration_seconds:.1f}s ({final.wake}), "
                 f"{report.requests} D1 requests, {report.dead_lettered} dead-lettered"
             )
-        keys = all_cheap_check_keys(schema)
-        for outcome in table_outcomes(health, schema, keys, lag_threshold_seconds=lag_threshold_seconds):
+        keys = all_cheap_check_keys(schema, wiring=wiring)
+        for outcome in table_outcomes(health, schema, keys, lag_threshold_seconds=lag_threshold_seconds, wiring=wiring):
             yield outcome.evaluation()
         md: dict[str, Any] = {k: dg.MetadataValue.float(float(round(v, 2))) for k, v in run_figures(report).items()}
         md["wake"] = dg.MetadataValue.text(final.wake)
@@ -78,12 +84,12 @@ def build_stream_job(
         yield dg.Output(None, metadata=md)
 
     @dg.job(
-        name=STREAM_JOB,
+        name=wiring.name(STREAM_JOB),
         description=(
             "Streaming apply: follows the queue and applies each change within a fraction of a second of its "
             f"commit, for {default.seconds:g}s by default, then ends (the sensor starts the next one)."
         ),
-        config={"ops": {"d1sync_stream_op": {"config": {"seconds": default.seconds}}}},
+        config={"ops": {op_name: {"config": {"seconds": default.seconds}}}},
     )
     def stream_job() -> None:
         stream_op()

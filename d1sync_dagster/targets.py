@@ -1,0 +1,183 @@
+"""Targets: several D1 databases fed from one Postgres, each by a queue of its own.
+
+`targets.json` (path in `D1SYNC_TARGETS`; without it, one target from today's variables, unchanged):
+
+    {
+      "production": {"queue": "replicate_data",
+                     "d1": {"accountIdEnv": "PROD_CLOUDFLARE_ACCOUNT_ID",
+                            "databaseIdEnv": "PROD_CLOUDFLARE_D1_DATABASE_ID",
+                            "apiTokenEnv": "PROD_CLOUDFLARE_API_TOKEN"}},
+      "staging":    {"queue": "replicate_staging", "tables": ["apps"],
+                     "d1": {"localPath": ".d1sync/staging.sqlite"}}
+    }
+
+Each target names its queue (its dead-letter queue is `<queue>_dlq`; queues differ between targets), the
+tables of `schema.json` it replicates (default all) and its D1: the *names* of the environment variables
+that hold its Cloudflare account id, database id and token (never the values), or a local SQLite file. A
+table in several targets is captured into each target's queue (capture per queue, `sql/capture.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, model_validator
+
+from d1sync_dagster import config
+from d1sync_dagster.errors import ConfigError
+from d1sync_dagster.schema import Schema
+from d1sync_dagster.sql.quoting import check_queue_name
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,29}$")
+_ENV = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class _D1(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    account_id_env: str | None = Field(default=None, alias="accountIdEnv")
+    database_id_env: str | None = Field(default=None, alias="databaseIdEnv")
+    api_token_env: str | None = Field(default=None, alias="apiTokenEnv")
+    local_path: str | None = Field(default=None, alias="localPath")
+
+    @model_validator(mode="after")
+    def _one_backend(self) -> _D1:
+        names = [self.account_id_env, self.database_id_env, self.api_token_env]
+        if any(names) and not all(names):
+            raise ValueError("d1 needs all three of accountIdEnv, databaseIdEnv and apiTokenEnv, or localPath")
+        if all(names) and self.local_path:
+            raise ValueError("d1 takes either the three *Env names or localPath, not both")
+        if not all(names) and not self.local_path:
+            raise ValueError("d1 needs accountIdEnv, databaseIdEnv and apiTokenEnv, or localPath")
+        for n in names:
+            if n and not _ENV.match(n):
+                raise ValueError(f"{n!r} is not an environment variable name (it should name one, not hold a value)")
+        return self
+
+
+class _Target(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    queue: str
+    tables: list[str] | None = None
+    d1: _D1
+
+
+class _TargetsFile(RootModel[dict[str, _Target]]):
+    pass
+
+
+@dataclass(frozen=True)
+class Target:
+    """One D1 database and its queue. `name` is None for the single target of a setup without targets."""
+
+    name: str | None
+    queue: str
+    tables: tuple[str, ...]
+    account_id_env: str | None = None
+    database_id_env: str | None = None
+    api_token_env: str | None = None
+    local_path: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name or "default"
+
+    def schema(self, schema: Schema) -> Schema:
+        """The part of `schema` this target replicates."""
+        return Schema(tables=tuple(t for t in schema.tables if t.name in self.tables))
+
+    def environment(self, env: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The variables `config.d1_settings` reads, as this target's D1 needs them."""
+        env = dict(os.environ if env is None else env)
+        for k in (*config.CLOUDFLARE_VARS, "D1_LOCAL_PATH"):
+            env.pop(k, None)
+        if self.local_path:
+            env["D1_LOCAL_PATH"] = self.local_path
+            return env
+        for var, source in zip(
+            config.CLOUDFLARE_VARS, (self.account_id_env, self.database_id_env, self.api_token_env), strict=True
+        ):
+            if source and env.get(source):
+                env[var] = env[source]
+        missing = [s for s in (self.account_id_env, self.database_id_env, self.api_token_env) if s and not env.get(s)]
+        if missing:
+            raise ConfigError(f"target {self.label}: the environment has no {', '.join(missing)}")
+        return env
+
+    def d1_settings(self, env: Mapping[str, str] | None = None) -> config.D1Settings:
+        return config.d1_settings(self.environment(env))
+
+
+def targets_path(env: Mapping[str, str] | None = None) -> str | None:
+    env = os.environ if env is None else env
+    return env.get("D1SYNC_TARGETS") or None
+
+
+def load_targets(schema: Schema, path: str | Path | None = None) -> list[Target]:
+    """The targets of `path` (default `D1SYNC_TARGETS`), or the one target of today's variables."""
+    path = path or targets_path()
+    if path is None:
+        return [Target(name=None, queue=config.queue_name(), tables=tuple(schema.names))]
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read targets file {str(p)!r}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p.name}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    try:
+        parsed = _TargetsFile.model_validate(data).root
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise ConfigError(f"{p.name}: {where}: {first['msg']}") from None
+    if not parsed:
+        raise ConfigError(f"{p.name}: no targets")
+    out, queues = [], {}
+    for name, t in parsed.items():
+        if not _NAME.match(name):
+            raise ConfigError(f"{p.name}: target name {name!r}: use lower-case letters, digits and _, at most 30")
+        try:
+            check_queue_name(t.queue)
+        except Exception as e:
+            raise ConfigError(f"{p.name}: target {name}: {e}") from None
+        if t.queue in queues:
+            raise ConfigError(f"{p.name}: targets {queues[t.queue]} and {name} both use queue {t.queue}: one each")
+        queues[t.queue] = name
+        tables = tuple(t.tables) if t.tables is not None else tuple(schema.names)
+        unknown = [x for x in tables if x not in schema.names]
+        if unknown or not tables:
+            raise ConfigError(
+                f"{p.name}: target {name}: "
+                + (f"tables {', '.join(unknown)} are not in schema.json" if unknown else "no tables")
+            )
+        out.append(
+            Target(
+                name=name,
+                queue=t.queue,
+                tables=tables,
+                account_id_env=t.d1.account_id_env,
+                database_id_env=t.d1.database_id_env,
+                api_token_env=t.d1.api_token_env,
+                local_path=t.d1.local_path,
+            )
+        )
+    return out
+
+
+def pick(targets: list[Target], name: str | None) -> Target:
+    """The target called `name` (the only one when `name` is None and there is one)."""
+    if name is None:
+        if len(targets) == 1:
+            return targets[0]
+        raise ConfigError(f"several targets are configured ({', '.join(t.label for t in targets)}): pass --target")
+    for t in targets:
+        if t.label == name:
+            return t
+    raise ConfigError(f"no target {name!r} (configured: {', '.join(t.label for t in targets)})")
