@@ -11,6 +11,7 @@ import argparse
 import getpass
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -37,11 +38,12 @@ from d1sync_dagster.schema import Schema, load_schema
 from d1sync_dagster.sql.capture import dlq_name, example_source_tables, migration
 from d1sync_dagster.sql.d1_ddl import schema_ddl
 from d1sync_dagster.sql.quoting import ident
+from d1sync_dagster.targets import load_targets, pick, targets_path
 
 
 def _cmd_generate_sql(args: argparse.Namespace) -> int:
-    schema = load_schema(args.schema)
-    if args.target == "d1":
+    schema = _schema(args)
+    if args.sql == "d1":
         sys.stdout.write(";\n".join(schema_ddl(schema)) + ";\n")
     else:
         sys.stdout.write(migration(schema, queue=args.queue))
@@ -49,7 +51,7 @@ def _cmd_generate_sql(args: argparse.Namespace) -> int:
 
 
 def _cmd_setup(args: argparse.Namespace) -> int:
-    schema = load_schema(args.schema)
+    schema = _schema(args)
     d1_settings = config.d1_settings()
     url = embedded.source_url()
     with PgmqClient(url, queue=args.queue) as pg:
@@ -137,7 +139,7 @@ def _clients(args: argparse.Namespace) -> Iterator[tuple[PgmqClient, D1Client]]:
 
 
 def _cmd_apply(args: argparse.Namespace) -> int:
-    schema = load_schema(args.schema)
+    schema = _schema(args)
     options = ApplyOptions(
         batch_size=args.batch_size,
         vt_seconds=args.vt,
@@ -175,7 +177,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    schema = load_schema(args.schema)
+    schema = _schema(args)
     with _clients(args) as (pg, d1):
         st = status(pg, d1, schema)
         problems = capture_findings(pg, schema)
@@ -233,7 +235,7 @@ class _TableBars:
 
 
 def _cmd_backfill(args: argparse.Namespace) -> int:
-    schema = load_schema(args.schema)
+    schema = _schema(args)
     tables = list(args.table or [])
 
     with _clients(args) as (pg, d1):
@@ -263,7 +265,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
 
 
 def _cmd_nuke(args: argparse.Namespace) -> int:
-    schema = load_schema(args.schema)
+    schema = _schema(args)
     if not args.all and not args.table:
         raise ConfigError("say what to nuke: --all, or --table T (repeatable)")
     if args.all and args.table:
@@ -292,7 +294,7 @@ def _cmd_nuke(args: argparse.Namespace) -> int:
 
 
 def _cmd_restore(args: argparse.Namespace) -> int:
-    schema = load_schema(args.schema)
+    schema = _schema(args)
     with _clients(args) as (pg, d1):
         report = restore(pg, d1, schema, bookmark=args.bookmark, confirm=args.yes, launched_by=_os_user(), source="cli")
         print(f"restored D1 to {report.bookmark}; to undo: d1sync restore --bookmark {report.undo_bookmark} --yes")
@@ -304,7 +306,7 @@ def _cmd_restore(args: argparse.Namespace) -> int:
 
 
 def _cmd_teardown(args: argparse.Namespace) -> int:
-    schema = load_schema(args.schema)
+    schema = _schema(args)
     if not args.yes:
         print(
             f"teardown removes the capture of queue {args.queue} from {len(schema.tables)} tables: their changes "
@@ -320,7 +322,7 @@ def _cmd_teardown(args: argparse.Namespace) -> int:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    schema = load_schema(args.schema)
+    schema = _schema(args)
     dx = diagnose(
         lambda: PgmqClient(embedded.source_url(), queue=args.queue),
         lambda: config.d1_settings().client(),
@@ -340,7 +342,7 @@ def _os_user() -> str:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    schema = load_schema(args.schema)
+    schema = _schema(args)
     tables = list(args.table) if args.table else None
     with _clients(args) as (pg, d1):
         bars = _TableBars("verify", _row_estimates(pg, schema, tables))
@@ -386,7 +388,7 @@ def _cmd_init_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    schema = load_schema(args.schema)
+    schema = _schema(args)
     with _clients(args) as (pg, d1):
         example_writes(pg, rows=args.rows)
         report = apply(pg, d1, schema)
@@ -424,10 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--schema", default=config.schema_path(), help="path of schema.json (env D1SYNC_SCHEMA)")
         p.add_argument("--queue", default=config.queue_name(), help="PGMQ queue name (env D1SYNC_QUEUE)")
+        p.add_argument(
+            "--target",
+            default=None,
+            help="the target of targets.json (env D1SYNC_TARGETS) to work on: its queue, tables and D1",
+        )
 
     p = sub.add_parser("generate-sql", help="print the Postgres capture migration (or the D1 DDL)")
     common(p)
-    p.add_argument("--target", choices=["postgres", "d1"], default="postgres")
+    p.add_argument("--sql", choices=["postgres", "d1"], default="postgres", help="which side (default postgres)")
     p.set_defaults(func=_cmd_generate_sql)
 
     p = sub.add_parser("setup", help="create queue and triggers in Postgres, tables and indexes in D1 (idempotent)")
@@ -538,10 +545,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _schema(args: argparse.Namespace) -> Schema:
+    """schema.json, or the part of it the chosen target replicates."""
+    schema = load_schema(args.schema)
+    tables = getattr(args, "target_tables", None)
+    return schema if tables is None else Schema(tables=tuple(t for t in schema.tables if t.name in tables))
+
+
+#: Commands that, with several targets and no --target, run for each target in turn.
+_PER_TARGET = ("status", "doctor")
+
+
+def _choose_target(args: argparse.Namespace, argv: Sequence[str]) -> int | None:
+    """Point `args` (queue, tables) and this process's D1 variables at `--target`; with several targets and
+    no --target, run status or doctor for each (returns the worst exit code), else refuse to guess."""
+    if not hasattr(args, "target"):
+        return None
+    if args.command == "generate-sql" and args.target in ("postgres", "d1"):  # its old spelling of --sql
+        args.sql, args.target = args.target, None
+    path = targets_path()
+    if path is None:
+        if args.target not in (None, "default"):
+            raise ConfigError(f"--target {args.target}: no targets file is configured (set D1SYNC_TARGETS)")
+        return None
+    targets = load_targets(load_schema(args.schema), path)
+    if args.target is None and len(targets) > 1 and args.command in _PER_TARGET:
+        codes = []
+        for t in targets:
+            if not getattr(args, "json", False):
+                print(f"== target {t.label} (queue {t.queue})")
+            sys.stdout.flush()
+            codes.append(main([*argv, "--target", t.label]))
+        return max(codes)
+    target = pick(targets, args.target)
+    args.queue, args.target_tables = target.queue, target.tables
+    env = target.environment()
+    for k in (*config.CLOUDFLARE_VARS, "D1_LOCAL_PATH"):
+        os.environ.pop(k, None)
+    os.environ.update({k: v for k, v in env.items() if os.environ.get(k) != v})
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
+        done = _choose_target(args, argv)
+        if done is not None:
+            return done
         return int(args.func(args))
     except (SchemaError, ConfigError) as e:
         print(f"d1sync: {e}", file=sys.stderr)

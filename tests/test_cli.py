@@ -272,3 +272,44 @@ def test_status_exits_1_and_says_so_when_the_capture_path_is_broken(source_db, t
     assert out.returncode == 1 and "FAIL: capture app_versions" in out.stdout and "ENABLE TRIGGER" in out.stdout
     report = json.loads(run("status", "--json", env=env).stdout)
     assert report["problems"][0]["check"] == "capture app_versions"
+
+
+def test_every_command_works_on_the_target_it_is_given(source_db, tmp_path):
+    targets = {
+        "prod": {"queue": "replicate_data", "d1": {"localPath": str(tmp_path / "prod.sqlite")}},
+        "staging": {"queue": "replicate_staging", "tables": ["apps"], "d1": {"localPath": str(tmp_path / "st.sqlite")}},
+    }
+    (tmp_path / "targets.json").write_text(json.dumps(targets))
+    env = {"DATABASE_URL": source_db, "D1SYNC_TARGETS": str(tmp_path / "targets.json")}
+    for t in ("prod", "staging"):
+        done = run("setup", "--target", t, "--create-example-tables", env=env)
+        assert done.returncode == 0, done.stderr
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 12) g")
+    refused = run("apply", env=env)
+    assert refused.returncode == 2 and "several targets are configured (prod, staging): pass --target" in refused.stderr
+    done = run("apply", "--target", "staging", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["messages"] == 12
+    with sqlite3.connect(tmp_path / "st.sqlite") as conn:
+        assert conn.execute("SELECT count(*) FROM apps").fetchone()[0] == 12
+        assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'app_versions'").fetchone()[0] == 0
+    assert (
+        not (tmp_path / "prod.sqlite").exists()
+        or sqlite3.connect(tmp_path / "prod.sqlite").execute("SELECT count(*) FROM apps").fetchone()[0] == 0
+    )
+    # status and doctor without --target: each target in turn, and the worst exit code.
+    status = run("status", env=env)
+    assert "== target prod (queue replicate_data)" in status.stdout and "== target staging" in status.stdout
+    assert "12" in status.stdout.split("== target staging")[0]  # prod still has its 12 changes waiting
+    unknown = run("status", "--target", "nope", env=env)
+    assert unknown.returncode == 2 and "no target 'nope' (configured: prod, staging)" in unknown.stderr
+    ddl = run("generate-sql", "--target", "staging", "--sql", "d1", env=env)
+    assert ddl.returncode == 0 and '"apps"' in ddl.stdout and '"app_versions"' not in ddl.stdout
+    sql = run("generate-sql", "--target", "staging", env=env).stdout
+    assert "d1sync_capture_insert__replicate_staging" in sql and "app_versions" not in sql
+    gone = run("teardown", "--target", "staging", "--yes", env=env)
+    assert gone.returncode == 0 and "capture of queue replicate_staging removed from apps" in gone.stdout
+    with psycopg.connect(source_db) as conn:
+        names = {r[0] for r in conn.execute("SELECT tgname FROM pg_trigger WHERE tgname LIKE 'd1sync_capture%'")}
+    assert names == {f"d1sync_capture_{e}" for e in ("insert", "update", "delete", "truncate")}
