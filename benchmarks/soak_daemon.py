@@ -19,6 +19,7 @@ import psutil
 
 from benchmarks.common import fresh_database
 from benchmarks.soak import writer
+from d1sync_dagster.dev import DAGSTER_YAML
 from d1sync_dagster.clients.d1_local import LocalD1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.engine.compare import d1_rows, diff, pg_rows
@@ -103,7 +104,7 @@ def soak_daemon(args: Any) -> None:
         d1_path = str(Path(tmp) / "d1.sqlite")
         home = Path(tmp) / "dagster"
         home.mkdir()
-        (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        (home / "dagster.yaml").write_text(DAGSTER_YAML)
         with PgmqClient(url) as pg:
             pg.execute(example_source_tables())
             d1 = LocalD1Client(d1_path)

@@ -31,7 +31,8 @@ from d1sync_dagster.errors import ConfigError
 from d1sync_dagster.schema import Schema, load_schema
 from d1sync_dagster.sql.capture import example_source_tables
 
-DAGSTER_YAML = "telemetry:\n  enabled: false\n"
+#: Telemetry off; one consumer per target: its steps that consume the queue share the pool `d1sync[_<target>]`.
+DAGSTER_YAML = "telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 1\n"
 CODE_LOCATION = ["-m", "d1sync_dagster.definitions", "-a", "defs"]
 
 
