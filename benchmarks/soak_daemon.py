@@ -19,9 +19,9 @@ import psutil
 
 from benchmarks.common import fresh_database
 from benchmarks.soak import writer
-from d1sync_dagster.dev import DAGSTER_YAML
 from d1sync_dagster.clients.d1_local import LocalD1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.dev import DAGSTER_YAML
 from d1sync_dagster.engine.compare import d1_rows, diff, pg_rows
 from d1sync_dagster.engine.setup import setup
 from d1sync_dagster.schema import load_schema
