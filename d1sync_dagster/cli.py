@@ -8,7 +8,9 @@ another apply was running), 2 bad configuration or input, 3 a service
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
+import io
 import json
 import logging
 import os
@@ -38,7 +40,7 @@ from d1sync_dagster.schema import Schema, load_schema
 from d1sync_dagster.sql.capture import dlq_name, example_source_tables, migration
 from d1sync_dagster.sql.d1_ddl import schema_ddl
 from d1sync_dagster.sql.quoting import ident
-from d1sync_dagster.targets import load_targets, pick, targets_path
+from d1sync_dagster.targets import Target, load_targets, pick, targets_path
 
 
 def _cmd_generate_sql(args: argparse.Namespace) -> int:
@@ -570,13 +572,7 @@ def _choose_target(args: argparse.Namespace, argv: Sequence[str]) -> int | None:
         return None
     targets = load_targets(load_schema(args.schema), path)
     if args.target is None and len(targets) > 1 and args.command in _PER_TARGET:
-        codes = []
-        for t in targets:
-            if not getattr(args, "json", False):
-                print(f"== target {t.label} (queue {t.queue})")
-            sys.stdout.flush()
-            codes.append(main([*argv, "--target", t.label]))
-        return max(codes)
+        return _for_each_target(args, argv, targets)
     target = pick(targets, args.target)
     args.queue, args.target_tables = target.queue, target.tables
     env = target.environment()
@@ -584,6 +580,33 @@ def _choose_target(args: argparse.Namespace, argv: Sequence[str]) -> int | None:
         os.environ.pop(k, None)
     os.environ.update({k: v for k, v in env.items() if os.environ.get(k) != v})
     return None
+
+
+def _for_each_target(args: argparse.Namespace, argv: Sequence[str], targets: list[Target]) -> int:
+    """status or doctor for every target, then the total; with --json one object {targets, total}."""
+    codes, outputs = [], {}
+    for t in targets:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            codes.append(main([*argv, "--target", t.label]))
+        outputs[t.label] = out.getvalue()
+        if not args.json:
+            print(f"== target {t.label} (queue {t.queue})")
+            print(out.getvalue(), end="")
+    worst = max(codes)
+    parsed = {name: json.loads(text) for name, text in outputs.items() if args.json and text.strip()}
+    total = {"exit_code": worst, "targets": len(targets), "failing": sum(c != 0 for c in codes)}
+    if parsed and args.command == "status":
+        total |= {
+            "queue_depth": sum(p.get("queue_depth") or 0 for p in parsed.values()),
+            "dead_letters": sum(sum((p.get("dead_letters") or {}).values()) for p in parsed.values()),
+        }
+    if args.json:
+        print(json.dumps({"targets": parsed, "total": total}))
+    else:
+        state = "all well" if worst == 0 else f"{total['failing']} of {len(targets)} with problems"
+        print(f"== {len(targets)} targets: {state} (exit code {worst})")
+    return worst
 
 
 def main(argv: Sequence[str] | None = None) -> int:

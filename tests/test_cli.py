@@ -302,6 +302,10 @@ def test_every_command_works_on_the_target_it_is_given(source_db, tmp_path):
     status = run("status", env=env)
     assert "== target prod (queue replicate_data)" in status.stdout and "== target staging" in status.stdout
     assert "12" in status.stdout.split("== target staging")[0]  # prod still has its 12 changes waiting
+    assert "== 2 targets:" in status.stdout
+    both = json.loads(run("status", "--json", env=env).stdout)
+    assert set(both["targets"]) == {"prod", "staging"} and both["total"]["queue_depth"] == 12 + 0
+    assert both["targets"]["prod"]["queue"] == "replicate_data"
     unknown = run("status", "--target", "nope", env=env)
     assert unknown.returncode == 2 and "no target 'nope' (configured: prod, staging)" in unknown.stderr
     ddl = run("generate-sql", "--target", "staging", "--sql", "d1", env=env)

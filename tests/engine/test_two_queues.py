@@ -2,6 +2,7 @@
 queue has capture of its own on the same tables, so setting one up, changing it or removing it leaves the
 other's capture exactly as it was, and both D1 copies converge under a concurrent writer."""
 
+import json
 import threading
 
 import psycopg
@@ -13,7 +14,7 @@ from d1sync_dagster.engine.apply import apply
 from d1sync_dagster.engine.compare import d1_rows, diff, pg_rows
 from d1sync_dagster.engine.doctor import capture_findings
 from d1sync_dagster.engine.setup import setup, teardown_postgres
-from d1sync_dagster.schema import load_schema
+from d1sync_dagster.schema import load_schema, parse_schema
 from d1sync_dagster.sql.capture import capture_function, example_source_tables, triggers
 from tests.conftest import ROOT
 
@@ -58,8 +59,17 @@ def test_setting_up_a_second_queue_leaves_the_first_ones_capture_as_it_was(two):
     assert not capture_findings(a, SCHEMA) and not capture_findings(b, SCHEMA)
     a.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
     assert a.metrics().queue_length == 1 and b.metrics().queue_length == 1  # each statement reaches both
-    setup(b, d1b, SCHEMA)  # again (a schema change): still nothing of A's touched
-    assert capture_of(a, "replicate_data") == before
+    # B's deployment changes its schema.json (a column fewer): its capture changes, A's stays as it was.
+    data = json.loads((ROOT / "schema.json").read_text())
+    del data["apps"]["columns"]["name"]
+    narrower = parse_schema(data)
+    theirs = capture_of(b, "replicate_b")
+    setup(b, d1b, narrower)
+    assert capture_of(a, "replicate_data") == before and capture_of(b, "replicate_b") != theirs
+    a.execute("UPDATE apps SET rating = 4.5 WHERE id = 1")
+    (b_msg,) = b.execute("SELECT message FROM pgmq.q_replicate_b ORDER BY msg_id DESC LIMIT 1")
+    (a_msg,) = a.execute("SELECT message FROM pgmq.q_replicate_data ORDER BY msg_id DESC LIMIT 1")
+    assert "name" in a_msg[0]["record"] and "name" not in b_msg[0]["record"]
 
 
 def test_both_copies_converge_under_a_concurrent_writer(two, source_db):
