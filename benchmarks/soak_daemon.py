@@ -55,18 +55,18 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
         return
-    for pid in family:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+    _signal(family, signal.SIGTERM)
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         pass
-    for pid in family:
+    _signal(family, signal.SIGKILL)
+
+
+def _signal(pids: list[int], sig: int) -> None:
+    for pid in pids:
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
         except ProcessLookupError:
             pass
 

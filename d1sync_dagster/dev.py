@@ -31,8 +31,20 @@ from d1sync_dagster.errors import ConfigError
 from d1sync_dagster.schema import Schema, load_schema
 from d1sync_dagster.sql.capture import example_source_tables
 
-#: Telemetry off; one consumer per target: its steps that consume the queue share the pool `d1sync[_<target>]`.
-DAGSTER_YAML = "telemetry:\n  enabled: false\nconcurrency:\n  pools:\n    default_limit: 1\n"
+#: Telemetry off; one consumer per target (its steps that consume the queue share the pool
+#: `d1sync[_<target>]`); queued runs launched every second, not every 5 s (a sensor-started apply run
+#: otherwise waits up to 5 s in the queue).
+DAGSTER_YAML = """telemetry:
+  enabled: false
+concurrency:
+  pools:
+    default_limit: 1
+run_coordinator:
+  module: dagster.core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    dequeue_interval_seconds: 1
+"""
 CODE_LOCATION = ["-m", "d1sync_dagster.definitions", "-a", "defs"]
 
 

@@ -2,6 +2,7 @@
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
@@ -88,25 +89,21 @@ class Outcome:
     metadata: dict[str, float | int | str]
     description: str | None = None
 
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "asset_key": self.asset_key,
+            "check_name": self.check_name,
+            "passed": self.passed,
+            "description": self.description,
+            "metadata": self.metadata,
+            "severity": dg.AssetCheckSeverity.ERROR,
+        }
+
     def result(self) -> dg.AssetCheckResult:
-        return dg.AssetCheckResult(
-            asset_key=self.asset_key,
-            check_name=self.check_name,
-            passed=self.passed,
-            description=self.description,
-            metadata=self.metadata,
-            severity=dg.AssetCheckSeverity.ERROR,
-        )
+        return dg.AssetCheckResult(**self._fields())
 
     def evaluation(self) -> dg.AssetCheckEvaluation:
-        return dg.AssetCheckEvaluation(
-            asset_key=self.asset_key,
-            check_name=self.check_name,
-            passed=self.passed,
-            description=self.description,
-            metadata=self.metadata,
-            severity=dg.AssetCheckSeverity.ERROR,
-        )
+        return dg.AssetCheckEvaluation(**self._fields())
 
 
 CHEAP_CHECKS = (ROW_COUNT, LAG, DEAD_LETTERS)
