@@ -160,3 +160,10 @@ def test_two_components_load_in_one_code_location_next_to_a_users_own_asset(tmp_
     assert dg.AssetKey("my_report") in keys
     assert defs.resolve_job_def("edge_d1sync_apply") and defs.resolve_job_def("analytics_d1sync_apply")
     assert {"postgres_edge", "d1_edge", "postgres_analytics", "d1_analytics"} <= set(defs.resources)
+
+
+def test_dg_finds_the_component_through_the_package_entry_point():
+    from dagster.components.core.package_entry import discover_entry_point_package_objects
+
+    names = {(k.namespace, k.name) for k in discover_entry_point_package_objects()}
+    assert ("d1sync_dagster.components", "D1SyncComponent") in names
