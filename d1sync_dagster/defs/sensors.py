@@ -18,6 +18,7 @@ import dagster as dg
 from d1sync_dagster.clients.pgmq import describe_holders
 from d1sync_dagster.defs.keys import DEFAULT, Wiring
 from d1sync_dagster.defs.resources import NOT_BEFORE_TAG
+from d1sync_dagster.defs.stream import ENDS_AT_TAG
 
 IN_FLIGHT = [
     dg.DagsterRunStatus.QUEUED,
@@ -47,10 +48,14 @@ def build_depth_sensor(
     run_config: dict[str, Any] | None = None,
     stream_job: Any = None,
     wiring: Wiring = DEFAULT,
+    handover_seconds: float | None = None,
 ) -> dg.SensorDefinition:
     """The sensor for `job` (the apply job); `consumers` names the other jobs that take the queue;
     `run_config` is the config of the runs it requests. With a `stream_job` it keeps one streaming run
     alive instead (started whether or not changes are waiting), and requests no apply runs."""
+    # A streaming run's successor is requested when its predecessor has at most this long left: enough
+    # for two ticks and a run's start-up; it waits for the lock (StreamConfig.wait_for_lock_seconds).
+    handover = handover_seconds if handover_seconds is not None else 2 * interval_seconds + 60
     consumer_jobs = {job.name, *consumers} | ({stream_job.name} if stream_job is not None else set())
     keys = set(asset_keys)
     jobs = [job] if stream_job is None else [stream_job]
@@ -91,17 +96,29 @@ def build_depth_sensor(
         in_flight = context.instance.get_run_records(dg.RunsFilter(statuses=IN_FLIGHT), limit=100)
         busy = [r.dagster_run for r in in_flight if consuming_run(r.dagster_run, consumer_jobs, keys)]
         streaming = [r for r in busy if stream_job is not None and r.job_name == stream_job.name]
+        successor_of = None
+        if len(streaming) > 1:
+            return dg.SkipReason(
+                f"{waiting}; run {streaming[-1].run_id} follows the queue and run {streaming[0].run_id} waits to "
+                "take over from it"
+            )
         if streaming:
             run = streaming[0]
-            return dg.SkipReason(
-                f"{waiting}; run {run.run_id} ({run.job_name}, {run.status.value.lower()}) follows the queue"
-            )
+            ends_at = run.tags.get(ENDS_AT_TAG)
+            left = (datetime.fromisoformat(ends_at) - datetime.now(UTC)).total_seconds() if ends_at else None
+            if left is None or left > handover:
+                until = f" until {ends_at}" if ends_at else ""
+                return dg.SkipReason(
+                    f"{waiting}; run {run.run_id} ({run.job_name}, {run.status.value.lower()}) follows the queue{until}"
+                )
+            successor_of = run.run_id  # its time is nearly up: start the next, which takes over when it ends
+            busy = [r for r in busy if r.run_id != run.run_id]
         if busy:
             run = busy[0]
             return dg.SkipReason(
                 f"{waiting}, but run {run.run_id} ({run.job_name}, {run.status.value.lower()}) consumes the queue"
             )
-        if holders:
+        if holders and successor_of is None:  # (a successor expects its predecessor to hold it)
             return dg.SkipReason(f"{waiting}, but the queue's consumer lock is held by {describe_holders(holders)}")
         launched = job if stream_job is None else stream_job
         latest = context.instance.get_run_records(dg.RunsFilter(job_name=launched.name), limit=1)
@@ -114,7 +131,8 @@ def build_depth_sensor(
         return dg.RunRequest(
             job_name=launched.name,
             run_config=run_config if stream_job is None and run_config else {},
-            tags={
+            tags=({"d1sync/successor_of": successor_of} if successor_of else {})
+            | {
                 "d1sync/queue_depth": str(m.queue_length),
                 "d1sync/oldest_age_seconds": str(m.oldest_msg_age_sec),
                 "d1sync/newest_msg_id": str(newest),

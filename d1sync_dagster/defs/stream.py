@@ -3,6 +3,7 @@ change within a fraction of a second of its commit), records a materialization o
 table that changed, at most every `record_every_seconds`, evaluates every table's checks when it ends, and
 ends by itself so that a code reload takes effect. The sensor keeps one such run alive."""
 
+from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
@@ -19,6 +20,9 @@ from d1sync_dagster.engine.stream import Landed, StreamOptions, follow_queue
 from d1sync_dagster.schema import Schema
 
 STREAM_JOB = "d1sync_stream"
+#: Run tag of a streaming run: when (UTC, ISO) it stops following the queue. The sensor starts its
+#: successor shortly before, which waits for the lock and takes over the moment it is released.
+ENDS_AT_TAG = "d1sync/ends_at"
 
 
 class StreamConfig(dg.Config):
@@ -28,6 +32,10 @@ class StreamConfig(dg.Config):
     )
     record_every_seconds: float = Field(
         default=2.0, description="a changed table records a materialization at most this often"
+    )
+    wait_for_lock_seconds: float = Field(
+        default=300.0,
+        description=("while another consumer (the run this one succeeds) holds the queue, wait this long to take over"),
     )
 
 
@@ -51,15 +59,19 @@ def build_stream_job(
     )
     def stream_op(context: dg.OpExecutionContext, config: StreamConfig):
         postgres, d1 = wiring.resources(context)
-        stream = StreamOptions(config.seconds, config.poll_seconds, config.record_every_seconds)
+        stream = StreamOptions(
+            config.seconds, config.poll_seconds, config.record_every_seconds, config.wait_for_lock_seconds
+        )
         final: Landed | None = None
         with open_clients(postgres, d1, what="the streaming apply", context=context) as (pg, client):
             evolved = ensure_schema(pg, client, schema)
             if evolved is not None:
                 context.log.warning(f"schema.json changed: D1 updated first ({evolved})")
             for landed in follow_queue(pg, client, schema, stream, options):
-                if final is None and not landed.final:
-                    context.log.info(f"streaming apply, {landed.wake}")
+                if landed.following_since is not None:
+                    ends = datetime.fromtimestamp(landed.following_since + config.seconds, UTC)
+                    context.instance.add_run_tags(context.run_id, {ENDS_AT_TAG: ends.isoformat(timespec="seconds")})
+                    context.log.info(f"streaming apply until {ends:%H:%M:%S} UTC, {landed.wake}")
                 figures = run_figures(landed.totals)
                 for name, stats in landed.tables.items():
                     md = table_metadata(stats, figures) | {"operation": dg.MetadataValue.text("stream")}

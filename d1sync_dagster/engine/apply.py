@@ -74,6 +74,8 @@ class ApplyOptions:
     idle: Callable[[], None] | None = None
     #: True ends the run after the batch in hand (the streaming run being stopped).
     stopped: Callable[[], bool] | None = None
+    #: Called once the consumer lock is held, before the first read (the streaming run notes when it began).
+    on_locked: Callable[[], None] | None = None
     #: D1 requests one run may spend isolating the changes D1 refuses (bisection); see `_isolate`.
     max_bisect_requests: int = 200
     #: After a run that drained the queue, VACUUM the queue table when Postgres counts at least this many
@@ -116,6 +118,8 @@ def apply(
             report.skipped = "another apply is running on this queue"
             log.info("apply skipped: %s", report.skipped)
             return report
+        if options.on_locked is not None:
+            options.on_locked()
         deadline = None if options.max_seconds is None else started + options.max_seconds
         failed = threading.Event()
         with pg.clone() as finisher, ThreadPoolExecutor(max_workers=1, thread_name_prefix="d1sync-d1") as pool:

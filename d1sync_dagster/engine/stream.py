@@ -36,6 +36,9 @@ class StreamOptions:
     poll_seconds: float = 1.0
     #: Materializations are recorded at most this often (a busy table would otherwise get one per batch).
     record_every_seconds: float = 2.0
+    #: While another consumer holds the lock, try again (every 0.1 s) for this long before giving up: the
+    #: successor of a streaming run starts before its predecessor ends and takes over the moment it does.
+    wait_for_lock_seconds: float = 0.0
 
 
 @dataclass
@@ -47,6 +50,8 @@ class Landed:
     final: bool = False
     #: How the run waits for changes (notifications or polling, and why).
     wake: str = ""
+    #: Set once, on an item of its own: when (time.time()) the run took the consumer lock and began to follow.
+    following_since: float | None = None
 
 
 @dataclass
@@ -114,10 +119,11 @@ def follow_queue(
     done: queue.Queue[ApplyReport | BaseException] = queue.Queue()
     listener = ChangeListener(pg, poll_seconds=options.poll_seconds)
     log.info("streaming apply for %gs, %s", options.seconds, listener.mode)
-    deadline = time.monotonic() + options.seconds
+    began: list[float] = []  # time.monotonic() when the lock was taken: the run's time counts from there
 
     def idle() -> None:
         """Until notified, `poll_seconds` passed, the run's end or a stop (looked at every 0.25 s)."""
+        deadline = (began[0] if began else time.monotonic()) + options.seconds
         end = min(time.monotonic() + options.poll_seconds, deadline)
         while not stop.is_set() and (left := end - time.monotonic()) > 0:
             if listener.wait(min(left, 0.25)):
@@ -134,6 +140,7 @@ def follow_queue(
     )
 
     totals = ApplyReport()  # replaced by the apply's own report as soon as a batch lands
+    locked_at: list[float] = []
 
     def landed(report: ApplyReport, msgs: list[QueueMessage], tables: dict[int, str | None]) -> None:
         nonlocal totals
@@ -141,17 +148,33 @@ def follow_queue(
         window.add(report, msgs, tables)
 
     def run() -> None:
+        def on_locked() -> None:
+            began.append(time.monotonic())
+            locked_at.append(time.time())
+
+        options_here = replace(following, on_batch_messages=landed, on_locked=on_locked)
+        give_up = time.monotonic() + options.wait_for_lock_seconds
         try:
-            done.put(apply(pg, d1, schema, replace(following, on_batch_messages=landed)))
+            while True:
+                report = apply(pg, d1, schema, options_here)
+                if report.skipped and time.monotonic() < give_up and not stop.is_set():
+                    time.sleep(0.1)  # a predecessor still follows the queue: take over when it lets go
+                    continue
+                done.put(report)
+                return
         except BaseException as e:  # raised in the caller's thread
             done.put(e)
 
     thread = threading.Thread(target=run, name="d1sync-stream", daemon=True)
     thread.start()
+    announced = False
     try:
         while True:
+            if locked_at and not announced:
+                announced = True
+                yield Landed({}, totals, wake=listener.mode, following_since=locked_at[0])
             try:
-                result = done.get(timeout=options.record_every_seconds)
+                result = done.get(timeout=options.record_every_seconds if announced else 0.1)
             except queue.Empty:
                 if changed := window.take():
                     yield Landed(changed, totals, wake=listener.mode)

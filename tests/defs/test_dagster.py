@@ -578,3 +578,24 @@ def test_the_stream_run_applies_changes_written_after_it_started_records_changed
     assert res.results == [{"n": 3}]
     md = output_metadata(result, "d1sync_stream_op")
     assert md["messages"].value == 3 and "notifications" in md["wake"].value
+
+
+def test_the_streaming_sensor_starts_the_successor_shortly_before_the_run_ends(streaming, source_db):
+    _pg, _d1, resources = streaming
+    defs = build_definitions(str(ROOT / "schema.json"))
+    stream_job = defs.resolve_job_def("d1sync_stream")
+    with dg.instance_for_test() as instance, PgmqClient(source_db) as running, running.consumer_lock() as got:
+        assert got  # the running stream holds the lock
+        run = instance.create_run_for_job(stream_job, status=dg.DagsterRunStatus.STARTED)
+        later = datetime.now(UTC) + timedelta(minutes=10)
+        instance.add_run_tags(run.run_id, {"d1sync/ends_at": later.isoformat(timespec="seconds")})
+        _sensor, tick = sensor_tick(instance, resources, cursor="0")
+        assert tick.run_requests == [] and "follows the queue until" in tick.skip_message
+        soon = datetime.now(UTC) + timedelta(seconds=30)
+        instance.add_run_tags(run.run_id, {"d1sync/ends_at": soon.isoformat(timespec="seconds")})
+        _sensor, tick = sensor_tick(instance, resources, cursor="0")
+        (req,) = tick.run_requests  # the lock is held, by the very run this one succeeds
+        assert req.job_name == "d1sync_stream" and req.tags["d1sync/successor_of"] == run.run_id
+        instance.create_run_for_job(stream_job, status=dg.DagsterRunStatus.STARTING)
+        _sensor, tick = sensor_tick(instance, resources, cursor="0")
+        assert tick.run_requests == [] and "waits to take over" in tick.skip_message

@@ -63,12 +63,39 @@ def test_a_stop_ends_it_at_once_and_a_held_lock_skips_it(pair, source_db):
     stop = threading.Event()
     threading.Timer(0.5, stop.set).start()
     started = time.monotonic()
-    (last,) = list(follow_queue(pair.pg, pair.d1, pair.schema, StreamOptions(seconds=60, poll_seconds=0.2), stop=stop))
+    *_, last = follow_queue(pair.pg, pair.d1, pair.schema, StreamOptions(seconds=60, poll_seconds=0.2), stop=stop)
     assert last.final and time.monotonic() - started < 3
     with PgmqClient(source_db) as other, other.consumer_lock() as got:
         assert got
         (last,) = list(follow_queue(pair.pg, pair.d1, pair.schema, StreamOptions(seconds=60)))
-    assert last.final and "another apply" in (last.totals.skipped or "")
+    assert last.final and "another apply" in (last.totals.skipped or "") and last.following_since is None
+
+
+def test_a_successor_waits_for_its_predecessor_and_takes_over_the_moment_it_ends(pair, source_db):
+    """The successor starts while its predecessor still follows the queue, waits for the lock, and follows
+    from the moment the lock is free: a change written at the handover waits no longer than any other."""
+    ended: list[float] = []
+    followed: list[float] = []
+
+    def predecessor():
+        with PgmqClient(source_db) as pg:
+            list(follow_queue(pg, pair.d1, pair.schema, StreamOptions(seconds=2.0, poll_seconds=0.2)))
+        ended.append(time.time())
+
+    first = threading.Thread(target=predecessor)
+    first.start()
+    time.sleep(0.8)  # the predecessor holds the lock by now
+    options = StreamOptions(seconds=2.0, poll_seconds=0.2, wait_for_lock_seconds=10)
+    with PgmqClient(source_db) as pg:
+        for landed in follow_queue(pg, pair.d1, pair.schema, options):
+            if landed.following_since is not None:
+                followed.append(landed.following_since)
+                pair.sql("INSERT INTO apps (id, name) VALUES (1, 'after the handover')")
+            last = landed
+    first.join()
+    (since,) = followed
+    assert since - ended[0] < 0.5, since - ended[0]  # the lock was taken over at once
+    assert last.final and last.totals.messages == 1 and d1_count(pair.d1) == 1
 
 
 def test_where_notifications_do_not_arrive_it_polls(pair, source_db):
