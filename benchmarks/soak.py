@@ -93,6 +93,9 @@ def main() -> None:
     ap.add_argument("--mode", choices=["stream", "run"], default="stream", help="with --daemon: D1SYNC_APPLY_MODE")
     ap.add_argument("--json", action="store_true", help="end with one JSON line of the figures")
     ap.add_argument("--stream-seconds", type=float, default=None, help="with --daemon: D1SYNC_STREAM_SECONDS")
+    ap.add_argument(
+        "--timeline", action="store_true", help="with --daemon: print when each run was created, began, ended"
+    )
     args = ap.parse_args()
     if args.daemon:
         from benchmarks.soak_daemon import soak_daemon

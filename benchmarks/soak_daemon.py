@@ -71,6 +71,10 @@ def _signal(pids: list[int], sig: int) -> None:
             pass
 
 
+#: (run id, created, started, ended, tags) of every run, for --timeline.
+TIMELINE: list[tuple[str, float, float | None, float | None, dict[str, str]]] = []
+
+
 def _runs(home: str) -> tuple[dict[str, int], dict[str, float]]:
     """Runs per job and status in the instance, and the median phases of the finished runs (seconds): from
     the run's creation to its start (the daemon launching it, the run worker starting and loading the code),
@@ -80,8 +84,11 @@ def _runs(home: str) -> tuple[dict[str, int], dict[str, float]]:
     with dg.DagsterInstance.from_config(home) as instance:
         counts: dict[str, int] = {}
         launch, steps, rest = [], [], []
-        for record in instance.get_run_records():
+        for record in sorted(instance.get_run_records(), key=lambda rec: rec.create_timestamp):
             r = record.dagster_run
+            TIMELINE.append(
+                (r.run_id[:8], record.create_timestamp.timestamp(), record.start_time, record.end_time, r.tags)
+            )
             key = f"{r.job_name} {r.status.value.lower()}"
             counts[key] = counts.get(key, 0) + 1
             if record.start_time is None or record.end_time is None:
@@ -180,5 +187,10 @@ def soak_daemon(args: Any) -> None:
         f"worker, code), {phases['steps_s']} s in its steps, {phases['rest_s']} s besides"
     )
     print(f"  drift after the run          {drift} (rows never seen in D1: {missing})")
+    if getattr(args, "timeline", False):
+        zero = min(t[1] for t in TIMELINE) if TIMELINE else 0.0
+        for run_id, created, begun, ended, tags in TIMELINE:
+            rel = [f"{x - zero:7.1f}" if x else "      -" for x in (created, begun, ended)]
+            print(f"  run {run_id} created {rel[0]} started {rel[1]} ended {rel[2]} {tags.get('d1sync/ends_at', '')}")
     if args.json:
         print(json.dumps(figures))

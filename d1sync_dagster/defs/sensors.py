@@ -97,13 +97,17 @@ def build_depth_sensor(
         busy = [r.dagster_run for r in in_flight if consuming_run(r.dagster_run, consumer_jobs, keys)]
         streaming = [r for r in busy if stream_job is not None and r.job_name == stream_job.name]
         successor_of = None
-        if len(streaming) > 1:
+        # A streaming run tags its end once it holds the lock: one without the tag is still starting or
+        # waiting to take over; of those with it, the newest follows the queue (an older one is finishing).
+        starting = [r for r in streaming if ENDS_AT_TAG not in r.tags]
+        following = [r for r in streaming if ENDS_AT_TAG in r.tags]
+        if starting and following:
             return dg.SkipReason(
-                f"{waiting}; run {streaming[-1].run_id} follows the queue and run {streaming[0].run_id} waits to "
+                f"{waiting}; run {following[0].run_id} follows the queue and run {starting[0].run_id} waits to "
                 "take over from it"
             )
         if streaming:
-            run = streaming[0]
+            run = (following or starting)[0]
             ends_at = run.tags.get(ENDS_AT_TAG)
             left = (datetime.fromisoformat(ends_at) - datetime.now(UTC)).total_seconds() if ends_at else None
             if left is None or left > handover:
@@ -112,7 +116,7 @@ def build_depth_sensor(
                     f"{waiting}; run {run.run_id} ({run.job_name}, {run.status.value.lower()}) follows the queue{until}"
                 )
             successor_of = run.run_id  # its time is nearly up: start the next, which takes over when it ends
-            busy = [r for r in busy if r.run_id != run.run_id]
+            busy = [r for r in busy if r not in streaming]
         if busy:
             run = busy[0]
             return dg.SkipReason(

@@ -77,7 +77,9 @@ def build_stream_job(
                     md = table_metadata(stats, figures) | {"operation": dg.MetadataValue.text("stream")}
                     yield dg.AssetMaterialization(asset_key=wiring.asset_key(schema.table(name)), metadata=md)
                 final = landed
-            health = table_health(pg, client, schema)
+            # Without the lock: a successor may hold it by now or be about to take it, and this run must not
+            # keep it waiting (the checks allow for an apply moving D1 while they count, and say so).
+            health = table_health(pg, client, schema, hold_lock=False)
         assert final is not None and final.final  # follow_queue ends with its final report or raises
         report = final.totals
         if report.skipped:

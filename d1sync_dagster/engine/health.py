@@ -41,14 +41,18 @@ class TableHealth:
 
 
 def table_health(
-    pg: PgmqClient, d1: D1Client, schema: Schema, *, wait_for_apply_seconds: float = 30.0
+    pg: PgmqClient, d1: D1Client, schema: Schema, *, wait_for_apply_seconds: float = 30.0, hold_lock: bool = True
 ) -> dict[str, TableHealth]:
     """Row counts on both sides, queued changes and the age of the oldest, dead letters; per table.
 
     The source counts and the queue are read in one snapshot, so every source change not yet in D1 is among
     the queued messages counted (the capture trigger enqueues in the writer's transaction). D1 is counted
     while this holds the apply lock, so no apply moves D1 or the queue in between; when an apply holds the
-    queue for longer than `wait_for_apply_seconds`, the counts are read anyway and marked `apply_running`."""
+    queue for longer than `wait_for_apply_seconds`, the counts are read anyway and marked `apply_running`.
+    With `hold_lock=False` they are read without the lock (a streaming run at its end, whose successor takes
+    the lock the moment it is free), marked `apply_running` when another consumer holds it."""
+    if not hold_lock:
+        return _read_health(pg, d1, schema, apply_running=bool(pg.lock_holders()))
     deadline = time.monotonic() + wait_for_apply_seconds
     while True:
         with pg.consumer_lock() as got:
