@@ -71,11 +71,11 @@ def _signal(pids: list[int], sig: int) -> None:
             pass
 
 
-#: (run id, created, started, ended, tags) of every run, for --timeline.
-TIMELINE: list[tuple[str, float, float | None, float | None, dict[str, str]]] = []
+#: (run id, created, started, ended, tags) of a run, for --timeline.
+Timed = tuple[str, float, float | None, float | None, dict[str, str]]
 
 
-def _runs(home: str) -> tuple[dict[str, int], dict[str, float]]:
+def _runs(home: str) -> tuple[dict[str, int], dict[str, float], list[Timed]]:
     """Runs per job and status in the instance, and the median phases of the finished runs (seconds): from
     the run's creation to its start (the daemon launching it, the run worker starting and loading the code),
     its steps, and the rest of the run."""
@@ -84,9 +84,10 @@ def _runs(home: str) -> tuple[dict[str, int], dict[str, float]]:
     with dg.DagsterInstance.from_config(home) as instance:
         counts: dict[str, int] = {}
         launch, steps, rest = [], [], []
+        timeline: list[Timed] = []
         for record in sorted(instance.get_run_records(), key=lambda rec: rec.create_timestamp):
             r = record.dagster_run
-            TIMELINE.append(
+            timeline.append(
                 (r.run_id[:8], record.create_timestamp.timestamp(), record.start_time, record.end_time, r.tags)
             )
             key = f"{r.job_name} {r.status.value.lower()}"
@@ -102,7 +103,8 @@ def _runs(home: str) -> tuple[dict[str, int], dict[str, float]]:
         def median(xs: list[float]) -> float:
             return round(statistics.median(xs), 2) if xs else 0.0
 
-        return counts, {"to_start_s": median(launch), "steps_s": median(steps), "rest_s": median(rest)}
+        phases = {"to_start_s": median(launch), "steps_s": median(steps), "rest_s": median(rest)}
+        return counts, phases, timeline
 
 
 def soak_daemon(args: Any) -> None:
@@ -162,7 +164,7 @@ def soak_daemon(args: Any) -> None:
             stop.set()
             _stop(daemon)
             log.close()
-        runs, phases = _runs(str(home))
+        runs, phases, timeline = _runs(str(home))
         d1.close()
     lags = sorted(seen[i] - committed[i] for i in committed if i in seen)
     missing = len(committed) - len(lags)
@@ -188,8 +190,8 @@ def soak_daemon(args: Any) -> None:
     )
     print(f"  drift after the run          {drift} (rows never seen in D1: {missing})")
     if getattr(args, "timeline", False):
-        zero = min(t[1] for t in TIMELINE) if TIMELINE else 0.0
-        for run_id, created, begun, ended, tags in TIMELINE:
+        zero = min(t[1] for t in timeline) if timeline else 0.0
+        for run_id, created, begun, ended, tags in timeline:
             rel = [f"{x - zero:7.1f}" if x else "      -" for x in (created, begun, ended)]
             print(f"  run {run_id} created {rel[0]} started {rel[1]} ended {rel[2]} {tags.get('d1sync/ends_at', '')}")
     if args.json:

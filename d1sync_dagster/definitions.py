@@ -30,9 +30,9 @@ APPLY_JOB = "d1sync_apply"
 
 
 def build_d1_resource(target: Target | None = None) -> D1Resource:
-    """The D1 resource for the backend `config.d1_settings` chose (and validated: all three Cloudflare
-    variables or none), or a target's. The ids and the token reach the resource as `dg.EnvVar`, read when a
-    run uses it."""
+    """The D1 resource of a target of a targets file or, for the single target of today's variables (or
+    none), of the backend `config.d1_settings` chose and validated (all three Cloudflare variables or
+    none). The ids and the token reach the resource as `dg.EnvVar`, read when a run uses it."""
     if target is not None and target.local_path:
         return D1Resource(local_path=target.local_path)
     if target is not None and target.account_id_env:
@@ -176,7 +176,7 @@ def _target_definitions(schema: Schema, target: Target, wiring: Wiring) -> dg.De
         ],
         resources={
             wiring.postgres_key: PostgresResource(database_url=dg.EnvVar("DATABASE_URL"), queue=target.queue),
-            wiring.d1_key: build_d1_resource(target if wiring.target or target.name else None),
+            wiring.d1_key: build_d1_resource(target),
         },
     )
 

@@ -540,8 +540,7 @@ class ChangeListener:
         if client.pooled:
             self.reason = "the connection goes through a transaction pooler, which does not deliver notifications"
             return
-        listener = client.clone()
-        self._conn = listener.conn
+        self._conn = client.clone().conn  # a connection of its own, closed by close()
         try:
             self._conn.execute(f"LISTEN {ident(self.channel)}")
             client.execute("SELECT pg_notify(%s, 'probe')", [self.channel])
