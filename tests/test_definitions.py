@@ -62,3 +62,20 @@ def test_d1_resource_picks_http_when_account_is_set():
     r = D1Resource(account_id="a", database_id="d", api_token=fake, local_path="x.sqlite")
     assert r.settings().backend == "http"
     assert fake not in repr(r.settings())
+
+
+def test_a_wrong_apply_mode_or_a_missing_targets_file_is_a_clear_error(monkeypatch, tmp_path):
+    import pytest
+
+    from d1sync_dagster.errors import ConfigError
+
+    monkeypatch.setenv("D1SYNC_APPLY_MODE", "fast")
+    with pytest.raises(ConfigError, match="D1SYNC_APPLY_MODE must be one of stream, run, not 'fast'"):
+        build_definitions(str(ROOT / "schema.json"))
+    monkeypatch.delenv("D1SYNC_APPLY_MODE")
+    monkeypatch.setenv("D1SYNC_TARGETS", str(tmp_path / "nope.json"))
+    with pytest.raises(ConfigError, match="cannot read targets file"):
+        build_definitions(str(ROOT / "schema.json"))
+    (tmp_path / "nope.json").write_text("{")
+    with pytest.raises(ConfigError, match="not valid JSON at line 1"):
+        build_definitions(str(ROOT / "schema.json"))
