@@ -30,6 +30,12 @@ try {
   } catch {
     // no dialog this time
   }
+  try {
+    // the page sets its own title once its route has rendered; until then it is the app's "Dagster"
+    await page.waitForFunction(() => document.title && document.title !== "Dagster", null, { timeout: 20000 });
+  } catch {
+    // a page that keeps the default title: report it as it is
+  }
   await page.waitForTimeout(500);
   await page.screenshot({ path: out });
   console.log(JSON.stringify({ found, title: await page.title() }));
