@@ -19,11 +19,12 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import asdict, replace
-from typing import TextIO
+from typing import Any, TextIO
 
 from d1sync_dagster import config, embedded
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.core.shards import shard_for
 from d1sync_dagster.engine.apply import ApplyOptions, apply
 from d1sync_dagster.engine.backfill import backfill
 from d1sync_dagster.engine.compare import d1_rows, diff, pg_rows
@@ -40,7 +41,7 @@ from d1sync_dagster.schema import Schema, load_schema
 from d1sync_dagster.sql.capture import dlq_name, example_source_tables, migration
 from d1sync_dagster.sql.d1_ddl import schema_ddl
 from d1sync_dagster.sql.quoting import ident
-from d1sync_dagster.targets import Target, load_targets, pick, targets_path
+from d1sync_dagster.targets import Target, load_targets, open_shards, pick, targets_path
 
 
 def _cmd_generate_sql(args: argparse.Namespace) -> int:
@@ -59,7 +60,7 @@ def _cmd_setup(args: argparse.Namespace) -> int:
     with PgmqClient(url, queue=args.queue) as pg:
         if args.create_example_tables:
             pg.execute(example_source_tables())
-        with closing(d1_settings.client()) as d1:
+        with closing(_d1(args, d1_settings)) as d1:
             result = setup(pg, d1, schema, pgmq_sql=embedded.pgmq_sql() if args.install_pgmq else None)
     out = {
         "schema_version": result.schema_version,
@@ -128,12 +129,17 @@ class Progress:
         self.stream.flush()
 
 
+def _d1(args: argparse.Namespace, settings: config.D1Settings | None = None) -> D1Client:
+    """The D1 client of the chosen target: its database, with its shards (`targets.open_shards`)."""
+    return open_shards((settings or config.d1_settings()).client(), getattr(args, "shards_json", None))
+
+
 @contextmanager
 def _clients(args: argparse.Namespace) -> Iterator[tuple[PgmqClient, D1Client]]:
     """Both clients from the environment, closed afterwards."""
     d1_settings = config.d1_settings()
     with PgmqClient(embedded.source_url(), queue=args.queue) as pg:
-        d1 = d1_settings.client()
+        d1 = _d1(args, d1_settings)
         try:
             yield pg, d1
         finally:
@@ -251,6 +257,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
             chunk_size=args.chunk_size,
             restart=args.restart,
             on_chunk=lambda table, t: bars.update(table, t.rows),
+            shard=args.shard,
         )
         bars.close()
     if args.json:
@@ -327,7 +334,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     schema = _schema(args)
     dx = diagnose(
         lambda: PgmqClient(embedded.source_url(), queue=args.queue),
-        lambda: config.d1_settings().client(),
+        lambda: _d1(args),
         schema,
         lag_threshold_seconds=config.number("D1SYNC_LAG_THRESHOLD_SECONDS", 300),
     )
@@ -349,7 +356,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     with _clients(args) as (pg, d1):
         bars = _TableBars("verify", _row_estimates(pg, schema, tables))
         report = reconcile(
-            pg, d1, schema, tables=tables, chunk_size=args.chunk_size, repair_drift=args.repair, on_chunk=bars.update
+            pg,
+            d1,
+            schema,
+            tables=tables,
+            chunk_size=args.chunk_size,
+            repair_drift=args.repair,
+            on_chunk=bars.update,
+            shard=args.shard,
         )
         bars.close()
     if args.json:
@@ -363,12 +377,50 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             )
             fixed = f" (repair enqueued {t.repaired} messages and applied them)" if t.repaired else ""
             print(f"{name}: {t.source_rows:,} rows in Postgres, {t.d1_rows:,} in D1, {state}{fixed}")
+            for shard, part in t.shards.items():
+                said = (
+                    "in sync"
+                    if part.total == 0
+                    else (f"{len(part.missing)} missing, {len(part.extra)} extra, {len(part.different)} different")
+                )
+                print(f"  shard {shard}: {part.source_rows:,} rows belong here, {part.d1_rows:,} in D1, {said}")
             for label, keys in (("missing", t.missing), ("extra", t.extra), ("different", t.different)):
                 if keys:
                     shown = ", ".join(str(list(k)) for k in keys[:10]) + (" ..." if len(keys) > 10 else "")
                     print(f"  {label} keys: {shown}")
         print(f"{report.d1_rows_read:,} D1 rows read in {report.seconds:.1f}s")
     return 0 if report.in_sync else 1
+
+
+def _cmd_shards(args: argparse.Namespace) -> int:
+    data = json.loads(getattr(args, "shards_json", None) or '{"shards": {}, "shardBy": {}}')
+    rules = data["shardBy"]
+    if args.table is not None and args.table not in rules:
+        raise ConfigError(f"table {args.table} is not sharded (sharded: {', '.join(rules) or 'none'})")
+    if args.value is not None:
+        if args.table is None:
+            raise ConfigError("--value needs --table")
+        rule = rules[args.table]
+        kind = _schema(args).table(args.table).columns[rule["column"]]
+        value: Any = args.value
+        if kind in ("INTEGER", "BOOLEAN"):
+            try:
+                value = int(args.value)
+            except ValueError:
+                raise ConfigError(f"{rule['column']} is {kind}: {args.value!r} is not an integer") from None
+        shard = shard_for(rule, value)
+        print(json.dumps({"table": args.table, "value": value, "shard": shard}) if args.json else shard)
+        return 0
+    shown = {t: r for t, r in rules.items() if args.table in (None, t)}
+    if args.json:
+        print(json.dumps({"shards": sorted(data["shards"]), "shardBy": shown}))
+    elif not shown:
+        print("no sharded tables")
+    for table, rule in shown.items() if not args.json else ():
+        how = f"hash over {', '.join(rule['hash'])}" if rule.get("hash") else f"default {rule.get('default')}"
+        mapped = f", {len(rule['map'])} mapped values" if rule.get("map") else ""
+        print(f"{table}: by {rule['column']}, {how}{mapped}")
+    return 0
 
 
 def _cmd_init_schema(args: argparse.Namespace) -> int:
@@ -468,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", action="append", help="table to backfill (repeatable; default all)")
     p.add_argument("--chunk-size", type=int, default=5000, help="rows per chunk (default 5000)")
     p.add_argument("--restart", action="store_true", help="start over instead of resuming an unfinished backfill")
+    p.add_argument("--shard", help="only this shard of the sharded tables (targets.json shards)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_backfill)
 
@@ -508,8 +561,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", action="append", help="table to verify (repeatable; default all)")
     p.add_argument("--repair", action="store_true", help="re-enqueue the differing keys and apply them")
     p.add_argument("--chunk-size", type=int, default=5000, help="rows per D1 read (default 5000)")
+    p.add_argument("--shard", help="only this shard of the sharded tables (default: every shard)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("shards", help="the shard rules of the target (for readers), or the shard of one value")
+    common(p)
+    p.add_argument("--table", help="a sharded table")
+    p.add_argument("--value", help="with --table: the shard column's value (as D1 holds it) to route")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_shards)
 
     p = sub.add_parser("init-schema", help="write a schema.json from a live Postgres database")
     p.add_argument("--tables", help="comma-separated table names (default: every table of the schema)")
@@ -575,6 +636,7 @@ def _choose_target(args: argparse.Namespace, argv: Sequence[str]) -> int | None:
         return _for_each_target(args, argv, targets)
     target = pick(targets, args.target)
     args.queue, args.target_tables = target.queue, target.tables
+    args.shards_json = target.shards_json()
     env = target.environment()
     for k in (*config.CLOUDFLARE_VARS, "D1_LOCAL_PATH"):
         os.environ.pop(k, None)

@@ -96,6 +96,17 @@ def _attempts(env: Mapping[str, str]) -> int:
     return int(raw)
 
 
+def shard_parallel(env: Mapping[str, str] | None = None) -> int:
+    """`D1SYNC_SHARD_PARALLEL`: how many shard databases one apply writes at once (default 8)."""
+    env = os.environ if env is None else env
+    raw = env.get("D1SYNC_SHARD_PARALLEL")
+    if not raw:
+        return 8
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"D1SYNC_SHARD_PARALLEL must be a whole number of at least 1, got {raw!r}")
+    return int(raw)
+
+
 def state_dir(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     return Path(env.get("D1SYNC_STATE_DIR") or DEFAULT_STATE_DIR)

@@ -33,8 +33,9 @@ def build_d1_resource(target: Target | None = None) -> D1Resource:
     """The D1 resource of a target of a targets file or, for the single target of today's variables (or
     none), of the backend `config.d1_settings` chose and validated (all three Cloudflare variables or
     none). The ids and the token reach the resource as `dg.EnvVar`, read when a run uses it."""
+    shards = target.shards_json() if target is not None else None
     if target is not None and target.local_path:
-        return D1Resource(local_path=target.local_path)
+        return D1Resource(local_path=target.local_path, shards_json=shards)
     if target is not None and target.account_id_env:
         names = (target.account_id_env, target.database_id_env or "", target.api_token_env or "")
     else:
@@ -49,6 +50,7 @@ def build_d1_resource(target: Target | None = None) -> D1Resource:
         api_token=token,
         base_url=os.environ.get("CLOUDFLARE_API_BASE_URL") or D1Resource.model_fields["base_url"].default,
         attempts=config.attempts(),
+        shards_json=shards,
     )
 
 

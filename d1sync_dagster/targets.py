@@ -25,10 +25,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, model_validator
 
 from d1sync_dagster import config
+from d1sync_dagster.clients.d1 import D1Client
+from d1sync_dagster.clients.d1_shards import ShardedD1
+from d1sync_dagster.core.shards import SHARD_COLUMN_TYPES, ShardRule, rule_from_json
 from d1sync_dagster.errors import ConfigError
 from d1sync_dagster.schema import Schema
 from d1sync_dagster.sql.quoting import check_queue_name
@@ -61,11 +65,13 @@ class _D1(BaseModel):
 
 
 class _Target(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     queue: str
     tables: list[str] | None = None
     d1: _D1
+    shards: dict[str, _D1] | None = None
+    shard_by: dict[str, dict[str, Any]] | None = Field(default=None, alias="shardBy")
 
 
 class _TargetsFile(RootModel[dict[str, _Target]]):
@@ -83,6 +89,9 @@ class Target:
     database_id_env: str | None = None
     api_token_env: str | None = None
     local_path: str | None = None
+    #: Shard databases by name (each a Target holding only its D1), and the rule of each sharded table.
+    shards: tuple[tuple[str, Target], ...] = ()
+    rules: tuple[ShardRule, ...] = ()
 
     @property
     def label(self) -> str:
@@ -112,6 +121,70 @@ class Target:
 
     def d1_settings(self, env: Mapping[str, str] | None = None) -> config.D1Settings:
         return config.d1_settings(self.environment(env))
+
+    def shards_json(self) -> str | None:
+        """The shard databases (variable names or paths, never values) and rules, as the D1 resource keeps
+        them; None without shards. `open_shards` reads it back."""
+        if not self.shards:
+            return None
+        return json.dumps(
+            {
+                "shards": {name: _d1_json(t) for name, t in self.shards},
+                "shardBy": {r.table: r.to_json() for r in self.rules},
+            },
+            sort_keys=True,
+        )
+
+
+def _d1_json(t: Target) -> dict[str, str]:
+    if t.local_path:
+        return {"localPath": t.local_path}
+    return {
+        "accountIdEnv": t.account_id_env or "",
+        "databaseIdEnv": t.database_id_env or "",
+        "apiTokenEnv": t.api_token_env or "",
+    }
+
+
+def _d1_target(name: str, d1: _D1) -> Target:
+    return Target(
+        name=name,
+        queue="",
+        tables=(),
+        account_id_env=d1.account_id_env,
+        database_id_env=d1.database_id_env,
+        api_token_env=d1.api_token_env,
+        local_path=d1.local_path,
+    )
+
+
+def open_shards(home: D1Client, shards_json: str | None, env: Mapping[str, str] | None = None) -> D1Client:
+    """`home` alone, or with the shard databases and rules of `shards_json` (`Target.shards_json`) as one
+    `ShardedD1`. Shards reached with the same token as another share its API budget. When a shard cannot be
+    opened, every client opened so far, `home` too, is closed."""
+    if not shards_json:
+        return home
+    data = json.loads(shards_json)
+    clients: dict[str, D1Client] = {}
+    budgets: dict[str, Any] = {}
+    try:
+        for name, spec in data["shards"].items():
+            client = _d1_target(name, _D1.model_validate(spec)).d1_settings(env).client()
+            token = spec.get("apiTokenEnv")
+            if token and hasattr(client, "budget"):
+                client.budget = budgets.setdefault(token, client.budget)
+            clients[name] = client
+    except BaseException:
+        for c in (home, *clients.values()):
+            c.close()
+        raise
+    rules = {t: rule_from_json(t, r) for t, r in data["shardBy"].items()}
+    return ShardedD1(home, clients, rules, parallel=config.shard_parallel(env))
+
+
+def open_d1(target: Target, env: Mapping[str, str] | None = None) -> D1Client:
+    """A client for the target's D1: its database, with its shards when it has any."""
+    return open_shards(target.d1_settings(env).client(), target.shards_json(), env)
 
 
 def targets_path(env: Mapping[str, str] | None = None) -> str | None:
@@ -157,6 +230,7 @@ def load_targets(schema: Schema, path: str | Path | None = None) -> list[Target]
                 f"{p.name}: target {name}: "
                 + (f"tables {', '.join(unknown)} are not in schema.json" if unknown else "no tables")
             )
+        shards, rules = _shards(p.name, name, t, schema, tables)
         out.append(
             Target(
                 name=name,
@@ -166,9 +240,49 @@ def load_targets(schema: Schema, path: str | Path | None = None) -> list[Target]
                 database_id_env=t.d1.database_id_env,
                 api_token_env=t.d1.api_token_env,
                 local_path=t.d1.local_path,
+                shards=shards,
+                rules=rules,
             )
         )
     return out
+
+
+def _shards(
+    file: str, name: str, t: _Target, schema: Schema, tables: tuple[str, ...]
+) -> tuple[tuple[tuple[str, Target], ...], tuple[ShardRule, ...]]:
+    """The target's shard databases and rules, checked against schema.json."""
+    where = f"{file}: target {name}"
+    shards = t.shards or {}
+    if t.shard_by and not shards:
+        raise ConfigError(f"{where}: shardBy needs `shards`, the databases rows are spread over")
+    for s in shards:
+        if not _NAME.match(s):
+            raise ConfigError(f"{where}: shard name {s!r}: use lower-case letters, digits and _, at most 30")
+    paths = [d.local_path for d in (t.d1, *shards.values()) if d.local_path]
+    if len(set(paths)) != len(paths):
+        raise ConfigError(f"{where}: two databases share one localPath; each shard needs its own")
+    rules = []
+    for table, data in (t.shard_by or {}).items():
+        if table not in tables:
+            raise ConfigError(f"{where}: shardBy.{table}: not a table of this target")
+        try:
+            rule = rule_from_json(table, data)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        spec = schema.table(table)
+        kind = spec.columns.get(rule.column)
+        if kind is None:
+            raise ConfigError(f"{where}: shardBy.{table}: {rule.column!r} is not a column of {table} in schema.json")
+        if kind not in SHARD_COLUMN_TYPES:
+            raise ConfigError(
+                f"{where}: shardBy.{table}: column {rule.column} is {kind}; a shard column is "
+                f"{', '.join(SHARD_COLUMN_TYPES)} (values with one spelling in every reader)"
+            )
+        unknown = [s for s in rule.shards if s not in shards]
+        if unknown:
+            raise ConfigError(f"{where}: shardBy.{table}: shard(s) {', '.join(unknown)} are not in `shards`")
+        rules.append(rule)
+    return tuple((s, _d1_target(s, d)) for s, d in shards.items()), tuple(rules)
 
 
 def pick(targets: list[Target], name: str | None) -> Target:

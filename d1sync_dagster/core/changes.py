@@ -31,7 +31,10 @@ class Change(NamedTuple):
     """One decoded change (a NamedTuple: cheap to make, and a backfill makes millions).
 
     `old_key` is set when an UPDATE moved a row to a new key; `unchanged` names the
-    columns an UPDATE that kept its key left as they were (when the message carries the old row whole)."""
+    columns an UPDATE that kept its key left as they were (when the message carries the old row whole).
+    `old` is the message's old row as sent (an UPDATE's or DELETE's `old_record`, unconverted; None when it
+    carries none): sharding reads the old shard column from it. `shard` is set for a change meant for one
+    shard only (a repair's DELETE, a backfill of one shard)."""
 
     msg_id: int
     table: str
@@ -40,6 +43,8 @@ class Change(NamedTuple):
     row: Row | None = None
     old_key: Key | None = None
     unchanged: frozenset[str] | None = None
+    old: dict[str, Any] | None = None
+    shard: str | None = None
 
 
 class Poison(NamedTuple):
@@ -213,15 +218,18 @@ def decode(msg_id: int, payload: Any, schema: Schema) -> Change | Poison:
         return Poison(
             msg_id, f"unknown change type {str(kind)[:20]!r} (expected INSERT, UPDATE, DELETE or TRUNCATE)", name
         )
+    shard = payload.get("shard")
+    if shard is not None and not isinstance(shard, str):
+        return Poison(msg_id, "message's 'shard' is not a shard name", name)
     if op == "truncate":
-        return Change(msg_id, name, "truncate")
+        return Change(msg_id, name, "truncate", shard=shard)
     record, old = payload.get("record"), payload.get("old_record")
     try:
         if op == "delete":
             source = old if isinstance(old, dict) and old else record
             if not isinstance(source, dict) or not source:
                 raise ConversionError("DELETE carries neither old_record nor record")
-            return Change(msg_id, name, "delete", _key(table, source, "old_record"))
+            return Change(msg_id, name, "delete", _key(table, source, "old_record"), old=source, shard=shard)
         if not isinstance(record, dict):
             raise ConversionError(f"{kind} has no 'record' object")
         row = _row(table, record)
@@ -237,6 +245,7 @@ def decode(msg_id: int, payload: Any, schema: Schema) -> Change | Poison:
             else:
                 candidate = _key(table, old, "old_record")
                 old_key = candidate if candidate != key else None
-        return Change(msg_id, name, "upsert", key, row, old_key, unchanged)
+        given = old if kind == "UPDATE" and isinstance(old, dict) and old else None
+        return Change(msg_id, name, "upsert", key, row, old_key, unchanged, given, shard)
     except ConversionError as e:
         return Poison(msg_id, f"{kind} on {name}: {e}", name)

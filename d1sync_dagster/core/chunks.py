@@ -24,6 +24,7 @@ from d1sync_dagster.core.changes import Change, Poison, chunk_positions, decode_
 from d1sync_dagster.core.convert import CONVERTERS, INT64_MAX, INT64_MIN, ConversionError
 from d1sync_dagster.core.messages import is_chunk
 from d1sync_dagster.core.plan import real_literal, sql_literal, upsert_room
+from d1sync_dagster.core.shards import ShardRule
 from d1sync_dagster.core.statements import MAX_STATEMENT_BYTES
 from d1sync_dagster.schema import Schema, Table
 
@@ -40,6 +41,8 @@ class Chunk(NamedTuple):
     literals: list[str]
     changes: list[Change]
     poison: list[Poison]
+    #: With a shard rule: the shard of each literal's row (`core/shards.py`).
+    shards: list[str] | None = None
 
 
 def _integer(v: Any) -> str:
@@ -87,9 +90,10 @@ class _Slow(Exception):
     """This row takes the general path."""
 
 
-def decode_chunk(msg_id: int, payload: Any, schema: Schema) -> Chunk | None:
+def decode_chunk(msg_id: int, payload: Any, schema: Schema, rule: ShardRule | None = None) -> Chunk | None:
     """The chunk's rows as literals, or None when `payload` is not a compact chunk that `decode_all` would
-    accept as such (that path then decides, and names what is wrong)."""
+    accept as such (that path then decides, and names what is wrong). With a shard `rule`, each literal's
+    shard too."""
     if not is_chunk(payload):
         return None
     table = schema.by_name.get(payload["table"])
@@ -105,6 +109,9 @@ def decode_chunk(msg_id: int, payload: Any, schema: Schema) -> Chunk | None:
     literals: list[str] = []
     changes: list[Change] = []
     poison: list[Poison] = []
+    shards: list[str] | None = None
+    if rule is not None:
+        shards, shard_at, shard_of = [], at[rule.column], CONVERTERS[table.columns[rule.column]]
     for n, values in enumerate(rows):
         try:
             if (values.__class__ is not tuple and values.__class__ is not list) or len(values) < width:
@@ -115,8 +122,11 @@ def decode_chunk(msg_id: int, payload: Any, schema: Schema) -> Chunk | None:
             lit = "(" + ",".join([fn(values[i]) for i, fn in fns]) + ")"
             if len(lit) >= room or (not lit.isascii() and len(lit.encode()) >= room):
                 raise _Slow
+            if shards is not None:
+                v = values[shard_at]
+                shards.append(rule.route(None if v is None else shard_of(v)))
             literals.append(lit)
         except (_Slow, ConversionError):
             item = decode_row(msg_id, table, n, values, positions, width)
             (changes if isinstance(item, Change) else poison).append(item)
-    return Chunk(msg_id, table, literals, changes, poison)
+    return Chunk(msg_id, table, literals, changes, poison, shards)

@@ -7,8 +7,9 @@ The queue carries three kinds of message, all JSON objects with a `"type"` and a
   per-row trigger and its backfill snippet are accepted too (`old_record` `{}` or null). Repairs build
   DELETEs here (`delete_message`).
 - **Range markers**, enqueued by a backfill: `{"type": "BACKFILL", "table", "range": {"after": [key text] |
-  null, "upto": [key text] | null}, "rows": <count when enqueued>}`. The consumer reads the range's rows when
-  it reaches the marker (`engine/ranges.py`) and replaces the marker by a chunk.
+  null, "upto": [key text] | null}, "rows": <count when enqueued>}`, with `"shard"` for a backfill of one
+  shard of a sharded table (its chunk keeps it: only the rows that belong to that shard are written). The
+  consumer reads the range's rows when it reaches the marker (`engine/ranges.py`) and replaces the marker by a chunk.
 - **Chunks**, many rows of one table: the compact form `{"type": "BACKFILL", "table", "columns": [names],
   "rows": [[values], ...]}` (what a marker resolves to), the record form `{"type": "BACKFILL", "table",
   "records": [{...}, ...]}` (repairs), or `{"type": "BACKFILL", "table", "error": "..."}` for a range that
@@ -35,9 +36,13 @@ def is_backfill(payload: Any) -> bool:
     return isinstance(payload, dict) and payload.get("type") == BACKFILL
 
 
-def range_marker(table: str, after: list[str] | None, upto: list[str] | None, rows: int) -> dict[str, Any]:
-    """A backfill range marker: keys in `(after, upto]` as key text, `rows` counted when it was enqueued."""
-    return {"type": BACKFILL, "table": table, "range": {"after": after, "upto": upto}, "rows": rows}
+def range_marker(
+    table: str, after: list[str] | None, upto: list[str] | None, rows: int, shard: str | None = None
+) -> dict[str, Any]:
+    """A backfill range marker: keys in `(after, upto]` as key text, `rows` counted when it was enqueued;
+    with `shard`, for that shard of a sharded table only."""
+    out = {"type": BACKFILL, "table": table, "range": {"after": after, "upto": upto}, "rows": rows}
+    return out if shard is None else out | {"shard": shard}
 
 
 def is_marker(payload: Any) -> bool:
@@ -93,9 +98,11 @@ def is_chunk(payload: Any) -> bool:
     )
 
 
-def delete_message(table: str, old_record: dict[str, Any]) -> dict[str, Any]:
-    """A trigger-shaped DELETE of the row whose key `old_record` holds."""
-    return {"type": "DELETE", "table": table, "record": None, "old_record": old_record}
+def delete_message(table: str, old_record: dict[str, Any], shard: str | None = None) -> dict[str, Any]:
+    """A trigger-shaped DELETE of the row whose key `old_record` holds; with `shard`, in that shard only (a
+    repair of a sharded table: a stale copy in a shard the row does not belong to)."""
+    out = {"type": "DELETE", "table": table, "record": None, "old_record": old_record}
+    return out if shard is None else out | {"shard": shard}
 
 
 def message_rows(payload: Any) -> int:

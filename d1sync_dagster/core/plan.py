@@ -51,6 +51,8 @@ class Planned:
     kind: Kind
     rows: int
     statement: Statement
+    #: The shard database it goes to (`core/shards.py`); None: the target's own database.
+    shard: str | None = None
 
 
 def sql_literal(value: SqlValue) -> str:

@@ -22,12 +22,11 @@ from d1sync_dagster.defs.keys import DEFAULT, Wiring, asset_key, source_key
 from d1sync_dagster.defs.resources import open_clients
 from d1sync_dagster.engine.apply import ApplyOptions, apply
 from d1sync_dagster.engine.backfill import BackfillReport, backfill
-from d1sync_dagster.engine.health import table_health
+from d1sync_dagster.engine.health import d1_row_counts, table_health
 from d1sync_dagster.engine.nuke import nuke
 from d1sync_dagster.engine.reports import ApplyReport, TableStats
 from d1sync_dagster.engine.setup import ensure_schema
 from d1sync_dagster.schema import Schema, Table
-from d1sync_dagster.sql.quoting import ident
 
 __all__ = ["asset_key", "build_table_assets", "source_key", "source_spec"]
 
@@ -131,6 +130,9 @@ class TablesConfig(dg.Config):
     )
     chunk_size: int = Field(default=5000, description="backfill and rebuild: rows per chunk")
     restart: bool = Field(default=False, description="backfill: start over instead of resuming an unfinished one")
+    shard: str | None = Field(
+        default=None, description="backfill: only this shard of the selected sharded tables (targets.json shards)"
+    )
     confirm: bool = Field(default=False, description="rebuild: must be true, the tables' contents in D1 are replaced")
     accept_no_restore_point: bool = Field(
         default=False, description="rebuild: go ahead even when no D1 Time Travel bookmark can be taken first"
@@ -255,9 +257,11 @@ def _run_mode(
         restart=config.restart or config.mode == "rebuild",
         apply_options=options,
         on_chunk=lambda table, t: context.log.info(f"{config.mode} {table}: {t.rows} rows in {t.chunks} chunks"),
+        shard=config.shard if config.mode == "backfill" else None,
     )
     for t in chosen:
-        extra[t.name] |= _backfill_metadata(done, t.name)
+        if t.name in done.tables:
+            extra[t.name] |= _backfill_metadata(done, t.name)
     return done.apply or ApplyReport()
 
 
@@ -272,5 +276,5 @@ def run_figures(report: ApplyReport) -> dict[str, float]:
 
 
 def d1_row_count(client: D1Client, table: Table) -> int:
-    (res,) = client.query(f"SELECT count(*) AS n FROM {ident(table.target)}")
-    return int(res.results[0]["n"])
+    """The table's rows in D1 (summed over its shards when it is sharded)."""
+    return sum(d1_row_counts(client, table).values())

@@ -173,6 +173,8 @@ def table_outcomes(
                 "queued_changes": h.queued,
                 "queued_row_changes": h.queued_rows,
             }
+            for shard, rows in (h.shard_rows or {}).items():
+                figures[f"d1_rows_{shard}"] = rows
             out.append(Outcome(check_key.asset_key, ROW_COUNT, h.count_explained, figures, says))
         elif check_key.name == LAG:
             lag = float(h.lag_seconds or 0.0)

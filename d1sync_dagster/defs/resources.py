@@ -34,6 +34,10 @@ class D1Resource(dg.ConfigurableResource):
     api_token: str | None = Field(default=None, description="API token with D1 edit rights; pass as dg.EnvVar")
     base_url: str = Field(default="https://api.cloudflare.com/client/v4", description="API base URL")
     attempts: int = Field(default=5, description="tries per request on 429, 5xx and connection errors")
+    shards_json: str | None = Field(
+        default=None,
+        description="the target's shard databases (variable names or paths, never secrets) and shard rules",
+    )
 
     def settings(self) -> D1Settings:
         return D1Settings(
@@ -46,7 +50,9 @@ class D1Resource(dg.ConfigurableResource):
         )
 
     def get_client(self) -> D1Client:
-        return self.settings().client()
+        from d1sync_dagster.targets import open_shards  # targets builds on config, as this module does
+
+        return open_shards(self.settings().client(), self.shards_json)
 
 
 #: Run tag of a run stopped by the D1 API's request budget: when (UTC, ISO) D1 may be called again.

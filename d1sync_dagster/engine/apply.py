@@ -31,12 +31,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from d1sync_dagster.clients.d1 import D1Client
+from d1sync_dagster.clients.d1_shards import ShardedD1, rules_of
 from d1sync_dagster.clients.pgmq import PgmqClient, QueueMessage
-from d1sync_dagster.core.batch import decode_batch, plan_batch
+from d1sync_dagster.core.batch import Rules, decode_batch, plan_batch, plan_changes
 from d1sync_dagster.core.changes import Change, Poison
-from d1sync_dagster.core.coalesce import coalesce
 from d1sync_dagster.core.messages import message_rows
-from d1sync_dagster.core.plan import Planned, plan, requests
+from d1sync_dagster.core.plan import Planned, requests
 from d1sync_dagster.core.statements import Statement
 from d1sync_dagster.engine.maintenance import vacuum_queue
 from d1sync_dagster.engine.prefetch import Prefetch
@@ -133,7 +133,7 @@ def apply(
 
             batches = Prefetch(
                 read,
-                batch_size=options.batch_size,
+                batch_size=_read_size(d1, options),
                 max_messages=options.max_messages,
                 deadline=deadline,
                 weigh=lambda msgs: sum(message_rows(m.message) for m in msgs),
@@ -148,7 +148,7 @@ def apply(
             in_flight: deque[Future[None]] = deque()
             try:
                 for msgs in batches:
-                    prepared = _prepare(schema, msgs, report)
+                    prepared = _prepare(schema, msgs, report, rules_of(d1))
                     in_flight.append(
                         pool.submit(
                             _commit_and_finish,
@@ -181,9 +181,19 @@ def apply(
     return report
 
 
-def _prepare(schema: Schema, msgs: list[QueueMessage], report: ApplyReport) -> _Prepared:
+def _read_size(d1: D1Client, options: ApplyOptions) -> int:
+    """Messages per read. Spread over shards, a batch gives each database a part of it: reading as many
+    times more as there are databases (within the rows bound) keeps the rows per D1 request, and so the
+    requests per change against the account's API budget, about what one database gets."""
+    if not isinstance(d1, ShardedD1):
+        return options.batch_size
+    databases = 1 + len(d1.shards)
+    return max(options.batch_size, min(options.batch_size * databases, options.max_rows_per_batch))
+
+
+def _prepare(schema: Schema, msgs: list[QueueMessage], report: ApplyReport, rules: Rules) -> _Prepared:
     """Plan one read batch (`core.batch`), count it, and add the bookkeeping statements."""
-    batch = plan_batch(schema, msgs)
+    batch = plan_batch(schema, msgs, rules)
     now = datetime.now(UTC)
     report.count_messages(msgs, batch.tables, now)
     meta = [
@@ -321,7 +331,7 @@ def _isolate(
             )
             raise _IsolationStopped(changes[lo].msg_id, refused, error)
         try:
-            _send(d1, plan(schema, coalesce(changes[lo:hi])), report, options, meta)
+            _send(d1, plan_changes(schema, changes[lo:hi], rules_of(d1)), report, options, meta)
         except D1Error as e:
             if not e.bisectable:
                 raise
@@ -339,13 +349,36 @@ def _isolate(
 _MIN_REQUEST_BYTES = 1
 
 
+#: Counting from the threads that write shards at once.
+_counting = threading.Lock()
+
+
 def _send(
     d1: D1Client, planned: list[Planned], report: ApplyReport, options: ApplyOptions, meta: list[Statement]
 ) -> None:
-    """Send statements in order in as few requests as the body budget allows, the bookkeeping riding in the
-    last one. When D1 answers that it is overloaded, what is not yet sent goes again in requests a quarter
-    the size, down to one statement per request (correctness never depends on a request being one
-    transaction: every statement is idempotent and they stay in order)."""
+    """Send each database its statements (`_send_to`); the shards of a `ShardedD1` concurrently, each in
+    order (order only matters within one database). Every database the batch touches gets the
+    bookkeeping."""
+    if not isinstance(d1, ShardedD1):
+        _send_to(d1, planned, report, options, meta)
+        return
+    groups: dict[str | None, list[Planned]] = {}
+    for p in planned:
+        groups.setdefault(p.shard, []).append(p)
+
+    def to(group: list[Planned]) -> Callable[[D1Client], None]:
+        return lambda client: _send_to(client, group, report, options, meta)
+
+    d1.send_each({shard: to(group) for shard, group in groups.items()})
+
+
+def _send_to(
+    d1: D1Client, planned: list[Planned], report: ApplyReport, options: ApplyOptions, meta: list[Statement]
+) -> None:
+    """Send statements to one database in order in as few requests as the body budget allows, the
+    bookkeeping riding in the last one. When D1 answers that it is overloaded, what is not yet sent goes
+    again in requests a quarter the size, down to one statement per request (correctness never depends on a
+    request being one transaction: every statement is idempotent and they stay in order)."""
     max_bytes = options.request_bytes
     rest = planned
     while True:
@@ -364,8 +397,10 @@ def _send(
                 log.warning("D1 is overloaded (%s); sending the rest in requests of at most %d bytes", e, max_bytes)
                 break
             finally:
-                report.requests += 1
-            report.count_sent(group, [res.rows_written for res in results])
+                with _counting:
+                    report.requests += 1
+            with _counting:
+                report.count_sent(group, [res.rows_written for res in results])
         else:
             return
 

@@ -27,12 +27,13 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from d1sync_dagster.clients.d1 import D1Client
+from d1sync_dagster.clients.d1_shards import rules_of
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.engine.apply import ApplyOptions, apply
 from d1sync_dagster.engine.catalog import check_reads_every_row, key_types
 from d1sync_dagster.engine.ranges import enqueue_marker, range_condition
 from d1sync_dagster.engine.reports import ApplyReport
-from d1sync_dagster.errors import QueueError
+from d1sync_dagster.errors import ConfigError, QueueError
 from d1sync_dagster.schema import Schema, Table
 from d1sync_dagster.sql.capture import FUNCTION_SCHEMA, source_relation
 from d1sync_dagster.sql.quoting import ident
@@ -110,8 +111,11 @@ def backfill(
     chunks_ahead: int = 32,
     apply_options: ApplyOptions | None = None,
     on_chunk: Callable[[str, TableBackfill], None] | None = None,
+    shard: str | None = None,
 ) -> BackfillReport:
-    """Backfill `tables` (default all), resuming unfinished ones unless `restart`.
+    """Backfill `tables` (default all), resuming unfinished ones unless `restart`. With `shard`, only that
+    shard of sharded tables (every row is read; those of other shards are not written); such a backfill
+    always starts from the first key.
 
     Chunks are produced on a second connection by a background thread while this thread applies the queue
     (following it until the producer is done), so Postgres builds chunk k+1 while D1 takes chunk k. The
@@ -122,6 +126,12 @@ def backfill(
     if chunk_size < 1:
         raise ValueError("chunk_size must be at least 1")
     chosen = [schema.table(n) for n in tables] if tables else list(schema.tables)
+    if shard is not None:
+        rules = rules_of(d1)
+        chosen = [t for t in chosen if shard in (rules[t.name].shards if t.name in rules else ())]
+        if not chosen:
+            raise ConfigError(f"no table {'of ' + ', '.join(tables) + ' ' if tables else ''}is sharded to {shard!r}")
+        restart = True
     for table in chosen:  # a role under row level security would copy a filtered view
         check_reads_every_row(pg, table, doing="copy")
     if restart:
@@ -136,7 +146,8 @@ def backfill(
             with pg.clone() as conn:
                 for table in chosen:
                     throttle = (chunks_ahead, unthrottled, stop)
-                    _backfill_table(conn, table, report.tables[table.name], chunk_size, throttle, on_chunk)
+                    stats = report.tables[table.name]
+                    _backfill_table(conn, table, stats, chunk_size, throttle, on_chunk, shard)
         except BaseException as e:  # raised in the calling thread below
             failure.append(e)
         finally:
@@ -171,6 +182,7 @@ def _backfill_table(
     chunk_size: int,
     throttle: tuple[int, threading.Event, threading.Event],
     on_chunk: Callable[[str, TableBackfill], None] | None,
+    shard: str | None = None,
 ) -> None:
     ahead, unthrottled, stop = throttle
     types = key_types(pg, table)
@@ -188,7 +200,7 @@ def _backfill_table(
         params: dict[str, Any] = {"n": chunk_size}
         if last is not None:
             params |= {f"k{i}": v for i, v in enumerate(last)}
-        n, msg_id, upper = _chunk(pg, table, types, params, last)
+        n, msg_id, upper = _chunk(pg, table, types, params, last, shard)
         if n:
             pending.append(msg_id)
             stats.rows += n
@@ -207,7 +219,12 @@ def _backfill_table(
 
 
 def _chunk(
-    pg: PgmqClient, table: Table, types: Sequence[str], params: dict[str, Any], last: list[str] | None
+    pg: PgmqClient,
+    table: Table,
+    types: Sequence[str],
+    params: dict[str, Any],
+    last: list[str] | None,
+    shard: str | None = None,
 ) -> tuple[int, int | None, list[str] | None]:
     """One chunk transaction: bound, marker, progress. Returns (rows, msg_id, upper bound or None at the end)."""
     for attempt in range(5):
@@ -220,7 +237,7 @@ def _chunk(
                 else:  # the rest of the table, fewer than a chunk
                     where = range_condition(table, types, after=last is not None, upto=False)
                     n = int(pg.execute(f"SELECT count(*) FROM {source_relation(table)} {where}", params)[0][0])
-                msg_id = enqueue_marker(pg, table, last, upper, n) if n else None
+                msg_id = enqueue_marker(pg, table, last, upper, n, shard) if n else None
                 _save(pg, table, upper if upper is not None else last, n, finished=upper is None)
             return n, msg_id, upper
         except QueueError as e:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from d1sync_dagster.clients.d1 import D1Client, HttpD1Client
+from d1sync_dagster.clients.d1_shards import all_databases
 from d1sync_dagster.clients.pgmq import PgmqClient, describe_holders
 from d1sync_dagster.engine.catalog import check_reads_every_row
 from d1sync_dagster.engine.status import d1_meta
@@ -92,7 +93,8 @@ def diagnose(
         dx.add("d1", "fail", str(e), "set CLOUDFLARE_ACCOUNT_ID, CLOUDFLARE_D1_DATABASE_ID, CLOUDFLARE_API_TOKEN")
         return dx
     try:
-        _d1(dx, d1, schema)
+        for shard, database in all_databases(d1):
+            _d1(dx, database, schema, "" if shard is None else f" (shard {shard})")
     finally:
         d1.close()
     return dx
@@ -251,25 +253,29 @@ def _waiting(dx: Diagnosis, pg: PgmqClient, lag_threshold: float, *, read_dead_l
         )
 
 
-def _d1(dx: Diagnosis, d1: D1Client, schema: Schema) -> None:
+def _d1(dx: Diagnosis, d1: D1Client, schema: Schema, shard: str = "") -> None:
+    """One D1 database (`shard`: which shard, in the findings' names)."""
     try:
         meta = d1_meta(d1)
     except D1Error as e:
         if e.kind == "unreachable":
-            dx.add("d1", "fail", str(e), "check CLOUDFLARE_API_BASE_URL and the network")
-            dx.unreachable.append("d1")
+            dx.add("d1" + shard, "fail", str(e), "check CLOUDFLARE_API_BASE_URL and the network")
+            if "d1" not in dx.unreachable:
+                dx.unreachable.append("d1")
         elif e.kind in ("auth", "not_found"):
-            dx.add("d1", "fail", str(e), "a token with D1 Edit on this account, and the right account and database ids")
+            fix = "a token with D1 Edit on this account, and the right account and database ids"
+            dx.add("d1" + shard, "fail", str(e), fix)
         else:
-            dx.add("d1", "fail", str(e), "try again; D1 reported a temporary failure")
+            dx.add("d1" + shard, "fail", str(e), "try again; D1 reported a temporary failure")
         return
-    dx.add("d1", "ok", "reachable, token accepted" if isinstance(d1, HttpD1Client) else "the local D1 file opens")
+    opened = "reachable, token accepted" if isinstance(d1, HttpD1Client) else "the local D1 file opens"
+    dx.add("d1" + shard, "ok", opened)
     applied = meta.get("schema_version")
     if applied == schema.version:
-        dx.add("schema version", "ok", f"D1 has schema.json version {applied}")
+        dx.add("schema version" + shard, "ok", f"D1 has schema.json version {applied}")
     else:
         dx.add(
-            "schema version",
+            "schema version" + shard,
             "fail",
             f"D1 has version {applied or 'none'}, schema.json is {schema.version}",
             "d1sync setup (apply runs do it too)",

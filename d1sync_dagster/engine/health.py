@@ -7,10 +7,11 @@ import time
 from dataclasses import dataclass
 
 from d1sync_dagster.clients.d1 import D1Client
+from d1sync_dagster.clients.d1_shards import databases_of
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.engine.catalog import check_reads_every_row
 from d1sync_dagster.errors import QueueError
-from d1sync_dagster.schema import Schema
+from d1sync_dagster.schema import Schema, Table
 from d1sync_dagster.sql.capture import source_relation
 from d1sync_dagster.sql.quoting import ident
 
@@ -28,6 +29,8 @@ class TableHealth:
     apply_running: bool = False
     #: Why the source count is not the table's (row level security filters what this role sees), or None.
     filtered: str | None = None
+    #: A sharded table's D1 rows per shard (`d1_rows` is their sum); None for a table in one database.
+    shard_rows: dict[str, int] | None = None
 
     @property
     def count_explained(self) -> bool:
@@ -74,11 +77,11 @@ def _read_health(pg: PgmqClient, d1: D1Client, schema: Schema, *, apply_running:
             filtered = None
         except QueueError as e:
             filtered = str(e)
-        (res,) = d1.query(f"SELECT count(*) AS n FROM {ident(t.target)}")
+        counts = d1_row_counts(d1, t)
         n, rows, truncate, age = queued.get(t.name, (0, 0, False, None))
         out[t.name] = TableHealth(
             sources[t.name],
-            int(res.results[0]["n"]),
+            sum(counts.values()),
             n,
             age,
             letters.get(t.name, 0),
@@ -86,5 +89,15 @@ def _read_health(pg: PgmqClient, d1: D1Client, schema: Schema, *, apply_running:
             truncate,
             apply_running,
             filtered,
+            {s: c for s, c in counts.items() if s is not None} or None,
         )
+    return out
+
+
+def d1_row_counts(d1: D1Client, table: Table) -> dict[str | None, int]:
+    """The table's rows in each database that holds it (None: the target's own; else each shard)."""
+    out: dict[str | None, int] = {}
+    for shard, client in databases_of(d1, table.name):
+        (res,) = client.query(f"SELECT count(*) AS n FROM {ident(table.target)}")
+        out[shard] = int(res.results[0]["n"])
     return out

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from d1sync_dagster.clients.d1 import D1Client
+from d1sync_dagster.clients.d1_shards import databases_of
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.core.statements import Statement
 from d1sync_dagster.engine.backfill import reset_progress
 from d1sync_dagster.errors import ConfigError, D1Error, QueueError
-from d1sync_dagster.schema import Schema
+from d1sync_dagster.schema import Schema, Table
 from d1sync_dagster.sql.d1_ddl import create_indexes, create_meta_table, create_table, drop_table, upsert_meta
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,8 @@ class NukeReport:
     purged_messages: int = 0
     purged_dead_letters: int = 0
     statements: list[str] = field(default_factory=list)
+    #: Restore points of the shard databases the nuke touched (sharded tables), by shard.
+    shard_bookmarks: dict[str, str | None] = field(default_factory=dict)
 
 
 def nuke(
@@ -57,23 +60,31 @@ def nuke(
     with pg.consumer_lock() as got:
         if not got:
             raise QueueError("an apply is running on this queue; nuke again when it has finished")
-        # A restore point first, so a mistaken nuke can be undone (D1 Time Travel, or a local backup copy).
-        bookmark: str | None = None
-        try:
-            bookmark = d1.bookmark()
-        except D1Error as e:
-            if not accept_no_restore_point:
-                raise D1Error(
-                    f"no restore point could be taken before the nuke ({e}); nothing was dropped. Try again, or "
-                    "accept a nuke that cannot be undone (--no-restore-point, or accept_no_restore_point: true)",
-                    kind=e.kind,
-                    retry_at=e.retry_at,
-                ) from None
-            log.warning("no restore point could be taken (%s); nuking anyway, as accepted", e)
-        log.warning("D1 restore point before nuke: %s", bookmark)
-        stmts = [create_meta_table()]
+        # Every database the nuke touches: home, and the shards of the sharded tables among `chosen`.
+        touched: dict[str | None, tuple[D1Client, list[Table]]] = {None: (d1, [])}
         for t in chosen:
-            stmts += [drop_table(t), create_table(t), *create_indexes(t)]
+            for name, client in databases_of(d1, t.name):
+                touched.setdefault(name, (client, []))[1].append(t)
+        # A restore point first, so a mistaken nuke can be undone (D1 Time Travel, or a local backup copy).
+        bookmarks: dict[str | None, str | None] = {}
+        for name, (client, _) in touched.items():
+            bookmarks[name] = None
+            try:
+                bookmarks[name] = client.bookmark()
+            except D1Error as e:
+                if not accept_no_restore_point:
+                    where = "" if name is None else f" of shard {name}"
+                    raise D1Error(
+                        f"no restore point{where} could be taken before the nuke ({e}); nothing was dropped. Try "
+                        "again, or accept a nuke that cannot be undone (--no-restore-point, or "
+                        "accept_no_restore_point: true)",
+                        kind=e.kind,
+                        retry_at=e.retry_at,
+                    ) from None
+                log.warning("no restore point could be taken (%s); nuking anyway, as accepted", e)
+        bookmark = bookmarks[None]
+        log.warning("D1 restore point before nuke: %s", bookmark)
+        stmts: list[str] = []
         audit = {
             "at": datetime.now(UTC).isoformat(timespec="seconds"),
             "tables": [t.name for t in chosen],
@@ -82,8 +93,20 @@ def nuke(
             "source": source,
             "restore_point": bookmark,
         }
-        d1.batch([Statement(s) for s in stmts] + [Statement(upsert_meta(), ("last_nuke", json.dumps(audit)))])
-        report = NukeReport(tables=[t.name for t in chosen], bookmark=bookmark, statements=stmts)
+        if len(touched) > 1:
+            audit["shard_restore_points"] = {str(n): b for n, b in bookmarks.items() if n is not None}
+        for client, held in touched.values():
+            mine = [create_meta_table()]
+            for t in held:
+                mine += [drop_table(t), create_table(t), *create_indexes(t)]
+            stmts += mine
+            client.batch([Statement(x) for x in mine] + [Statement(upsert_meta(), ("last_nuke", json.dumps(audit)))])
+        report = NukeReport(
+            tables=[t.name for t in chosen],
+            bookmark=bookmark,
+            statements=stmts,
+            shard_bookmarks={str(n): b for n, b in bookmarks.items() if n is not None},
+        )
         if purge_queue:
             names = [t.name for t in chosen]
             with pg.transaction():

@@ -61,10 +61,10 @@ def range_params(after: Sequence[str] | None, upto: Sequence[str] | None) -> dic
 
 
 def enqueue_marker(
-    pg: PgmqClient, table: Table, after: list[str] | None, upto: list[str] | None, rows: int
+    pg: PgmqClient, table: Table, after: list[str] | None, upto: list[str] | None, rows: int, shard: str | None = None
 ) -> int | None:
     """Enqueue one range marker (in the caller's transaction); returns its msg_id."""
-    (msg_id,) = pg.enqueue([messages.range_marker(table.name, after, upto, rows)])
+    (msg_id,) = pg.enqueue([messages.range_marker(table.name, after, upto, rows, shard)])
     return msg_id
 
 
@@ -145,4 +145,6 @@ class RangeReader:
                 raise
             log.warning("backfill range %s of %s cannot be read: %s", rng, table.name, e)
             return messages.unreadable_range(table.name, f"range {rng} cannot be read: {e}")
-        return messages.chunk(table.name, list(table.columns), rows)
+        out = messages.chunk(table.name, list(table.columns), rows)
+        shard = marker.get("shard")
+        return out if shard is None else out | {"shard": shard}

@@ -13,6 +13,11 @@ transaction holding a SHARE lock on the source table (writers wait for it, and i
 progress), the current rows of missing/different keys are enqueued as one BACKFILL message and the extra
 keys, confirmed absent, as DELETE messages; then the queue is drained. D1 rows read are counted, since
 D1 bills them.
+
+A sharded table (`core/shards.py`) is compared shard by shard: a shard's source is the Postgres rows its
+rule routes there, so a row found in a shard it does not belong to is *extra* there (a stale copy, or a row
+not yet moved after the rule grew), repaired by a DELETE for that shard only while the row's BACKFILL
+upsert lands in its own shard. Drift in one shard is repaired in that shard; `shard` limits a run to one.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from d1sync_dagster.clients.d1 import D1Client
+from d1sync_dagster.clients.d1_shards import databases_of, rules_of
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.core import messages
 from d1sync_dagster.core.changes import Key, Row
 from d1sync_dagster.core.convert import to_sqlite
 from d1sync_dagster.core.plan import sql_literal
+from d1sync_dagster.core.shards import ShardRule
 from d1sync_dagster.core.statements import MAX_STATEMENT_BYTES
 from d1sync_dagster.engine.apply import ApplyOptions, apply
 from d1sync_dagster.engine.catalog import check_reads_every_row, column_types, key_types
@@ -52,10 +59,22 @@ class TableDrift:
     different: list[Key] = field(default_factory=list)
     d1_rows_read: int = 0
     repaired: int = 0
+    #: A sharded table's drift per shard (the fields above are their sums).
+    shards: dict[str, TableDrift] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
         return len(self.missing) + len(self.extra) + len(self.different)
+
+    def add(self, shard: str, part: TableDrift) -> None:
+        self.shards[shard] = part
+        self.source_rows += part.source_rows
+        self.d1_rows += part.d1_rows
+        self.missing += part.missing
+        self.extra += part.extra
+        self.different += part.different
+        self.d1_rows_read += part.d1_rows_read
+        self.repaired += part.repaired
 
 
 @dataclass
@@ -92,6 +111,23 @@ class ReconcileReport:
                     "d1_rows_read": t.d1_rows_read,
                     "repaired": t.repaired,
                 }
+                | (
+                    {
+                        "shards": {
+                            s: {
+                                "source_rows": p.source_rows,
+                                "d1_rows": p.d1_rows,
+                                "missing": len(p.missing),
+                                "extra": len(p.extra),
+                                "different": len(p.different),
+                                "repaired": p.repaired,
+                            }
+                            for s, p in t.shards.items()
+                        }
+                    }
+                    if t.shards
+                    else {}
+                )
                 for name, t in self.tables.items()
             },
         }
@@ -178,6 +214,28 @@ def d1_chunks(d1: D1Client, table: Table, chunk_size: int) -> Any:
         last = list(chunk)[-1]
 
 
+@dataclass(frozen=True)
+class Scope:
+    """What one comparison covers: a whole table in one database, or one shard of a sharded table (the
+    Postgres rows its rule routes to `shard`)."""
+
+    shard: str | None = None
+    rule: ShardRule | None = None
+
+    def keeps(self, row: Row) -> bool:
+        return self.rule is None or self.rule.route(row[self.rule.column]) == self.shard
+
+    def source_rows(self, pg: PgmqClient, table: Table) -> int:
+        if self.rule is None:
+            return int(pg.execute(f"SELECT count(*) FROM {source_relation(table)}")[0][0])
+        col = ident(self.rule.column)
+        kind = table.columns[self.rule.column]
+        counts = pg.execute(f"SELECT to_jsonb({col}), count(*) FROM {source_relation(table)} GROUP BY 1")
+        return sum(
+            int(n) for v, n in counts if self.rule.route(None if v is None else to_sqlite(v, kind)) == self.shard
+        )
+
+
 def compare_table(
     pg: PgmqClient,
     d1: D1Client,
@@ -185,9 +243,11 @@ def compare_table(
     *,
     chunk_size: int,
     on_chunk: Callable[[str, int], None] | None = None,
+    scope: Scope = Scope(),
 ) -> TableDrift:
     """Pass 1 (D1 chunks against Postgres by key) and, when the counts say rows are missing, pass 2.
-    `on_chunk(table, d1_rows_compared_so_far)` is called after every chunk (progress)."""
+    `on_chunk(table, d1_rows_compared_so_far)` is called after every chunk (progress). `d1` is the database
+    `scope` covers."""
     drift = TableDrift()
     types = key_types(pg, table)
     all_types = column_types(pg, table)
@@ -199,17 +259,17 @@ def compare_table(
         found = _pg_lookup(
             pg, table, types, list(chunk), lambda w, p: list(pg_rows(pg, table, w, p, types=all_types).items())
         )
-        part = diff(dict(found), chunk)
+        part = diff({k: r for k, r in found if scope.keeps(r)}, chunk)
         drift.extra += part.extra
         drift.different += part.different
-    drift.source_rows = int(pg.execute(f"SELECT count(*) FROM {source_relation(table)}")[0][0])
+    drift.source_rows = scope.source_rows(pg, table)
     if drift.source_rows != drift.d1_rows - len(drift.extra):
-        drift.missing = _missing(pg, d1, table, chunk_size, drift)
+        drift.missing = _missing(pg, d1, table, chunk_size, drift, scope)
     return drift
 
 
-def _missing(pg: PgmqClient, d1: D1Client, table: Table, chunk_size: int, drift: TableDrift) -> list[Key]:
-    """Pass 2: Postgres keys in index order, looked up in D1."""
+def _missing(pg: PgmqClient, d1: D1Client, table: Table, chunk_size: int, drift: TableDrift, scope: Scope) -> list[Key]:
+    """Pass 2: Postgres keys in index order (of `scope`), looked up in D1."""
     keys_sql = ", ".join(ident(k) for k in table.key)
     cols = ", ".join(ident(c) for c in table.columns)
     missing: list[Key] = []
@@ -227,15 +287,27 @@ def _missing(pg: PgmqClient, d1: D1Client, table: Table, chunk_size: int, drift:
         )
         if not rows:
             return missing
-        keys = [tuple(to_sqlite(rec[k], table.columns[k]) for k in table.key) for rec, _ in rows]
+        keys = [
+            tuple(to_sqlite(rec[k], table.columns[k]) for k in table.key)
+            for rec, _ in rows
+            if scope.rule is None or scope.keeps({scope.rule.column: _converted(table, scope.rule.column, rec)})
+        ]
+        offset_key = list(rows[-1][1])
+        if not keys:
+            continue
         found, read = d1_lookup(d1, table, keys)
         drift.d1_rows_read += read
         missing += [k for k in keys if k not in found]
-        offset_key = list(rows[-1][1])
 
 
-def repair(pg: PgmqClient, table: Table, drift: TableDrift) -> int:
-    """Enqueue the current state of every differing key; returns messages sent."""
+def _converted(table: Table, column: str, record: dict[str, Any]) -> Any:
+    v = record.get(column)
+    return None if v is None else to_sqlite(v, table.columns[column])
+
+
+def repair(pg: PgmqClient, table: Table, drift: TableDrift, scope: Scope = Scope()) -> int:
+    """Enqueue the current state of every differing key; returns messages sent. In a shard, an extra key
+    whose row belongs elsewhere is deleted from this shard only, and its row written where it belongs."""
     fix = drift.missing + drift.different + drift.extra
     if not fix:
         return 0
@@ -251,13 +323,18 @@ def repair(pg: PgmqClient, table: Table, drift: TableDrift) -> int:
             lambda w, p: pg.execute(f"SELECT to_jsonb(r) FROM (SELECT {cols} FROM {source_relation(table)} {w}) r", p),
         )
         records = [r for (r,) in rows]
-        present = {tuple(to_sqlite(r[k], table.columns[k]) for k in table.key) for r in records}
+        rule = scope.rule
+        present = {
+            tuple(to_sqlite(r[k], table.columns[k]) for k in table.key)
+            for r in records
+            if rule is None or scope.keeps({rule.column: _converted(table, rule.column, r)})
+        }
         out: list[Any] = [messages.records_chunk(table.name, records)] if records else []
         for k in drift.extra:
             if k in present:
                 continue
             old = {c: ("\\x" + v.hex() if isinstance(v, bytes) else v) for c, v in zip(table.key, k, strict=True)}
-            out.append(messages.delete_message(table.name, old))
+            out.append(messages.delete_message(table.name, old, scope.shard))
         pg.enqueue(out)
     return len(out)
 
@@ -273,23 +350,35 @@ def reconcile(
     repair_drift: bool = False,
     apply_options: ApplyOptions | None = None,
     on_chunk: Callable[[str, int], None] | None = None,
+    shard: str | None = None,
 ) -> ReconcileReport:
-    """Compare (and with `repair_drift`, repair) `tables` (None: all); `on_chunk` as in `compare_table`."""
+    """Compare (and with `repair_drift`, repair) `tables` (None: all); `on_chunk` as in `compare_table`.
+    A sharded table is compared in each of its shards (with `shard`, in that one only; tables not sharded
+    to it are left out)."""
     started = time.monotonic()
     chosen = [schema.table(n) for n in tables] if tables else list(schema.tables)
+    rules = rules_of(d1)
+    if shard is not None:
+        chosen = [t for t in chosen if t.name in rules and shard in rules[t.name].shards]
+        if not chosen:
+            raise ReconcileError(f"no table {'of ' + ', '.join(tables) + ' ' if tables else ''}is sharded to {shard!r}")
     for table in chosen:  # a role under row level security would compare a filtered view and call it in sync
         check_reads_every_row(pg, table, doing="compare")
     options = apply_options or ApplyOptions()
     apply(pg, d1, schema, options)  # changes in flight are not drift
     report = ReconcileReport()
     for table in chosen:
-        drift = compare_table(pg, d1, table, chunk_size=chunk_size, on_chunk=on_chunk)
-        if drift.total:
-            apply(pg, d1, schema, options)
-            drift = _recheck(pg, d1, table, drift)
-        if drift.total and repair_drift:
-            drift.repaired = repair(pg, table, drift)
-            apply(pg, d1, schema, options)
+        rule = rules.get(table.name)
+        if rule is None:
+            drift = _reconcile_in(pg, d1, d1, schema, table, Scope(), chunk_size, repair_drift, options, on_chunk)
+        else:
+            drift = TableDrift()
+            for name, client in databases_of(d1, table.name):
+                if shard is not None and name != shard:
+                    continue
+                scope = Scope(name, rule)
+                part = _reconcile_in(pg, d1, client, schema, table, scope, chunk_size, repair_drift, options, on_chunk)
+                drift.add(str(name), part)
         report.tables[table.name] = drift
         log.info(
             "reconcile %s: %d rows in Postgres, %d in D1, %d missing, %d extra, %d different%s",
@@ -305,13 +394,35 @@ def reconcile(
     return report
 
 
-def _recheck(pg: PgmqClient, d1: D1Client, table: Table, drift: TableDrift) -> TableDrift:
+def _reconcile_in(
+    pg: PgmqClient,
+    d1: D1Client,
+    database: D1Client,
+    schema: Schema,
+    table: Table,
+    scope: Scope,
+    chunk_size: int,
+    repair_drift: bool,
+    options: ApplyOptions,
+    on_chunk: Callable[[str, int], None] | None,
+) -> TableDrift:
+    """Compare `table` in one database (`scope`), check what differs again after a drain, repair it."""
+    drift = compare_table(pg, database, table, chunk_size=chunk_size, on_chunk=on_chunk, scope=scope)
+    if drift.total:
+        apply(pg, d1, schema, options)
+        drift = _recheck(pg, database, table, drift, scope)
+    if drift.total and repair_drift:
+        drift.repaired = repair(pg, table, drift, scope)
+        apply(pg, d1, schema, options)
+    return drift
+
+
+def _recheck(pg: PgmqClient, d1: D1Client, table: Table, drift: TableDrift, scope: Scope = Scope()) -> TableDrift:
     """Compare only the differing keys again (after a drain): what is still wrong is drift."""
     keys = drift.missing + drift.extra + drift.different
     types, all_types = key_types(pg, table), column_types(pg, table)
-    source = dict(
-        _pg_lookup(pg, table, types, keys, lambda w, p: list(pg_rows(pg, table, w, p, types=all_types).items()))
-    )
+    looked_up = _pg_lookup(pg, table, types, keys, lambda w, p: list(pg_rows(pg, table, w, p, types=all_types).items()))
+    source = {k: r for k, r in looked_up if scope.keeps(r)}
     found, read = d1_lookup(d1, table, keys)
     drift.d1_rows_read += read
     again = diff(source, found)

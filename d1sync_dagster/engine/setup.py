@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from d1sync_dagster.clients.d1 import D1Client
+from d1sync_dagster.clients.d1_shards import all_databases, databases_of
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.core.statements import Statement
 from d1sync_dagster.engine.backfill import backfill
@@ -215,9 +216,39 @@ def _needs_rebuild(table: Table, recorded: dict[str, object] | None) -> bool:
 
 
 def setup_d1(d1: D1Client, schema: Schema) -> SetupResult:
-    """Bring D1 to `schema` in one batch (idempotent) and record it. Returns what changed; added columns and
-    rebuilt tables need a backfill (`setup` runs it)."""
-    state = d1_state(d1, schema)
+    """Bring D1 to `schema` in one batch per database (idempotent) and record it. Returns what changed; added
+    columns and rebuilt tables need a backfill (`setup` runs it). With shards, each database gets the tables
+    it holds (the home database the unsharded ones, each shard the sharded tables routed to it) and the
+    schema version."""
+    parts: dict[str, list[Table]] = {}
+    databases: dict[str, D1Client] = {}
+    for name, client in all_databases(d1):
+        databases[name or ""] = client
+        parts[name or ""] = []
+    for t in schema.tables:
+        for name, _ in databases_of(d1, t.name):
+            parts[name or ""].append(t)
+    results = [_setup_database(databases[n], Schema(tables=tuple(ts)), schema.version) for n, ts in parts.items()]
+    if len(results) == 1:
+        return results[0]
+
+    def merged(field: str) -> list[str]:
+        return sorted({x for r in results for x in getattr(r, field)})
+
+    return SetupResult(
+        schema.version,
+        schema.names,
+        sum(r.d1_statements for r in results),
+        added_columns=merged("added_columns"),
+        dropped_columns=merged("dropped_columns"),
+        dropped_indexes=merged("dropped_indexes"),
+        rebuilt_tables=merged("rebuilt_tables"),
+    )
+
+
+def _setup_database(d1: D1Client, schema: Schema, version: str) -> SetupResult:
+    """`setup_d1` for one database and the tables it holds; records `version`, the whole schema's."""
+    state = d1_state(d1, schema) if schema.tables else D1State()
     stmts = [create_meta_table()]
     added, dropped, dropped_idx, rebuilt = [], [], [], []
     for t in schema.tables:
@@ -245,7 +276,7 @@ def setup_d1(d1: D1Client, schema: Schema) -> SetupResult:
     batch = [Statement(s) for s in stmts]
     now = datetime.now(UTC).isoformat(timespec="seconds")
     batch += [
-        Statement(upsert_meta(), ("schema_version", schema.version)),
+        Statement(upsert_meta(), ("schema_version", version)),
         Statement(upsert_meta(), ("schema_applied_at", now)),
     ]
     for t in schema.tables:
@@ -256,7 +287,7 @@ def setup_d1(d1: D1Client, schema: Schema) -> SetupResult:
         for item in items:
             log.warning("%s %s in D1", what, item)
     return SetupResult(
-        schema.version,
+        version,
         schema.names,
         len(batch),
         added_columns=added,

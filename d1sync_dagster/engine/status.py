@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from d1sync_dagster.clients.d1 import D1Client
+from d1sync_dagster.clients.d1_shards import all_databases
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.errors import D1Error
 from d1sync_dagster.schema import Schema
@@ -31,8 +32,14 @@ class Status:
     #: The last restore recorded in D1 (a restore rewinds the records too, so a nuke it undid is not shown).
     last_restore: dict[str, Any] | None = None
 
+    #: Per shard database: its schema version and what it last applied (a target with shards only).
+    shards: dict[str, dict[str, Any]] = field(default_factory=dict)
+
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.shards:
+            out.pop("shards")
+        return out
 
 
 def d1_meta(d1: D1Client) -> dict[str, str]:
@@ -50,7 +57,12 @@ def d1_meta(d1: D1Client) -> dict[str, str]:
 
 def status(pg: PgmqClient, d1: D1Client, schema: Schema) -> Status:
     m = pg.metrics()
-    meta = d1_meta(d1)
+    metas = {name: d1_meta(client) for name, client in all_databases(d1)}
+    meta = dict(metas.pop(None))
+    for other in metas.values():  # a batch records what it applied in every database it wrote
+        for key in ("last_applied_at", "last_applied_msg_id"):
+            if key in other and (key not in meta or _later(other[key], meta[key])):
+                meta[key] = other[key]
     letters = pg.dead_letters_by_table()
     return Status(
         queue=pg.queue,
@@ -66,4 +78,17 @@ def status(pg: PgmqClient, d1: D1Client, schema: Schema) -> Status:
         schema_version_current=schema.version,
         last_nuke=json.loads(meta["last_nuke"]) if "last_nuke" in meta else None,
         last_restore=json.loads(meta["last_restore"]) if "last_restore" in meta else None,
+        shards={
+            str(name): {
+                "schema_version_applied": x.get("schema_version"),
+                "last_applied_at": x.get("last_applied_at"),
+                "last_applied_msg_id": int(x["last_applied_msg_id"]) if "last_applied_msg_id" in x else None,
+            }
+            for name, x in metas.items()
+        },
     )
+
+
+def _later(a: str, b: str) -> bool:
+    """Whether record `a` is later than `b` (msg ids as numbers, ISO times as text)."""
+    return int(a) > int(b) if a.isdigit() and b.isdigit() else a > b

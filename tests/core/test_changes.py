@@ -48,8 +48,8 @@ def test_seed_shapes_without_an_old_row_are_plain_upserts():
 
 
 def test_delete_takes_its_key_from_old_record_or_else_record():
-    assert decode(5, msg("DELETE", None, {"k": 9}), SCHEMA) == Change(5, "t", "delete", (9,))
-    assert decode(6, msg("DELETE", {"k": 8}, {}), SCHEMA) == Change(6, "t", "delete", (8,))
+    assert decode(5, msg("DELETE", None, {"k": 9}), SCHEMA) == Change(5, "t", "delete", (9,), old={"k": 9})
+    assert decode(6, msg("DELETE", {"k": 8}, {}), SCHEMA) == Change(6, "t", "delete", (8,), old={"k": 8})
 
 
 def test_truncate_is_a_barrier_change():

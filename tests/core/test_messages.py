@@ -38,7 +38,9 @@ def test_a_records_chunk_and_a_delete_message_decode_as_repairs_need():
     assert decode_all(1, c, SCHEMA) == [Change(1, "t", "upsert", (3,), {"k": 3, "s": "c"})]
     d = messages.delete_message("t", {"k": 3})
     assert messages.message_rows(d) == 1 and not messages.is_backfill(d)
-    assert decode_all(2, d, SCHEMA) == [Change(2, "t", "delete", (3,))]
+    assert decode_all(2, d, SCHEMA) == [Change(2, "t", "delete", (3,), old={"k": 3})]
+    one = messages.delete_message("t", {"k": 3}, shard="s1")
+    assert decode_all(3, one, SCHEMA) == [Change(3, "t", "delete", (3,), old={"k": 3}, shard="s1")]
 
 
 def test_an_unreadable_range_is_poison_with_its_reason():
