@@ -76,13 +76,15 @@ def plan_batch(schema: Schema, msgs: list[Message], rules: Rules | None = None) 
             pending = []
         tables[m.msg_id] = chunk.table.name
         only = m.message.get("shard") if rule is not None else None
-        by_shard: dict[str | None, list[str]] = {}
-        for i, lit in enumerate(chunk.literals):
-            shard = chunk.shards[i] if chunk.shards is not None else None
-            if only is None or shard == only:
-                by_shard.setdefault(shard, []).append(lit)
-        for shard, lits in by_shard.items():
-            planned += _to_shard(plan_literals(chunk.table, lits), shard)
+        if chunk.shards is None:
+            planned += plan_literals(chunk.table, chunk.literals)
+        else:
+            by_shard: dict[str, list[str]] = {}
+            for shard, lit in zip(chunk.shards, chunk.literals, strict=True):
+                if only is None or shard == only:
+                    by_shard.setdefault(shard, []).append(lit)
+            for shard, lits in by_shard.items():
+                planned += _to_shard(plan_literals(chunk.table, lits), shard)
         for ch in chunk.changes:
             problem = row_problem(chunk.table, ch.row or {})
             if problem:

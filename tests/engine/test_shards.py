@@ -288,3 +288,23 @@ def test_a_nuke_empties_the_table_in_every_shard_with_a_restore_point_each(pg, f
     assert d1_row_counts(d1, SCHEMA.table("notes")) == {None: 1}
     backfill(pg, d1, SCHEMA, tables=["devices"])
     assert_exact(pg, d1)
+
+
+def test_remapping_a_tenant_moves_its_rows_through_the_queue_while_writers_write(pg, pg_url, files, d1_http):
+    shards = {"eu": files("eu"), "us": d1_http, "ap": files("ap")}
+    before = sharded(files("home"), shards, MAP)
+    setup(pg, before, SCHEMA)
+    pg.execute("INSERT INTO devices SELECT g, 't' || (g % 4), 'x', 0 FROM generate_series(1, 400) g")
+    drain(pg, before)
+    assert_exact(pg, before)
+    # Tenant t1 gets a database of its own: its rows leave "us" for "ap"; t3 stays in "us".
+    after = sharded(files("home"), shards, MAP | {"map": MAP["map"] | {"t1": "ap"}})
+    found = reconcile(pg, after, SCHEMA, tables=["devices"])
+    assert len(found.tables["devices"].shards["us"].extra) == 100
+    assert len(found.tables["devices"].shards["ap"].missing) == 100
+    run_writers(
+        pg_url, pg, after, rounds=20, first_id=5000,
+        during=lambda: reconcile(pg, after, SCHEMA, tables=["devices"], repair_drift=True),
+    )  # fmt: skip
+    reconcile(pg, after, SCHEMA, tables=["devices"], repair_drift=True)
+    assert_exact(pg, after)
