@@ -26,10 +26,11 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, NamedTuple, Protocol
 
-from d1sync_dagster.core.changes import Change, Poison, decode_all
+from d1sync_dagster.core.changes import Change, Poison, decode, decode_all
 from d1sync_dagster.core.chunks import decode_chunk
 from d1sync_dagster.core.coalesce import coalesce
 from d1sync_dagster.core.convert import ConversionError, to_sqlite
+from d1sync_dagster.core.messages import BACKFILL
 from d1sync_dagster.core.plan import Planned, plan, plan_literals, plan_upserts, row_problem
 from d1sync_dagster.core.shards import ShardRule
 from d1sync_dagster.schema import Schema, Table
@@ -63,8 +64,18 @@ def plan_batch(schema: Schema, msgs: list[Message], rules: Rules | None = None) 
     pending: list[Change] = []
     tables: dict[int, str | None] = {}
     for m in msgs:
-        rule = rules.get(m.message.get("table")) if rules and isinstance(m.message, dict) else None
-        chunk = decode_chunk(m.msg_id, m.message, schema, rule)
+        payload = m.message
+        if payload.__class__ is dict and payload.get("type") != BACKFILL:  # a trigger change: one row
+            item = decode(m.msg_id, payload, schema)
+            if item.__class__ is Change and item.row is not None:
+                problem = row_problem(schema.table(item.table), item.row)
+                if problem:
+                    item = Poison(m.msg_id, f"{item.table}: {problem}", item.table)
+            (pending if item.__class__ is Change else poison).append(item)  # type: ignore[arg-type]
+            tables[m.msg_id] = item.table
+            continue
+        rule = rules.get(payload.get("table")) if rules and isinstance(payload, dict) else None
+        chunk = decode_chunk(m.msg_id, payload, schema, rule)
         if chunk is None:
             changes, bad = decode_batch(schema, [m])
             pending += changes

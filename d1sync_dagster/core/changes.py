@@ -72,15 +72,93 @@ def _converters(columns: tuple[tuple[str, str], ...]) -> tuple[tuple[str, Callab
     return tuple((c, CONVERTERS[t]) for c, t in columns)
 
 
+#: Per column type: a Python test that a decoded value `{v}` already is its converted value, so the
+#: converter need not be called (the converters' own first checks, inlined; None is handled apart).
+_ALREADY = {
+    "INTEGER": "{v}.__class__ is int and -9223372036854775808 <= {v} <= 9223372036854775807",
+    "TEXT": "{v}.__class__ is str and len({v}) != 36 and {v}.isascii() and '\\x00' not in {v}",
+    "REAL": "{v}.__class__ is float and {v} - {v} == 0.0",
+}
+
+
+class _Decoder:
+    """What decoding a table's records needs, worked out once per table: its converters and a row
+    function generated for its columns (the converters' common cases inlined, one dict built), which
+    returns exactly what `{c: convert(record[c])}` would."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table  # kept alive: the cache is keyed by its id
+        self.columns = tuple(table.columns)
+        self.column_set = frozenset(self.columns)
+        self.key = table.key
+        self.key0 = table.key[0] if len(table.key) == 1 else None
+        self.convert = _converters(tuple(table.columns.items()))
+        self.json_columns = frozenset(c for c, t in table.columns.items() if t == "JSON")
+        self.scalar_columns = tuple(c for c in self.columns if c not in self.json_columns)
+        self.row = self._generate(table)
+
+    @staticmethod
+    def _generate(table: Table) -> Callable[[dict[str, Any]], Row]:
+        lines = ["def row(r):"]
+        env: dict[str, Any] = {"dumps": orjson.dumps, "SORT_KEYS": orjson.OPT_SORT_KEYS}
+        for i, (c, t) in enumerate(table.columns.items()):
+            v = f"v{i}"
+            env[f"c{i}"] = CONVERTERS[t]
+            lines.append(f"    {v} = r[{c!r}]")
+            if t == "BOOLEAN":
+                lines.append(
+                    f"    {v} = 1 if {v} is True else 0 if {v} is False else c{i}({v}) if {v} is not None else None"
+                )
+            elif t == "JSON":  # objects and arrays: canonical_json's fast path, inlined
+                lines.append(f"    if {v}.__class__ is dict or {v}.__class__ is list:")
+                lines.append("        try:")
+                lines.append(f"            {v} = dumps({v}, option=SORT_KEYS).decode()")
+                lines.append("        except TypeError:")
+                lines.append(f"            {v} = c{i}({v})")
+                lines.append(f"    elif {v} is not None:")
+                lines.append(f"        {v} = c{i}({v})")
+            elif t in _ALREADY:
+                lines.append(f"    if {v} is not None and not ({_ALREADY[t].format(v=v)}):")
+                lines.append(f"        {v} = c{i}({v})")
+            else:
+                lines.append(f"    if {v} is not None:")
+                lines.append(f"        {v} = c{i}({v})")
+        lines.append("    return {" + ", ".join(f"{c!r}: v{i}" for i, c in enumerate(table.columns)) + "}")
+        exec("\n".join(lines), env)  # noqa: S102 - names are validated identifiers, quoted by repr
+        return env["row"]  # type: ignore[no-any-return]
+
+    def unchanged(self, old: dict[str, Any], new: dict[str, Any]) -> frozenset[str]:
+        """Columns equal in both records (see `_unchanged`)."""
+        out = [c for c in self.scalar_columns if old[c] == new[c]]
+        for c in self.json_columns:
+            a, b = old[c], new[c]
+            if a == b and _same(a, b):
+                out.append(c)
+        return frozenset(out)
+
+
+_DECODERS: dict[int, _Decoder] = {}
+
+
+def _decoder(table: Table) -> _Decoder:
+    d = _DECODERS.get(id(table))
+    if d is None or d.table is not table:
+        d = _DECODERS[id(table)] = _Decoder(table)
+    return d
+
+
 def _row(table: Table, record: dict[str, Any], convert: tuple[tuple[str, Any], ...] | None = None) -> Row:
-    convert = convert or _converters(tuple(table.columns.items()))
+    return _row_of(_decoder(table), record, convert)
+
+
+def _row_of(d: _Decoder, record: dict[str, Any], convert: tuple[tuple[str, Any], ...] | None = None) -> Row:
     try:
-        return {c: None if (v := record[c]) is None else fn(v) for c, fn in convert}
+        return d.row(record)
     except KeyError as e:
         raise ConversionError(f"record lacks replicated column {e.args[0]!r}") from None
     except ConversionError:
         pass
-    for c, fn in convert:  # slow path, only to name the column that failed
+    for c, fn in convert or d.convert:  # slow path, only to name the column that failed
         try:
             if record[c] is not None:
                 fn(record[c])
@@ -232,20 +310,28 @@ def decode(msg_id: int, payload: Any, schema: Schema) -> Change | Poison:
             return Change(msg_id, name, "delete", _key(table, source, "old_record"), old=source, shard=shard)
         if not isinstance(record, dict):
             raise ConversionError(f"{kind} has no 'record' object")
-        row = _row(table, record)
-        key = tuple(row[c] for c in table.key)
-        if any(v is None for v in key):
+        d = _decoder(table)
+        row = _row_of(d, record)
+        key = (row[d.key0],) if d.key0 is not None else tuple([row[c] for c in d.key])
+        if None in key:
             raise ConversionError("record has a NULL primary key")
+        if kind != "UPDATE" or old.__class__ is not dict or not old:
+            return Change(msg_id, name, "upsert", key, row, None, None, None, shard)
         old_key, unchanged = None, None
-        if kind == "UPDATE" and isinstance(old, dict) and old and all(old.get(c) is not None for c in table.key):
-            if all(_same(old[c], record[c]) for c in table.key):
-                # Same key: note which columns this UPDATE left as they were (compared as sent, no conversion).
-                if all(c in old for c in table.columns):
-                    unchanged = _unchanged(table, old, record)
-            else:
-                candidate = _key(table, old, "old_record")
-                old_key = candidate if candidate != key else None
-        given = old if kind == "UPDATE" and isinstance(old, dict) and old else None
-        return Change(msg_id, name, "upsert", key, row, old_key, unchanged, given, shard)
+        if d.key0 is not None:
+            a, b = old.get(d.key0), record[d.key0]
+            known = a is not None
+            kept = known and a == b and a.__class__ is b.__class__ and (a.__class__ not in (dict, list) or _same(a, b))
+        else:
+            known = all(old.get(c) is not None for c in d.key)
+            kept = known and all(_same(old[c], record[c]) for c in d.key)
+        if kept:
+            # Same key: note which columns this UPDATE left as they were (compared as sent, no conversion).
+            if d.column_set <= old.keys():
+                unchanged = d.unchanged(old, record)
+        elif known:
+            candidate = _key(table, old, "old_record")
+            old_key = candidate if candidate != key else None
+        return Change(msg_id, name, "upsert", key, row, old_key, unchanged, old, shard)
     except ConversionError as e:
         return Poison(msg_id, f"{kind} on {name}: {e}", name)

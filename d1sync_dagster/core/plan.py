@@ -20,7 +20,7 @@ import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from d1sync_dagster.core.changes import Key, Row
 from d1sync_dagster.core.coalesce import TableChanges
@@ -180,8 +180,22 @@ _LITERALS = {
 
 
 @functools.cache
-def _literal_fns(columns: tuple[tuple[str, str], ...]) -> tuple[tuple[str, Callable[[SqlValue], str]], ...]:
-    return tuple((c, _LITERALS[t]) for c, t in columns)
+def _literal_fns(columns: tuple[tuple[str, str], ...]) -> Callable[[Row], str]:
+    """A function rendering a converted row as its `(v1,v2,..)` literal, generated for the columns: the
+    literal rules of `_LITERALS` with integers and text inlined (one call per row, not one per value)."""
+    env: dict[str, Any] = {f"f{i}": _LITERALS[t] for i, (_, t) in enumerate(columns)}
+    lines, parts = ["def literal(r):"], []
+    for i, (c, t) in enumerate(columns):
+        lines.append(f"    v{i} = r[{c!r}]")
+        if t in ("INTEGER", "BOOLEAN"):
+            parts.append(f"('NULL' if v{i} is None else str(v{i}))")
+        elif t in ("TEXT", "JSON"):
+            parts.append(f'(\'NULL\' if v{i} is None else "\'" + v{i}.replace("\'", "\'\'") + "\'")')
+        else:
+            parts.append(f"f{i}(v{i})")
+    lines.append("    return '(' + " + " + ',' + ".join(parts) + " + ')'")
+    exec("\n".join(lines), env)  # noqa: S102 - column names are validated identifiers, quoted by repr
+    return env["literal"]  # type: ignore[no-any-return]
 
 
 def row_literal(table: Table, row: Row) -> str:
@@ -189,8 +203,8 @@ def row_literal(table: Table, row: Row) -> str:
     return _literal_row(_literal_fns(tuple(table.columns.items())), row)
 
 
-def _literal_row(fns: tuple[tuple[str, Callable[[SqlValue], str]], ...], row: Row) -> str:
-    return "(" + ",".join([fn(row[c]) for c, fn in fns]) + ")"
+def _literal_row(literal: Callable[[Row], str], row: Row) -> str:
+    return literal(row)
 
 
 def _pack(head: str, tail: str, items: list[str], limit: int) -> Iterator[tuple[str, int]]:
