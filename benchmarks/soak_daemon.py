@@ -49,6 +49,15 @@ def _watcher(path: str, seen: dict[int, float], stop: threading.Event) -> None:
             time.sleep(0.05)  # the file is being created or the table altered
 
 
+def _skips(log: Path) -> list[str]:
+    """The sensor's skip reasons the daemon logged, with their times (for --timeline)."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if "skipped" in line.lower() and "sensor" in line.lower():
+            out.append(line.strip()[:220])
+    return out
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     """The daemon and everything it started (code server, run workers)."""
     try:
@@ -165,6 +174,7 @@ def soak_daemon(args: Any) -> None:
             _stop(daemon)
             log.close()
         runs, phases, timeline = _runs(str(home))
+        skips = _skips(Path(tmp) / "daemon.log") if getattr(args, "timeline", False) else []
         d1.close()
     lags = sorted(seen[i] - committed[i] for i in committed if i in seen)
     missing = len(committed) - len(lags)
@@ -194,5 +204,7 @@ def soak_daemon(args: Any) -> None:
         for run_id, created, begun, ended, tags in timeline:
             rel = [f"{x - zero:7.1f}" if x else "      -" for x in (created, begun, ended)]
             print(f"  run {run_id} created {rel[0]} started {rel[1]} ended {rel[2]} {tags.get('d1sync/ends_at', '')}")
+    for line in skips:
+        print(f"  {line}")
     if args.json:
         print(json.dumps(figures))

@@ -210,6 +210,16 @@ def sensor_tick(instance, resources, cursor=None):
     return sensor, sensor.evaluate_tick(ctx)
 
 
+@pytest.mark.parametrize("interval, spacing", [(5, 4), (30, 29), (1, 1)])
+def test_the_sensor_ticks_on_every_daemon_loop_of_its_interval(monkeypatch, interval, spacing):
+    """dagster-daemon looks at sensors every 5 s; a minimum interval equal to the interval would skip a loop
+    that comes a moment early (a 5 s sensor then ticks every 10 s), so it is a second less."""
+    monkeypatch.setenv("D1SYNC_SENSOR_INTERVAL_SECONDS", str(interval))
+    sensor = build_definitions(str(ROOT / "schema.json")).resolve_sensor_def("pgmq_depth_sensor")
+    assert sensor.minimum_interval_seconds == spacing
+    assert f"Checks every {interval}s" in (sensor.description or "")
+
+
 def test_sensor_first_tick_on_an_empty_queue_skips_and_says_why(env):
     _pg, _d1, resources = env
     with dg.instance_for_test() as instance:
