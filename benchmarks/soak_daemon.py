@@ -135,7 +135,8 @@ def soak_daemon(args: Any) -> None:
             "D1SYNC_APPLY_MODE": args.mode,
             "D1SYNC_SENSOR_INTERVAL_SECONDS": str(int(args.interval)),
             # By default one streaming run covers the whole soak; --stream-seconds shorter shows the restarts.
-            "D1SYNC_STREAM_SECONDS": str(args.stream_seconds or max(60.0, args.seconds + 60)),
+            # (long enough that the sensor's handover, 2 intervals + 60 s before its end, comes after the soak)
+            "D1SYNC_STREAM_SECONDS": str(args.stream_seconds or args.seconds + 2 * args.interval + 120),
         }
         for k in [k for k in env if k.startswith("CLOUDFLARE_")]:
             env.pop(k)

@@ -105,7 +105,9 @@ def build_depth_sensor(
         arrived = "" if seen is None else f"; {max(newest - seen, 0)} new since the last tick"
         if m.queue_length == 0 and stream_job is None:
             return dg.SkipReason(f"queue {m.queue_name} is empty (newest msg_id {newest}{arrived})")
-        waiting = f"{m.queue_length} changes waiting (oldest {m.oldest_msg_age_sec}s{arrived})"
+        age = m.oldest_msg_age_sec
+        details = [d for d in ("" if age is None else f"oldest {age}s", arrived.removeprefix("; ")) if d]
+        waiting = f"{m.queue_length} changes waiting" + (f" ({'; '.join(details)})" if details else "")
         in_flight = context.instance.get_run_records(dg.RunsFilter(statuses=IN_FLIGHT), limit=100)
         busy = [r.dagster_run for r in in_flight if consuming_run(r.dagster_run, consumer_jobs, keys)]
         streaming = [r for r in busy if stream_job is not None and r.job_name == stream_job.name]

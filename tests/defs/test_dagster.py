@@ -531,6 +531,8 @@ def test_the_streaming_sensor_keeps_exactly_one_stream_run_alive(streaming, sour
         (req,) = tick.run_requests
         assert req.job_name == "d1sync_stream"
         run = instance.create_run_for_job(stream_job, status=dg.DagsterRunStatus.STARTED)
+        _sensor, tick = sensor_tick(instance, resources, cursor="0")  # the queue is empty: no age to give
+        assert tick.skip_message.startswith("0 changes waiting (0 new since the last tick); run ")
         pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
         _sensor, tick = sensor_tick(instance, resources, cursor="0")
         assert tick.run_requests == [] and f"run {run.run_id} (d1sync_stream, started) follows the queue" in (
