@@ -42,8 +42,13 @@ _LONG_RUN = b"\0" * 17
 
 def _orjson_keeps(token: bytes) -> bool:
     """Whether orjson decodes this number token without losing anything."""
+    text = token.decode()
     try:
-        text = token.decode()
+        if repr(float(text)) == text:  # the common case: a double in its shortest spelling, as Postgres prints
+            return True
+    except ValueError:
+        return False
+    try:
         if b"." in token or b"e" in token or b"E" in token:
             return _float_keeps(text)
         return INT64_MIN <= int(text) <= INT64_MAX
@@ -60,7 +65,7 @@ def loads_exact(data: str | bytes) -> Any:
     """
     raw = data if data.__class__ is bytes else data.encode() if isinstance(data, str) else bytes(data)
     if _LONG_RUN in raw.translate(_NUMBER_MASK):
-        candidates = [t for t in raw.translate(_ONLY_NUMBER_CHARS).split() if len(t) >= 17]
-        if not all(_orjson_keeps(t) for t in candidates):
-            return json.loads(raw, parse_float=parse_number)
+        for token in raw.translate(_ONLY_NUMBER_CHARS).split():
+            if len(token) >= 17 and not _orjson_keeps(token):
+                return json.loads(raw, parse_float=parse_number)
     return orjson.loads(raw)

@@ -154,10 +154,16 @@ class PgmqClient:
 
     def execute(self, sql: str, params: Sequence[Any] | None = None) -> list[tuple[Any, ...]]:
         """Run SQL (a whole script when there are no params); return rows of the last statement."""
+        with self._cursor() as cur:
+            cur.execute(sql.encode() if params is None else sql, params)  # type: ignore[arg-type]
+            return cur.fetchall() if cur.description else []
+
+    @contextmanager
+    def _cursor(self) -> Iterator[psycopg.Cursor[Any]]:
+        """A cursor whose Postgres errors become `QueueError`s (first line only, with the SQLSTATE)."""
         try:
             with self.conn.cursor() as cur:
-                cur.execute(sql.encode() if params is None else sql, params)  # type: ignore[arg-type]
-                return cur.fetchall() if cur.description else []
+                yield cur
         except psycopg.Error as e:
             err = QueueError(f"Postgres error: {_first_line(e)}")
             err.sqlstate = e.sqlstate
@@ -197,6 +203,15 @@ class PgmqClient:
         rows = self.execute("SELECT * FROM pgmq.delete(%s, %s::bigint[])", [queue or self.queue, list(ids)])
         return [r[0] for r in rows]
 
+    def finish(self, ids: Sequence[int]) -> int:
+        """Delete applied messages from this queue (what `pgmq.delete` does, without returning every id);
+        returns how many were still there. The ids go as one array literal, as in `read_in_order`."""
+        if not ids:
+            return 0
+        with self._cursor() as cur:
+            cur.execute(f"DELETE FROM {self._table()} WHERE msg_id = ANY(%s::bigint[])", [_id_array(ids)])
+            return max(cur.rowcount, 0)
+
     def archive(self, ids: Sequence[int], queue: str | None = None) -> list[int]:
         if not ids:
             return []
@@ -222,7 +237,7 @@ class PgmqClient:
         rows = self.execute(
             f"SELECT msg_id, read_ct, enqueued_at, message FROM {self._table()} "
             "WHERE msg_id <> ALL(%s::bigint[]) ORDER BY msg_id LIMIT %s",
-            ["{" + ",".join(map(str, skip)) + "}", qty],
+            [_id_array(skip), qty],
         )
         return [QueueMessage(*r) for r in rows]
 
@@ -510,6 +525,12 @@ def _lock_refused(error: str) -> str:
             "5432 or 6543)"
         )
     return f"cannot take the single-consumer lock: {error}"
+
+
+def _id_array(ids: Sequence[int]) -> str:
+    """Message ids as one `bigint[]` literal in text: psycopg's list dumper costs more Python time than the
+    statement it serves."""
+    return "{" + ",".join(map(str, ids)) + "}"
 
 
 def _first_line(e: BaseException) -> str:

@@ -410,7 +410,7 @@ def _finish(pg: PgmqClient, msgs: list[QueueMessage], poison: list[Poison], repo
     with pg.transaction():
         if poison:
             pg.dead_letter([(p.msg_id, p.reason, p.table) for p in poison])
-        deleted = pg.delete([m.msg_id for m in msgs])
-    if len(deleted) != len(msgs):
-        log.warning("%d of %d messages were already gone from the queue", len(msgs) - len(deleted), len(msgs))
+        deleted = pg.finish([m.msg_id for m in msgs])
+    if deleted != len(msgs):
+        log.warning("%d of %d messages were already gone from the queue", len(msgs) - deleted, len(msgs))
     report.count_dead_letters(poison)

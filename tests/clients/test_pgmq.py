@@ -57,7 +57,15 @@ def test_purge_empties_the_queue(pg):
 
 
 def test_empty_id_lists_do_nothing(pg):
-    assert pg.delete([]) == [] and pg.archive([]) == [] and pg.send_batch([]) == []
+    assert pg.delete([]) == [] and pg.archive([]) == [] and pg.send_batch([]) == [] and pg.finish([]) == 0
+
+
+def test_finish_deletes_applied_messages_and_counts_those_still_there(pg):
+    ids = pg.enqueue([{"n": i} for i in range(6)])
+    assert pg.finish(ids[:3]) == 3
+    assert pg.finish(ids[:4]) == 1  # three were gone already
+    assert [m.msg_id for m in pg.read_in_order(10)] == ids[4:]
+    assert pg.metrics().queue_length == 2  # pgmq.metrics sees what finish left
 
 
 def test_consumer_lock_excludes_a_second_consumer_and_says_who_holds_it(pg, pg_url):

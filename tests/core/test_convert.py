@@ -147,3 +147,23 @@ def test_non_finite_json_is_refused():
 def test_loads_exact_never_loses_digits(text, expected):
     got = loads_exact(text)["n"]
     assert got == expected and type(got) is type(expected)
+
+
+number_texts = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.integers(min_value=-(2**80), max_value=2**80).map(str),
+    st.decimals(allow_nan=False, allow_infinity=False).map(lambda d: format(d, "f")),
+    st.tuples(st.integers(1, 9), st.text("0123456789", min_size=10, max_size=25), st.integers(-30, 30)).map(
+        lambda t: f"{t[0]}.{t[1]}e{t[2]}"
+    ),
+)
+
+
+@given(st.lists(number_texts, min_size=1, max_size=5))
+def test_loads_exact_decodes_every_number_as_the_exact_decoder_does(texts):
+    from d1sync_dagster.exactjson import parse_number
+
+    text = '{"a": [' + ", ".join(texts) + "]}"
+    want = json.loads(text, parse_float=parse_number)
+    got = loads_exact(text)
+    assert got == want and [type(x) for x in got["a"]] == [type(x) for x in want["a"]]
