@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 from d1sync_dagster.clients.pgmq import PgmqClient, QueueMessage
@@ -113,7 +112,12 @@ class RangeReader:
         out: list[QueueMessage] = []
         total = 0
         for m in msgs:
-            if not messages.is_marker(m.message):
+            payload = m.message
+            if (
+                payload.__class__ is not dict
+                or payload.get("type") != messages.BACKFILL
+                or not messages.is_marker(payload)
+            ):
                 out.append(m)
                 total += 1
                 continue
@@ -121,7 +125,7 @@ class RangeReader:
                 break
             payload = self._read(m.msg_id, m.message)
             total += len(payload.get("rows") or ())
-            out.append(replace(m, message=payload))
+            out.append(m._replace(message=payload))
         return out
 
     def _read(self, msg_id: int, marker: dict[str, Any]) -> dict[str, Any]:
