@@ -33,17 +33,19 @@ from datetime import UTC, datetime
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.d1_shards import ShardedD1, rules_of
 from d1sync_dagster.clients.pgmq import PgmqClient, QueueMessage
-from d1sync_dagster.core.batch import Rules, decode_batch, plan_batch, plan_changes
+from d1sync_dagster.core.batch import PlannedBatch, Rules, decode_batch, plan_batch, plan_changes
 from d1sync_dagster.core.changes import Change, Poison
 from d1sync_dagster.core.messages import message_rows
 from d1sync_dagster.core.plan import Planned, requests
 from d1sync_dagster.core.statements import Statement
 from d1sync_dagster.engine.maintenance import vacuum_queue
+from d1sync_dagster.engine.planner import MIN_MESSAGES, Planner
 from d1sync_dagster.engine.prefetch import Prefetch
 from d1sync_dagster.engine.ranges import RangeReader
 from d1sync_dagster.engine.reports import ApplyReport, TableStats
 from d1sync_dagster.engine.tuning import throughput
 from d1sync_dagster.errors import D1Error
+from d1sync_dagster.exactjson import loads_exact
 from d1sync_dagster.schema import Schema
 from d1sync_dagster.sql.d1_ddl import upsert_meta
 
@@ -81,6 +83,9 @@ class ApplyOptions:
     #: After a run that drained the queue, VACUUM the queue table when Postgres counts at least this many
     #: dead rows in it (None: leave it to autovacuum). See `vacuum_queue`.
     vacuum_dead_rows: int | None = 100_000
+    #: Plan large batches of trigger changes in a process of its own (`engine/planner.py`), started when
+    #: the first large batch is read.
+    planner_process: bool = True
 
 
 @dataclass
@@ -125,10 +130,13 @@ def apply(
         with pg.clone() as finisher, ThreadPoolExecutor(max_workers=1, thread_name_prefix="d1sync-d1") as pool:
             ranges = RangeReader(pg, schema, max_rows=options.max_rows_per_batch)
             claimed = _Claimed()
+            planning = _Planning(schema, rules_of(d1), enabled=options.planner_process)
 
             def read(qty: int) -> list[QueueMessage]:
-                msgs = ranges.resolve(pg.read_in_order(qty, skip=claimed.ids()))
+                msgs = pg.read_in_order(qty, skip=claimed.ids(), as_text=planning.wants_text)
+                msgs = ranges.resolve(_decode_backfill(msgs))
                 claimed.add(msgs)
+                planning.start(msgs)
                 return msgs
 
             batches = Prefetch(
@@ -148,7 +156,7 @@ def apply(
             in_flight: deque[Future[None]] = deque()
             try:
                 for msgs in batches:
-                    prepared = _prepare(schema, msgs, report, rules_of(d1))
+                    prepared = _prepare(schema, msgs, report, planning)
                     in_flight.append(
                         pool.submit(
                             _commit_and_finish,
@@ -175,6 +183,7 @@ def apply(
                 for f in in_flight:
                     f.cancel()
                 batches.close()
+                planning.close()
         if report.drained and report.messages and options.vacuum_dead_rows is not None:
             report.vacuumed = vacuum_queue(pg, options.vacuum_dead_rows)
     report.duration_seconds = time.monotonic() - started
@@ -191,9 +200,57 @@ def _read_size(d1: D1Client, options: ApplyOptions) -> int:
     return max(options.batch_size, min(options.batch_size * databases, options.max_rows_per_batch))
 
 
-def _prepare(schema: Schema, msgs: list[QueueMessage], report: ApplyReport, rules: Rules) -> _Prepared:
-    """Plan one read batch (`core.batch`), count it, and add the bookkeeping statements."""
-    batch = plan_batch(schema, msgs, rules)
+class _Planning:
+    """Where batches are planned: here, or in the planner process (`engine/planner.py`) once a large batch
+    has started it and it is ready. While it is ready, messages are read as JSON text, which it decodes, and
+    the reader hands each batch it takes over as soon as it is read (`start`), so it plans the next batch
+    while this process sends the previous one."""
+
+    def __init__(self, schema: Schema, rules: Rules, *, enabled: bool) -> None:
+        self.schema, self.rules, self.enabled = schema, rules, enabled
+        self.planner: Planner | None = None
+        self._handed: dict[int, Future[PlannedBatch | None]] = {}
+
+    @property
+    def wants_text(self) -> bool:
+        return self.planner is not None and self.planner.ready
+
+    def start(self, msgs: list[QueueMessage]) -> None:
+        """In the reader: hand the batch to the planner process when it takes it."""
+        if self.planner is not None and msgs and self.planner.takes(msgs):
+            self._handed[msgs[0].msg_id] = self.planner.submit(msgs)
+
+    def plan(self, msgs: list[QueueMessage]) -> PlannedBatch:
+        if self.enabled and self.planner is None and len(msgs) >= MIN_MESSAGES:
+            self.planner = Planner(self.schema, self.rules)  # starts in the background; until then, here
+        handed = self._handed.pop(msgs[0].msg_id, None) if msgs else None
+        planned = handed.result() if handed is not None else None
+        return planned if planned is not None else plan_batch(self.schema, decoded(msgs), self.rules)
+
+    def close(self) -> None:
+        if self.planner is not None:
+            self.planner.close()
+
+
+def decoded(msgs: list[QueueMessage]) -> list[QueueMessage]:
+    """The batch with every message read as text decoded, as the connection decodes JSON."""
+    return [m._replace(message=loads_exact(m.message)) if m.message.__class__ is str else m for m in msgs]
+
+
+def _decode_backfill(msgs: list[QueueMessage]) -> list[QueueMessage]:
+    """Messages read as text that may be backfill messages, decoded (range markers are resolved by the
+    reader). A trigger change's text rarely holds the word; when a value does, the message is just decoded
+    here, which changes nothing but where."""
+    return [
+        m._replace(message=loads_exact(m.message)) if m.message.__class__ is str and '"BACKFILL"' in m.message else m
+        for m in msgs
+    ]
+
+
+def _prepare(schema: Schema, msgs: list[QueueMessage], report: ApplyReport, planning: _Planning) -> _Prepared:
+    """Plan one read batch (`core.batch`, here or in the planner process), count it, and add the bookkeeping
+    statements."""
+    batch = planning.plan(msgs)
     now = datetime.now(UTC)
     report.count_messages(msgs, batch.tables, now)
     meta = [
@@ -298,7 +355,7 @@ def _commit(d1: D1Client, schema: Schema, p: _Prepared, report: ApplyReport, opt
         if not e.bisectable:
             raise
         # Isolate what D1 refuses on the general path: every row change of the batch, in message order.
-        changes, _ = decode_batch(schema, p.msgs)
+        changes, _ = decode_batch(schema, decoded(p.msgs))
         return _isolate(d1, schema, changes, report, options, p.meta)
     return []
 

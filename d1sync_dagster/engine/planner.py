@@ -1,0 +1,174 @@
+"""Planning large read batches in a process of its own, off the apply's GIL.
+
+Decoding a message (its JSON, then its values) and planning the batch are pure Python, and with the
+reader and the D1 worker in the same interpreter they took turns on one GIL. A `Planner` hands a batch of
+trigger changes, as the JSON text Postgres sent, to a child process that decodes and plans it
+(`core/batch.plan_batch`, the same function) and returns the statements, the poison and each message's
+table. The apply's process then only reads, sends to D1 and deletes.
+
+- Only batches of trigger changes go there, and only large ones (`MIN_MESSAGES`): a backfill's chunks are
+  already planned on the fast path, and a few changes (the streaming apply's usual batch) are planned
+  sooner at home than sent away.
+- The child is `python -m d1sync_dagster.engine.planner` (not `multiprocessing`, which would import the
+  caller's main script again in the child). It starts in the background: until it is ready, and if it
+  ever fails, batches are planned at home, so a drain never waits for it or depends on it.
+- The child is pure: no connection, no lock, no D1. What it returns is what `plan_batch` returns in the
+  parent for the same messages; nothing is applied or deleted but by the parent, in the same order.
+- Frames on its stdin and stdout are length-prefixed pickles between this process and the child it
+  started (nothing else writes to those pipes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import threading
+from collections import deque
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+from d1sync_dagster.core.batch import PlannedBatch, plan_batch
+from d1sync_dagster.core.shards import ShardRule
+from d1sync_dagster.exactjson import loads_exact
+from d1sync_dagster.schema import Schema
+
+log = logging.getLogger(__name__)
+
+#: Batches with fewer messages are planned at home.
+MIN_MESSAGES = 1000
+
+_HEADER = struct.Struct("!Q")
+
+
+def _send(stream: IO[bytes], obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(data)) + data)
+    stream.flush()
+
+
+def _receive(stream: IO[bytes]) -> Any:
+    head = stream.read(_HEADER.size)
+    if len(head) < _HEADER.size:
+        raise EOFError("the planner process ended")
+    (n,) = _HEADER.unpack(head)
+    data = stream.read(n)
+    if len(data) < n:
+        raise EOFError("the planner process ended")
+    return pickle.loads(data)  # noqa: S301 - frames from the process this module started
+
+
+class _Msg(NamedTuple):
+    msg_id: int
+    message: Any
+
+
+class Planner:
+    """A child process that plans batches, in the order they are handed over; `close()` ends it."""
+
+    def __init__(self, schema: Schema, rules: Mapping[str, ShardRule]) -> None:
+        # The child imports this very copy of d1sync (its directory first on its path).
+        root = str(Path(__file__).resolve().parents[2])
+        path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "d1sync_dagster.engine.planner"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=os.environ | {"PYTHONPATH": path},
+        )
+        self._ready = threading.Event()
+        self._broken = False
+        self._lock = threading.Lock()
+        self._waiting: deque[Future[PlannedBatch | None]] = deque()
+        threading.Thread(target=self._collect, args=(schema, dict(rules)), name="d1sync-planner", daemon=True).start()
+
+    def _collect(self, schema: Schema, rules: dict[str, ShardRule]) -> None:
+        """Start the child, then hand each answer to the batch waiting longest (the child answers in order)."""
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        try:
+            with self._lock:
+                _send(self._proc.stdin, (schema, rules))
+            if _receive(self._proc.stdout) != "ready":
+                raise EOFError("the planner process did not start")
+            self._ready.set()
+            while True:
+                out = _receive(self._proc.stdout)
+                with self._lock:
+                    waiting = self._waiting.popleft()
+                if isinstance(out, BaseException):
+                    waiting.set_exception(out)
+                else:
+                    waiting.set_result(out)
+        except (OSError, EOFError, ValueError, pickle.PickleError) as e:
+            self._fail(e)
+
+    def _fail(self, error: BaseException) -> None:
+        with self._lock:
+            if not self._broken and not self._closed:
+                log.warning("planning in this process from now on: the planner process failed (%s)", error)
+            self._broken = True
+            waiting, self._waiting = self._waiting, deque()
+        for f in waiting:  # planned at home instead
+            f.set_result(None)
+
+    _closed = False
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and not self._broken
+
+    def takes(self, msgs: Sequence[Any]) -> bool:
+        """Whether this batch goes to the child: large, of messages still in their JSON text."""
+        return len(msgs) >= MIN_MESSAGES and self.ready and all(m.message.__class__ is str for m in msgs)
+
+    def submit(self, msgs: Sequence[Any]) -> Future[PlannedBatch | None]:
+        """Hand a batch over; its future holds the planned batch, or None when the child failed (the caller
+        then plans it at home)."""
+        future: Future[PlannedBatch | None] = Future()
+        items = [(m.msg_id, m.message) for m in msgs]
+        try:
+            with self._lock:
+                if self._broken:
+                    future.set_result(None)
+                    return future
+                self._waiting.append(future)
+                assert self._proc.stdin is not None
+                _send(self._proc.stdin, items)
+        except (OSError, ValueError, pickle.PickleError) as e:
+            self._fail(e)
+        return future
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            if self._proc.stdin is not None:
+                self._proc.stdin.close()
+            self._proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            self._proc.kill()
+            self._proc.wait()
+
+
+def _serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
+    """The child: the schema and rules, then batches of (msg_id, JSON text) until stdin closes."""
+    schema, rules = _receive(stdin)
+    _send(stdout, "ready")
+    while True:
+        try:
+            items = _receive(stdin)
+        except EOFError:
+            return
+        try:
+            out: Any = plan_batch(schema, [_Msg(i, loads_exact(t)) for i, t in items], rules or None)
+        except Exception as e:  # noqa: BLE001 - handed to the parent, which raises it
+            out = e
+        _send(stdout, out)
+
+
+if __name__ == "__main__":
+    _serve(sys.stdin.buffer, sys.stdout.buffer)
