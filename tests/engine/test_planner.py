@@ -1,0 +1,192 @@
+"""The planner process (`engine/planner.py`): it plans exactly what the apply's own process would, a drain
+through it converges and is exact under a crash, and when it dies the apply carries on at home."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from d1sync_dagster.clients.pgmq import QueueMessage
+from d1sync_dagster.core.batch import plan_batch
+from d1sync_dagster.core.shards import rule_from_json
+from d1sync_dagster.engine import planner as planner_module
+from d1sync_dagster.engine.apply import ApplyOptions, apply, decoded
+from d1sync_dagster.engine.planner import MIN_MESSAGES, Planner
+from d1sync_dagster.schema import load_schema
+from tests.conftest import ROOT
+
+SCHEMA = load_schema(ROOT / "schema.json")
+NOW = None
+
+
+#: Numbers a double cannot hold, spelled into the JSON text as Postgres would send them (a numeric column).
+LONG_NUMBERS = {"@n1": "0.30000000000000004441", "@n2": "123456789012345678901234", "@n3": "1.5e-400"}
+
+
+def text_messages(rows: list[dict]) -> list[QueueMessage]:
+    def text(row: dict) -> str:
+        out = json.dumps(row)
+        for mark, number in LONG_NUMBERS.items():
+            out = out.replace(f'"{mark}"', number)
+        return out
+
+    return [QueueMessage(i + 1, 0, NOW, text(r)) for i, r in enumerate(rows)]
+
+
+values = st.one_of(
+    st.none(), st.integers(-(2**63), 2**63 - 1), st.text(max_size=8), st.floats(allow_nan=False, allow_infinity=False),
+    st.booleans(), st.sampled_from(list(LONG_NUMBERS)),
+)  # fmt: skip
+
+
+@st.composite
+def changes(draw):
+    out = []
+    for _ in range(draw(st.integers(1, 40))):
+        key = draw(st.integers(1, 6))
+        kind = draw(st.sampled_from(["INSERT", "UPDATE", "DELETE", "TRUNCATE", "BOGUS"]))
+        record = {"id": key, "name": draw(values), "rating": draw(values), "owner_id": draw(values)}
+        record |= {"is_public": draw(values), "settings": draw(values), "icon": None, "created_at": draw(values)}
+        old = record | {"name": draw(values)} if draw(st.booleans()) else None
+        out.append({"type": kind, "table": "apps", "record": record, "old_record": old})
+    return out
+
+
+def wait_ready(p: Planner) -> Planner:
+    deadline = time.monotonic() + 30
+    while not p.ready and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert p.ready
+    return p
+
+
+def started() -> Planner:
+    return wait_ready(
+        Planner(SCHEMA, {"apps": rule_from_json("apps", {"column": "owner_id", "hash": ["a", "b", "c"]})})
+    )
+
+
+@pytest.fixture
+def ready_at_once(monkeypatch):
+    """The apply's planner process is ready before the first batch is planned (in a real drain it starts in
+    the background, and a short one may end before it is ready)."""
+    real_init = Planner.__init__
+
+    def init(self, *args):
+        real_init(self, *args)
+        wait_ready(self)
+
+    monkeypatch.setattr(Planner, "__init__", init)
+
+
+@pytest.fixture(scope="module")
+def planner():
+    p = started()
+    yield p
+    p.close()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=changes())
+def test_the_planner_process_plans_exactly_what_this_process_plans(planner, batch):
+    msgs = text_messages(batch)
+    rules = {"apps": rule_from_json("apps", {"column": "owner_id", "hash": ["a", "b", "c"]})}
+    assert planner.submit(msgs).result(timeout=30) == plan_batch(SCHEMA, decoded(msgs), rules)
+
+
+def test_a_planner_that_dies_hands_its_batches_back_and_the_drain_stays_exact(local_pair, monkeypatch, ready_at_once):
+    pair = local_pair
+    pair.sql("INSERT INTO apps (id, name) SELECT g, 'a' FROM generate_series(1, 3000) g")
+    pair.sql("UPDATE apps SET name = name || 'b'")
+    handed = []
+    real_submit = Planner.submit
+
+    def submit_then_die(self, msgs):
+        future = real_submit(self, msgs)
+        handed.append(len(msgs))
+        if len(handed) == 2:
+            self._proc.send_signal(signal.SIGKILL)  # the child dies with batches in its hands
+        return future
+
+    monkeypatch.setattr(Planner, "submit", submit_then_die)
+    report = pair.apply(batch_size=MIN_MESSAGES)
+    assert report.drained and report.messages == 6000 and report.dead_lettered == 0
+    assert len(handed) >= 2  # the planner took batches before it died
+    pair.assert_in_sync()
+
+
+def test_a_drain_through_the_planner_converges_and_small_batches_stay_at_home(local_pair, monkeypatch, ready_at_once):
+    pair = local_pair
+    rng = random.Random(5)
+    pair.sql("INSERT INTO apps (id, name, rating) SELECT g, 'n', g / 3.0 FROM generate_series(1, 4000) g")
+    for i in range(5):
+        pair.sql("UPDATE apps SET rating = rating * 1.5, name = name || 'x' WHERE id %% 7 <> %s", [i])
+        pair.sql("DELETE FROM apps WHERE id = %s", [rng.randint(1, 4000)])
+    used = []
+    real_submit = Planner.submit
+    monkeypatch.setattr(Planner, "submit", lambda self, msgs: used.append(len(msgs)) or real_submit(self, msgs))
+    assert pair.apply(batch_size=MIN_MESSAGES).drained
+    assert len(used) > 10 and all(n >= MIN_MESSAGES for n in used)
+    pair.assert_in_sync()
+    pair.sql("UPDATE apps SET name = 'small' WHERE id < 50")
+    used.clear()
+    assert pair.apply(batch_size=MIN_MESSAGES).messages == 49 and used == []  # a small batch is planned at home
+    pair.assert_in_sync()
+
+
+def test_a_consumer_killed_mid_batch_while_the_planner_plans_replays_in_order(local_pair, source_db, tmp_path):
+    """SIGKILL between a planned batch's D1 commit and its delete: the planner process goes with its parent
+    (its stdin closes) and the next apply replays everything in order."""
+    pair = local_pair
+    pair.sql("INSERT INTO apps (id, name) SELECT g, 'v1' FROM generate_series(1, 2500) g")
+    pair.sql("UPDATE apps SET name = 'v2' WHERE id <= 1500")
+    code = (
+        "import os, signal, sys\n"
+        "from d1sync_dagster.clients.d1_local import LocalD1Client\n"
+        "from d1sync_dagster.clients.pgmq import PgmqClient\n"
+        "from d1sync_dagster.engine.apply import ApplyOptions, apply\n"
+        "from d1sync_dagster.schema import load_schema\n"
+        "import psutil\n"
+        "batches = []\n"
+        "def die(ids):\n"
+        "    batches.append(ids)\n"
+        "    if len(batches) == 3:\n"
+        "        planners = [c.pid for c in psutil.Process().children() if 'planner' in ' '.join(c.cmdline())]\n"
+        "        open(sys.argv[4], 'w').write(' '.join(map(str, planners)))\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "with PgmqClient(sys.argv[1]) as pg:\n"
+        "    apply(pg, LocalD1Client(sys.argv[2]), load_schema(sys.argv[3]), ApplyOptions(batch_size=1000),\n"
+        "          after_d1_commit=die)\n"
+    )
+    pids = tmp_path / "planners"
+    args = [source_db, str(pair.d1.path), str(ROOT / "schema.json"), str(pids)]
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert pair.queue_depth() == 4000 - 2000  # two batches finished, the third landed in D1 but stayed queued
+    assert pair.apply().drained
+    pair.assert_in_sync()
+    planners = [int(p) for p in pids.read_text().split()]
+    assert planners, "the killed apply had a planner process"
+    deadline = time.monotonic() + 10
+    while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in planners):
+        assert time.monotonic() < deadline, "a planner process outlived its parent"
+        time.sleep(0.1)
+
+
+def test_the_child_runs_this_copy_of_d1sync():
+    assert planner_module.__file__.startswith(str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-c", "import d1sync_dagster.engine.planner as p; print(p.__file__)"],
+        capture_output=True, text=True, cwd="/", env={"PYTHONPATH": str(ROOT)}, check=True,
+    )  # fmt: skip
+    assert out.stdout.strip().startswith(str(ROOT))
+    assert ApplyOptions().planner_process is True and callable(apply)
