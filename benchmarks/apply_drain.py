@@ -166,6 +166,8 @@ def drain(args: argparse.Namespace) -> None:
     with PgmqClient(os.environ["DATABASE_URL"]) as pg:
         report = apply(pg, d1, schema, ApplyOptions(batch_size=args.batch_size))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # The planner process (engine/planner.py) has ended with the apply: its peak counts too.
+        planner_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         drift = diff(pg_rows(pg, schema.tables[0]), d1_rows(d1, schema.tables[0]))
     net = report.tables["events"].upserts + report.tables["events"].deletes
     print(
@@ -183,6 +185,8 @@ def drain(args: argparse.Namespace) -> None:
                 "net_row_changes": net,
                 "rows_written_per_net_change": round(report.rows_written / max(net, 1), 3),
                 "peak_rss_mb": round(peak),
+                "planner_peak_rss_mb": round(planner_peak),
+                "peak_rss_both_mb": round(peak + planner_peak),
                 "drift_after": drift.total,
             }
         )

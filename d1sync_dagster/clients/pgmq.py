@@ -233,11 +233,11 @@ class PgmqClient:
         visibility timeout is set and no read is counted, so a message costs two row versions (its insert
         and its delete) instead of pgmq.read's three. For the holder of the consumer lock, which knows what
         it has read and not yet finished (`skip`). `<> ALL` over an array is hashed by Postgres 15+. With
-        `as_text`, each message is its JSON text, not decoded (`loads_exact` decodes it as the connection
-        would)."""
+        `as_text`, each message is its JSON text as UTF-8 `bytes`, not decoded (`loads_exact` decodes it as
+        the connection would; a decoded message is never `bytes`, so the two cannot be confused)."""
         # The ids go as one array literal in text: psycopg's list dumper costs more Python time per read
         # (taken from the thread that decodes) than the query itself.
-        message = "message::text" if as_text else "message"
+        message = "convert_to(message::text, 'UTF8')" if as_text else "message"
         rows = self.execute(
             f"SELECT msg_id, read_ct, enqueued_at, {message} FROM {self._table()} "
             "WHERE msg_id <> ALL(%s::bigint[]) ORDER BY msg_id LIMIT %s",

@@ -233,8 +233,8 @@ class _Planning:
 
 
 def decoded(msgs: list[QueueMessage]) -> list[QueueMessage]:
-    """The batch with every message read as text decoded, as the connection decodes JSON."""
-    return [m._replace(message=loads_exact(m.message)) if m.message.__class__ is str else m for m in msgs]
+    """The batch with every message read as text (`bytes`) decoded, as the connection decodes JSON."""
+    return [m._replace(message=loads_exact(m.message)) if m.message.__class__ is bytes else m for m in msgs]
 
 
 def _decode_backfill(msgs: list[QueueMessage]) -> list[QueueMessage]:
@@ -242,7 +242,7 @@ def _decode_backfill(msgs: list[QueueMessage]) -> list[QueueMessage]:
     reader). A trigger change's text rarely holds the word; when a value does, the message is just decoded
     here, which changes nothing but where."""
     return [
-        m._replace(message=loads_exact(m.message)) if m.message.__class__ is str and '"BACKFILL"' in m.message else m
+        m._replace(message=loads_exact(m.message)) if m.message.__class__ is bytes and b'"BACKFILL"' in m.message else m
         for m in msgs
     ]
 

@@ -63,6 +63,18 @@ def _receive(stream: IO[bytes]) -> Any:
     return pickle.loads(data)  # noqa: S301 - frames from the process this module started
 
 
+#: What the child keeps of the environment: enough to run this Python, nothing else (no database URL, no
+#: token: it needs none).
+_KEPT = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "LD_LIBRARY_PATH", "PYTHONHOME", "VIRTUAL_ENV")
+
+
+def _child_environment() -> dict[str, str]:
+    """The child's environment: `_KEPT`, and this very copy of d1sync first on its path."""
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {k: v for k, v in os.environ.items() if k in _KEPT} | {"PYTHONPATH": path}
+
+
 class _Msg(NamedTuple):
     msg_id: int
     message: Any
@@ -72,14 +84,11 @@ class Planner:
     """A child process that plans batches, in the order they are handed over; `close()` ends it."""
 
     def __init__(self, schema: Schema, rules: Mapping[str, ShardRule]) -> None:
-        # The child imports this very copy of d1sync (its directory first on its path).
-        root = str(Path(__file__).resolve().parents[2])
-        path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "d1sync_dagster.engine.planner"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            env=os.environ | {"PYTHONPATH": path},
+            env=_child_environment(),
         )
         self._ready = threading.Event()
         self._broken = False
@@ -124,7 +133,7 @@ class Planner:
 
     def takes(self, msgs: Sequence[Any]) -> bool:
         """Whether this batch goes to the child: large, of messages still in their JSON text."""
-        return len(msgs) >= MIN_MESSAGES and self.ready and all(m.message.__class__ is str for m in msgs)
+        return len(msgs) >= MIN_MESSAGES and self.ready and all(m.message.__class__ is bytes for m in msgs)
 
     def submit(self, msgs: Sequence[Any]) -> Future[PlannedBatch | None]:
         """Hand a batch over; its future holds the planned batch, or None when the child failed (the caller

@@ -39,7 +39,7 @@ def text_messages(rows: list[dict]) -> list[QueueMessage]:
             out = out.replace(f'"{mark}"', number)
         return out
 
-    return [QueueMessage(i + 1, 0, NOW, text(r)) for i, r in enumerate(rows)]
+    return [QueueMessage(i + 1, 0, NOW, text(r).encode()) for i, r in enumerate(rows)]
 
 
 values = st.one_of(
@@ -190,3 +190,14 @@ def test_the_child_runs_this_copy_of_d1sync():
     )  # fmt: skip
     assert out.stdout.strip().startswith(str(ROOT))
     assert ApplyOptions().planner_process is True and callable(apply)
+
+
+def test_the_child_gets_no_secret_from_the_environment(monkeypatch):
+    from d1sync_dagster.engine.planner import _child_environment
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql://u:S3cret@db/x")
+    monkeypatch.setenv("CLOUDFLARE_API_TOKEN", "tok-123")
+    monkeypatch.setenv("PROD_CLOUDFLARE_API_TOKEN", "tok-456")
+    env = _child_environment()
+    assert not any(v in " ".join(env.values()) for v in ("S3cret", "tok-123", "tok-456"))
+    assert env["PYTHONPATH"].split(":")[0] == str(ROOT)
