@@ -20,6 +20,7 @@ table. The apply's process then only reads, sends to D1 and deletes.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import pickle
@@ -35,6 +36,7 @@ from typing import IO, Any, NamedTuple
 
 from d1sync_dagster.core.batch import PlannedBatch, plan_batch
 from d1sync_dagster.core.shards import ShardRule
+from d1sync_dagster.engine.tuning import GC_THRESHOLD
 from d1sync_dagster.exactjson import loads_exact
 from d1sync_dagster.schema import Schema
 
@@ -92,7 +94,8 @@ class Planner:
         )
         self._ready = threading.Event()
         self._broken = False
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the waiting futures and the broken flag
+        self._writing = threading.Lock()  # the child's stdin
         self._waiting: deque[Future[PlannedBatch | None]] = deque()
         threading.Thread(target=self._collect, args=(schema, dict(rules)), name="d1sync-planner", daemon=True).start()
 
@@ -100,7 +103,7 @@ class Planner:
         """Start the child, then hand each answer to the batch waiting longest (the child answers in order)."""
         assert self._proc.stdin is not None and self._proc.stdout is not None
         try:
-            with self._lock:
+            with self._writing:
                 _send(self._proc.stdin, (schema, rules))
             if _receive(self._proc.stdout) != "ready":
                 raise EOFError("the planner process did not start")
@@ -141,11 +144,14 @@ class Planner:
         future: Future[PlannedBatch | None] = Future()
         items = [(m.msg_id, m.message) for m in msgs]
         try:
-            with self._lock:
-                if self._broken:
-                    future.set_result(None)
-                    return future
-                self._waiting.append(future)
+            # Writes are serialised apart from the answers' bookkeeping: a write blocks while the child is
+            # busy, and the child may be waiting for its last answer to be read, which needs `_lock`.
+            with self._writing:
+                with self._lock:
+                    if self._broken:
+                        future.set_result(None)
+                        return future
+                    self._waiting.append(future)
                 assert self._proc.stdin is not None
                 _send(self._proc.stdin, items)
         except (OSError, ValueError, pickle.PickleError) as e:
@@ -166,6 +172,11 @@ class Planner:
 def _serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:
     """The child: the schema and rules, then batches of (msg_id, JSON text) until stdin closes."""
     schema, rules = _receive(stdin)
+    # The interpreter tuning of `engine/tuning.py`, for this process's whole life: a batch allocates
+    # hundreds of thousands of short-lived, acyclic objects, which the default threshold (700) had the
+    # collector scan again and again. What was imported is frozen out of the collector's way.
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 10, 10)
     _send(stdout, "ready")
     while True:
         try:

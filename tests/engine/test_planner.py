@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -201,3 +202,18 @@ def test_the_child_gets_no_secret_from_the_environment(monkeypatch):
     env = _child_environment()
     assert not any(v in " ".join(env.values()) for v in ("S3cret", "tok-123", "tok-456"))
     assert env["PYTHONPATH"].split(":")[0] == str(ROOT)
+
+
+def test_many_large_batches_handed_over_at_once_do_not_deadlock_the_pipes(planner):
+    """Each batch and each answer is far larger than a pipe's buffer: handing over many at once must not
+    leave the child blocked writing an answer while this process is blocked writing the next batch."""
+    row = {"id": 1, "name": "x" * 200, "rating": 1.5, "owner_id": "o", "is_public": True, "settings": {"a": 1}}
+    row |= {"icon": None, "created_at": 5}
+    msgs = text_messages([{"type": "INSERT", "table": "apps", "record": row | {"id": i}} for i in range(3000)])
+    futures = []
+    handing = threading.Thread(target=lambda: futures.extend(planner.submit(msgs) for _ in range(12)), daemon=True)
+    handing.start()
+    handing.join(timeout=60)
+    assert not handing.is_alive(), "handing batches over deadlocked"
+    planned = [f.result(timeout=60) for f in futures]
+    assert all(p is not None and sum(x.rows for x in p.planned) == 3000 for p in planned)
