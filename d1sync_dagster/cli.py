@@ -153,6 +153,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         vt_seconds=args.vt,
         max_messages=args.max_messages,
         max_seconds=args.max_seconds,
+        planner_process=config.planner_process(),
     )
     with _clients(args) as (pg, d1):
         ensure_schema(pg, d1, schema)

@@ -154,6 +154,17 @@ def number(name: str, default: float, env: Mapping[str, str] | None = None) -> f
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
 
 
+def planner_process(env: Mapping[str, str] | None = None) -> bool:
+    """`D1SYNC_PLANNER_PROCESS`: `1` (default) plans large batches in a process of their own
+    (`engine/planner.py`: faster, about 60 MB more memory while it runs), `0` plans everything in the
+    apply's own process."""
+    env = os.environ if env is None else env
+    raw = (env.get("D1SYNC_PLANNER_PROCESS") or "1").strip()
+    if raw not in ("0", "1"):
+        raise ConfigError(f"D1SYNC_PLANNER_PROCESS must be 1 or 0, got {raw!r}")
+    return raw == "1"
+
+
 APPLY_MODES = ("stream", "run")
 
 

@@ -108,7 +108,9 @@ def _target_definitions(schema: Schema, target: Target, wiring: Wiring) -> dg.De
     """One target's assets, checks, jobs, sensor, schedule and resources."""
     lag_threshold = config.number("D1SYNC_LAG_THRESHOLD_SECONDS", 300)
     allow_destructive = config.allow_destructive()
-    apply_options = ApplyOptions(batch_size=int(config.number("D1SYNC_BATCH_SIZE", 2000)))
+    apply_options = ApplyOptions(
+        batch_size=int(config.number("D1SYNC_BATCH_SIZE", 2000)), planner_process=config.planner_process()
+    )
     tables = build_table_assets(
         schema,
         options=apply_options,

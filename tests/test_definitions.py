@@ -79,3 +79,15 @@ def test_a_wrong_apply_mode_or_a_missing_targets_file_is_a_clear_error(monkeypat
     (tmp_path / "nope.json").write_text("{")
     with pytest.raises(ConfigError, match="not valid JSON at line 1"):
         build_definitions(str(ROOT / "schema.json"))
+
+
+def test_the_planner_process_setting_is_read_strictly(monkeypatch):
+    import pytest
+
+    from d1sync_dagster import config
+    from d1sync_dagster.errors import ConfigError
+
+    assert config.planner_process({}) is True and config.planner_process({"D1SYNC_PLANNER_PROCESS": "0"}) is False
+    monkeypatch.setenv("D1SYNC_PLANNER_PROCESS", "yes")
+    with pytest.raises(ConfigError, match="D1SYNC_PLANNER_PROCESS must be 1 or 0, got 'yes'"):
+        build_definitions(str(ROOT / "schema.json"))
