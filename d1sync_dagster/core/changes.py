@@ -128,7 +128,8 @@ class _Decoder:
         return env["row"]  # type: ignore[no-any-return]
 
     def unchanged(self, old: dict[str, Any], new: dict[str, Any]) -> frozenset[str]:
-        """Columns equal in both records (see `_unchanged`)."""
+        """Columns equal in both records. Only JSON columns can hold values that compare equal in Python but
+        differ as JSON (1, 1.0, true); the other types convert equal values to the same SQLite value."""
         out = [c for c in self.scalar_columns if old[c] == new[c]]
         for c in self.json_columns:
             a, b = old[c], new[c]
@@ -147,18 +148,18 @@ def _decoder(table: Table) -> _Decoder:
     return d
 
 
-def _row(table: Table, record: dict[str, Any], convert: tuple[tuple[str, Any], ...] | None = None) -> Row:
-    return _row_of(_decoder(table), record, convert)
+def _row(table: Table, record: dict[str, Any]) -> Row:
+    return _row_of(_decoder(table), record)
 
 
-def _row_of(d: _Decoder, record: dict[str, Any], convert: tuple[tuple[str, Any], ...] | None = None) -> Row:
+def _row_of(d: _Decoder, record: dict[str, Any]) -> Row:
     try:
         return d.row(record)
     except KeyError as e:
         raise ConversionError(f"record lacks replicated column {e.args[0]!r}") from None
     except ConversionError:
         pass
-    for c, fn in convert or d.convert:  # slow path, only to name the column that failed
+    for c, fn in d.convert:  # slow path, only to name the column that failed
         try:
             if record[c] is not None:
                 fn(record[c])
@@ -177,18 +178,6 @@ def _same(a: Any, b: Any) -> bool:
         return orjson.dumps(a, option=orjson.OPT_SORT_KEYS) == orjson.dumps(b, option=orjson.OPT_SORT_KEYS)
     except (TypeError, orjson.JSONEncodeError):
         return same_value(a, b)
-
-
-def _unchanged(table: Table, old: dict[str, Any], new: dict[str, Any]) -> frozenset[str]:
-    """Columns equal in both records. Only JSON columns can hold values that compare equal in Python but
-    differ as JSON (1, 1.0, true); the other types convert equal values to the same SQLite value."""
-    json_cols = _json_columns(tuple(table.columns.items()))
-    return frozenset(c for c in table.columns if (old[c] == new[c]) and (c not in json_cols or _same(old[c], new[c])))
-
-
-@functools.cache
-def _json_columns(columns: tuple[tuple[str, str], ...]) -> frozenset[str]:
-    return frozenset(c for c, t in columns if t == "JSON")
 
 
 def same_value(a: Any, b: Any) -> bool:
@@ -222,12 +211,12 @@ def decode_all(msg_id: int, payload: Any, schema: Schema) -> list[Change | Poiso
             return [Poison(msg_id, f"BACKFILL of {name}: rows lack replicated column(s) {missing}", name)]
         return _decode_rows(msg_id, table, rows, chunk_positions(table, columns))
     out: list[Change | Poison] = []
-    convert = _converters(tuple(table.columns.items()))  # once per chunk, not per row
+    d = _decoder(table)  # once per chunk, not per row
     for i, record in enumerate(records):
         try:
             if not isinstance(record, dict):
                 raise ConversionError("record is not an object")
-            out.append(_upsert(msg_id, table, _row(table, record, convert)))
+            out.append(_upsert(msg_id, table, _row_of(d, record)))
         except ConversionError as e:
             out.append(Poison(msg_id, f"BACKFILL of {name}, record {i}: {e}", name))
     return out

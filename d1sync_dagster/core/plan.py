@@ -200,11 +200,7 @@ def _literal_fns(columns: tuple[tuple[str, str], ...]) -> Callable[[Row], str]:
 
 def row_literal(table: Table, row: Row) -> str:
     """A converted row as the `(v1,v2,..)` literal the upserts carry, columns in schema order."""
-    return _literal_row(_literal_fns(tuple(table.columns.items())), row)
-
-
-def _literal_row(literal: Callable[[Row], str], row: Row) -> str:
-    return literal(row)
+    return _literal_fns(tuple(table.columns.items()))(row)
 
 
 def _pack(head: str, tail: str, items: list[str], limit: int) -> Iterator[tuple[str, int]]:
@@ -261,9 +257,9 @@ def plan_upserts(
     room = limit - _size(head) - _size(tail)
     small: list[str] = []
     large: list[Row] = []
-    fns = _literal_fns(tuple(table.columns.items()))  # once, not per row
+    literal = _literal_fns(tuple(table.columns.items()))  # once, not per row
     for row in rows:
-        lit = _literal_row(fns, row)
+        lit = literal(row)
         if _size(lit) < room:
             small.append(lit)
         else:

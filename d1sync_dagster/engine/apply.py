@@ -134,7 +134,7 @@ def apply(
 
             def read(qty: int) -> list[QueueMessage]:
                 msgs = pg.read_in_order(qty, skip=claimed.ids(), as_text=planning.wants_text)
-                msgs = ranges.resolve(_decode_backfill(msgs))
+                msgs = ranges.resolve(decoded(msgs, backfill_only=True))
                 claimed.add(msgs)
                 planning.start(msgs)
                 return msgs
@@ -232,17 +232,15 @@ class _Planning:
             self.planner.close()
 
 
-def decoded(msgs: list[QueueMessage]) -> list[QueueMessage]:
-    """The batch with every message read as text (`bytes`) decoded, as the connection decodes JSON."""
-    return [m._replace(message=loads_exact(m.message)) if m.message.__class__ is bytes else m for m in msgs]
-
-
-def _decode_backfill(msgs: list[QueueMessage]) -> list[QueueMessage]:
-    """Messages read as text that may be backfill messages, decoded (range markers are resolved by the
-    reader). A trigger change's text rarely holds the word; when a value does, the message is just decoded
-    here, which changes nothing but where."""
+def decoded(msgs: list[QueueMessage], *, backfill_only: bool = False) -> list[QueueMessage]:
+    """The batch with the messages read as text (`bytes`) decoded, as the connection decodes JSON. With
+    `backfill_only`, only those that may be backfill messages (range markers are resolved by the reader; a
+    trigger change's text rarely holds the word, and when a value does, the message is just decoded here,
+    which changes nothing but where)."""
     return [
-        m._replace(message=loads_exact(m.message)) if m.message.__class__ is bytes and b'"BACKFILL"' in m.message else m
+        m._replace(message=loads_exact(m.message))
+        if m.message.__class__ is bytes and (not backfill_only or b'"BACKFILL"' in m.message)
+        else m
         for m in msgs
     ]
 

@@ -94,6 +94,7 @@ class Planner:
         )
         self._ready = threading.Event()
         self._broken = False
+        self._closed = False
         self._lock = threading.Lock()  # the waiting futures and the broken flag
         self._writing = threading.Lock()  # the child's stdin
         self._waiting: deque[Future[PlannedBatch | None]] = deque()
@@ -127,8 +128,6 @@ class Planner:
             waiting, self._waiting = self._waiting, deque()
         for f in waiting:  # planned at home instead
             f.set_result(None)
-
-    _closed = False
 
     @property
     def ready(self) -> bool:
