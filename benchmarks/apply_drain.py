@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import copy_of, fresh_database, print_figures, run_child  # noqa: E402
+from d1sync_dagster.engine.planner import resident_peak_mb  # noqa: E402
 
 SCHEMA = {
     "events": {
@@ -165,9 +166,11 @@ def drain(args: argparse.Namespace) -> None:
     setup_d1(d1, schema)
     with PgmqClient(os.environ["DATABASE_URL"]) as pg:
         report = apply(pg, d1, schema, ApplyOptions(batch_size=args.batch_size))
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        # The planner process (engine/planner.py) has ended with the apply: its peak counts too.
-        planner_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        # This process's own peak (VmHWM). Not getrusage's ru_maxrss: Linux counts in it the resident size
+        # of the process that spawned this one, at the spawn. The planner process (engine/planner.py) has
+        # ended with the apply; its own peak counts too.
+        peak = resident_peak_mb() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        planner_peak = report.planner_peak_mb or 0.0
         drift = diff(pg_rows(pg, schema.tables[0]), d1_rows(d1, schema.tables[0]))
     net = report.tables["events"].upserts + report.tables["events"].deletes
     print(

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from d1sync_dagster.core.changes import Change, Poison, decode, decode_all
 from d1sync_dagster.core.chunks import decode_chunk
@@ -33,7 +33,9 @@ from d1sync_dagster.core.convert import ConversionError, to_sqlite
 from d1sync_dagster.core.messages import BACKFILL
 from d1sync_dagster.core.plan import Planned, plan, plan_literals, plan_upserts, row_problem
 from d1sync_dagster.core.shards import ShardRule
-from d1sync_dagster.schema import Schema, Table
+
+if TYPE_CHECKING:
+    from d1sync_dagster.schema import Schema, Table
 
 Rules = Mapping[str, ShardRule]
 

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import orjson
 
 from d1sync_dagster.core import messages
 from d1sync_dagster.core.convert import CONVERTERS, ConversionError, SqlValue, to_sqlite
 from d1sync_dagster.core.messages import TRIGGER_OPS, Op
-from d1sync_dagster.schema import Schema, Table
+
+if TYPE_CHECKING:
+    from d1sync_dagster.schema import Schema, Table
 
 Key = tuple[SqlValue, ...]
 Row = dict[str, SqlValue]

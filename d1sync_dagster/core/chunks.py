@@ -18,7 +18,7 @@ which is what applying the messages one by one would leave.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from d1sync_dagster.core.changes import Change, Poison, chunk_positions, decode_row
 from d1sync_dagster.core.convert import CONVERTERS, INT64_MAX, INT64_MIN, ConversionError
@@ -26,7 +26,9 @@ from d1sync_dagster.core.messages import is_chunk
 from d1sync_dagster.core.plan import real_literal, sql_literal, upsert_room
 from d1sync_dagster.core.shards import ShardRule
 from d1sync_dagster.core.statements import MAX_STATEMENT_BYTES
-from d1sync_dagster.schema import Schema, Table
+
+if TYPE_CHECKING:
+    from d1sync_dagster.schema import Schema, Table
 
 _to_integer, _to_real, _to_text = CONVERTERS["INTEGER"], CONVERTERS["REAL"], CONVERTERS["TEXT"]
 _to_boolean, _to_json, _to_blob = CONVERTERS["BOOLEAN"], CONVERTERS["JSON"], CONVERTERS["BLOB"]

@@ -27,12 +27,14 @@ import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from d1sync_dagster.exactjson import INT64_MAX, INT64_MIN, loads_exact
-from d1sync_dagster.schema import ColumnType
+
+if TYPE_CHECKING:
+    from d1sync_dagster.schema import ColumnType
 
 SqlValue = None | int | float | str | bytes
 

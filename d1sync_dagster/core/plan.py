@@ -20,14 +20,16 @@ import functools
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from d1sync_dagster.core.changes import Key, Row
 from d1sync_dagster.core.coalesce import TableChanges
 from d1sync_dagster.core.convert import SqlValue
 from d1sync_dagster.core.statements import MAX_BOUND_PARAMS, MAX_ROW_BYTES, MAX_STATEMENT_BYTES, Param, Statement
-from d1sync_dagster.schema import Schema, Table
 from d1sync_dagster.sql.quoting import ident
+
+if TYPE_CHECKING:
+    from d1sync_dagster.schema import Schema, Table
 
 Kind = Literal["truncate", "delete", "upsert"]
 

@@ -183,7 +183,7 @@ def apply(
                 for f in in_flight:
                     f.cancel()
                 batches.close()
-                planning.close()
+                report.planner_peak_mb = planning.close()
         if report.drained and report.messages and options.vacuum_dead_rows is not None:
             report.vacuumed = vacuum_queue(pg, options.vacuum_dead_rows)
     report.duration_seconds = time.monotonic() - started
@@ -227,9 +227,13 @@ class _Planning:
         planned = handed.result() if handed is not None else None
         return planned if planned is not None else plan_batch(self.schema, decoded(msgs), self.rules)
 
-    def close(self) -> None:
-        if self.planner is not None:
-            self.planner.close()
+    def close(self) -> float | None:
+        """End the planner process; its peak memory in MB, when it ran."""
+        if self.planner is None:
+            return None
+        peak = self.planner.peak_mb()
+        self.planner.close()
+        return peak
 
 
 def decoded(msgs: list[QueueMessage], *, backfill_only: bool = False) -> list[QueueMessage]:

@@ -32,13 +32,16 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from d1sync_dagster.core.batch import PlannedBatch, plan_batch
 from d1sync_dagster.core.shards import ShardRule
+from d1sync_dagster.core.tables import PlainSchema
 from d1sync_dagster.engine.tuning import GC_THRESHOLD
 from d1sync_dagster.exactjson import loads_exact
-from d1sync_dagster.schema import Schema
+
+if TYPE_CHECKING:
+    from d1sync_dagster.schema import Schema
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +108,7 @@ class Planner:
         assert self._proc.stdin is not None and self._proc.stdout is not None
         try:
             with self._writing:
-                _send(self._proc.stdin, (schema, rules))
+                _send(self._proc.stdin, (PlainSchema.of(schema), rules))  # the child never loads pydantic
             if _receive(self._proc.stdout) != "ready":
                 raise EOFError("the planner process did not start")
             self._ready.set()
@@ -157,6 +160,12 @@ class Planner:
             self._fail(e)
         return future
 
+    def peak_mb(self) -> float | None:
+        """The child's peak resident memory so far (its `VmHWM`; Linux only, else None). Not `getrusage`'s
+        `RUSAGE_CHILDREN`: Linux counts in it the parent's resident size at the moment of the spawn, which
+        the child never used."""
+        return resident_peak_mb(self._proc.pid)
+
     def close(self) -> None:
         self._closed = True
         try:
@@ -166,6 +175,19 @@ class Planner:
         except (OSError, subprocess.TimeoutExpired):
             self._proc.kill()
             self._proc.wait()
+
+
+def resident_peak_mb(pid: int | str = "self") -> float | None:
+    """A process's peak resident memory in MB (`VmHWM` in `/proc/<pid>/status`); None where Linux does not
+    tell (another system, or the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _serve(stdin: IO[bytes], stdout: IO[bytes]) -> None:

@@ -46,6 +46,8 @@ class ApplyReport:
     drained: bool = False
     skipped: str | None = None
     vacuumed: bool = False
+    #: Peak resident memory of the planner process (`engine/planner.py`) in MB, when one ran (Linux).
+    planner_peak_mb: float | None = None
 
     @property
     def rows_per_request(self) -> float:

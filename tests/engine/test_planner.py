@@ -4,6 +4,7 @@ through it converges and is exact under a crash, and when it dies the apply carr
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import signal
 import subprocess
@@ -19,9 +20,10 @@ from hypothesis import strategies as st
 from d1sync_dagster.clients.pgmq import QueueMessage
 from d1sync_dagster.core.batch import plan_batch
 from d1sync_dagster.core.shards import rule_from_json
+from d1sync_dagster.core.tables import PlainSchema
 from d1sync_dagster.engine import planner as planner_module
 from d1sync_dagster.engine.apply import ApplyOptions, apply, decoded
-from d1sync_dagster.engine.planner import MIN_MESSAGES, Planner
+from d1sync_dagster.engine.planner import MIN_MESSAGES, Planner, _child_environment
 from d1sync_dagster.schema import load_schema
 from tests.conftest import ROOT
 
@@ -135,8 +137,10 @@ def test_a_drain_through_the_planner_converges_and_small_batches_stay_at_home(lo
     used = []
     real_submit = Planner.submit
     monkeypatch.setattr(Planner, "submit", lambda self, msgs: used.append(len(msgs)) or real_submit(self, msgs))
-    assert pair.apply(batch_size=MIN_MESSAGES).drained
+    report = pair.apply(batch_size=MIN_MESSAGES)
+    assert report.drained
     assert len(used) > 10 and all(n >= MIN_MESSAGES for n in used)
+    assert report.planner_peak_mb is not None and 5 < report.planner_peak_mb < 500  # its own peak, reported
     pair.assert_in_sync()
     pair.sql("UPDATE apps SET name = 'small' WHERE id < 50")
     used.clear()
@@ -181,6 +185,52 @@ def test_a_consumer_killed_mid_batch_while_the_planner_plans_replays_in_order(lo
     while any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in planners):
         assert time.monotonic() < deadline, "a planner process outlived its parent"
         time.sleep(0.1)
+
+
+def test_the_planners_peak_memory_is_its_own_not_its_parents_at_the_spawn():
+    """getrusage(RUSAGE_CHILDREN) counts the parent's resident size at the spawn; VmHWM does not."""
+    ballast = bytearray(200 * 2**20)
+    ballast[::4096] = b"x" * len(range(0, len(ballast), 4096))  # resident, not just reserved
+    p = started()
+    try:
+        own = p.peak_mb()
+    finally:
+        p.close()
+    assert own is not None and 5 < own < 150
+    assert planner_module.resident_peak_mb() > 200  # this process, with its ballast
+    assert planner_module.resident_peak_mb(2**31) is None  # no such process
+    del ballast
+
+
+def test_the_child_plans_without_loading_pydantic(planner):
+    """What the child imports and unpickles (the plain schema, the rules) and plans with leaves pydantic out:
+    its models cost that process more memory than a batch does. The plan is the one made here."""
+    script = (
+        "import pickle, sys\n"
+        "from d1sync_dagster.engine.planner import _Msg\n"
+        "from d1sync_dagster.core.batch import plan_batch\n"
+        "from d1sync_dagster.exactjson import loads_exact\n"
+        "schema, rules, msgs = pickle.loads(sys.stdin.buffer.read())\n"
+        "out = plan_batch(schema, [_Msg(i, loads_exact(t)) for i, t in msgs], rules)\n"
+        "assert 'pydantic' not in sys.modules, 'the planner loaded pydantic'\n"
+        "sys.stdout.buffer.write(pickle.dumps(out))\n"
+    )
+    rules = {"apps": rule_from_json("apps", {"column": "owner_id", "hash": ["a", "b", "c"]})}
+    row = {"id": 1, "owner_id": "o1", "name": "a", "is_public": True, "settings": {"k": [1]}, "rating": "@n1"}
+    row |= {"icon": None, "created_at": 5}
+    batch = [
+        {"type": "INSERT", "table": "apps", "record": row, "old_record": None},
+        {"type": "UPDATE", "table": "apps", "record": row | {"owner_id": "o2"}, "old_record": row},
+        {"type": "INSERT", "table": "nope", "record": {"id": 2}, "old_record": None},
+    ]
+    msgs = text_messages(batch)
+    payload = pickle.dumps((PlainSchema.of(SCHEMA), rules, [(m.msg_id, m.message) for m in msgs]))
+    out = subprocess.run(
+        [sys.executable, "-c", script], input=payload, capture_output=True, check=True, env=_child_environment()
+    )
+    planned = pickle.loads(out.stdout)
+    assert planned == plan_batch(SCHEMA, decoded(msgs), rules)
+    assert planned.planned and planned.poison  # both kinds were in the batch
 
 
 def test_the_child_runs_this_copy_of_d1sync():
