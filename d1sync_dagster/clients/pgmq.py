@@ -237,13 +237,18 @@ class PgmqClient:
         the connection would; a decoded message is never `bytes`, so the two cannot be confused)."""
         # The ids go as one array literal in text: psycopg's list dumper costs more Python time per read
         # (taken from the thread that decodes) than the query itself.
+        # As text, the rows come in binary: the JSON text arrives as it is (not hex-encoded, as a bytea is in
+        # text), and the other columns need no parsing. Not when decoded: the connection's JSON loader
+        # (`loads_exact`) is the text one.
         message = "convert_to(message::text, 'UTF8')" if as_text else "message"
-        rows = self.execute(
-            f"SELECT msg_id, read_ct, enqueued_at, {message} FROM {self._table()} "
-            "WHERE msg_id <> ALL(%s::bigint[]) ORDER BY msg_id LIMIT %s",
-            [_id_array(skip), qty],
-        )
-        return list(map(QueueMessage._make, rows))
+        with self._cursor() as cur:
+            cur.execute(
+                f"SELECT msg_id, read_ct, enqueued_at, {message} FROM {self._table()} "
+                "WHERE msg_id <> ALL(%s::bigint[]) ORDER BY msg_id LIMIT %s",
+                [_id_array(skip), qty],
+                binary=as_text,
+            )
+            return list(map(QueueMessage._make, cur.fetchall()))
 
     def release(self, ids: Sequence[int]) -> None:
         """Make these messages visible again at once (a reader hands back what it read but will not apply)."""

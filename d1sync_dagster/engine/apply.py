@@ -149,9 +149,10 @@ def apply(
                 follow=options.follow,
                 idle=options.idle,
                 stopped=options.stopped,
-                # One batch ahead is enough since reads no longer update the queue: decoding is the slow
-                # stage. Measured on 100k changes: same rate as two ahead, 10 MB less peak memory.
-                depth=1,
+                # Two batches ahead: while the planner process plans one, the other waits for it or, when
+                # the child is behind, is planned here (`_Planning.start`). Read batches are JSON text,
+                # small next to what they decode to.
+                depth=2,
             )
             in_flight: deque[Future[None]] = deque()
             try:
@@ -201,10 +202,14 @@ def _read_size(d1: D1Client, options: ApplyOptions) -> int:
 
 
 class _Planning:
-    """Where batches are planned: here, or in the planner process (`engine/planner.py`) once a large batch
-    has started it and it is ready. While it is ready, messages are read as JSON text, which it decodes, and
-    the reader hands each batch it takes over as soon as it is read (`start`), so it plans the next batch
-    while this process sends the previous one."""
+    """Where batches are planned: here, or in the planner process (`engine/planner.py`). With the planner
+    enabled, messages are read as their JSON text, and the reader hands each large batch over as soon as it
+    is read (`start`; the first one starts the process), so the child plans the next batch while this
+    process sends the previous one. What is not handed over is decoded and planned here: small batches,
+    and a batch read while the child still has `CHILD_AHEAD` batches to plan (then this process, waiting
+    for the child otherwise, plans it meanwhile; the share each side plans follows their speeds)."""
+
+    CHILD_AHEAD = 2
 
     def __init__(self, schema: Schema, rules: Rules, *, enabled: bool) -> None:
         self.schema, self.rules, self.enabled = schema, rules, enabled
@@ -213,16 +218,18 @@ class _Planning:
 
     @property
     def wants_text(self) -> bool:
-        return self.planner is not None and self.planner.ready
+        return self.enabled
 
     def start(self, msgs: list[QueueMessage]) -> None:
-        """In the reader: hand the batch to the planner process when it takes it."""
-        if self.planner is not None and msgs and self.planner.takes(msgs):
+        """In the reader: hand a large batch to the planner process (started by the first one)."""
+        if not self.enabled or len(msgs) < MIN_MESSAGES:
+            return
+        if self.planner is None:
+            self.planner = Planner(self.schema, self.rules)
+        if self.planner.takes(msgs) and self.planner.outstanding < self.CHILD_AHEAD:
             self._handed[msgs[0].msg_id] = self.planner.submit(msgs)
 
     def plan(self, msgs: list[QueueMessage]) -> PlannedBatch:
-        if self.enabled and self.planner is None and len(msgs) >= MIN_MESSAGES:
-            self.planner = Planner(self.schema, self.rules)  # starts in the background; until then, here
         handed = self._handed.pop(msgs[0].msg_id, None) if msgs else None
         planned = handed.result() if handed is not None else None
         return planned if planned is not None else plan_batch(self.schema, decoded(msgs), self.rules)

@@ -10,8 +10,10 @@ table. The apply's process then only reads, sends to D1 and deletes.
   already planned on the fast path, and a few changes (the streaming apply's usual batch) are planned
   sooner at home than sent away.
 - The child is `python -m d1sync_dagster.engine.planner` (not `multiprocessing`, which would import the
-  caller's main script again in the child). It starts in the background: until it is ready, and if it
-  ever fails, batches are planned at home, so a drain never waits for it or depends on it.
+  caller's main script again in the child). It is started by the first large batch read, and batches
+  handed over while it starts wait for it (its imports take a fraction of a second; one not ready within
+  `Planner.START_SECONDS` is given up). If it ever fails, its batches and all later ones are planned at
+  home, so a drain never depends on it.
 - The child is pure: no connection, no lock, no D1. What it returns is what `plan_batch` returns in the
   parent for the same messages; nothing is applied or deleted but by the parent, in the same order.
 - Frames on its stdin and stdout are length-prefixed pickles between this process and the child it
@@ -24,6 +26,7 @@ import gc
 import logging
 import os
 import pickle
+import queue
 import struct
 import subprocess
 import sys
@@ -86,7 +89,14 @@ class _Msg(NamedTuple):
 
 
 class Planner:
-    """A child process that plans batches, in the order they are handed over; `close()` ends it."""
+    """A child process that plans batches, in the order they are handed over; `close()` ends it.
+
+    Batches may be handed over from the start: they wait in the pipe while the child starts. A writer thread
+    owns the child's stdin, so handing a batch over never blocks (on a busy child, on a full pipe), and a
+    collector thread hands each answer to the batch waiting longest (the child answers in order)."""
+
+    #: A child not ready by then is given up (killed): its batches, and all later ones, are planned at home.
+    START_SECONDS = 30.0
 
     def __init__(self, schema: Schema, rules: Mapping[str, ShardRule]) -> None:
         self._proc = subprocess.Popen(
@@ -98,19 +108,33 @@ class Planner:
         self._ready = threading.Event()
         self._broken = False
         self._closed = False
-        self._lock = threading.Lock()  # the waiting futures and the broken flag
-        self._writing = threading.Lock()  # the child's stdin
+        self._lock = threading.Lock()  # the waiting futures, the frames' order and the broken flag
         self._waiting: deque[Future[PlannedBatch | None]] = deque()
-        threading.Thread(target=self._collect, args=(schema, dict(rules)), name="d1sync-planner", daemon=True).start()
+        self._outbox: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._outbox.put((PlainSchema.of(schema), dict(rules)))  # first; the child never loads pydantic
+        threading.Thread(target=self._write, name="d1sync-planner-write", daemon=True).start()
+        threading.Thread(target=self._collect, name="d1sync-planner", daemon=True).start()
+        self._start_timer = threading.Timer(self.START_SECONDS, self._not_started)
+        self._start_timer.daemon = True
+        self._start_timer.start()
 
-    def _collect(self, schema: Schema, rules: dict[str, ShardRule]) -> None:
-        """Start the child, then hand each answer to the batch waiting longest (the child answers in order)."""
-        assert self._proc.stdin is not None and self._proc.stdout is not None
+    def _write(self) -> None:
+        """Write the frames handed over, in order, until `close()`; then close the child's stdin (its end)."""
+        assert self._proc.stdin is not None
         try:
-            with self._writing:
-                _send(self._proc.stdin, (PlainSchema.of(schema), rules))  # the child never loads pydantic
+            while (frame := self._outbox.get()) is not None:
+                if not self._closed:
+                    _send(self._proc.stdin, frame)
+            self._proc.stdin.close()
+        except (OSError, ValueError, pickle.PickleError) as e:
+            self._fail(e)
+
+    def _collect(self) -> None:
+        assert self._proc.stdout is not None
+        try:
             if _receive(self._proc.stdout) != "ready":
                 raise EOFError("the planner process did not start")
+            self._start_timer.cancel()
             self._ready.set()
             while True:
                 out = _receive(self._proc.stdout)
@@ -123,6 +147,11 @@ class Planner:
         except (OSError, EOFError, ValueError, pickle.PickleError) as e:
             self._fail(e)
 
+    def _not_started(self) -> None:
+        if not self._ready.is_set():
+            self._fail(TimeoutError(f"not ready after {self.START_SECONDS:g} s"))
+            self._proc.kill()
+
     def _fail(self, error: BaseException) -> None:
         with self._lock:
             if not self._broken and not self._closed:
@@ -133,31 +162,30 @@ class Planner:
             f.set_result(None)
 
     @property
+    def outstanding(self) -> int:
+        """Batches handed over and not yet answered."""
+        return len(self._waiting)
+
+    @property
     def ready(self) -> bool:
         return self._ready.is_set() and not self._broken
 
     def takes(self, msgs: Sequence[Any]) -> bool:
-        """Whether this batch goes to the child: large, of messages still in their JSON text."""
-        return len(msgs) >= MIN_MESSAGES and self.ready and all(m.message.__class__ is bytes for m in msgs)
+        """Whether this batch goes to the child: large, of messages still in their JSON text, and the child
+        has not failed (it may still be starting)."""
+        return len(msgs) >= MIN_MESSAGES and not self._broken and all(m.message.__class__ is bytes for m in msgs)
 
     def submit(self, msgs: Sequence[Any]) -> Future[PlannedBatch | None]:
-        """Hand a batch over; its future holds the planned batch, or None when the child failed (the caller
-        then plans it at home)."""
+        """Hand a batch over (never blocks); its future holds the planned batch, or None when the child
+        failed (the caller then plans it at home)."""
         future: Future[PlannedBatch | None] = Future()
         items = [(m.msg_id, m.message) for m in msgs]
-        try:
-            # Writes are serialised apart from the answers' bookkeeping: a write blocks while the child is
-            # busy, and the child may be waiting for its last answer to be read, which needs `_lock`.
-            with self._writing:
-                with self._lock:
-                    if self._broken:
-                        future.set_result(None)
-                        return future
-                    self._waiting.append(future)
-                assert self._proc.stdin is not None
-                _send(self._proc.stdin, items)
-        except (OSError, ValueError, pickle.PickleError) as e:
-            self._fail(e)
+        with self._lock:  # a batch's frame goes out in the order its future waits
+            if self._broken:
+                future.set_result(None)
+            else:
+                self._waiting.append(future)
+                self._outbox.put(items)
         return future
 
     def peak_mb(self) -> float | None:
@@ -167,14 +195,17 @@ class Planner:
         return resident_peak_mb(self._proc.pid)
 
     def close(self) -> None:
+        """End the child: frames not yet written are dropped, and it ends when its stdin closes."""
         self._closed = True
+        self._start_timer.cancel()
+        self._outbox.put(None)
         try:
-            if self._proc.stdin is not None:
-                self._proc.stdin.close()
             self._proc.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
+        except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
 
 
 def resident_peak_mb(pid: int | str = "self") -> float | None:

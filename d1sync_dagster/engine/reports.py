@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
+from operator import attrgetter
 from typing import Any, Protocol
 
 from d1sync_dagster.core.changes import Poison
@@ -17,6 +19,9 @@ class _Enqueued(Protocol):
 
     @property
     def enqueued_at(self) -> datetime: ...
+
+
+_MSG_ID, _ENQUEUED_AT = attrgetter("msg_id"), attrgetter("enqueued_at")
 
 
 @dataclass
@@ -63,13 +68,24 @@ class ApplyReport:
         out["changes_per_second"] = round(self.changes_per_second, 1)
         return out
 
-    def count_messages(self, msgs: Iterable[_Enqueued], tables: dict[int, str | None], now: datetime) -> None:
-        """Count a read batch's messages per table and the oldest one's lag."""
-        for m in msgs:
-            stats = self.tables.get(tables.get(m.msg_id) or "")
+    def count_messages(self, msgs: Sequence[_Enqueued], tables: dict[int, str | None], now: datetime) -> None:
+        """Count a read batch's messages per table and the oldest one's lag. A batch usually holds one table's
+        messages: then it is counted at once."""
+        counts = Counter(map(tables.get, map(_MSG_ID, msgs)))
+        if len(counts) == 1:
+            oldest = {name: min(map(_ENQUEUED_AT, msgs)) for name in counts}
+        else:
+            oldest = {}
+            for m in msgs:
+                name = tables.get(m.msg_id)
+                seen = oldest.get(name)
+                if seen is None or m.enqueued_at < seen:
+                    oldest[name] = m.enqueued_at
+        for name, n in counts.items():
+            stats = self.tables.get(name or "")
             if stats is not None:
-                stats.messages += 1
-                stats.lag_seconds = max(stats.lag_seconds or 0.0, (now - m.enqueued_at).total_seconds())
+                stats.messages += n
+                stats.lag_seconds = max(stats.lag_seconds or 0.0, (now - oldest[name]).total_seconds())
 
     def count_sent(self, group: list[Planned], rows_written: list[int]) -> None:
         """Count what one D1 request carried: its statements, rows sent and rows D1 says it wrote."""
