@@ -6,7 +6,8 @@ Workload (table `events`: bigint key + text, integer, real, boolean, JSON; no se
 `keys` rows, then UPDATE statements touching random keys, then DELETE and re-INSERT a slice, until
 `changes` messages are queued by the real capture triggers. Each backend (the local SQLite file, and the
 HTTP API stand-in on miniflare's D1 engine) drains the same backlog in its own process, so peak memory
-(max RSS of that process) is the drain's alone.
+is the drain's alone: that process's own peak resident size (VmHWM) and the planner process's
+(`planner_peak_rss_mb`), and their sum.
 
 In the same run, exact copies of the backlog (CREATE DATABASE ... TEMPLATE) are drained by two loops that do
 nothing but empty the queue, in batches of the same size: `raw` (SELECT by msg_id order + DELETE, the queue
