@@ -139,6 +139,8 @@ class Planner:
             while True:
                 out = _receive(self._proc.stdout)
                 with self._lock:
+                    if self._broken:
+                        return  # given up (a frame could not be written): its batches are planned at home
                     waiting = self._waiting.popleft()
                 if isinstance(out, BaseException):
                     waiting.set_exception(out)

@@ -127,6 +127,48 @@ def test_a_planner_that_dies_hands_its_batches_back_and_the_drain_stays_exact(lo
     pair.assert_in_sync()
 
 
+def test_a_planner_not_ready_in_time_is_given_up_and_the_drain_stays_exact(local_pair, monkeypatch):
+    """Batches handed to a child that is still starting wait for it, but not past `START_SECONDS`: then it
+    is killed and they, and every later batch, are planned at home."""
+    pair = local_pair
+    pair.sql("INSERT INTO apps (id, name) SELECT g, 'a' FROM generate_series(1, 3000) g")
+    pair.sql("UPDATE apps SET name = name || 'b'")
+    monkeypatch.setattr(Planner, "START_SECONDS", 0.0)
+    started_planners: list[Planner] = []
+    real_init = Planner.__init__
+
+    def init(self, *args):
+        real_init(self, *args)
+        started_planners.append(self)
+
+    monkeypatch.setattr(Planner, "__init__", init)
+    report = pair.apply(batch_size=MIN_MESSAGES)
+    assert report.drained and report.messages == 6000 and report.dead_lettered == 0
+    assert len(started_planners) == 1 and not started_planners[0].ready
+    assert started_planners[0]._proc.poll() is not None  # killed, not left behind
+    pair.assert_in_sync()
+
+
+def test_a_frame_that_cannot_be_written_sends_the_batches_home(local_pair, monkeypatch):
+    pair = local_pair
+    pair.sql("INSERT INTO apps (id, name) SELECT g, 'a' FROM generate_series(1, 4000) g")
+    pair.sql("UPDATE apps SET name = name || 'b'")
+    real_send = planner_module._send
+    frames = []
+
+    def send(stream, obj):
+        frames.append(obj)
+        if len(frames) == 3:  # the schema, one batch, then this one
+            raise pickle.PicklingError("cannot pickle this frame")
+        real_send(stream, obj)
+
+    monkeypatch.setattr(planner_module, "_send", send)
+    report = pair.apply(batch_size=MIN_MESSAGES)
+    assert report.drained and report.messages == 8000 and report.dead_lettered == 0
+    assert len(frames) == 3
+    pair.assert_in_sync()
+
+
 def test_a_drain_through_the_planner_converges_and_small_batches_stay_at_home(local_pair, monkeypatch, ready_at_once):
     pair = local_pair
     rng = random.Random(5)
