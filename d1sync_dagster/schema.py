@@ -19,6 +19,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator, model_validator
 
+from d1sync_dagster.core.tables import table_named
 from d1sync_dagster.errors import SchemaError
 
 ColumnType = Literal["INTEGER", "TEXT", "BOOLEAN", "JSON", "REAL", "BLOB"]
@@ -234,10 +235,7 @@ class Schema(BaseModel):
         return {t.name: t for t in self.tables}
 
     def table(self, name: str) -> Table:
-        found = self.by_name.get(name)
-        if found is not None:
-            return found
-        raise SchemaError(f"table {name!r} is not in schema.json (known: {', '.join(self.names)})")
+        return table_named(self.by_name, name)
 
     @property
     def names(self) -> list[str]:

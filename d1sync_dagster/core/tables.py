@@ -8,13 +8,25 @@ have (`tables`, `by_name`, `table()`; `name`, `target`, `key`, `columns`), so it
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from d1sync_dagster.errors import SchemaError
 
 if TYPE_CHECKING:
     from d1sync_dagster.schema import Schema
+
+
+T = TypeVar("T")
+
+
+def table_named(by_name: Mapping[str, T], name: str) -> T:
+    """The table of that name, or the error naming the tables there are (`Schema.table`, `PlainSchema.table`)."""
+    found = by_name.get(name)
+    if found is not None:
+        return found
+    raise SchemaError(f"table {name!r} is not in schema.json (known: {', '.join(by_name)})")
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,10 +50,7 @@ class PlainSchema:
         return cls(tuple(PlainTable(t.name, t.target, tuple(t.key), dict(t.columns)) for t in schema.tables))
 
     def table(self, name: str) -> PlainTable:
-        found = self.by_name.get(name)
-        if found is not None:
-            return found
-        raise SchemaError(f"table {name!r} is not in schema.json (known: {', '.join(self.names)})")
+        return table_named(self.by_name, name)
 
     @property
     def names(self) -> list[str]:
