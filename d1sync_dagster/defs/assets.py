@@ -266,13 +266,18 @@ def _run_mode(
 
 
 def run_figures(report: ApplyReport) -> dict[str, float]:
-    return {
+    """The run's figures, shown with each table's materialization as `run_<name>`; the planner process's
+    peak memory only where one ran (a large drain)."""
+    figures = {
         "messages": report.messages,
         "d1_requests": report.requests,
         "rows_per_request": report.rows_per_request,
         "changes_per_second": report.changes_per_second,
         "duration_seconds": report.duration_seconds,
     }
+    if report.planner_peak_mb is not None:
+        figures["planner_peak_mb"] = report.planner_peak_mb
+    return figures
 
 
 def d1_row_count(client: D1Client, table: Table) -> int:

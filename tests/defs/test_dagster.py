@@ -83,9 +83,23 @@ def test_materialize_applies_changes_and_records_metadata(env):
     assert mats[APPS]["messages"].value == 25 and mats[APPS]["upserts"].value == 25
     assert mats[VERSIONS]["upserts"].value == 1 and mats[APPS]["run_d1_requests"].value >= 1
     assert "| 25 | 25 | 0 | 0 |" in mats[APPS]["summary"].value
+    assert "run_planner_peak_mb" not in mats[APPS]  # 25 changes are planned in the run's own process
     (res,) = d1.query("SELECT count(*) AS n FROM apps")
     assert res.results == [{"n": 25}]
     assert pg.metrics().queue_length == 0
+
+
+def test_a_large_drain_records_the_planner_process_memory(env):
+    pg, _, resources = env
+    pg.execute("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 3000) g")
+    result = dg.materialize([build_table_assets(SCHEMA)], resources=resources)
+    assert result.success
+    (mat,) = [
+        e.event_specific_data.materialization.metadata
+        for e in result.get_asset_materialization_events()
+        if e.event_specific_data.materialization.asset_key == APPS
+    ]
+    assert mat["messages"].value == 3000 and 5 < mat["run_planner_peak_mb"].value < 500
 
 
 def test_subset_materializes_only_the_selected_asset_but_drains_the_queue(env):
