@@ -133,7 +133,7 @@ def apply(
             planning = _Planning(schema, rules_of(d1), enabled=options.planner_process)
 
             def read(qty: int) -> list[QueueMessage]:
-                msgs = pg.read_in_order(qty, skip=claimed.ids(), as_text=planning.wants_text)
+                msgs = pg.read_in_order(qty, skip=claimed.ids(), as_text=planning.enabled)
                 msgs = ranges.resolve(decoded(msgs, backfill_only=True))
                 claimed.add(msgs)
                 planning.start(msgs)
@@ -215,10 +215,6 @@ class _Planning:
         self.schema, self.rules, self.enabled = schema, rules, enabled
         self.planner: Planner | None = None
         self._handed: dict[int, Future[PlannedBatch | None]] = {}
-
-    @property
-    def wants_text(self) -> bool:
-        return self.enabled
 
     def start(self, msgs: list[QueueMessage]) -> None:
         """In the reader: hand a large batch to the planner process (started by the first one)."""
