@@ -19,6 +19,10 @@ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = 'replicate_data_dlq') THEN
     PERFORM pgmq.create('replicate_data_dlq');
   END IF;
+  -- Where a table's changes wait while its source drifted from schema.json.
+  IF NOT EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = 'replicate_data_held') THEN
+    PERFORM pgmq.create('replicate_data_held');
+  END IF;
 END
 $$;
 
@@ -37,24 +41,95 @@ CREATE TABLE IF NOT EXISTS "d1sync".backfill_progress (
   PRIMARY KEY (queue, table_name)
 );
 
+-- Each replicated column as the last setup found it in the source (drift is told against it).
+CREATE TABLE IF NOT EXISTS "d1sync".source_columns (
+  queue text NOT NULL,
+  table_schema text NOT NULL,
+  table_name text NOT NULL,
+  column_name text NOT NULL,
+  attnum smallint NOT NULL,
+  pg_type text NOT NULL,
+  recorded_at timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (queue, table_schema, table_name, column_name)
+);
+
+-- Names drift in the session that runs the DDL (a WARNING) and wakes the streaming apply. It never fails
+-- the DDL. Supabase lets its postgres role create event triggers (supautils), which then skip DDL run by
+-- superusers; where no event trigger may be created, drift is found at apply time and by d1sync doctor.
+CREATE OR REPLACE FUNCTION "d1sync".watch_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $fn$
+DECLARE
+  d record;
+BEGIN
+  FOR d IN
+    SELECT s.queue, s.table_schema, s.table_name, s.column_name, s.pg_type, a.attname AS now_name,
+           pg_catalog.format_type(a.atttypid, a.atttypmod) AS now_type
+      FROM (SELECT DISTINCT e.objid FROM pg_catalog.pg_event_trigger_ddl_commands() e
+             WHERE e.object_type IN ('table', 'table column')) c
+      JOIN pg_catalog.pg_class k ON k.oid = c.objid
+      JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace
+      JOIN "d1sync".source_columns s ON s.table_schema = n.nspname AND s.table_name = k.relname
+      LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = k.oid AND a.attnum = s.attnum AND NOT a.attisdropped
+     WHERE a.attname IS DISTINCT FROM s.column_name::name
+        OR pg_catalog.format_type(a.atttypid, a.atttypmod) IS DISTINCT FROM s.pg_type
+  LOOP
+    RAISE WARNING '%', pg_catalog.format(
+      'd1sync: column %I of %I.%I is replicated to D1 (queue %s) and was %s. Until schema.json follows, its '
+      'changes are held where they cannot apply. Fix: %s in schema.json, then run d1sync setup.',
+      d.column_name, d.table_schema, d.table_name, d.queue,
+      CASE WHEN d.now_name IS NULL THEN 'dropped'
+           WHEN d.now_name <> d.column_name::name THEN pg_catalog.format('renamed to %I', d.now_name)
+           ELSE pg_catalog.format('changed from %s to %s', d.pg_type, d.now_type) END,
+      CASE WHEN d.now_name IS NULL THEN pg_catalog.format('remove %I from %I', d.column_name, d.table_name)
+           WHEN d.now_name <> d.column_name::name
+             THEN pg_catalog.format('rename %I to %I in %I', d.column_name, d.now_name, d.table_name)
+           ELSE pg_catalog.format('check the type of %I in %I (d1sync doctor says which D1 type fits)',
+                                  d.column_name, d.table_name) END);
+    PERFORM pg_catalog.pg_notify('d1sync_' || d.queue, 'ddl');
+  END LOOP;
+EXCEPTION WHEN OTHERS THEN
+  RAISE WARNING 'd1sync could not compare this DDL with schema.json: %', SQLERRM;
+END
+$fn$;
+
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'd1sync_watch_ddl') THEN
+    CREATE EVENT TRIGGER "d1sync_watch_ddl" ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+      EXECUTE FUNCTION "d1sync".watch_ddl();
+  END IF;
+EXCEPTION WHEN insufficient_privilege THEN
+  RAISE NOTICE 'd1sync: this role may not create event triggers; drift is found at apply time and by d1sync doctor';
+END
+$$;
+
 -- apps -> D1 table apps
-CREATE OR REPLACE FUNCTION "d1sync"."capture_public_apps"() RETURNS trigger
+DO $install$
+DECLARE
+  other text[];
+BEGIN
+  -- The columns that are not replicated, as the table has them now: each record leaves them out.
+  SELECT coalesce(pg_catalog.array_agg(a.attname::text ORDER BY a.attnum), '{}') INTO other
+    FROM pg_catalog.pg_attribute a
+   WHERE a.attrelid = '"public"."apps"'::regclass AND a.attnum > 0 AND NOT a.attisdropped
+     AND a.attname <> ALL (ARRAY['id', 'owner_id', 'name', 'is_public', 'settings', 'rating', 'icon', 'created_at']::name[]);
+  EXECUTE pg_catalog.replace($body$CREATE OR REPLACE FUNCTION "d1sync"."capture_public_apps"() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $fn$
 DECLARE
   msgs jsonb[];
 BEGIN
   IF TG_OP = 'INSERT' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', pg_catalog.to_jsonb(r), 'old_record', NULL, 'type', 'INSERT', 'table', 'apps') AS m FROM (SELECT "id", "owner_id", "name", "is_public", "settings", "rating", "icon", "created_at" FROM new_rows) r) s;
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', (pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[]), 'old_record', NULL, 'type', 'INSERT', 'table', 'apps') AS m FROM new_rows r) s;
     IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   ELSIF TG_OP = 'DELETE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', pg_catalog.to_jsonb(r), 'type', 'DELETE', 'table', 'apps') AS m FROM (SELECT "id", "owner_id", "name", "is_public", "settings", "rating", "icon", "created_at" FROM old_rows) r) s;
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', (pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[]), 'type', 'DELETE', 'table', 'apps') AS m FROM old_rows r) s;
     IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   ELSIF TG_OP = 'UPDATE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (WITH o AS (SELECT r."id" AS k0, pg_catalog.to_jsonb(r) AS r FROM (SELECT "id", "owner_id", "name", "is_public", "settings", "rating", "icon", "created_at" FROM old_rows) r),
-           n AS (SELECT r."id" AS k0, pg_catalog.to_jsonb(r) AS r FROM (SELECT "id", "owner_id", "name", "is_public", "settings", "rating", "icon", "created_at" FROM new_rows) r)
+      SELECT pg_catalog.now(), m FROM (WITH o AS (SELECT x.j->'id' AS k0, x.j OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[] AS r FROM (SELECT pg_catalog.to_jsonb(t) AS j FROM old_rows t OFFSET 0) x),
+           n AS (SELECT x.j->'id' AS k0, x.j OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[] AS r FROM (SELECT pg_catalog.to_jsonb(t) AS j FROM new_rows t OFFSET 0) x)
       SELECT m FROM (
         SELECT 0 AS ord, pg_catalog.jsonb_build_object('record', NULL, 'old_record', o.r, 'type', 'DELETE', 'table', 'apps') AS m
           FROM o WHERE NOT EXISTS (SELECT 1 FROM n WHERE n.k0 = o.k0)
@@ -71,7 +146,9 @@ BEGIN
   END IF;
   RETURN NULL;
 END
-$fn$;
+$fn$;$body$, '''@d1sync_other_columns@''', pg_catalog.quote_literal(other::text));
+END
+$install$;
 DROP TRIGGER IF EXISTS "d1sync_capture_insert" ON "public"."apps";
 CREATE TRIGGER "d1sync_capture_insert" AFTER INSERT ON "public"."apps"
   REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION "d1sync"."capture_public_apps"();
@@ -84,25 +161,43 @@ CREATE TRIGGER "d1sync_capture_delete" AFTER DELETE ON "public"."apps"
 DROP TRIGGER IF EXISTS "d1sync_capture_truncate" ON "public"."apps";
 CREATE TRIGGER "d1sync_capture_truncate" AFTER TRUNCATE ON "public"."apps"
   FOR EACH STATEMENT EXECUTE FUNCTION "d1sync"."capture_public_apps"();
+DELETE FROM "d1sync".source_columns
+ WHERE queue = 'replicate_data' AND table_schema = 'public' AND table_name = 'apps' AND column_name <> ALL (ARRAY['id', 'owner_id', 'name', 'is_public', 'settings', 'rating', 'icon', 'created_at']::text[]);
+INSERT INTO "d1sync".source_columns (queue, table_schema, table_name, column_name, attnum, pg_type)
+SELECT 'replicate_data', 'public', 'apps', a.attname, a.attnum, pg_catalog.format_type(a.atttypid, a.atttypmod)
+  FROM pg_catalog.pg_attribute a
+ WHERE a.attrelid = '"public"."apps"'::regclass AND a.attnum > 0 AND NOT a.attisdropped
+   AND a.attname::text = ANY (ARRAY['id', 'owner_id', 'name', 'is_public', 'settings', 'rating', 'icon', 'created_at']::text[])
+ON CONFLICT (queue, table_schema, table_name, column_name)
+DO UPDATE SET attnum = excluded.attnum, pg_type = excluded.pg_type, recorded_at = now();
 
 -- app_versions -> D1 table app_versions
-CREATE OR REPLACE FUNCTION "d1sync"."capture_public_app_versions"() RETURNS trigger
+DO $install$
+DECLARE
+  other text[];
+BEGIN
+  -- The columns that are not replicated, as the table has them now: each record leaves them out.
+  SELECT coalesce(pg_catalog.array_agg(a.attname::text ORDER BY a.attnum), '{}') INTO other
+    FROM pg_catalog.pg_attribute a
+   WHERE a.attrelid = '"public"."app_versions"'::regclass AND a.attnum > 0 AND NOT a.attisdropped
+     AND a.attname <> ALL (ARRAY['app_id', 'version', 'manifest', 'downloads', 'released_at']::name[]);
+  EXECUTE pg_catalog.replace($body$CREATE OR REPLACE FUNCTION "d1sync"."capture_public_app_versions"() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $fn$
 DECLARE
   msgs jsonb[];
 BEGIN
   IF TG_OP = 'INSERT' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', pg_catalog.to_jsonb(r), 'old_record', NULL, 'type', 'INSERT', 'table', 'app_versions') AS m FROM (SELECT "app_id", "version", "manifest", "downloads", "released_at" FROM new_rows) r) s;
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', (pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[]), 'old_record', NULL, 'type', 'INSERT', 'table', 'app_versions') AS m FROM new_rows r) s;
     IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   ELSIF TG_OP = 'DELETE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', pg_catalog.to_jsonb(r), 'type', 'DELETE', 'table', 'app_versions') AS m FROM (SELECT "app_id", "version", "manifest", "downloads", "released_at" FROM old_rows) r) s;
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', (pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[]), 'type', 'DELETE', 'table', 'app_versions') AS m FROM old_rows r) s;
     IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   ELSIF TG_OP = 'UPDATE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (WITH o AS (SELECT r."app_id" AS k0, r."version" AS k1, pg_catalog.to_jsonb(r) AS r FROM (SELECT "app_id", "version", "manifest", "downloads", "released_at" FROM old_rows) r),
-           n AS (SELECT r."app_id" AS k0, r."version" AS k1, pg_catalog.to_jsonb(r) AS r FROM (SELECT "app_id", "version", "manifest", "downloads", "released_at" FROM new_rows) r)
+      SELECT pg_catalog.now(), m FROM (WITH o AS (SELECT x.j->'app_id' AS k0, x.j->'version' AS k1, x.j OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[] AS r FROM (SELECT pg_catalog.to_jsonb(t) AS j FROM old_rows t OFFSET 0) x),
+           n AS (SELECT x.j->'app_id' AS k0, x.j->'version' AS k1, x.j OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[] AS r FROM (SELECT pg_catalog.to_jsonb(t) AS j FROM new_rows t OFFSET 0) x)
       SELECT m FROM (
         SELECT 0 AS ord, pg_catalog.jsonb_build_object('record', NULL, 'old_record', o.r, 'type', 'DELETE', 'table', 'app_versions') AS m
           FROM o WHERE NOT EXISTS (SELECT 1 FROM n WHERE n.k0 = o.k0 AND n.k1 = o.k1)
@@ -119,7 +214,9 @@ BEGIN
   END IF;
   RETURN NULL;
 END
-$fn$;
+$fn$;$body$, '''@d1sync_other_columns@''', pg_catalog.quote_literal(other::text));
+END
+$install$;
 DROP TRIGGER IF EXISTS "d1sync_capture_insert" ON "public"."app_versions";
 CREATE TRIGGER "d1sync_capture_insert" AFTER INSERT ON "public"."app_versions"
   REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION "d1sync"."capture_public_app_versions"();
@@ -132,3 +229,12 @@ CREATE TRIGGER "d1sync_capture_delete" AFTER DELETE ON "public"."app_versions"
 DROP TRIGGER IF EXISTS "d1sync_capture_truncate" ON "public"."app_versions";
 CREATE TRIGGER "d1sync_capture_truncate" AFTER TRUNCATE ON "public"."app_versions"
   FOR EACH STATEMENT EXECUTE FUNCTION "d1sync"."capture_public_app_versions"();
+DELETE FROM "d1sync".source_columns
+ WHERE queue = 'replicate_data' AND table_schema = 'public' AND table_name = 'app_versions' AND column_name <> ALL (ARRAY['app_id', 'version', 'manifest', 'downloads', 'released_at']::text[]);
+INSERT INTO "d1sync".source_columns (queue, table_schema, table_name, column_name, attnum, pg_type)
+SELECT 'replicate_data', 'public', 'app_versions', a.attname, a.attnum, pg_catalog.format_type(a.atttypid, a.atttypmod)
+  FROM pg_catalog.pg_attribute a
+ WHERE a.attrelid = '"public"."app_versions"'::regclass AND a.attnum > 0 AND NOT a.attisdropped
+   AND a.attname::text = ANY (ARRAY['app_id', 'version', 'manifest', 'downloads', 'released_at']::text[])
+ON CONFLICT (queue, table_schema, table_name, column_name)
+DO UPDATE SET attnum = excluded.attnum, pg_type = excluded.pg_type, recorded_at = now();

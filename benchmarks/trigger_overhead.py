@@ -1,9 +1,13 @@
-"""Trigger overhead on a bulk insert: plain insert vs d1sync's statement-level capture (default: one INSERT
-into the queue table; and the `send_batch` variant) vs the seed's per-row trigger calling `pgmq.send`.
+"""Trigger overhead: plain insert vs d1sync's statement-level capture (default: one INSERT into the queue
+table; and the `send_batch` variant) vs the seed's per-row trigger calling `pgmq.send`, for one bulk INSERT of
+`--rows` rows and for as many single-row INSERTs (one statement each, in a server-side loop, so client round
+trips do not hide the trigger's cost).
 
-    .venv/bin/python benchmarks/trigger_overhead.py [--rows 100000] [--repeat 3]
+    .venv/bin/python benchmarks/trigger_overhead.py [--rows 100000] [--repeat 3] [--before FILE]
 
-Prints the median time of each variant and the ratios; the README quotes one run.
+`--before FILE` adds a variant installed from a saved capture migration (e.g. `d1sync generate-sql` of an
+earlier commit), measured interleaved with the others, so a change to capture is compared in one run.
+Prints the median time of each variant and the ratios; docs/benchmarks.md quotes one run.
 """
 
 from __future__ import annotations
@@ -45,6 +49,21 @@ FROM generate_series(1, %s) g
 """
 
 
+SINGLE = """
+DO $$
+BEGIN
+  FOR g IN 1..%s LOOP
+    INSERT INTO public.apps (id, owner_id, name, is_public, settings, rating, created_at)
+    VALUES (g, gen_random_uuid(), 'app ' || g, g %% 2 = 0, jsonb_build_object('n', g, 'tags', jsonb_build_array('a', 'b')),
+            g / 7.0, now());
+  END LOOP;
+END $$
+"""
+
+#: A saved migration to compare against (`--before`).
+BEFORE: dict[str, str] = {}
+
+
 def reset(conn: psycopg.Connection, variant: str) -> None:
     conn.execute("DROP TABLE IF EXISTS public.apps CASCADE; DROP TABLE IF EXISTS public.app_versions CASCADE")
     conn.execute(example_source_tables().encode())
@@ -53,16 +72,21 @@ def reset(conn: psycopg.Connection, variant: str) -> None:
         conn.execute(migration(load_schema(ROOT / "schema.json")).encode())
     elif variant == "send_batch":
         conn.execute(migration(load_schema(ROOT / "schema.json"), via="send_batch").encode())
+    elif variant == "before":
+        conn.execute(BEFORE["sql"].encode())
     elif variant == "per-row":
         conn.execute(SEED_PER_ROW.encode())
     conn.execute("CHECKPOINT")
 
 
-def measure(url: str, variant: str, rows: int) -> tuple[float, int]:
+def measure(url: str, variant: str, rows: int, shape: str) -> tuple[float, int]:
     with psycopg.connect(url, autocommit=True) as conn:
         reset(conn, variant)
         started = time.perf_counter()
-        conn.execute(INSERT, [rows])
+        if shape == "bulk":
+            conn.execute(INSERT, [rows])
+        else:
+            conn.execute(SINGLE.replace("%s", str(int(rows))).replace("%%", "%"))
         elapsed = time.perf_counter() - started
         queued = conn.execute("SELECT count(*) FROM pgmq.q_replicate_data").fetchone()[0]
     return elapsed, queued
@@ -72,31 +96,38 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--before", type=Path, help="a saved capture migration to measure beside today's")
+    ap.add_argument("--shape", choices=["bulk", "single", "both"], default="both")
     args = ap.parse_args()
+    variants = ["plain", "d1sync", "send_batch", "per-row"]
+    if args.before is not None:
+        BEFORE["sql"] = args.before.read_text(encoding="utf-8")
+        variants.insert(2, "before")
+    shapes = ["bulk", "single"] if args.shape == "both" else [args.shape]
     with fresh_database() as url:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(migration(load_schema(ROOT / "schema.json")).split("-- apps ->")[0].encode())
             version = conn.execute("SELECT current_setting('server_version')").fetchone()[0]
-        times: dict[str, list[float]] = {"plain": [], "d1sync": [], "send_batch": [], "per-row": []}
+        times = {(s, v): [] for s in shapes for v in variants}
         for _ in range(args.repeat):
-            for variant in times:  # interleaved, so drift on the machine hits every variant alike
-                elapsed, queued = measure(url, variant, args.rows)
+            for shape, variant in times:  # interleaved, so drift on the machine hits every variant alike
+                elapsed, queued = measure(url, variant, args.rows, shape)
                 expected = 0 if variant == "plain" else args.rows
                 assert queued == expected, f"{variant}: {queued} messages queued, expected {expected}"
-                times[variant].append(elapsed)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"bulk insert of {args.rows:,} rows into apps, PostgreSQL {version}, median of {args.repeat}")
-    for k, v in med.items():
-        print(f"  {k:10s} {v:7.3f} s   {args.rows / v:>10,.0f} rows/s")
-    print(f"  d1sync capture overhead: {med['d1sync'] / med['plain']:.2f}x a plain insert")
-    print(f"  per-row pgmq.send overhead: {med['per-row'] / med['plain']:.2f}x a plain insert")
-    print(f"  d1sync via pgmq.send_batch overhead: {med['send_batch'] / med['plain']:.2f}x a plain insert")
-    extra = {k: med[k] - med["plain"] for k in med}
-    print(f"  d1sync is {med['per-row'] / med['d1sync']:.2f}x faster than the per-row design in total time")
-    print(
-        f"  time the capture adds: d1sync {extra['d1sync']:.3f} s, send_batch {extra['send_batch']:.3f} s, "
-        f"per-row {extra['per-row']:.3f} s: {extra['per-row'] / extra['d1sync']:.2f}x less than per-row"
-    )
+                times[(shape, variant)].append(elapsed)
+    for shape in shapes:
+        med = {v: statistics.median(times[(shape, v)]) for v in variants}
+        what = "one bulk INSERT of" if shape == "bulk" else "single-row INSERTs,"
+        print(f"{what} {args.rows:,} rows into apps, PostgreSQL {version}, median of {args.repeat}")
+        for k, v in med.items():
+            print(f"  {k:10s} {v:7.3f} s   {args.rows / v:>10,.0f} rows/s   {v / med['plain']:.2f}x plain")
+        extra = {k: med[k] - med["plain"] for k in med}
+        print(f"  d1sync is {med['per-row'] / med['d1sync']:.2f}x faster than the per-row design in total time")
+        print(
+            f"  time the capture adds: d1sync {extra['d1sync']:.3f} s, send_batch {extra['send_batch']:.3f} s, "
+            f"per-row {extra['per-row']:.3f} s"
+            + (f", before {extra['before']:.3f} s" if "before" in extra else "")
+        )
 
 
 if __name__ == "__main__":

@@ -202,6 +202,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"schema version in D1: {st.schema_version_applied or 'none'} ({same})")
     for table, n in st.dead_letters.items():
         print(f"  {table}: {n} dead letters")
+    for table, n in st.held.items():
+        print(f"  {table}: {n} changes held in {st.queue}_held (its source drifted from schema.json)")
     if st.last_nuke:
         n = st.last_nuke
         print(
@@ -373,8 +375,11 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         for name, t in report.tables.items():
             state = (
                 "in sync"
-                if t.total == 0
+                if t.in_sync
+                else "NOT COMPARED"
+                if t.problems
                 else f"DRIFT: {len(t.missing)} missing, {len(t.extra)} extra, {len(t.different)} different"
+                + (f", {len(t.unconvertible)} not convertible" if t.unconvertible else "")
             )
             fixed = f" (repair enqueued {t.repaired} messages and applied them)" if t.repaired else ""
             print(f"{name}: {t.source_rows:,} rows in Postgres, {t.d1_rows:,} in D1, {state}{fixed}")
@@ -389,6 +394,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                 if keys:
                     shown = ", ".join(str(list(k)) for k in keys[:10]) + (" ..." if len(keys) > 10 else "")
                     print(f"  {label} keys: {shown}")
+            for problem in t.problems:
+                print(f"  not compared: {problem}")
+            for key, why in list(t.unconvertible.items())[:10]:
+                print(f"  key {list(key)} does not convert: {why}")
+            if len(t.unconvertible) > 10:
+                print(f"  ... {len(t.unconvertible) - 10} more rows that do not convert")
         print(f"{report.d1_rows_read:,} D1 rows read in {report.seconds:.1f}s")
     return 0 if report.in_sync else 1
 

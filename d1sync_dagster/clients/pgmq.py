@@ -28,7 +28,7 @@ from psycopg.types.json import Jsonb, set_json_loads
 from d1sync_dagster.core.messages import ROW_CHANGES_SQL
 from d1sync_dagster.errors import ConfigError, QueueError
 from d1sync_dagster.exactjson import loads_exact
-from d1sync_dagster.sql.capture import DEFAULT_QUEUE, dlq_name, notify_channel
+from d1sync_dagster.sql.capture import DEFAULT_QUEUE, dlq_name, held_name, notify_channel
 from d1sync_dagster.sql.quoting import check_queue_name, ident, literal
 
 #: Supabase's transaction-mode pooler. Session state does not survive it; d1sync keeps none (see `consumer_lock`).
@@ -204,14 +204,48 @@ class PgmqClient:
         rows = self.execute("SELECT * FROM pgmq.delete(%s, %s::bigint[])", [queue or self.queue, list(ids)])
         return [r[0] for r in rows]
 
-    def finish(self, ids: Sequence[int]) -> int:
-        """Delete applied messages from this queue (what `pgmq.delete` does, without returning every id);
-        returns how many were still there. The ids go as one array literal, as in `read_in_order`."""
+    def finish(self, ids: Sequence[int], *, queue: str | None = None) -> int:
+        """Delete applied messages from this queue (or `queue`; what `pgmq.delete` does, without returning
+        every id); returns how many were still there. The ids go as one array literal, as in `read_in_order`."""
         if not ids:
             return 0
         with self._cursor() as cur:
-            cur.execute(f"DELETE FROM {self._table()} WHERE msg_id = ANY(%s::bigint[])", [_id_array(ids)])
+            cur.execute(f"DELETE FROM {self._table(queue)} WHERE msg_id = ANY(%s::bigint[])", [_id_array(ids)])
             return max(cur.rowcount, 0)
+
+    @property
+    def held(self) -> str:
+        """The queue where this queue's changes of a drifted table wait (`engine/drift.py`)."""
+        return held_name(self.queue)
+
+    def hold(self, ids: Sequence[int]) -> None:
+        """Copy messages (by msg_id, in msg_id order, byte for byte) into the held queue, created on first
+        use. The caller deletes them from this queue in the same transaction."""
+        if not ids:
+            return
+        if not self.queue_exists(self.held):
+            self.execute("SELECT pgmq.create(%s)", [self.held])
+        self.execute(
+            f"INSERT INTO {self._table(self.held)} (vt, message) SELECT now(), message FROM {self._table()} "
+            "WHERE msg_id = ANY(%s::bigint[]) ORDER BY msg_id",
+            [_id_array(ids)],
+        )
+
+    def held_by_table(self) -> dict[str, int]:
+        """Held changes per table (empty when nothing was ever held)."""
+        if not self.queue_exists(self.held):
+            return {}
+        rows = self.execute(f"SELECT message->>'table', count(*) FROM {self._table(self.held)} GROUP BY 1")
+        return {str(t): int(n) for t, n in rows}
+
+    def read_held(self, tables: Sequence[str], qty: int) -> list[QueueMessage]:
+        """The `qty` oldest held messages of these tables, in msg_id order (the order they were captured in)."""
+        rows = self.execute(
+            f"SELECT msg_id, read_ct, enqueued_at, message FROM {self._table(self.held)} "
+            "WHERE message->>'table' = ANY(%s) ORDER BY msg_id LIMIT %s",
+            [list(tables), qty],
+        )
+        return list(map(QueueMessage._make, rows))
 
     def archive(self, ids: Sequence[int], queue: str | None = None) -> list[int]:
         if not ids:
@@ -318,8 +352,11 @@ class PgmqClient:
         """A plain VACUUM (ANALYZE) of the queue table: takes no lock that writers wait for."""
         self.execute(f"VACUUM (ANALYZE) {self._table()}")
 
-    def dead_letter(self, items: Sequence[tuple[int, str, str | None]], *, dlq: str | None = None) -> list[int]:
-        """Copy messages (by msg_id, with a reason and table) from the queue to the dead-letter queue.
+    def dead_letter(
+        self, items: Sequence[tuple[int, str, str | None]], *, dlq: str | None = None, source: str | None = None
+    ) -> list[int]:
+        """Copy messages (by msg_id, with a reason and table) from the queue (or `source`, e.g. the held
+        queue) to the dead-letter queue.
 
         The original message is copied inside Postgres, byte for byte; nothing is re-encoded in Python.
         """
@@ -331,10 +368,10 @@ class PgmqClient:
                   SELECT jsonb_build_object('error', e.reason, 'table', e.tbl, 'msg_id', q.msg_id,
                                             'read_ct', q.read_ct, 'enqueued_at', q.enqueued_at,
                                             'queue', %s::text, 'message', q.message)
-                  FROM {self._table()} q
+                  FROM {self._table(source)} q
                   JOIN unnest(%s::bigint[], %s::text[], %s::text[]) AS e(id, reason, tbl) ON q.msg_id = e.id
                   ORDER BY q.msg_id))""",
-            [check_queue_name(dlq or self.dlq), self.queue, list(ids), list(reasons), list(tables)],
+            [check_queue_name(dlq or self.dlq), source or self.queue, list(ids), list(reasons), list(tables)],
         )
         return [r[0] for r in rows]
 

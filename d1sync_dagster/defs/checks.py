@@ -1,4 +1,5 @@
-"""Asset checks per table: D1 row count equals Postgres, replication lag under a threshold, no dead letters."""
+"""Asset checks per table: D1 row count equals Postgres, replication lag under a threshold, no dead letters,
+the source still has what schema.json replicates."""
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from d1sync_dagster.schema import Schema
 
 ROW_COUNT, LAG, DEAD_LETTERS = "row_count_matches_source", "replication_lag_under_threshold", "no_dead_letters"
 MATCHES = "rows_match_source"
+SOURCE_SCHEMA = "source_matches_schema"
 
 
 class ReconcileConfig(dg.Config):
@@ -106,7 +108,7 @@ class Outcome:
         return dg.AssetCheckEvaluation(**self._fields())
 
 
-CHEAP_CHECKS = (ROW_COUNT, LAG, DEAD_LETTERS)
+CHEAP_CHECKS = (ROW_COUNT, LAG, DEAD_LETTERS, SOURCE_SCHEMA)
 
 
 def table_check_specs(
@@ -137,6 +139,15 @@ def table_check_specs(
             ),
             dg.AssetCheckSpec(
                 DEAD_LETTERS, asset=key, description=f"No change of `{t.name}` is in the dead-letter queue."
+            ),
+            dg.AssetCheckSpec(
+                SOURCE_SCHEMA,
+                asset=key,
+                description=(
+                    f"Postgres `{t.spec.source_schema}.{t.name}` still has every column schema.json replicates, in "
+                    "types it takes; when a migration dropped, renamed or retyped one, the check names the column, "
+                    "how it changed and the fix, and says how many changes wait in the held queue meanwhile."
+                ),
             ),
         ]
     return specs
@@ -185,6 +196,12 @@ def table_outcomes(
             says = f"{h.dead_letters} dead letters" if h.dead_letters else "no dead letters"
             figures = {"dead_letters": h.dead_letters}
             out.append(Outcome(check_key.asset_key, DEAD_LETTERS, h.dead_letters == 0, figures, says))
+        elif check_key.name == SOURCE_SCHEMA:
+            says = " | ".join(h.drift) if h.drift else "the source has every replicated column"
+            if h.held:
+                says += f" | {h.held} change(s) held until schema.json follows and d1sync setup runs"
+            figures = {"drifted_columns": len(h.drift), "held_changes": h.held}
+            out.append(Outcome(check_key.asset_key, SOURCE_SCHEMA, not h.drift_holds, figures, says))
     return out
 
 

@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from d1sync_dagster.clients.d1 import D1Client
@@ -38,6 +38,7 @@ from d1sync_dagster.core.changes import Change, Poison
 from d1sync_dagster.core.messages import message_rows
 from d1sync_dagster.core.plan import Planned, requests
 from d1sync_dagster.core.statements import Statement
+from d1sync_dagster.engine.drift import Holding, hold_split
 from d1sync_dagster.engine.maintenance import vacuum_queue
 from d1sync_dagster.engine.planner import MIN_MESSAGES, Planner
 from d1sync_dagster.engine.prefetch import Prefetch
@@ -97,6 +98,8 @@ class _Prepared:
     planned: list[Planned]
     meta: list[Statement]
     tables: dict[int, str | None]  # msg_id -> table
+    #: The messages of drifted tables, moved to the held queue instead of applied (`engine/drift.py`).
+    held: list[QueueMessage] = field(default_factory=list)
 
 
 def apply(
@@ -125,9 +128,16 @@ def apply(
             return report
         if options.on_locked is not None:
             options.on_locked()
+        holding = Holding(schema)
+        holding.start(pg, pg.held_by_table())
+        _release(pg, d1, schema, holding, report, options)
         deadline = None if options.max_seconds is None else started + options.max_seconds
         failed = threading.Event()
-        with pg.clone() as finisher, ThreadPoolExecutor(max_workers=1, thread_name_prefix="d1sync-d1") as pool:
+        with (
+            pg.clone() as finisher,
+            _Lazy(pg) as catalog,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="d1sync-d1") as pool,
+        ):
             ranges = RangeReader(pg, schema, max_rows=options.max_rows_per_batch)
             claimed = _Claimed()
             planning = _Planning(schema, rules_of(d1), enabled=options.planner_process)
@@ -157,7 +167,7 @@ def apply(
             in_flight: deque[Future[None]] = deque()
             try:
                 for msgs in batches:
-                    prepared = _prepare(schema, msgs, report, planning)
+                    prepared = _prepare(schema, msgs, report, planning, holding, catalog)
                     in_flight.append(
                         pool.submit(
                             _commit_and_finish,
@@ -185,6 +195,7 @@ def apply(
                     f.cancel()
                 batches.close()
                 report.planner_peak_mb = planning.close()
+        report.drift = {t: [d.describe() for d in found] for t, found in holding.drift.items()}
         if report.drained and report.messages and options.vacuum_dead_rows is not None:
             report.vacuumed = vacuum_queue(pg, options.vacuum_dead_rows)
     report.duration_seconds = time.monotonic() - started
@@ -252,17 +263,94 @@ def decoded(msgs: list[QueueMessage], *, backfill_only: bool = False) -> list[Qu
     ]
 
 
-def _prepare(schema: Schema, msgs: list[QueueMessage], report: ApplyReport, planning: _Planning) -> _Prepared:
-    """Plan one read batch (`core.batch`, here or in the planner process), count it, and add the bookkeeping
+class _Lazy:
+    """A connection of its own for the catalog checks of a running apply, opened when first needed (the
+    reader and the worker each use theirs)."""
+
+    def __init__(self, pg: PgmqClient) -> None:
+        self._pg, self._conn = pg, None
+
+    def __call__(self) -> PgmqClient:
+        if self._conn is None:
+            self._conn = self._pg.clone()
+        return self._conn
+
+    def __enter__(self) -> _Lazy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+
+def _prepare(
+    schema: Schema,
+    msgs: list[QueueMessage],
+    report: ApplyReport,
+    planning: _Planning,
+    holding: Holding,
+    catalog: Callable[[], PgmqClient],
+) -> _Prepared:
+    """Plan one read batch (`core.batch`, here or in the planner process), hold the changes of drifted tables
+    (`engine/drift.py`; the rest is planned again without them), count it, and add the bookkeeping
     statements."""
     batch = planning.plan(msgs)
+    first_bad: dict[str, int] = {}
+    for p in batch.poison:
+        if p.table is not None:
+            first_bad[p.table] = min(p.msg_id, first_bad.get(p.table, p.msg_id))
+    if set(first_bad) - holding.drifted or holding.due():
+        holding.refresh(catalog())  # a change that cannot apply may be a migration that just ran
+    held: list[QueueMessage] = []
+    hold_from = holding.to_hold(first_bad)
+    if hold_from:
+        held_ids, _ = hold_split(list(batch.tables.items()), hold_from)
+        if held_ids:
+            held = [m for m in msgs if m.msg_id in held_ids]
+            msgs = [m for m in msgs if m.msg_id not in held_ids]
+            tables = batch.tables
+            batch = plan_batch(schema, decoded(msgs), planning.rules)
+            report.count_held(tables.get(m.msg_id) for m in held)
     now = datetime.now(UTC)
     report.count_messages(msgs, batch.tables, now)
     meta = [
         Statement(upsert_meta(), ("last_applied_at", now.isoformat(timespec="seconds"))),
-        Statement(upsert_meta(), ("last_applied_msg_id", str(msgs[-1].msg_id))),
+        Statement(upsert_meta(), ("last_applied_msg_id", str((msgs or held)[-1].msg_id))),
     ]
-    return _Prepared(msgs, batch.poison, batch.planned, meta, batch.tables)
+    return _Prepared(msgs, batch.poison, batch.planned, meta, batch.tables, held)
+
+
+def _release(
+    pg: PgmqClient, d1: D1Client, schema: Schema, holding: Holding, report: ApplyReport, options: ApplyOptions
+) -> None:
+    """Apply the held changes of every table that no longer drifts, oldest first, before anything newer of
+    theirs is read from the queue (the consumer lock is held). What still cannot apply is dead-lettered with
+    its reason; nothing is dropped."""
+    waiting = pg.held_by_table()
+    ready = sorted(t for t in waiting if t in schema.by_name and t not in holding.drifted)
+    if not ready:
+        return
+    log.warning(
+        "applying %d held change(s) of %s: schema.json follows the source again",
+        sum(waiting[t] for t in ready),
+        ", ".join(ready),
+    )
+    while True:
+        msgs = pg.read_held(ready, options.batch_size)
+        if not msgs:
+            return
+        batch = plan_batch(schema, msgs, rules_of(d1))
+        now = datetime.now(UTC)
+        meta = [Statement(upsert_meta(), ("last_applied_at", now.isoformat(timespec="seconds")))]
+        prepared = _Prepared(msgs, batch.poison, batch.planned, meta, batch.tables)
+        refused = _commit(d1, schema, prepared, report, options)
+        poison = batch.poison + refused
+        with pg.transaction():
+            if poison:
+                pg.dead_letter([(p.msg_id, p.reason, p.table) for p in poison], source=pg.held)
+            pg.finish([m.msg_id for m in msgs], queue=pg.held)
+        report.count_dead_letters(poison)
+        report.count_held((batch.tables.get(m.msg_id) for m in msgs), released=True)
 
 
 def _commit_and_finish(
@@ -288,9 +376,10 @@ def _commit_and_finish(
             # Finish the messages whose every change is settled (applied or refused), keep the rest queued.
             settled = [m for m in p.msgs if m.msg_id < stop.next_msg_id]
             poison = [x for x in p.poison + stop.refused if x.msg_id < stop.next_msg_id]
+            held = [m for m in p.held if m.msg_id < stop.next_msg_id]
             check_lock()
-            _finish(finisher, settled, poison, report)
-            claimed.release(settled)
+            _finish(finisher, settled, poison, report, held)
+            claimed.release(settled + held)
             report.messages += len(settled)
             failed.set()
             raise stop.error from None
@@ -298,12 +387,12 @@ def _commit_and_finish(
             after_d1_commit([m.msg_id for m in p.msgs])
         poison = p.poison + refused
         check_lock()
-        _finish(finisher, p.msgs, poison, report)
-        claimed.release(p.msgs)
+        _finish(finisher, p.msgs, poison, report, p.held)
+        claimed.release(p.msgs + p.held)
     except BaseException:
         failed.set()
         raise
-    report.messages += len(p.msgs)
+    report.messages += len(p.msgs) + len(p.held)
     report.batches += 1
     if options.on_batch is not None:
         options.on_batch(report)
@@ -467,11 +556,21 @@ def _send_to(
             return
 
 
-def _finish(pg: PgmqClient, msgs: list[QueueMessage], poison: list[Poison], report: ApplyReport) -> None:
-    """Dead-letter the poison and delete the whole batch from the queue, in one Postgres transaction."""
+def _finish(
+    pg: PgmqClient,
+    msgs: list[QueueMessage],
+    poison: list[Poison],
+    report: ApplyReport,
+    held: list[QueueMessage] = (),  # type: ignore[assignment]
+) -> None:
+    """Dead-letter the poison, move the held messages to the held queue and delete the whole batch from the
+    queue, in one Postgres transaction."""
+    msgs = [*msgs, *held]
     with pg.transaction():
         if poison:
             pg.dead_letter([(p.msg_id, p.reason, p.table) for p in poison])
+        if held:
+            pg.hold([m.msg_id for m in held])
         deleted = pg.finish([m.msg_id for m in msgs])
     if deleted != len(msgs):
         log.warning("%d of %d messages were already gone from the queue", len(msgs) - deleted, len(msgs))

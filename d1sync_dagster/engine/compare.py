@@ -8,16 +8,18 @@ HTTP would lose digits beyond 2^53), BLOBs as hex, with `typeof` so an integer s
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.core.changes import Key, Row
-from d1sync_dagster.core.convert import CONVERTERS, SqlValue
+from d1sync_dagster.core.convert import CONVERTERS, ConversionError, SqlValue
 from d1sync_dagster.core.plan import sql_literal
 from d1sync_dagster.core.statements import MAX_RESULT_COLUMNS
 from d1sync_dagster.engine.ranges import select_list
+from d1sync_dagster.errors import ReconcileError
 from d1sync_dagster.schema import Table
 from d1sync_dagster.sql.capture import source_relation
 from d1sync_dagster.sql.quoting import ident
@@ -41,18 +43,47 @@ def pg_rows(
     params: list[Any] | None = None,
     *,
     types: dict[str, str] | None = None,
+    unconvertible: dict[Key, str] | None = None,
 ) -> dict[Key, Row]:
     """The source table's rows (`where` narrows them), converted as apply converts them, by key.
 
     With the source's column `types` (`ranges.column_types`), columns that can be are read natively, as a
-    range read does; without, every value goes through to_jsonb (the reference the tests compare against)."""
+    range read does; without, every value goes through to_jsonb (the reference the tests compare against).
+    A row with a value that does not convert (its column was retyped in Postgres) is left out and named in
+    `unconvertible` (key -> reason; its raw key text when the key itself does not convert); without
+    `unconvertible`, it raises `ReconcileError` naming the table, the key and the reason."""
     rows = pg.execute(f"SELECT {select_list(table, types)} FROM {source_relation(table)} {where}", params or [])
     convert = [(i, c, CONVERTERS[t]) for i, (c, t) in enumerate(table.columns.items())]
     out: dict[Key, Row] = {}
     for values in rows:
-        row = {c: None if (v := values[i]) is None else fn(v) for i, c, fn in convert}
+        try:
+            row = {c: None if (v := values[i]) is None else fn(v) for i, c, fn in convert}
+        except ConversionError:
+            key, reason = _unconvertible(table, convert, values)
+            if unconvertible is None:
+                raise ReconcileError(f"{table.name}, key {list(key)}: {reason}") from None
+            unconvertible[key] = reason
+            continue
         out[tuple([row[k] for k in table.key])] = row
     return out
+
+
+def _unconvertible(
+    table: Table, convert: list[tuple[int, str, Callable[[Any], SqlValue]]], values: Sequence[Any]
+) -> tuple[Key, str]:
+    """The key of a source row that does not convert (as D1 holds it, else as text) and the reason."""
+    at = {c: (i, fn) for i, c, fn in convert}
+    try:
+        key: Key = tuple(None if values[at[k][0]] is None else at[k][1](values[at[k][0]]) for k in table.key)
+    except ConversionError:
+        key = tuple(str(values[at[k][0]]) for k in table.key)
+    for i, c, fn in convert:
+        try:
+            if values[i] is not None:
+                fn(values[i])
+        except ConversionError as e:
+            return key, f"column {c!r} does not convert to {table.columns[c]}: {e}"
+    return key, "a value does not convert"
 
 
 class _Torn:

@@ -20,6 +20,7 @@ from d1sync_dagster.clients.d1 import D1Client, HttpD1Client
 from d1sync_dagster.clients.d1_shards import all_databases
 from d1sync_dagster.clients.pgmq import PgmqClient, describe_holders
 from d1sync_dagster.engine.catalog import check_reads_every_row
+from d1sync_dagster.engine.drift import check as check_drift
 from d1sync_dagster.engine.status import d1_meta
 from d1sync_dagster.errors import D1Error, QueueError
 from d1sync_dagster.schema import Schema, Table
@@ -170,6 +171,7 @@ def _postgres(dx: Diagnosis, pg: PgmqClient, schema: Schema, lag_threshold: floa
         )
     for table in schema.tables:
         _capture(dx, pg, table)
+    _drift(dx, pg, schema)
     if usable[pg.queue]:  # what is waiting can only be read with the rights on the queue
         _waiting(dx, pg, lag_threshold, read_dead_letters=usable[pg.dlq])
 
@@ -288,4 +290,30 @@ def capture_findings(pg: PgmqClient, schema: Schema) -> list[Finding]:
     dx = Diagnosis()
     for table in schema.tables:
         _capture(dx, pg, table)
+    _drift(dx, pg, schema)
     return [f for f in dx.findings if f.level != "ok"]
+
+
+def _drift(dx: Diagnosis, pg: PgmqClient, schema: Schema) -> None:
+    """Each column of schema.json the source no longer has as it was (`core/drift.py`), with its fix, and the
+    changes held meanwhile. Capture itself keeps working through any DDL; what breaks is applying."""
+    found = check_drift(pg, schema)
+    try:
+        held = pg.held_by_table() if pg.has_pgmq() else {}
+    except QueueError:  # no rights on the queues: their own findings say so
+        held = {}
+    for table in schema.tables:
+        for d in found.get(table.name, []):
+            dx.add(f"schema {table.name}.{d.column}", "fail" if d.holds else "warn", f"{d.column} {d.detail}", d.fix)
+        if not found.get(table.name):
+            dx.add(f"schema {table.name}", "ok", "the source has every column of schema.json, in types it takes")
+    for name, n in sorted(held.items()):
+        if not any(d.holds for d in found.get(name, [])):
+            dx.add(
+                f"held {name}",
+                "warn",
+                f"{n} change(s) of {name} wait in {pg.held} from a drift that is over",
+                "the next apply applies them first (d1sync apply, or the running stream's next run)",
+            )
+        else:
+            dx.add(f"held {name}", "fail", f"{n} change(s) of {name} wait in {pg.held} until schema.json follows")

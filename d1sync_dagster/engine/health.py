@@ -10,6 +10,7 @@ from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.d1_shards import databases_of
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.engine.catalog import check_reads_every_row
+from d1sync_dagster.engine.drift import check as check_drift
 from d1sync_dagster.errors import QueueError
 from d1sync_dagster.schema import Schema, Table
 from d1sync_dagster.sql.capture import source_relation
@@ -31,6 +32,12 @@ class TableHealth:
     filtered: str | None = None
     #: A sharded table's D1 rows per shard (`d1_rows` is their sum); None for a table in one database.
     shard_rows: dict[str, int] | None = None
+    #: Each drift of the source from schema.json, with its fix (`core/drift.py`).
+    drift: tuple[str, ...] = ()
+    #: Whether any of it holds the table's changes.
+    drift_holds: bool = False
+    #: Changes of the table waiting in the held queue.
+    held: int = 0
 
     @property
     def count_explained(self) -> bool:
@@ -70,6 +77,8 @@ def _read_health(pg: PgmqClient, d1: D1Client, schema: Schema, *, apply_running:
         queued = pg.queued_by_table()
         sources = {t.name: int(pg.execute(f"SELECT count(*) FROM {source_relation(t)}")[0][0]) for t in schema.tables}
     letters = pg.dead_letters_by_table()
+    drifted = check_drift(pg, schema)
+    held = pg.held_by_table()
     out = {}
     for t in schema.tables:
         try:
@@ -90,6 +99,9 @@ def _read_health(pg: PgmqClient, d1: D1Client, schema: Schema, *, apply_running:
             apply_running,
             filtered,
             {s: c for s, c in counts.items() if s is not None} or None,
+            tuple(d.describe() for d in drifted.get(t.name, [])),
+            any(d.holds for d in drifted.get(t.name, [])),
+            held.get(t.name, 0),
         )
     return out
 

@@ -1,11 +1,7 @@
 """`init-schema`: write a `schema.json` from a live Postgres database.
 
-Type mapping (Postgres -> D1), chosen so every value converts exactly by the rules in `core/convert.py`:
-int2/int4/int8/oid -> INTEGER; float4/float8 -> REAL; bool -> BOOLEAN; json/jsonb and arrays -> JSON;
-bytea -> BLOB; text, varchar, char, name, citext, uuid, enums, numeric (kept exact as text), dates, times,
-timestamps, interval, inet/cidr/macaddr, money -> TEXT (as Postgres prints them in JSON). Anything else
-(geometric types, ranges, tsvector, xml, bit strings, composite types) is left out with a note, as are
-tables without a primary key, expression or partial indexes, and tables over D1's 100 columns.
+Type mapping (Postgres -> D1): `core/pgtypes.py`. A column of a type with no D1 type is left out with a
+note, as are tables without a primary key, expression or partial indexes, and tables over D1's 100 columns.
 """
 
 from __future__ import annotations
@@ -14,35 +10,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.core.pgtypes import d1_type
 from d1sync_dagster.errors import SchemaError
 from d1sync_dagster.schema import MAX_COLUMNS, check_identifier, parse_schema
-
-_BY_TYPE = {
-    "int2": "INTEGER", "int4": "INTEGER", "int8": "INTEGER", "oid": "INTEGER",
-    "float4": "REAL", "float8": "REAL",
-    "bool": "BOOLEAN",
-    "json": "JSON", "jsonb": "JSON",
-    "bytea": "BLOB",
-    "text": "TEXT", "varchar": "TEXT", "bpchar": "TEXT", "name": "TEXT", "citext": "TEXT", "uuid": "TEXT",
-    "numeric": "TEXT", "date": "TEXT", "time": "TEXT", "timetz": "TEXT", "timestamp": "TEXT",
-    "timestamptz": "TEXT", "interval": "TEXT", "inet": "TEXT", "cidr": "TEXT", "macaddr": "TEXT",
-    "money": "TEXT",
-}  # fmt: skip
 
 
 @dataclass
 class Introspection:
     schema: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-
-def d1_type(typname: str, typtype: str, is_array: bool) -> str | None:
-    """The D1 type for a Postgres type, or None when it cannot be mapped."""
-    if is_array:
-        return "JSON"
-    if typtype == "e":  # enum
-        return "TEXT"
-    return _BY_TYPE.get(typname)
 
 
 def introspect(pg: PgmqClient, *, tables: list[str] | None = None, schema_name: str = "public") -> Introspection:

@@ -33,13 +33,14 @@ from d1sync_dagster.clients.d1_shards import databases_of, rules_of
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.core import messages
 from d1sync_dagster.core.changes import Key, Row
-from d1sync_dagster.core.convert import to_sqlite
+from d1sync_dagster.core.convert import ConversionError, to_sqlite
 from d1sync_dagster.core.plan import sql_literal
 from d1sync_dagster.core.shards import ShardRule
 from d1sync_dagster.core.statements import MAX_STATEMENT_BYTES
 from d1sync_dagster.engine.apply import ApplyOptions, apply
 from d1sync_dagster.engine.catalog import check_reads_every_row, column_types, key_types
 from d1sync_dagster.engine.compare import column_groups, diff, pg_rows, read_exact, select_exact
+from d1sync_dagster.engine.drift import check as check_drift
 from d1sync_dagster.engine.prefetch import read_ahead
 from d1sync_dagster.engine.tuning import throughput
 from d1sync_dagster.errors import QueueError, ReconcileError
@@ -59,6 +60,11 @@ class TableDrift:
     different: list[Key] = field(default_factory=list)
     d1_rows_read: int = 0
     repaired: int = 0
+    #: Source rows whose values no longer convert to schema.json's types (key -> reason): not compared, never
+    #: repaired (D1 keeps what it has), named so the user can fix schema.json.
+    unconvertible: dict[Key, str] = field(default_factory=dict)
+    #: Why the table could not be compared at all (its source drifted from schema.json), with the fix.
+    problems: list[str] = field(default_factory=list)
     #: A sharded table's drift per shard (the fields above are their sums).
     shards: dict[str, TableDrift] = field(default_factory=dict)
 
@@ -75,6 +81,12 @@ class TableDrift:
         self.different += part.different
         self.d1_rows_read += part.d1_rows_read
         self.repaired += part.repaired
+        self.unconvertible |= part.unconvertible
+        self.problems += [p for p in part.problems if p not in self.problems]
+
+    @property
+    def in_sync(self) -> bool:
+        return self.total == 0 and not self.unconvertible and not self.problems
 
 
 @dataclass
@@ -84,7 +96,7 @@ class ReconcileReport:
 
     @property
     def in_sync(self) -> bool:
-        return all(t.total == 0 for t in self.tables.values())
+        return all(t.in_sync for t in self.tables.values())
 
     @property
     def d1_rows_read(self) -> int:
@@ -110,6 +122,10 @@ class ReconcileReport:
                     "different_keys": keys(t.different),
                     "d1_rows_read": t.d1_rows_read,
                     "repaired": t.repaired,
+                    "unconvertible": [
+                        {"key": keys([k])[0], "reason": why} for k, why in list(t.unconvertible.items())[:max_keys]
+                    ],
+                    "problems": t.problems,
                 }
                 | (
                     {
@@ -257,9 +273,15 @@ def compare_table(
         if on_chunk is not None:
             on_chunk(table.name, drift.d1_rows)
         found = _pg_lookup(
-            pg, table, types, list(chunk), lambda w, p: list(pg_rows(pg, table, w, p, types=all_types).items())
+            pg,
+            table,
+            types,
+            list(chunk),
+            lambda w, p: list(pg_rows(pg, table, w, p, types=all_types, unconvertible=drift.unconvertible).items()),
         )
-        part = diff({k: r for k, r in found if scope.keeps(r)}, chunk)
+        part = diff(
+            {k: r for k, r in found if scope.keeps(r)}, {k: r for k, r in chunk.items() if k not in drift.unconvertible}
+        )
         drift.extra += part.extra
         drift.different += part.different
     drift.source_rows = scope.source_rows(pg, table)
@@ -287,11 +309,13 @@ def _missing(pg: PgmqClient, d1: D1Client, table: Table, chunk_size: int, drift:
         )
         if not rows:
             return missing
-        keys = [
-            tuple(to_sqlite(rec[k], table.columns[k]) for k in table.key)
-            for rec, _ in rows
-            if scope.rule is None or scope.keeps({scope.rule.column: _converted(table, scope.rule.column, rec)})
-        ]
+        keys = []
+        for rec, text in rows:
+            try:
+                if scope.rule is None or scope.keeps({scope.rule.column: _converted(table, scope.rule.column, rec)}):
+                    keys.append(tuple(to_sqlite(rec[k], table.columns[k]) for k in table.key))
+            except ConversionError as e:
+                drift.unconvertible[tuple(text)] = f"the key does not convert: {e}"
         offset_key = list(rows[-1][1])
         if not keys:
             continue
@@ -367,7 +391,13 @@ def reconcile(
     options = apply_options or ApplyOptions()
     apply(pg, d1, schema, options)  # changes in flight are not drift
     report = ReconcileReport()
+    drifted = check_drift(pg, schema)
     for table in chosen:
+        missing = [d.describe() for d in drifted.get(table.name, []) if d.kind != "retyped"]
+        if missing:  # its columns cannot even be read: name why, compare the other tables
+            report.tables[table.name] = TableDrift(problems=missing)
+            log.warning("reconcile %s: not compared: %s", table.name, "; ".join(missing))
+            continue
         rule = rules.get(table.name)
         if rule is None:
             drift = _reconcile_in(pg, d1, d1, schema, table, Scope(), chunk_size, repair_drift, options, on_chunk)
@@ -421,10 +451,13 @@ def _recheck(pg: PgmqClient, d1: D1Client, table: Table, drift: TableDrift, scop
     """Compare only the differing keys again (after a drain): what is still wrong is drift."""
     keys = drift.missing + drift.extra + drift.different
     types, all_types = key_types(pg, table), column_types(pg, table)
-    looked_up = _pg_lookup(pg, table, types, keys, lambda w, p: list(pg_rows(pg, table, w, p, types=all_types).items()))
+    bad = drift.unconvertible
+    looked_up = _pg_lookup(
+        pg, table, types, keys, lambda w, p: list(pg_rows(pg, table, w, p, types=all_types, unconvertible=bad).items())
+    )
     source = {k: r for k, r in looked_up if scope.keeps(r)}
     found, read = d1_lookup(d1, table, keys)
     drift.d1_rows_read += read
-    again = diff(source, found)
+    again = diff(source, {k: r for k, r in found.items() if k not in bad})
     drift.missing, drift.extra, drift.different = again.missing, again.extra, again.different
     return drift

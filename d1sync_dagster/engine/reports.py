@@ -31,6 +31,10 @@ class TableStats:
     deletes: int = 0
     truncates: int = 0
     dead_lettered: int = 0
+    #: Changes moved to the held queue because the table's source drifted (`engine/drift.py`).
+    held: int = 0
+    #: Held changes applied in this run, once schema.json followed.
+    released: int = 0
     statements: int = 0
     rows_written: int = 0
     #: Age of the oldest change applied to the table in the run, from enqueue to the run's read.
@@ -53,6 +57,10 @@ class ApplyReport:
     vacuumed: bool = False
     #: Peak resident memory of the planner process (`engine/planner.py`) in MB, when one ran (Linux).
     planner_peak_mb: float | None = None
+    held: int = 0
+    released: int = 0
+    #: Per table whose source drifted from schema.json: each finding with its fix (`core/drift.py`).
+    drift: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def rows_per_request(self) -> float:
@@ -103,6 +111,15 @@ class ApplyReport:
             else:
                 stats.truncates += 1
 
+    def count_held(self, tables: Iterable[str | None], *, released: bool = False) -> None:
+        """Count changes moved to the held queue (or applied from it, `released`), one table name each."""
+        what = "released" if released else "held"
+        for name in tables:
+            setattr(self, what, getattr(self, what) + 1)
+            stats = self.tables.get(name or "")
+            if stats is not None:
+                setattr(stats, what, getattr(stats, what) + 1)
+
     def count_dead_letters(self, poison: Iterable[Poison]) -> None:
         for p in poison:
             self.dead_lettered += 1
@@ -118,8 +135,12 @@ class ApplyReport:
                     setattr(t, f.name, getattr(t, f.name) + getattr(s, f.name))
             if s.lag_seconds is not None:
                 t.lag_seconds = max(t.lag_seconds or 0.0, s.lag_seconds)
-        for f in ("messages", "batches", "requests", "statements", "rows_written", "rows_sent", "dead_lettered"):
+        for f in (
+            "messages", "batches", "requests", "statements", "rows_written", "rows_sent", "dead_lettered", "held",
+            "released",
+        ):  # fmt: skip
             setattr(self, f, getattr(self, f) + getattr(part, f))
         self.duration_seconds += part.duration_seconds
         self.drained = part.drained
         self.skipped = part.skipped
+        self.drift = part.drift or self.drift

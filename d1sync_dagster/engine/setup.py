@@ -5,6 +5,8 @@ Evolution, decided against what D1 has (its columns and indexes, and the table e
 `_d1sync_meta` at the last setup):
 - a new column is added in place (`ALTER TABLE ADD COLUMN`) and then backfilled, so existing rows get it;
 - a removed column is dropped (`ALTER TABLE DROP COLUMN`), after the indexes that no longer belong;
+- a column renamed in Postgres and then in `schema.json` is renamed in D1 (`ALTER TABLE RENAME COLUMN`) and
+  keeps its data: told by its attnum, which setup records (`d1sync.source_columns`, see `core/drift.py`);
 - a new index is created, an index no longer in `schema.json` dropped (names are deterministic);
 - a changed column type or primary key rebuilds the table: dropped, created anew, backfilled.
 Postgres is set up first, so the triggers already carry new columns when the backfill reads the table.
@@ -22,6 +24,7 @@ from d1sync_dagster.clients.d1_shards import all_databases, databases_of
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.core.statements import Statement
 from d1sync_dagster.engine.backfill import backfill
+from d1sync_dagster.engine.drift import check, live_columns, recorded_columns
 from d1sync_dagster.engine.status import d1_meta
 from d1sync_dagster.errors import QueueError, SchemaError
 from d1sync_dagster.schema import Schema, Table
@@ -59,6 +62,7 @@ class SetupResult:
     dropped_indexes: list[str] = field(default_factory=list)
     rebuilt_tables: list[str] = field(default_factory=list)
     backfilled_tables: list[str] = field(default_factory=list)
+    renamed_columns: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -215,7 +219,26 @@ def _needs_rebuild(table: Table, recorded: dict[str, object] | None) -> bool:
     return changed_type or recorded.get("primaryKey") != now["primaryKey"]
 
 
-def setup_d1(d1: D1Client, schema: Schema) -> SetupResult:
+#: Per table, D1 columns to rename: old name -> new name.
+Renames = dict[str, dict[str, str]]
+
+
+def renamed_columns(pg: PgmqClient, schema: Schema) -> Renames:
+    """Columns of `schema` that the source has under a name the last setup recorded for another column (the
+    same attnum): a rename in Postgres that schema.json now follows. Read before setup records the columns
+    anew."""
+    live, recorded = live_columns(pg, schema), recorded_columns(pg, schema)
+    out: Renames = {}
+    for t in schema.tables:
+        was = {c.attnum: name for name, c in recorded.get(t.name, {}).items() if name not in t.columns}
+        for col in t.columns:
+            now = live.get(t.name, {}).get(col)
+            if col not in recorded.get(t.name, {}) and now is not None and now.attnum in was:
+                out.setdefault(t.name, {})[was[now.attnum]] = col
+    return out
+
+
+def setup_d1(d1: D1Client, schema: Schema, *, renames: Renames | None = None) -> SetupResult:
     """Bring D1 to `schema` in one batch per database (idempotent) and record it. Returns what changed; added
     columns and rebuilt tables need a backfill (`setup` runs it). With shards, each database gets the tables
     it holds (the home database the unsharded ones, each shard the sharded tables routed to it) and the
@@ -228,7 +251,10 @@ def setup_d1(d1: D1Client, schema: Schema) -> SetupResult:
     for t in schema.tables:
         for name, _ in databases_of(d1, t.name):
             parts[name or ""].append(t)
-    results = [_setup_database(databases[n], Schema(tables=tuple(ts)), schema.version) for n, ts in parts.items()]
+    results = [
+        _setup_database(databases[n], Schema(tables=tuple(ts)), schema.version, renames or {})
+        for n, ts in parts.items()
+    ]
     if len(results) == 1:
         return results[0]
 
@@ -243,17 +269,30 @@ def setup_d1(d1: D1Client, schema: Schema) -> SetupResult:
         dropped_columns=merged("dropped_columns"),
         dropped_indexes=merged("dropped_indexes"),
         rebuilt_tables=merged("rebuilt_tables"),
+        renamed_columns=merged("renamed_columns"),
     )
 
 
-def _setup_database(d1: D1Client, schema: Schema, version: str) -> SetupResult:
+def _renamed_spec(recorded: dict[str, object] | None, renames: dict[str, str]) -> dict[str, object] | None:
+    """A recorded table entry with its renamed columns under their new names (a rename is no rebuild)."""
+    if recorded is None or not renames:
+        return recorded
+    cols = recorded.get("columns") or {}
+    assert isinstance(cols, dict)
+    key = recorded.get("primaryKey")
+    key = [renames.get(k, k) for k in key] if isinstance(key, list) else renames.get(str(key), key)
+    return {**recorded, "columns": {renames.get(c, c): v for c, v in cols.items()}, "primaryKey": key}
+
+
+def _setup_database(d1: D1Client, schema: Schema, version: str, renames: Renames) -> SetupResult:
     """`setup_d1` for one database and the tables it holds; records `version`, the whole schema's."""
     state = d1_state(d1, schema) if schema.tables else D1State()
     stmts = [create_meta_table()]
-    added, dropped, dropped_idx, rebuilt = [], [], [], []
+    added, dropped, dropped_idx, rebuilt, renamed = [], [], [], [], []
     for t in schema.tables:
         have = state.columns.get(t.target)
-        if have is not None and _needs_rebuild(t, state.specs.get(t.name)):
+        moves = {old: new for old, new in renames.get(t.name, {}).items() if have and old in have and new not in have}
+        if have is not None and _needs_rebuild(t, _renamed_spec(state.specs.get(t.name), moves)):
             stmts.append(drop_table(t))
             rebuilt.append(t.name)
             have = None
@@ -261,6 +300,10 @@ def _setup_database(d1: D1Client, schema: Schema, version: str) -> SetupResult:
         if have is None:
             stmts += create_indexes(t)
             continue
+        for old, new in moves.items():
+            stmts.append(f"ALTER TABLE {ident(t.target)} RENAME COLUMN {ident(old)} TO {ident(new)}")
+            renamed.append(f"{t.target}.{old} -> {new}")
+            have = (have - {old}) | {new}
         wanted = {index_name(t, cols) for cols in t.indexes}
         for name in sorted(state.indexes.get(t.target, set()) - wanted):
             stmts.append(f"DROP INDEX IF EXISTS {ident(name)}")
@@ -283,7 +326,12 @@ def _setup_database(d1: D1Client, schema: Schema, version: str) -> SetupResult:
         batch.append(Statement(upsert_meta(), (f"table_version:{t.name}", t.version)))
         batch.append(Statement(upsert_meta(), (f"table_spec:{t.name}", json.dumps(t.spec.to_json(), sort_keys=True))))
     d1.batch(batch)
-    for what, items in (("added column", added), ("dropped column", dropped), ("rebuilt table", rebuilt)):
+    for what, items in (
+        ("added column", added),
+        ("dropped column", dropped),
+        ("rebuilt table", rebuilt),
+        ("renamed column", renamed),
+    ):
         for item in items:
             log.warning("%s %s in D1", what, item)
     return SetupResult(
@@ -294,6 +342,7 @@ def _setup_database(d1: D1Client, schema: Schema, version: str) -> SetupResult:
         dropped_columns=dropped,
         dropped_indexes=dropped_idx,
         rebuilt_tables=rebuilt,
+        renamed_columns=renamed,
     )
 
 
@@ -302,8 +351,12 @@ def setup(
 ) -> SetupResult:
     """Both sides, Postgres first; then backfill the tables that gained columns or were rebuilt. `pgmq_sql`:
     see `setup_postgres`."""
+    renames = renamed_columns(pg, schema)
     setup_postgres(pg, schema, pgmq_sql=pgmq_sql)
-    result = setup_d1(d1, schema)
+    result = setup_d1(d1, schema, renames=renames)
+    for found in check(pg, schema).values():
+        for d in found:
+            log.warning("schema drift remains after setup: %s", d.describe())
     need = sorted({c.split(".")[0] for c in result.added_columns} | set(result.rebuilt_tables))
     names = [t.name for t in schema.tables if t.target in need or t.name in need]
     if backfill_changes and names:

@@ -32,6 +32,9 @@ class Status:
     #: The last restore recorded in D1 (a restore rewinds the records too, so a nuke it undid is not shown).
     last_restore: dict[str, Any] | None = None
 
+    #: Changes waiting in the held queue per table, while (or since) its source drifted from schema.json.
+    held: dict[str, int] = field(default_factory=dict)
+
     #: Per shard database: its schema version and what it last applied (a target with shards only).
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -70,6 +73,7 @@ def status(pg: PgmqClient, d1: D1Client, schema: Schema) -> Status:
         queue_depth=m.queue_length,
         oldest_message_age_seconds=m.oldest_msg_age_sec,
         newest_msg_id=m.total_messages,
+        held=pg.held_by_table(),
         dead_letters={t.name: letters.get(t.name, 0) for t in schema.tables}
         | {k: v for k, v in letters.items() if k not in schema.names},
         last_applied_at=meta.get("last_applied_at"),

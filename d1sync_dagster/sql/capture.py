@@ -43,6 +43,11 @@ def dlq_name(queue: str) -> str:
     return f"{queue}_dlq"
 
 
+def held_name(queue: str) -> str:
+    """The queue where a table's changes wait while its source drifted from schema.json (`engine/drift.py`)."""
+    return f"{queue}_held"
+
+
 def _short(name: str) -> str:
     """`name` when it fits Postgres' 63 bytes, else a prefix and a hash of it."""
     if len(name.encode()) <= 63:
@@ -77,13 +82,6 @@ def source_relation(table: Table) -> str:
     return f"{ident(table.spec.source_schema)}.{ident(table.name)}"
 
 
-def _rows(table: Table, transition: str) -> str:
-    """A subquery over a transition table keeping only the replicated columns, so `to_jsonb(r)` of its rows
-    is the record (one pass, any number of columns)."""
-    cols = ", ".join(ident(c) for c in table.columns)
-    return f"(SELECT {cols} FROM {transition}) r"
-
-
 def _message(table: Table, record: str, old_record: str, op: str) -> str:
     return (
         f"pg_catalog.jsonb_build_object('record', {record}, 'old_record', {old_record}, "
@@ -113,20 +111,39 @@ def _enqueue(queue: str, select: str, via: SendVia) -> str:
     )
 
 
+#: Where the install puts the text array of the table's columns that are not replicated (see `capture_function`).
+_OTHER_COLUMNS = "'@d1sync_other_columns@'"
+
+
 def capture_function(table: Table, queue: str, *, via: SendVia = "insert") -> str:
-    """`CREATE OR REPLACE FUNCTION` for the table's capture trigger function of `queue`."""
+    """A `DO` block that creates (or replaces) the table's capture trigger function of `queue`.
+
+    No DDL on the table may make capture fail inside the application's transaction, and PL/pgSQL bodies are
+    not dependencies: a column the function named could be dropped or renamed, and every later write would
+    fail. So the function names no column. A row's record is its whole `to_jsonb` less the columns that are
+    not replicated (`- text[]`, one pass), a list the block reads from the catalog when it runs: only the
+    replicated columns travel, at the cost the named columns had (benchmarks/trigger_overhead.py). After a
+    DDL the function keeps working unchanged:
+    - a replicated column dropped or renamed is missing from the record (a renamed one's values travel under
+      its new name, so the change replays once schema.json follows); the consumer sees the missing column and
+      holds the table's changes (`engine/drift.py`) instead of writing NULL for it;
+    - a retyped column travels in its new type; the consumer holds the table when its values no longer
+      convert;
+    - a column added since the install travels too, ignored by the consumer, until `d1sync setup` runs again
+      (`doctor` names it).
+    UPDATE rows are paired by their key values as JSON (`j->'k'`), for the same reason."""
     check_queue_name(queue)
-    keys = ", ".join(f"r.{ident(k)} AS k{i}" for i, k in enumerate(table.key))
-    join = " AND ".join(f"n.k{i} = o.k{i}" for i in range(len(table.key)))
     fn = f"{ident(FUNCTION_SCHEMA)}.{ident(function_name(table, queue))}"
-    insert = (
-        f"SELECT {_message(table, 'pg_catalog.to_jsonb(r)', 'NULL', 'INSERT')} AS m FROM {_rows(table, 'new_rows')}"
-    )
-    delete = (
-        f"SELECT {_message(table, 'NULL', 'pg_catalog.to_jsonb(r)', 'DELETE')} AS m FROM {_rows(table, 'old_rows')}"
-    )
-    update = f"""WITH o AS (SELECT {keys}, pg_catalog.to_jsonb(r) AS r FROM {_rows(table, "old_rows")}),
-           n AS (SELECT {keys}, pg_catalog.to_jsonb(r) AS r FROM {_rows(table, "new_rows")})
+    rec = f"(pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) {_OTHER_COLUMNS}::text[])"
+    insert = f"SELECT {_message(table, rec, 'NULL', 'INSERT')} AS m FROM new_rows r"
+    delete = f"SELECT {_message(table, 'NULL', rec, 'DELETE')} AS m FROM old_rows r"
+    # The whole row once per row (OFFSET 0: not flattened, or each `j` below would compute it again).
+    rows = "(SELECT pg_catalog.to_jsonb(t) AS j FROM {} t OFFSET 0) x"
+    keys = ", ".join(f"x.j->{literal(k)} AS k{i}" for i, k in enumerate(table.key))
+    pair = f"x.j OPERATOR(pg_catalog.-) {_OTHER_COLUMNS}::text[]"
+    join = " AND ".join(f"n.k{i} = o.k{i}" for i in range(len(table.key)))
+    update = f"""WITH o AS (SELECT {keys}, {pair} AS r FROM {rows.format("old_rows")}),
+           n AS (SELECT {keys}, {pair} AS r FROM {rows.format("new_rows")})
       SELECT m FROM (
         SELECT 0 AS ord, {_message(table, "NULL", "o.r", "DELETE")} AS m
           FROM o WHERE NOT EXISTS (SELECT 1 FROM n WHERE {join})
@@ -136,7 +153,7 @@ def capture_function(table: Table, queue: str, *, via: SendVia = "insert") -> st
           WHERE o.r IS DISTINCT FROM n.r
       ) c ORDER BY ord"""
     truncate = f"SELECT {_message(table, 'NULL', 'NULL', 'TRUNCATE')} AS m"
-    return f"""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger
+    body = f"""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $fn$
 DECLARE
   msgs jsonb[];
@@ -153,6 +170,19 @@ BEGIN
   RETURN NULL;
 END
 $fn$;"""
+    replicated = "ARRAY[" + ", ".join(literal(c) for c in table.columns) + "]::name[]"
+    return f"""DO $install$
+DECLARE
+  other text[];
+BEGIN
+  -- The columns that are not replicated, as the table has them now: each record leaves them out.
+  SELECT coalesce(pg_catalog.array_agg(a.attname::text ORDER BY a.attnum), '{{}}') INTO other
+    FROM pg_catalog.pg_attribute a
+   WHERE a.attrelid = {literal(source_relation(table))}::regclass AND a.attnum > 0 AND NOT a.attisdropped
+     AND a.attname <> ALL ({replicated});
+  EXECUTE pg_catalog.replace($body${body}$body$, {literal(_OTHER_COLUMNS)}, pg_catalog.quote_literal(other::text));
+END
+$install$;"""
 
 
 _REFERENCING = {
@@ -181,6 +211,7 @@ def triggers(table: Table, queue: str = DEFAULT_QUEUE) -> str:
 def queue_setup(queue: str) -> str:
     """PGMQ (extension, unless its SQL install is already there), the queue and its dead-letter queue."""
     q, dlq = literal(check_queue_name(queue)), literal(check_queue_name(dlq_name(queue)))
+    held = literal(check_queue_name(held_name(queue)))
     return f"""-- PGMQ: the extension on Supabase; skipped where PGMQ was installed from its SQL file.
 DO $$
 BEGIN
@@ -199,6 +230,10 @@ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = {dlq}) THEN
     PERFORM pgmq.create({dlq});
   END IF;
+  -- Where a table's changes wait while its source drifted from schema.json.
+  IF NOT EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = {held}) THEN
+    PERFORM pgmq.create({held});
+  END IF;
 END
 $$;
 
@@ -215,7 +250,95 @@ CREATE TABLE IF NOT EXISTS {ident(FUNCTION_SCHEMA)}.backfill_progress (
   updated_at timestamptz NOT NULL DEFAULT now(),
   finished_at timestamptz,
   PRIMARY KEY (queue, table_name)
-);"""
+);
+
+{source_columns_setup()}"""
+
+
+SOURCE_COLUMNS = f"{ident(FUNCTION_SCHEMA)}.source_columns"
+WATCH_TRIGGER = "d1sync_watch_ddl"
+
+
+def source_columns_setup() -> str:
+    """The record of each replicated column as setup found it (its attnum survives a rename, so drift tells a
+    renamed column from a dropped one), and the event trigger that names drift when the DDL runs."""
+    return f"""-- Each replicated column as the last setup found it in the source (drift is told against it).
+CREATE TABLE IF NOT EXISTS {SOURCE_COLUMNS} (
+  queue text NOT NULL,
+  table_schema text NOT NULL,
+  table_name text NOT NULL,
+  column_name text NOT NULL,
+  attnum smallint NOT NULL,
+  pg_type text NOT NULL,
+  recorded_at timestamptz NOT NULL DEFAULT now(),
+  PRIMARY KEY (queue, table_schema, table_name, column_name)
+);
+
+-- Names drift in the session that runs the DDL (a WARNING) and wakes the streaming apply. It never fails
+-- the DDL. Supabase lets its postgres role create event triggers (supautils), which then skip DDL run by
+-- superusers; where no event trigger may be created, drift is found at apply time and by d1sync doctor.
+CREATE OR REPLACE FUNCTION {ident(FUNCTION_SCHEMA)}.watch_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $fn$
+DECLARE
+  d record;
+BEGIN
+  FOR d IN
+    SELECT s.queue, s.table_schema, s.table_name, s.column_name, s.pg_type, a.attname AS now_name,
+           pg_catalog.format_type(a.atttypid, a.atttypmod) AS now_type
+      FROM (SELECT DISTINCT e.objid FROM pg_catalog.pg_event_trigger_ddl_commands() e
+             WHERE e.object_type IN ('table', 'table column')) c
+      JOIN pg_catalog.pg_class k ON k.oid = c.objid
+      JOIN pg_catalog.pg_namespace n ON n.oid = k.relnamespace
+      JOIN {SOURCE_COLUMNS} s ON s.table_schema = n.nspname AND s.table_name = k.relname
+      LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = k.oid AND a.attnum = s.attnum AND NOT a.attisdropped
+     WHERE a.attname IS DISTINCT FROM s.column_name::name
+        OR pg_catalog.format_type(a.atttypid, a.atttypmod) IS DISTINCT FROM s.pg_type
+  LOOP
+    RAISE WARNING '%', pg_catalog.format(
+      'd1sync: column %I of %I.%I is replicated to D1 (queue %s) and was %s. Until schema.json follows, its '
+      'changes are held where they cannot apply. Fix: %s in schema.json, then run d1sync setup.',
+      d.column_name, d.table_schema, d.table_name, d.queue,
+      CASE WHEN d.now_name IS NULL THEN 'dropped'
+           WHEN d.now_name <> d.column_name::name THEN pg_catalog.format('renamed to %I', d.now_name)
+           ELSE pg_catalog.format('changed from %s to %s', d.pg_type, d.now_type) END,
+      CASE WHEN d.now_name IS NULL THEN pg_catalog.format('remove %I from %I', d.column_name, d.table_name)
+           WHEN d.now_name <> d.column_name::name
+             THEN pg_catalog.format('rename %I to %I in %I', d.column_name, d.now_name, d.table_name)
+           ELSE pg_catalog.format('check the type of %I in %I (d1sync doctor says which D1 type fits)',
+                                  d.column_name, d.table_name) END);
+    PERFORM pg_catalog.pg_notify('d1sync_' || d.queue, 'ddl');
+  END LOOP;
+EXCEPTION WHEN OTHERS THEN
+  RAISE WARNING 'd1sync could not compare this DDL with schema.json: %', SQLERRM;
+END
+$fn$;
+
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = {literal(WATCH_TRIGGER)}) THEN
+    CREATE EVENT TRIGGER {ident(WATCH_TRIGGER)} ON ddl_command_end WHEN TAG IN ('ALTER TABLE')
+      EXECUTE FUNCTION {ident(FUNCTION_SCHEMA)}.watch_ddl();
+  END IF;
+EXCEPTION WHEN insufficient_privilege THEN
+  RAISE NOTICE 'd1sync: this role may not create event triggers; drift is found at apply time and by d1sync doctor';
+END
+$$;"""
+
+
+def record_columns(table: Table, queue: str) -> str:
+    """Record the table's replicated columns as the source has them now. A column of schema.json that the
+    source no longer has keeps its last record, so that drift can still tell where it went."""
+    q, sch, name = literal(check_queue_name(queue)), literal(table.spec.source_schema), literal(table.name)
+    cols = "ARRAY[" + ", ".join(literal(c) for c in table.columns) + "]::text[]"
+    return f"""DELETE FROM {SOURCE_COLUMNS}
+ WHERE queue = {q} AND table_schema = {sch} AND table_name = {name} AND column_name <> ALL ({cols});
+INSERT INTO {SOURCE_COLUMNS} (queue, table_schema, table_name, column_name, attnum, pg_type)
+SELECT {q}, {sch}, {name}, a.attname, a.attnum, pg_catalog.format_type(a.atttypid, a.atttypmod)
+  FROM pg_catalog.pg_attribute a
+ WHERE a.attrelid = {literal(source_relation(table))}::regclass AND a.attnum > 0 AND NOT a.attisdropped
+   AND a.attname::text = ANY ({cols})
+ON CONFLICT (queue, table_schema, table_name, column_name)
+DO UPDATE SET attnum = excluded.attnum, pg_type = excluded.pg_type, recorded_at = now();"""
 
 
 def example_source_tables() -> str:
@@ -237,6 +360,7 @@ def migration(schema: Schema, *, queue: str = DEFAULT_QUEUE, via: SendVia = "ins
             f"-- {table.name} -> D1 table {table.target}",
             capture_function(table, queue, via=via),
             triggers(table, queue),
+            record_columns(table, queue),
         ]
     return "\n".join(parts) + "\n"
 

@@ -43,9 +43,10 @@ def test_definitions_name_assets_checks_jobs_and_sensor():
         "row_count_matches_source",
         "replication_lag_under_threshold",
         "no_dead_letters",
+        "source_matches_schema",
         "rows_match_source",
     }
-    assert len(graph.asset_check_keys) == 8
+    assert len(graph.asset_check_keys) == 10
     assert defs.resolve_job_def(APPLY_JOB) is not None and defs.resolve_job_def("d1sync_setup") is not None
     assert defs.resolve_sensor_def("pgmq_depth_sensor") is not None
     assert set(defs.resources) >= {"postgres", "d1"}
@@ -143,7 +144,7 @@ def test_checks_pass_on_a_synced_table_and_fail_on_a_drifted_one(env):
     pg.execute("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 10) g")
     dg.materialize([build_table_assets(SCHEMA)], resources=resources)
     outcomes = check_outcomes(checks_result(resources))
-    assert len(outcomes) == 6 and all(outcomes.values()), outcomes
+    assert len(outcomes) == 8 and all(outcomes.values()), outcomes
 
     d1.query("DELETE FROM apps WHERE id = 3")  # drift behind the pipeline's back
     pg.send_batch([{"type": "INSERT", "table": "apps", "record": {"id": "bad"}}])
@@ -408,7 +409,7 @@ def test_apply_job_runs_the_cheap_checks_but_not_the_full_comparison(env):
     names = [
         e.event_specific_data.check_name for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"
     ]
-    assert len(names) == 6 and "rows_match_source" not in names
+    assert len(names) == 8 and "rows_match_source" not in names
 
 
 def test_the_doctor_job_says_why_replication_is_broken(env):
@@ -443,7 +444,7 @@ def test_a_sensor_run_records_only_the_tables_its_changes_reached_and_checks_all
     )
     assert result.success and set(materializations(result)) == {APPS}
     outcomes = check_outcomes(result)  # the checks of the unchanged table still run
-    assert len(outcomes) == 6 and all(outcomes.values()), outcomes
+    assert len(outcomes) == 8 and all(outcomes.values()), outcomes
     assert materializations(result)[APPS]["dagster/row_count"].value == 1
     # A run launched by hand records every selected table, changed or not.
     assert set(materializations(dg.materialize([build_table_assets(SCHEMA)], resources=resources))) == {APPS, VERSIONS}
@@ -469,7 +470,13 @@ def test_backfill_as_a_materialization_of_the_selected_table_records_its_figures
     assert md["backfill_chunks"].value == 3 and md["dagster/row_count"].value == 130
     outcomes = check_outcomes(result)
     assert set(outcomes) == {
-        ("apps", c) for c in ("row_count_matches_source", "replication_lag_under_threshold", "no_dead_letters")
+        ("apps", c)
+        for c in (
+            "row_count_matches_source",
+            "replication_lag_under_threshold",
+            "no_dead_letters",
+            "source_matches_schema",
+        )
     }
     assert all(outcomes.values()), outcomes
     (res,) = d1.query("SELECT count(*) AS n FROM apps")
@@ -599,7 +606,7 @@ def test_the_stream_run_applies_changes_written_after_it_started_records_changed
     assert sum(m.metadata["messages"].value for m in mats) == 3
     assert all(m.metadata["applied_change_age_seconds"].value < 1.0 for m in mats)
     outcomes = check_outcomes(result)
-    assert len(outcomes) == 6 and all(outcomes.values()), outcomes
+    assert len(outcomes) == 8 and all(outcomes.values()), outcomes
     (res,) = d1.query("SELECT count(*) AS n FROM apps")
     assert res.results == [{"n": 3}]
     md = output_metadata(result, "d1sync_stream_op")

@@ -48,7 +48,7 @@ def test_migration_file_runs_as_is_twice(source_db):
         conn.execute(text.encode())
         queues = [r[0] for r in conn.execute("SELECT queue_name FROM pgmq.meta ORDER BY 1")]
         triggers = conn.execute("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'd1sync_capture_%'").fetchone()[0]
-    assert queues == ["replicate_data", "replicate_data_dlq"]
+    assert queues == ["replicate_data", "replicate_data_dlq", "replicate_data_held"]
     assert triggers == 8
 
 

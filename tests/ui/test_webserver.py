@@ -49,6 +49,7 @@ def test_ui_shows_assets_checks_sensor_schedule_and_jobs(webserver):
         "row_count_matches_source",
         "replication_lag_under_threshold",
         "no_dead_letters",
+        "source_matches_schema",
         "rows_match_source",
     }
     jobs = {j["name"] for j in repo["jobs"]}
