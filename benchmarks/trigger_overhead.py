@@ -54,8 +54,8 @@ DO $$
 BEGIN
   FOR g IN 1..%s LOOP
     INSERT INTO public.apps (id, owner_id, name, is_public, settings, rating, created_at)
-    VALUES (g, gen_random_uuid(), 'app ' || g, g %% 2 = 0, jsonb_build_object('n', g, 'tags', jsonb_build_array('a', 'b')),
-            g / 7.0, now());
+    VALUES (g, gen_random_uuid(), 'app ' || g, g %% 2 = 0,
+            jsonb_build_object('n', g, 'tags', jsonb_build_array('a', 'b')), g / 7.0, now());
   END LOOP;
 END $$
 """
@@ -125,8 +125,7 @@ def main() -> None:
         print(f"  d1sync is {med['per-row'] / med['d1sync']:.2f}x faster than the per-row design in total time")
         print(
             f"  time the capture adds: d1sync {extra['d1sync']:.3f} s, send_batch {extra['send_batch']:.3f} s, "
-            f"per-row {extra['per-row']:.3f} s"
-            + (f", before {extra['before']:.3f} s" if "before" in extra else "")
+            f"per-row {extra['per-row']:.3f} s" + (f", before {extra['before']:.3f} s" if "before" in extra else "")
         )
 
 
