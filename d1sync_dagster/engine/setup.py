@@ -31,8 +31,10 @@ from d1sync_dagster.schema import Schema, Table
 from d1sync_dagster.sql.capture import (
     DEFAULT_QUEUE,
     FUNCTION_SCHEMA,
+    SOURCE_COLUMNS,
     dlq_name,
     function_name,
+    held_name,
     migration,
     remove_capture,
     source_relation,
@@ -174,8 +176,8 @@ def _drop_legacy_capture(pg: PgmqClient, schema: Schema) -> None:
 
 def teardown_postgres(pg: PgmqClient, schema: Schema, *, drop_queue: bool = False) -> list[str]:
     """Remove this queue's capture (triggers and functions) from the schema's tables, and with `drop_queue`
-    the queue and its dead-letter queue. Other queues' capture on the same tables stays exactly as it was.
-    Returns the tables whose capture was removed."""
+    the queue, its dead-letter and held queues and its record of the source columns. Other queues' capture on
+    the same tables stays exactly as it was. Returns the tables whose capture was removed."""
     removed = []
     with pg.transaction():
         for table in schema.tables:
@@ -183,7 +185,9 @@ def teardown_postgres(pg: PgmqClient, schema: Schema, *, drop_queue: bool = Fals
                 pg.execute(remove_capture(table, pg.queue))
                 removed.append(table.name)
         if drop_queue:
-            for name in (pg.queue, dlq_name(pg.queue)):
+            if pg.execute("SELECT to_regclass(%s) IS NOT NULL", [SOURCE_COLUMNS])[0][0]:
+                pg.execute(f"DELETE FROM {SOURCE_COLUMNS} WHERE queue = %s", [pg.queue])
+            for name in (pg.queue, dlq_name(pg.queue), held_name(pg.queue)):
                 if pg.execute("SELECT EXISTS (SELECT 1 FROM pgmq.meta WHERE queue_name = %s)", [name])[0][0]:
                     pg.execute("SELECT pgmq.drop_queue(%s)", [name])
     return removed
