@@ -14,7 +14,7 @@ import dagster as dg
 
 from d1sync_dagster import config
 from d1sync_dagster.defs.assets import build_table_assets, source_spec
-from d1sync_dagster.defs.checks import all_cheap_check_keys, build_reconcile_checks
+from d1sync_dagster.defs.checks import all_cheap_check_keys, build_reconcile_checks, build_source_checks
 from d1sync_dagster.defs.jobs import build_backfill_job, build_doctor_job, build_nuke_job, build_setup_job
 from d1sync_dagster.defs.keys import Wiring
 from d1sync_dagster.defs.resources import D1Resource, PostgresResource
@@ -166,7 +166,7 @@ def _target_definitions(schema: Schema, target: Target, wiring: Wiring) -> dg.De
     )
     return dg.Definitions(
         assets=[tables],
-        asset_checks=[drift],
+        asset_checks=[drift, build_source_checks(schema, wiring=wiring)],
         sensors=[sensor],
         schedules=[schedule],
         jobs=[

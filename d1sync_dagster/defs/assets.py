@@ -17,7 +17,7 @@ from pydantic import Field
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.defs import guard
-from d1sync_dagster.defs.checks import table_check_specs, table_outcomes
+from d1sync_dagster.defs.checks import source_outcomes, table_check_specs, table_outcomes
 from d1sync_dagster.defs.keys import DEFAULT, Wiring, asset_key, source_key
 from d1sync_dagster.defs.resources import open_clients
 from d1sync_dagster.engine.apply import ApplyOptions, apply
@@ -102,6 +102,9 @@ def table_metadata(stats: TableStats, run_figures: dict[str, float]) -> dict[str
         # `oldest_waiting_seconds` is how old the oldest change still waiting is.
         "applied_change_age_seconds": dg.MetadataValue.float(float(round(stats.lag_seconds or 0.0, 3))),
     }
+    if stats.held or stats.released:  # the source drifted from schema.json (docs/design.md, "Schema drift")
+        md["held_changes"] = dg.MetadataValue.int(stats.held)
+        md["released_changes"] = dg.MetadataValue.int(stats.released)
     md |= {f"run_{k}": dg.MetadataValue.float(float(round(v, 2))) for k, v in run_figures.items()}
     md["summary"] = dg.MetadataValue.md(
         "| messages | upserts | deletes | dead letters | D1 rows written | oldest applied change (s) |\n"
@@ -211,6 +214,8 @@ def build_table_assets(
         )
         for outcome in outcomes:
             yield outcome.result()
+        for outcome in source_outcomes(health, schema, [t.name for t in chosen], wiring):
+            context.log_event(outcome.evaluation())
 
     return d1_tables
 

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from d1sync_dagster.defs.keys import DEFAULT, Wiring
 from d1sync_dagster.defs.resources import open_clients
+from d1sync_dagster.engine.drift import check as check_drift
 from d1sync_dagster.engine.health import TableHealth
 from d1sync_dagster.engine.reconcile import reconcile
 from d1sync_dagster.schema import Schema
@@ -197,12 +198,72 @@ def table_outcomes(
             figures = {"dead_letters": h.dead_letters}
             out.append(Outcome(check_key.asset_key, DEAD_LETTERS, h.dead_letters == 0, figures, says))
         elif check_key.name == SOURCE_SCHEMA:
-            says = " | ".join(h.drift) if h.drift else "the source has every replicated column"
-            if h.held:
-                says += f" | {h.held} change(s) held until schema.json follows and d1sync setup runs"
-            figures = {"drifted_columns": len(h.drift), "held_changes": h.held}
-            out.append(Outcome(check_key.asset_key, SOURCE_SCHEMA, not h.drift_holds, figures, says))
+            out.append(schema_outcome(check_key.asset_key, SOURCE_SCHEMA, h.drift, h.drift_holds, h.held))
     return out
+
+
+def schema_outcome(key: dg.AssetKey, name: str, drift: Iterable[str], holds: bool, held: int) -> Outcome:
+    """`source_matches_schema`, on a D1 table's asset or on its Postgres source's: each drift with its fix,
+    and the changes held meanwhile. Fails while the drift holds the table's changes."""
+    found = list(drift)
+    says = " | ".join(found) if found else "the source has every replicated column, in types schema.json takes"
+    if held:
+        says += f" | {held} change(s) held until schema.json follows and d1sync setup runs"
+    return Outcome(key, name, not holds, {"drifted_columns": len(found), "held_changes": held}, says)
+
+
+def source_outcomes(
+    health: Mapping[str, TableHealth], schema: Schema, tables: Iterable[str], wiring: Wiring = DEFAULT
+) -> list[Outcome]:
+    """`source_matches_schema` on the Postgres source assets of `tables`, from the same reading (logged as
+    evaluations: the D1 multi-asset cannot declare checks on assets it does not materialize)."""
+    return [
+        schema_outcome(wiring.source_key(t), wiring.name(SOURCE_SCHEMA), h.drift, h.drift_holds, h.held)
+        for t in schema.tables
+        if t.name in set(tables) and (h := health.get(t.name)) is not None
+    ]
+
+
+def build_source_checks(schema: Schema, *, wiring: Wiring = DEFAULT) -> dg.AssetChecksDefinition:
+    """`source_matches_schema` per Postgres source table, runnable on its own from the UI (two catalog
+    queries); applies and the streaming run evaluate it too, with the D1 tables' checks."""
+    specs = [
+        dg.AssetCheckSpec(
+            wiring.name(SOURCE_SCHEMA),
+            asset=wiring.source_key(t),
+            description=(
+                f"`{t.spec.source_schema}.{t.name}` still has every column schema.json replicates"
+                + (f" to target {wiring.target}" if wiring.target else "")
+                + ", in types it takes. A migration that dropped, renamed or retyped one fails it, naming the "
+                "column, how it changed, the fix and the changes held meanwhile."
+            ),
+        )
+        for t in schema.tables
+    ]
+    by_key = {wiring.source_key(t): t for t in schema.tables}
+
+    @dg.multi_asset_check(
+        specs=specs,
+        can_subset=True,
+        name=wiring.name("postgres_source_checks"),
+        required_resource_keys=wiring.resource_keys,
+    )
+    def postgres_source_checks(context: dg.AssetCheckExecutionContext):
+        postgres, d1 = wiring.resources(context)
+        with open_clients(postgres, d1, what="the source check", context=context) as (pg, _):
+            found, held = check_drift(pg, schema), pg.held_by_table()
+        for check_key in context.selected_asset_check_keys:
+            name = by_key[check_key.asset_key].name
+            drift = found.get(name, [])
+            yield schema_outcome(
+                check_key.asset_key,
+                check_key.name,
+                [d.describe() for d in drift],
+                any(d.holds for d in drift),
+                held.get(name, 0),
+            ).result()
+
+    return postgres_source_checks
 
 
 def all_cheap_check_keys(

@@ -10,7 +10,7 @@ import dagster as dg
 from pydantic import Field
 
 from d1sync_dagster.defs.assets import run_figures, table_metadata
-from d1sync_dagster.defs.checks import all_cheap_check_keys, table_outcomes
+from d1sync_dagster.defs.checks import all_cheap_check_keys, source_outcomes, table_outcomes
 from d1sync_dagster.defs.keys import DEFAULT, Wiring
 from d1sync_dagster.defs.resources import open_clients
 from d1sync_dagster.engine.apply import ApplyOptions
@@ -91,6 +91,8 @@ def build_stream_job(
             )
         keys = all_cheap_check_keys(schema, wiring=wiring)
         for outcome in table_outcomes(health, schema, keys, lag_threshold_seconds=lag_threshold_seconds, wiring=wiring):
+            yield outcome.evaluation()
+        for outcome in source_outcomes(health, schema, schema.names, wiring):
             yield outcome.evaluation()
         md: dict[str, Any] = {k: dg.MetadataValue.float(float(round(v, 2))) for k, v in run_figures(report).items()}
         md["wake"] = dg.MetadataValue.text(final.wake)

@@ -46,7 +46,7 @@ def test_definitions_name_assets_checks_jobs_and_sensor():
         "source_matches_schema",
         "rows_match_source",
     }
-    assert len(graph.asset_check_keys) == 10
+    assert len(graph.asset_check_keys) == 12  # five per D1 table, one per Postgres source table
     assert defs.resolve_job_def(APPLY_JOB) is not None and defs.resolve_job_def("d1sync_setup") is not None
     assert defs.resolve_sensor_def("pgmq_depth_sensor") is not None
     assert set(defs.resources) >= {"postgres", "d1"}
@@ -409,7 +409,8 @@ def test_apply_job_runs_the_cheap_checks_but_not_the_full_comparison(env):
     names = [
         e.event_specific_data.check_name for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"
     ]
-    assert len(names) == 8 and "rows_match_source" not in names
+    # four per D1 table, and the source check of each table's Postgres asset
+    assert len(names) == 10 and "rows_match_source" not in names
 
 
 def test_the_doctor_job_says_why_replication_is_broken(env):

@@ -205,3 +205,47 @@ def test_the_event_trigger_names_the_drift_in_the_session_that_runs_the_ddl(pair
         conn.execute("ALTER TABLE apps RENAME COLUMN owner_id TO owner")
         conn.execute("INSERT INTO apps (id, name, owner) VALUES (1, 'x', gen_random_uuid())")
     assert any("owner_id" in s and "renamed to owner" in s and "d1sync setup" in s for s in said), said
+
+
+def test_dagster_checks_on_the_d1_table_and_its_postgres_source_name_the_drift_and_its_fix(local_pair, source_db):
+    import dagster as dg
+
+    from d1sync_dagster.defs.assets import build_table_assets, source_spec
+    from d1sync_dagster.defs.checks import build_source_checks
+    from d1sync_dagster.defs.resources import D1Resource, PostgresResource
+
+    pair = local_pair
+    run_migration(pair, source_db, "ALTER TABLE apps DROP COLUMN rating")
+    resources = {
+        "postgres": PostgresResource(database_url=source_db),
+        "d1": D1Resource(local_path=str(pair.d1.path)),
+    }
+    sources = [source_spec(t) for t in pair.schema.tables]
+    result = dg.materialize(
+        [*sources, build_table_assets(pair.schema), build_source_checks(pair.schema)],
+        resources=resources,
+        selection=dg.AssetSelection.groups("d1"),
+    )
+    assert result.success
+    evaluations = {
+        (tuple(e.event_specific_data.asset_key.path), e.event_specific_data.check_name): e.event_specific_data
+        for e in result.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+    }
+    for key in (("d1", "apps"), ("postgres", "public", "apps")):
+        ev = evaluations[(key, "source_matches_schema")]
+        assert ev.passed is False and 'remove "rating"' in ev.description and "d1sync setup" in ev.description
+        assert ev.metadata["held_changes"].value > 0
+    assert evaluations[(("d1", "app_versions"), "source_matches_schema")].passed is True
+    # the source check alone, as the UI's "Execute checks" runs it
+    alone = dg.materialize(
+        [*sources, build_source_checks(pair.schema)],
+        resources=resources,
+        selection=dg.AssetSelection.all_asset_checks(),
+    )
+    passed = {
+        e.event_specific_data.asset_key.path[-1]: e.event_specific_data.passed
+        for e in alone.all_events
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+    }
+    assert passed == {"apps": False, "app_versions": True}

@@ -119,7 +119,7 @@ def test_dev_runs_the_demo_and_ctrl_c_stops_everything(dev):
     checks = [
         e["evaluation"] for e in run["eventConnection"]["events"] if e["__typename"] == "AssetCheckEvaluationEvent"
     ]
-    assert len(checks) == 8 and all(c["success"] for c in checks), checks
+    assert len(checks) == 10 and all(c["success"] for c in checks), checks
 
     # The global lineage shows the two groups, Postgres sources upstream of the D1 tables (collapsed: Dagster
     # folds groups in the global view); an asset's own lineage shows the tables themselves.
