@@ -167,11 +167,16 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         print(f"apply skipped: {report.skipped}")
     else:
         for name, t in report.tables.items():
-            if t.messages:
+            if t.messages or t.released:
                 print(
                     f"{name}: {t.messages} messages, {t.upserts} upserts, {t.deletes} deletes, "
                     f"{t.dead_lettered} dead-lettered, {t.rows_written} rows written, lag {t.lag_seconds or 0:.1f}s"
+                    + (f", {t.held} held" if t.held else "")
+                    + (f", {t.released} held changes applied" if t.released else "")
                 )
+        for found in report.drift.values():
+            for d in found:
+                print(f"schema drift: {d}")
         print(
             f"applied {report.messages} messages in {report.duration_seconds:.2f}s "
             f"({report.changes_per_second:,.0f}/s), {report.requests} D1 requests, "
@@ -182,7 +187,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             print("(local D1 file: rows written counts table rows only; D1 also bills every index entry written)")
     if report.skipped:
         return 1
-    return 0 if report.dead_lettered == 0 else 1
+    return 0 if report.dead_lettered == 0 and report.held == 0 else 1
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

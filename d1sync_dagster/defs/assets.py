@@ -197,6 +197,9 @@ def build_table_assets(
                 f"{report.requests} D1 requests ({report.rows_per_request:.0f} rows/request), "
                 f"{report.dead_lettered} dead-lettered"
             )
+            for found in report.drift.values():
+                for d in found:
+                    context.log.warning(f"schema drift: {d}")
             figures = run_figures(report)
             for t in chosen:
                 stats = report.tables[t.name]

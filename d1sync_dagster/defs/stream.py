@@ -89,6 +89,9 @@ def build_stream_job(
                 f"streamed {report.messages} messages in {report.duration_seconds:.1f}s ({final.wake}), "
                 f"{report.requests} D1 requests, {report.dead_lettered} dead-lettered"
             )
+        for found in report.drift.values():
+            for d in found:
+                context.log.warning(f"schema drift: {d}")
         keys = all_cheap_check_keys(schema, wiring=wiring)
         for outcome in table_outcomes(health, schema, keys, lag_threshold_seconds=lag_threshold_seconds, wiring=wiring):
             yield outcome.evaluation()
