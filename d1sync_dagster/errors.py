@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 class D1SyncError(Exception):
     """Base class of every error d1sync raises on purpose."""
@@ -90,3 +95,12 @@ class ReconcileError(D1SyncError):
 
 class ConfigError(D1SyncError):
     """Required configuration (environment variables) is missing or inconsistent."""
+
+
+def table_named(by_name: Mapping[str, T], name: str) -> T:
+    """The table of that name, or the `SchemaError` naming the tables there are (`Schema.table` and
+    `PlainSchema.table` share it; it lives here, below both, so neither imports the other)."""
+    found = by_name.get(name)
+    if found is not None:
+        return found
+    raise SchemaError(f"table {name!r} is not in schema.json (known: {', '.join(by_name)})")

@@ -19,8 +19,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator, model_validator
 
-from d1sync_dagster.core.tables import table_named
-from d1sync_dagster.errors import SchemaError
+from d1sync_dagster.errors import SchemaError, table_named
 
 ColumnType = Literal["INTEGER", "TEXT", "BOOLEAN", "JSON", "REAL", "BLOB"]
 
@@ -249,30 +248,36 @@ def _digest(obj: object) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
-def _describe(err: ValidationError) -> str:
+def allowed_keys() -> list[str]:
+    """The keys a table entry may have, as spelled in the file (from the model, so the list cannot go stale)."""
+    return [f.alias or name for name, f in TableSpec.model_fields.items()]
+
+
+def _describe(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
         msg = e["msg"].removeprefix("Value error, ")
         if not loc:
-            lines.append(f"schema.json: {msg}")
+            lines.append(f"{source}: {msg}")
             continue
         table, field = loc[0], ".".join(loc[1:])
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (allowed: primaryKey, columns, indexes, target, sourceSchema)"
+            msg = f"unknown key (allowed: {', '.join(allowed_keys())})"
         where = f"table {table!r}" + (f", field {field!r}" if field else "")
-        lines.append(f"schema.json: {where}: {msg}")
+        lines.append(f"{source}: {where}: {msg}")
     return "\n".join(lines)
 
 
-def parse_schema(data: object) -> Schema:
-    """Validate parsed JSON and return the schema, or raise SchemaError naming table and field."""
+def parse_schema(data: object, *, source: str = "schema.json") -> Schema:
+    """Validate parsed JSON and return the schema, or raise SchemaError naming the file (`source`), table
+    and field."""
     if not isinstance(data, dict):
-        raise SchemaError("schema.json: the top level must be an object of tables")
+        raise SchemaError(f"{source}: the top level must be an object of tables")
     try:
         parsed = _SchemaFile.model_validate(data)
     except ValidationError as e:
-        raise SchemaError(_describe(e)) from None
+        raise SchemaError(_describe(e, source)) from None
     return Schema(tables=tuple(Table(name=n, spec=s) for n, s in parsed.root.items()))
 
 
@@ -287,4 +292,4 @@ def load_schema(path: str | Path) -> Schema:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise SchemaError(f"{p.name}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    return parse_schema(data)
+    return parse_schema(data, source=p.name)

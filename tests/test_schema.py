@@ -138,3 +138,15 @@ def test_identifiers_without_quotes_or_nul_are_accepted_or_refused_with_a_reason
 def test_hostile_but_quotable_identifiers_are_accepted(name):
     schema = parse_schema({name: {"primaryKey": name, "columns": {name: "TEXT", "group": "INTEGER"}}})
     assert schema.tables[0].name == name
+
+
+def test_unknown_key_lists_every_allowed_key_and_the_file_by_its_own_name(tmp_path):
+    p = tmp_path / "prod-tables.json"
+    p.write_text(json.dumps({"t": table(extra=1)}))
+    with pytest.raises(SchemaError) as e:
+        load_schema(p)
+    said = str(e.value)
+    assert said.startswith("prod-tables.json: table 't', field 'extra': unknown key")
+    for key in ("primaryKey", "columns", "indexes", "target", "sourceSchema", "owners", "tags"):
+        assert key in said
+    assert "schema.json" not in said

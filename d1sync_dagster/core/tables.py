@@ -8,25 +8,13 @@ have (`tables`, `by_name`, `table()`; `name`, `target`, `key`, `columns`), so it
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
-from d1sync_dagster.errors import SchemaError
+from d1sync_dagster.errors import table_named
 
 if TYPE_CHECKING:
     from d1sync_dagster.schema import Schema
-
-
-T = TypeVar("T")
-
-
-def table_named(by_name: Mapping[str, T], name: str) -> T:
-    """The table of that name, or the error naming the tables there are (`Schema.table`, `PlainSchema.table`)."""
-    found = by_name.get(name)
-    if found is not None:
-        return found
-    raise SchemaError(f"table {name!r} is not in schema.json (known: {', '.join(by_name)})")
 
 
 @dataclass(frozen=True, eq=False)
