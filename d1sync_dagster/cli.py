@@ -72,6 +72,7 @@ def _cmd_setup(args: argparse.Namespace) -> int:
         "dropped_indexes": result.dropped_indexes,
         "rebuilt_tables": result.rebuilt_tables,
         "backfilled_tables": result.backfilled_tables,
+        "renamed_columns": result.renamed_columns,
     }
     if args.json:
         print(json.dumps(out))
@@ -136,9 +137,11 @@ def _d1(args: argparse.Namespace, settings: config.D1Settings | None = None) -> 
 
 @contextmanager
 def _clients(args: argparse.Namespace) -> Iterator[tuple[PgmqClient, D1Client]]:
-    """Both clients from the environment, closed afterwards."""
+    """Both clients from the environment, closed afterwards. The queue must exist (`require_queue`): a
+    command run before setup, or with a mistyped `D1SYNC_QUEUE`, says so and how to fix it (exit 2)."""
     d1_settings = config.d1_settings()
     with PgmqClient(embedded.source_url(), queue=args.queue) as pg:
+        pg.require_queue()
         d1 = _d1(args, d1_settings)
         try:
             yield pg, d1

@@ -317,3 +317,21 @@ def test_every_command_works_on_the_target_it_is_given(source_db, tmp_path):
     with psycopg.connect(source_db) as conn:
         names = {r[0] for r in conn.execute("SELECT tgname FROM pg_trigger WHERE tgname LIKE 'd1sync_capture%'")}
     assert names == {f"d1sync_capture_{e}" for e in ("insert", "update", "delete", "truncate")}
+
+
+def test_a_missing_queue_or_pgmq_exits_2_naming_it_and_the_fix(source_db, tmp_path):
+    env = {"DATABASE_URL": source_db, "D1_LOCAL_PATH": str(tmp_path / "d1.sqlite")}
+    before = run("status", env=env)  # PGMQ is installed here, the queue not yet
+    assert before.returncode == 2, before.stderr
+    assert "queue replicate_data does not exist" in before.stderr and "d1sync setup" in before.stderr
+    assert run("setup", env=env).returncode == 0
+    for command in ("status", "apply"):
+        out = run(command, env=env | {"D1SYNC_QUEUE": "nosuchq"})
+        assert out.returncode == 2, out.stderr
+        assert "the queue nosuchq does not exist" in out.stderr and "queues here: replicate_data" in out.stderr
+        assert "D1SYNC_QUEUE=nosuchq" in out.stderr and "relation" not in out.stderr
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA pgmq CASCADE")
+    out = run("status", env=env)
+    assert out.returncode == 2 and "PGMQ is not installed" in out.stderr and "--install-pgmq" in out.stderr
+    assert 'schema "pgmq" does not exist' not in out.stderr

@@ -496,6 +496,28 @@ class PgmqClient:
         rows = self.execute(f"SELECT {self._QUEUE_OID} IS NOT NULL", [f"q_{queue or self.queue}"])
         return bool(rows[0][0])
 
+    def require_queue(self) -> None:
+        """Raise `ConfigError` with the fix when PGMQ or this queue is missing (before setup, or a mistyped
+        `D1SYNC_QUEUE`), instead of the Postgres error a first query would give."""
+        if not self.has_pgmq():
+            raise ConfigError(
+                "PGMQ is not installed in this database, so there is no queue yet: run d1sync setup (it creates the "
+                "pgmq extension where it can; add --install-pgmq where no extension is available, to install the "
+                "PGMQ SQL bundled with d1sync). On Supabase you may enable pgmq under Database, Extensions first"
+            )
+        if not self.queue_exists():
+            known = [
+                q
+                for (q,) in self.execute("SELECT queue_name FROM pgmq.meta ORDER BY 1")
+                if not q.endswith(("_dlq", "_held"))
+            ]
+            raise ConfigError(
+                f"the queue {self.queue} does not exist in this database"
+                + (f" (queues here: {', '.join(known)})" if known else " (it has no queue yet)")
+                + f": check D1SYNC_QUEUE (default {DEFAULT_QUEUE}), or create it with its capture by running "
+                f"d1sync setup with D1SYNC_QUEUE={self.queue}"
+            )
+
     def missing_queue_rights(self, queue: str | None = None) -> list[str]:
         """The rights this role lacks on a queue: USAGE on schema pgmq, and SELECT, INSERT, UPDATE, DELETE on
         its table (what apply, backfill and dead-lettering need). Empty when it has them all."""

@@ -132,7 +132,8 @@ def _postgres(dx: Diagnosis, pg: PgmqClient, schema: Schema, lag_threshold: floa
             "pgmq",
             "fail",
             "PGMQ is not installed in this database",
-            "CREATE EXTENSION pgmq (Supabase: Database → Extensions → pgmq), then d1sync setup",
+            "CREATE EXTENSION pgmq (Supabase: Database → Extensions → pgmq), then d1sync setup; where no pgmq "
+            "extension is available, d1sync setup --install-pgmq installs the PGMQ SQL bundled with d1sync",
         )
         return
     dx.add("pgmq", "ok", f"PGMQ {install}")
