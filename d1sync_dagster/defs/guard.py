@@ -24,6 +24,8 @@ OPERATION_TAG, LAUNCHED_BY_TAG, SOURCE_TAG, RESTORE_POINT_TAG = (
     "d1sync/source",
     "d1sync/restore_point",
 )
+#: Tag of a destructive run that refused, touching nothing (the deployment does not allow it).
+REFUSED_TAG = "d1sync/refused"
 
 
 def refusal(job: str) -> str:
@@ -32,8 +34,8 @@ def refusal(job: str) -> str:
         f"{job} is disabled in this Dagster deployment: it drops D1 tables, and the Dagster webserver has no "
         f"login, so anyone who can reach it could empty the replica. Nothing was touched. To enable it, set "
         f"{ALLOW_DESTRUCTIVE}=1 in the environment of the code location (the code server and the daemon) and "
-        "reload it, ideally with the webserver behind an authenticating proxy; or run `d1sync nuke --yes` from "
-        "a machine that holds the credentials."
+        "reload it, ideally with the webserver behind an authenticating proxy; or, from a machine that holds the "
+        "credentials, run `d1sync nuke --table <name> --yes` (or `d1sync nuke --all --yes`)."
     )
 
 

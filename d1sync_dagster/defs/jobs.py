@@ -122,7 +122,13 @@ def build_nuke_job(
     )
     def nuke_op(context: dg.OpExecutionContext, config: NukeConfig):
         if not allow_destructive:
-            raise dg.Failure(description=guard.refusal(wiring.name("d1sync_nuke")))
+            # Expected behaviour, not an error: the run ends having touched nothing, and says why (no stack
+            # trace, no red step); the run's tag and output say it was refused.
+            why = guard.refusal(wiring.name("d1sync_nuke"))
+            context.instance.add_run_tags(context.run_id, {guard.REFUSED_TAG: "destructive operations are disabled"})
+            context.log.warning(why)
+            yield dg.Output(None, metadata={"refused": dg.MetadataValue.text(why)})
+            return
         postgres, d1 = wiring.resources(context)
         if config.all_tables == bool(config.table):
             raise dg.Failure(description="set exactly one of all_tables: true or table: <name>")

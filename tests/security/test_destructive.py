@@ -60,11 +60,17 @@ def test_without_the_variable_a_nuke_through_dagster_refuses_and_touches_nothing
     before = state(pg, d1)
     assert before == (30, 1, 1)
     backups = sorted(p.name for p in d1.path.parent.iterdir())
-    result = nuke_through_dagster(resources)
-    assert not result.success
-    why = result.failure_data_for_node("d1sync_nuke_op").user_failure_data.description
-    assert "disabled in this Dagster deployment" in why and "D1SYNC_ALLOW_DESTRUCTIVE=1" in why
-    assert "Nothing was touched" in why
+    with dg.instance_for_test() as instance:
+        result = nuke_through_dagster(resources, instance)
+        # a refusal is expected behaviour: the run ends without an error (no red step, no stack trace), says why
+        # in its log and output, and is tagged as refused
+        assert result.success
+        (output,) = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
+        why = output.event_specific_data.metadata["refused"].value
+        assert "disabled in this Dagster deployment" in why and "D1SYNC_ALLOW_DESTRUCTIVE=1" in why
+        assert "Nothing was touched" in why and "`d1sync nuke --table <name> --yes`" in why
+        assert instance.get_run_by_id(result.run_id).tags["d1sync/refused"] == "destructive operations are disabled"
+        assert not [e for e in result.all_events if e.event_type_value in ("STEP_FAILURE", "ASSET_MATERIALIZATION")]
     assert state(pg, d1) == before  # D1, the queue and the dead letters as they were
     assert sorted(p.name for p in d1.path.parent.iterdir()) == backups  # not even a restore point taken
     description = build_definitions(str(ROOT / "schema.json")).resolve_job_def("d1sync_nuke").description
