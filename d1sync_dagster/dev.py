@@ -13,6 +13,7 @@ import ipaddress
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -111,8 +112,28 @@ def host_warning(host: str) -> str | None:
     )
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse (ConfigError) a port another program listens on, before anything starts: the webserver would
+    fail only seconds later, after the UI's address had been printed (somebody else's page)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise ConfigError(f"cannot use --host {host}: {e.strerror or e}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the webserver does: TIME_WAIT is fine
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ConfigError(
+                f"port {port} on {host} is already in use ({e.strerror or e}): another Dagster UI or another "
+                f"program listens there. Stop it, or choose a free port with d1sync dev --port N"
+            ) from None
+
+
 def run_dev(opts: DevOptions, *, install_signal_handlers: bool = True) -> int:
     """Set up, start the Dagster webserver and daemon, write example changes until stopped; exit code."""
+    check_port(opts.host, opts.port)
     warning = host_warning(opts.host)
     if warning:
         opts.out.write("\n" + "!" * 80 + "\n" + warning + "\n" + "!" * 80 + "\n\n")

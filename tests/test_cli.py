@@ -335,3 +335,19 @@ def test_a_missing_queue_or_pgmq_exits_2_naming_it_and_the_fix(source_db, tmp_pa
     out = run("status", env=env)
     assert out.returncode == 2 and "PGMQ is not installed" in out.stderr and "--install-pgmq" in out.stderr
     assert 'schema "pgmq" does not exist' not in out.stderr
+
+
+def test_dev_on_a_port_in_use_exits_2_at_once_naming_the_port(tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        out = run("dev", "--port", str(port), "--stop-after", "5", env={"D1SYNC_STATE_DIR": str(tmp_path)})
+    assert out.returncode == 2, out.stderr
+    assert f"port {port} on 127.0.0.1 is already in use" in out.stderr and "--port N" in out.stderr
+    assert "Dagster UI" not in out.stdout and time.monotonic() - started < 10
+    assert not (tmp_path / "postgres").exists()  # nothing was started
