@@ -1,16 +1,23 @@
-"""Example writes for the example schema: what the first-run command and the demo use to show rows flowing."""
+"""Example writes for the example schema: what the first-run command and the demo use to show rows flowing.
+
+New apps take their ids from a sequence of their own, `public.d1sync_example_app_ids`, starting far above
+the ids a person types (10^12), so an app inserted by hand (`id = 900000000`, and its `max(id) + 1`
+successor) never collides with the writer's; an id that is taken anyway is skipped, never an error."""
 
 from __future__ import annotations
 
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.errors import SchemaError
 
+IDS = "CREATE SEQUENCE IF NOT EXISTS public.d1sync_example_app_ids START 1000000000000"
+
 WRITES = """
 INSERT INTO public.apps (id, owner_id, name, is_public, settings, rating, icon, created_at)
-SELECT b + g, gen_random_uuid(), 'app ' || (b + g), (b + g) %% 2 = 0,
-       jsonb_build_object('theme', CASE WHEN g %% 3 = 0 THEN 'dark' ELSE 'light' END, 'n', b + g),
-       round((random() * 5)::numeric, 2)::float8, decode(md5((b + g)::text), 'hex'), now() - g * interval '1 hour'
-FROM (SELECT coalesce(max(id), 0) AS b FROM public.apps) base, generate_series(1, %(rows)s) g;
+SELECT i, gen_random_uuid(), 'app ' || i, i %% 2 = 0,
+       jsonb_build_object('theme', CASE WHEN g %% 3 = 0 THEN 'dark' ELSE 'light' END, 'n', i),
+       round((random() * 5)::numeric, 2)::float8, decode(md5(i::text), 'hex'), now() - g * interval '1 hour'
+FROM (SELECT g, nextval('public.d1sync_example_app_ids') AS i FROM generate_series(1, %(rows)s) g) n
+ON CONFLICT (id) DO NOTHING;
 
 INSERT INTO public.app_versions (app_id, version, manifest, downloads, released_at)
 SELECT id, '1.0.' || (id %% 3), jsonb_build_object('min_os', 14, 'features', jsonb_build_array('a', 'b')),
@@ -31,6 +38,7 @@ def example_writes(pg: PgmqClient, *, rows: int) -> None:
             "the example tables public.apps and public.app_versions do not exist (d1sync setup "
             "--create-example-tables creates them)"
         )
+    pg.execute(IDS)
     for statement in WRITES.strip().split(";\n"):
         if statement.strip():
             pg.execute(statement, {"rows": rows})
@@ -38,9 +46,10 @@ def example_writes(pg: PgmqClient, *, rows: int) -> None:
 
 LIVE_WRITES = """
 INSERT INTO public.apps (id, owner_id, name, is_public, settings, rating, icon, created_at)
-SELECT b + g, gen_random_uuid(), 'live app ' || (b + g), random() < 0.5,
-       jsonb_build_object('theme', 'light', 'n', b + g), round((random() * 5)::numeric, 1)::float8, NULL, now()
-FROM (SELECT coalesce(max(id), 0) AS b FROM public.apps) base, generate_series(1, %(rows)s) g;
+SELECT i, gen_random_uuid(), 'live app ' || i, random() < 0.5,
+       jsonb_build_object('theme', 'light', 'n', i), round((random() * 5)::numeric, 1)::float8, NULL, now()
+FROM (SELECT nextval('public.d1sync_example_app_ids') AS i FROM generate_series(1, %(rows)s)) n
+ON CONFLICT (id) DO NOTHING;
 
 INSERT INTO public.app_versions (app_id, version, manifest, downloads, released_at)
 SELECT id, '1.0.0', jsonb_build_object('min_os', 14), 0, now()
@@ -60,6 +69,7 @@ DELETE FROM public.apps WHERE id IN (SELECT id FROM public.apps ORDER BY random(
 def live_writes(pg: PgmqClient, *, rows: int) -> None:
     """One tick of the dev generator: `rows` new apps and versions, `rows` download counts bumped, a quarter
     as many ratings changed and a tenth as many apps deleted, in one transaction."""
+    pg.execute(IDS)
     with pg.transaction():
         for statement in LIVE_WRITES.strip().split(";\n"):
             pg.execute(statement, {"rows": rows})
