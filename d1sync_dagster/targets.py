@@ -212,6 +212,7 @@ def load_targets(schema: Schema, path: str | Path | None = None) -> list[Target]
         raise ConfigError(f"{p.name}: {where}: {first['msg']}") from None
     if not parsed:
         raise ConfigError(f"{p.name}: no targets")
+    _one_file_each(p.name, parsed)
     out, queues = [], {}
     for name, t in parsed.items():
         if not _NAME.match(name):
@@ -247,6 +248,24 @@ def load_targets(schema: Schema, path: str | Path | None = None) -> list[Target]
     return out
 
 
+def _one_file_each(file: str, parsed: dict[str, _Target]) -> None:
+    """Refuse two databases (targets or shards) on one local file, however its paths are spelled
+    (`/x/same.sqlite`, `/x/./same.sqlite`, a symlink): both would write one file, and no repair converges."""
+    seen: dict[str, str] = {}
+    for name, t in parsed.items():
+        for shard, d in (("", t.d1), *(t.shards or {}).items()):
+            if not d.local_path:
+                continue
+            where = f"target {name}" + (f", shard {shard}" if shard else "")
+            real = os.path.realpath(os.path.abspath(os.path.expanduser(d.local_path)))
+            if real in seen:
+                raise ConfigError(
+                    f"{file}: {seen[real]} and {where} use one local file ({real}): each database needs its own "
+                    "localPath"
+                )
+            seen[real] = where
+
+
 def _shards(
     file: str, name: str, t: _Target, schema: Schema, tables: tuple[str, ...]
 ) -> tuple[tuple[tuple[str, Target], ...], tuple[ShardRule, ...]]:
@@ -258,9 +277,6 @@ def _shards(
     for s in shards:
         if not _NAME.match(s):
             raise ConfigError(f"{where}: shard name {s!r}: use lower-case letters, digits and _, at most 30")
-    paths = [d.local_path for d in (t.d1, *shards.values()) if d.local_path]
-    if len(set(paths)) != len(paths):
-        raise ConfigError(f"{where}: two databases share one localPath; each shard needs its own")
     rules = []
     for table, data in (t.shard_by or {}).items():
         if table not in tables:

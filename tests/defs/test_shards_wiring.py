@@ -60,11 +60,13 @@ def test_a_sharded_target_loads_and_opens_every_database(tmp_path):
         ({"shardBy": {"app_versions": {"column": "app_id", "map": {"1": "s0"}}}}, "give `hash`"),
         ({"shards": {}}, "shardBy needs `shards`"),
         ({"shards": {"S0": {"localPath": "x.sqlite"}}, "shardBy": {}}, "shard name 'S0'"),
-        ({"shards": {"s0": {"localPath": "same"}, "s1": {"localPath": "same"}}, "shardBy": {}}, "share one localPath"),
+        ({"shards": {"s0": {"localPath": "same"}, "s1": {"localPath": "same"}}, "shardBy": {}}, "use one local file"),
+        ({"shards": {"s0": {"localPath": "x/s"}, "s1": {"localPath": "x/./s"}}, "shardBy": {}}, "use one local file"),
         ({"tables": ["apps"]}, "shardBy.app_versions: not a table of this target"),
     ],
 )
-def test_every_mistake_in_the_shard_configuration_is_named(tmp_path, change, says):
+def test_every_mistake_in_the_shard_configuration_is_named(tmp_path, change, says, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=says.replace("(", r"\(").replace(")", r"\)")):
         load_targets(SCHEMA, targets_file(tmp_path, **change))
 
@@ -189,3 +191,22 @@ def test_shards_reached_with_one_token_share_its_api_budget(tmp_path):
         d1.close()
     with pytest.raises(ConfigError, match="the environment has no DB_B"):
         open_d1(target, {k: v for k, v in env.items() if k != "DB_B"})
+
+
+def test_one_file_under_two_spellings_or_a_symlink_is_refused_across_shards_and_targets(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    same = {
+        "s0": {"localPath": str(tmp_path / "real" / "a.sqlite")},
+        "s1": {"localPath": str(tmp_path / "link" / "a.sqlite")},
+    }
+    with pytest.raises(ConfigError, match="shard s0 and target prod, shard s1 use one local file"):
+        load_targets(SCHEMA, targets_file(tmp_path, shards=same, shardBy={}))
+    two = {
+        "a": {"queue": "q_one", "d1": {"localPath": str(tmp_path / "x.sqlite")}},
+        "b": {"queue": "q_two", "d1": {"localPath": str(tmp_path / "." / "y" / ".." / "x.sqlite")}},
+    }
+    path = tmp_path / "two.json"
+    path.write_text(json.dumps(two))
+    with pytest.raises(ConfigError, match="target a and target b use one local file"):
+        load_targets(SCHEMA, str(path))
