@@ -15,11 +15,10 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import asdict, replace
-from typing import Any, TextIO
+from typing import Any
 
 from d1sync_dagster import config, embedded
 from d1sync_dagster.clients.d1 import D1Client
@@ -42,6 +41,7 @@ from d1sync_dagster.sql.capture import dlq_name, example_source_tables, migratio
 from d1sync_dagster.sql.d1_ddl import schema_ddl
 from d1sync_dagster.sql.quoting import ident
 from d1sync_dagster.targets import Target, load_targets, open_shards, pick, targets_path
+from d1sync_dagster.terminal import Progress, print_table
 
 
 def _cmd_generate_sql(args: argparse.Namespace) -> int:
@@ -91,43 +91,6 @@ def _cmd_setup(args: argparse.Namespace) -> int:
             for item in items:
                 print(f"  {label}: {item}")
     return 0
-
-
-class Progress:
-    """Progress on stderr: one updating line with rate and ETA on a terminal; otherwise (logs, CI) a plain line
-    every 5 s and a last one at the end."""
-
-    def __init__(self, what: str, total: int | None = None, *, stream: TextIO = sys.stderr) -> None:
-        self.what, self.total, self.stream = what, total, stream
-        self.tty = stream.isatty()
-        self.started = self.last = time.monotonic()
-        self.done: int | None = None
-        self.shown: int | None = None
-
-    def _line(self, done: int, now: float) -> str:
-        rate = done / max(now - self.started, 1e-6)
-        line = f"{self.what}: {done:,}"
-        if self.total:
-            left = max(self.total - done, 0)
-            line += f" of ~{self.total:,} ({min(done / self.total, 1):.0%}), ETA {left / rate if rate else 0:.0f}s"
-        return line + f", {rate:,.0f}/s"
-
-    def update(self, done: int) -> None:
-        self.done = done
-        now = time.monotonic()
-        if not self.tty and now - self.last < 5:
-            return
-        self.last, self.shown = now, done
-        line = self._line(done, now)
-        self.stream.write(("\r" + line + " " * 8) if self.tty else line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-        elif self.done is not None and self.done != self.shown:
-            self.stream.write(self._line(self.done, time.monotonic()) + " (done)\n")
-        self.stream.flush()
 
 
 def _d1(args: argparse.Namespace, settings: config.D1Settings | None = None) -> D1Client:
@@ -208,10 +171,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"last applied: {st.last_applied_at or 'never'} (msg_id {st.last_applied_msg_id or '-'})")
     same = "current" if st.schema_version_applied == st.schema_version_current else "OUT OF DATE: run d1sync setup"
     print(f"schema version in D1: {st.schema_version_applied or 'none'} ({same})")
-    for table, n in st.dead_letters.items():
-        print(f"  {table}: {n} dead letters")
-    for table, n in st.held.items():
-        print(f"  {table}: {n} changes held in {st.queue}_held (its source drifted from schema.json)")
+    if sys.stdout.isatty():
+        names = list(st.dead_letters) + [t for t in st.held if t not in st.dead_letters]
+        rows = [(t, f"{st.dead_letters.get(t, 0):,}", f"{st.held.get(t, 0):,}") for t in names]
+        print_table(("table", "dead letters", f"held in {st.queue}_held"), rows)
+    else:
+        for table, n in st.dead_letters.items():
+            print(f"  {table}: {n} dead letters")
+        for table, n in st.held.items():
+            print(f"  {table}: {n} changes held in {st.queue}_held (its source drifted from schema.json)")
     if st.last_nuke:
         n = st.last_nuke
         print(
@@ -221,8 +189,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if st.last_restore:
         r = st.last_restore
         print(f"last restore: {r.get('at')} to {r.get('bookmark')} by {r.get('launched_by')} from {r.get('source')}")
-    for f in problems:
-        print(f"{f.level.upper()}: {f.check}: {f.detail}; fix: {f.fix}")
+    if problems and sys.stdout.isatty():
+        print_table(("", "check", "problem", "fix"), [(f.level.upper(), f.check, f.detail, f.fix) for f in problems])
+    else:
+        for f in problems:
+            print(f"{f.level.upper()}: {f.check}: {f.detail}; fix: {f.fix}")
     return 1 if failing else 0
 
 
@@ -349,7 +320,13 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         schema,
         lag_threshold_seconds=config.number("D1SYNC_LAG_THRESHOLD_SECONDS", 300),
     )
-    print(json.dumps(dx.to_json()) if args.json else dx.table())
+    if args.json:
+        print(json.dumps(dx.to_json()))
+    elif sys.stdout.isatty():
+        rows = [(f.level.upper(), f.check, f.detail, f.fix if f.level != "ok" else "") for f in dx.findings]
+        print_table(("", "check", "finding", "fix"), rows)
+    else:
+        print(dx.table())
     return dx.exit_code
 
 

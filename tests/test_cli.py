@@ -187,7 +187,7 @@ def test_backfill_verify_and_nuke_from_the_command_line(source_db, tmp_path):
 def test_progress_is_one_updating_line_on_a_terminal_and_plain_lines_otherwise():
     import io
 
-    from d1sync_dagster.cli import Progress
+    from d1sync_dagster.terminal import Progress
 
     class Tty(io.StringIO):
         def isatty(self):
@@ -198,8 +198,9 @@ def test_progress_is_one_updating_line_on_a_terminal_and_plain_lines_otherwise()
     bar.update(250)
     bar.update(500)
     bar.close()
-    text = tty.getvalue()
-    assert text.count("\r") == 2 and "of ~1,000 (50%)" in text and "ETA" in text and text.endswith("\n")
+    text = tty.getvalue()  # a rich bar: the count of the total, the share, the rate and the time left
+    assert "rows" in text and "500/1000" in text and "50%" in text and "/s" in text and "ETA" in text
+    assert text.replace("\x1b[?25h", "").endswith("\n")  # the bar's last state stays on its own line
 
     plain = io.StringIO()
     bar = Progress("rows", None, stream=plain)
@@ -351,3 +352,20 @@ def test_dev_on_a_port_in_use_exits_2_at_once_naming_the_port(tmp_path):
     assert f"port {port} on 127.0.0.1 is already in use" in out.stderr and "--port N" in out.stderr
     assert "Dagster UI" not in out.stdout and time.monotonic() - started < 10
     assert not (tmp_path / "postgres").exists()  # nothing was started
+
+
+def test_tables_are_drawn_on_a_terminal_and_plain_elsewhere():
+    import io
+
+    from d1sync_dagster.terminal import print_table
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty, plain = Tty(), io.StringIO()
+    rows = [("FAIL", "schema apps.rating", "no longer in the Postgres table", 'remove "rating"')]
+    print_table(("", "check", "finding", "fix"), rows, stream=tty)
+    print_table(("", "check", "finding", "fix"), rows, stream=plain)
+    assert "┃" in tty.getvalue() or "│" in tty.getvalue()  # a drawn table
+    assert plain.getvalue() == 'FAIL  schema apps.rating  no longer in the Postgres table  remove "rating"\n'
