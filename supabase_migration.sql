@@ -117,31 +117,32 @@ BEGIN
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $fn$
 DECLARE
   msgs jsonb[];
+  xid bigint := pg_catalog.pg_current_xact_id()::text::bigint;
 BEGIN
   IF TG_OP = 'INSERT' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', (pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[]), 'old_record', NULL, 'type', 'INSERT', 'table', 'apps') AS m FROM new_rows r) s;
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', (pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[]), 'old_record', NULL, 'type', 'INSERT', 'table', 'apps', 'xid', xid) AS m FROM new_rows r) s;
     IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   ELSIF TG_OP = 'DELETE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', (pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[]), 'type', 'DELETE', 'table', 'apps') AS m FROM old_rows r) s;
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', (pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[]), 'type', 'DELETE', 'table', 'apps', 'xid', xid) AS m FROM old_rows r) s;
     IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   ELSIF TG_OP = 'UPDATE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
       SELECT pg_catalog.now(), m FROM (WITH o AS (SELECT x.j->'id' AS k0, x.j OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[] AS r FROM (SELECT pg_catalog.to_jsonb(t) AS j FROM old_rows t OFFSET 0) x),
            n AS (SELECT x.j->'id' AS k0, x.j OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[] AS r FROM (SELECT pg_catalog.to_jsonb(t) AS j FROM new_rows t OFFSET 0) x)
       SELECT m FROM (
-        SELECT 0 AS ord, pg_catalog.jsonb_build_object('record', NULL, 'old_record', o.r, 'type', 'DELETE', 'table', 'apps') AS m
+        SELECT 0 AS ord, pg_catalog.jsonb_build_object('record', NULL, 'old_record', o.r, 'type', 'DELETE', 'table', 'apps', 'xid', xid) AS m
           FROM o WHERE NOT EXISTS (SELECT 1 FROM n WHERE n.k0 = o.k0)
         UNION ALL
-        SELECT 1 AS ord, pg_catalog.jsonb_build_object('record', n.r, 'old_record', o.r, 'type', 'UPDATE', 'table', 'apps') AS m
+        SELECT 1 AS ord, pg_catalog.jsonb_build_object('record', n.r, 'old_record', o.r, 'type', 'UPDATE', 'table', 'apps', 'xid', xid) AS m
           FROM n LEFT JOIN o ON n.k0 = o.k0
           WHERE o.r IS DISTINCT FROM n.r
       ) c ORDER BY ord) s;
     IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   ELSIF TG_OP = 'TRUNCATE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', NULL, 'type', 'TRUNCATE', 'table', 'apps') AS m) s;
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', NULL, 'type', 'TRUNCATE', 'table', 'apps', 'xid', xid) AS m) s;
     IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   END IF;
   RETURN NULL;
@@ -185,31 +186,32 @@ BEGIN
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $fn$
 DECLARE
   msgs jsonb[];
+  xid bigint := pg_catalog.pg_current_xact_id()::text::bigint;
 BEGIN
   IF TG_OP = 'INSERT' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', (pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[]), 'old_record', NULL, 'type', 'INSERT', 'table', 'app_versions') AS m FROM new_rows r) s;
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', (pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[]), 'old_record', NULL, 'type', 'INSERT', 'table', 'app_versions', 'xid', xid) AS m FROM new_rows r) s;
     IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   ELSIF TG_OP = 'DELETE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', (pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[]), 'type', 'DELETE', 'table', 'app_versions') AS m FROM old_rows r) s;
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', (pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[]), 'type', 'DELETE', 'table', 'app_versions', 'xid', xid) AS m FROM old_rows r) s;
     IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   ELSIF TG_OP = 'UPDATE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
       SELECT pg_catalog.now(), m FROM (WITH o AS (SELECT x.j->'app_id' AS k0, x.j->'version' AS k1, x.j OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[] AS r FROM (SELECT pg_catalog.to_jsonb(t) AS j FROM old_rows t OFFSET 0) x),
            n AS (SELECT x.j->'app_id' AS k0, x.j->'version' AS k1, x.j OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[] AS r FROM (SELECT pg_catalog.to_jsonb(t) AS j FROM new_rows t OFFSET 0) x)
       SELECT m FROM (
-        SELECT 0 AS ord, pg_catalog.jsonb_build_object('record', NULL, 'old_record', o.r, 'type', 'DELETE', 'table', 'app_versions') AS m
+        SELECT 0 AS ord, pg_catalog.jsonb_build_object('record', NULL, 'old_record', o.r, 'type', 'DELETE', 'table', 'app_versions', 'xid', xid) AS m
           FROM o WHERE NOT EXISTS (SELECT 1 FROM n WHERE n.k0 = o.k0 AND n.k1 = o.k1)
         UNION ALL
-        SELECT 1 AS ord, pg_catalog.jsonb_build_object('record', n.r, 'old_record', o.r, 'type', 'UPDATE', 'table', 'app_versions') AS m
+        SELECT 1 AS ord, pg_catalog.jsonb_build_object('record', n.r, 'old_record', o.r, 'type', 'UPDATE', 'table', 'app_versions', 'xid', xid) AS m
           FROM n LEFT JOIN o ON n.k0 = o.k0 AND n.k1 = o.k1
           WHERE o.r IS DISTINCT FROM n.r
       ) c ORDER BY ord) s;
     IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   ELSIF TG_OP = 'TRUNCATE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', NULL, 'type', 'TRUNCATE', 'table', 'app_versions') AS m) s;
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', NULL, 'type', 'TRUNCATE', 'table', 'app_versions', 'xid', xid) AS m) s;
     IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   END IF;
   RETURN NULL;

@@ -22,6 +22,7 @@ from typing import Any
 
 from d1sync_dagster import config, embedded
 from d1sync_dagster.clients.d1 import D1Client
+from d1sync_dagster.clients.d1_shards import ShardedD1
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.core.shards import shard_for
 from d1sync_dagster.engine.apply import ApplyOptions, apply
@@ -31,6 +32,7 @@ from d1sync_dagster.engine.demo import example_writes
 from d1sync_dagster.engine.doctor import capture_findings, diagnose
 from d1sync_dagster.engine.introspect import introspect
 from d1sync_dagster.engine.nuke import nuke
+from d1sync_dagster.engine.position import freshness, wait_for_applied
 from d1sync_dagster.engine.reconcile import reconcile
 from d1sync_dagster.engine.restore import restore
 from d1sync_dagster.engine.setup import ensure_schema, setup, teardown_postgres
@@ -169,6 +171,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"PGMQ: {st.pgmq}")
     print(f"queue {st.queue}: {st.queue_depth} messages waiting, oldest {age}, newest msg_id {st.newest_msg_id}")
     print(f"last applied: {st.last_applied_at or 'never'} (msg_id {st.last_applied_msg_id or '-'})")
+    where = f"{st.position} at {st.position_at}" if st.position else "none yet"
+    print(f"position (D1 holds every transaction this snapshot sees): {where}")
     same = "current" if st.schema_version_applied == st.schema_version_current else "OUT OF DATE: run d1sync setup"
     print(f"schema version in D1: {st.schema_version_applied or 'none'} ({same})")
     if sys.stdout.isatty():
@@ -389,6 +393,24 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.in_sync else 1
 
 
+def _cmd_applied(args: argparse.Namespace) -> int:
+    """Whether a source transaction's effects are in D1 (exit 0) or not yet (exit 1), waiting up to --wait."""
+    with closing(_d1(args)) as d1:
+        if args.shard:
+            if not isinstance(d1, ShardedD1) or args.shard not in d1.shards:
+                raise ConfigError(f"no shard {args.shard!r} in this target")
+            d1 = d1.shards[args.shard]
+        arrived = wait_for_applied(d1, args.xid, timeout_seconds=args.wait)
+        fresh = freshness(d1)
+    if args.json:
+        print(json.dumps({"xid": args.xid, "applied": arrived} | asdict(fresh)))
+    else:
+        state = "in D1" if arrived else "not in D1 yet"
+        age = "-" if fresh.age_seconds is None else f"{fresh.age_seconds:.1f}s"
+        print(f"transaction {args.xid}: {state} (position {fresh.position or 'none yet'}, recorded {age} ago)")
+    return 0 if arrived else 1
+
+
 def _cmd_shards(args: argparse.Namespace) -> int:
     data = json.loads(getattr(args, "shards_json", None) or '{"shards": {}, "shardBy": {}}')
     rules = data["shardBy"]
@@ -561,6 +583,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", help="only this shard of the sharded tables (default: every shard)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("applied", help="whether a Postgres transaction id's effects are in D1 (exit 0) or not (1)")
+    common(p)
+    p.add_argument("xid", type=int, help="the transaction id the write path got (pg_current_xact_id())")
+    p.add_argument("--wait", type=float, default=0.0, help="wait up to this many seconds for it")
+    p.add_argument("--shard", help="a sharded target: the shard database that holds the rows")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_applied)
 
     p = sub.add_parser("shards", help="the shard rules of the target (for readers), or the shard of one value")
     common(p)

@@ -262,27 +262,60 @@ class PgmqClient:
         )
         return [r[0] for r in rows]
 
-    def read_in_order(self, qty: int, *, skip: Sequence[int] = (), as_text: bool = False) -> list[QueueMessage]:
+    def read_in_order(
+        self,
+        qty: int,
+        *,
+        skip: Sequence[int] = (),
+        as_text: bool = False,
+        within: str | None = None,
+        upto: int | None = None,
+    ) -> list[QueueMessage]:
         """The `qty` oldest messages (msg_id order) except those in `skip`, read without touching them: no
         visibility timeout is set and no read is counted, so a message costs two row versions (its insert
         and its delete) instead of pgmq.read's three. For the holder of the consumer lock, which knows what
         it has read and not yet finished (`skip`). `<> ALL` over an array is hashed by Postgres 15+. With
         `as_text`, each message is its JSON text as UTF-8 `bytes`, not decoded (`loads_exact` decodes it as
-        the connection would; a decoded message is never `bytes`, so the two cannot be confused)."""
+        the connection would; a decoded message is never `bytes`, so the two cannot be confused). `within`
+        (a snapshot's text) keeps only messages whose source transaction that snapshot sees as committed
+        (and those without one); `upto` only msg_ids up to it (`core/txns.py`)."""
         # The ids go as one array literal in text: psycopg's list dumper costs more Python time per read
         # (taken from the thread that decodes) than the query itself.
         # As text, the rows come in binary: the JSON text arrives as it is (not hex-encoded, as a bytea is in
         # text), and the other columns need no parsing. Not when decoded: the connection's JSON loader
         # (`loads_exact`) is the text one.
         message = "convert_to(message::text, 'UTF8')" if as_text else "message"
+        where, params = "msg_id <> ALL(%s::bigint[])", [_id_array(skip)]
+        if within is not None:
+            where += f" AND {_VISIBLE}"
+            params.append(within)
+        if upto is not None:
+            where += " AND msg_id <= %s"
+            params.append(upto)
         with self._cursor() as cur:
             cur.execute(
                 f"SELECT msg_id, read_ct, enqueued_at, {message} FROM {self._table()} "
-                "WHERE msg_id <> ALL(%s::bigint[]) ORDER BY msg_id LIMIT %s",
-                [_id_array(skip), qty],
+                f"WHERE {where} ORDER BY msg_id LIMIT %s",
+                [*params, qty],
                 binary=as_text,
             )
             return list(map(QueueMessage._make, cur.fetchall()))
+
+    def snapshot(self) -> str:
+        """The current Postgres snapshot, `xmin:xmax:xip` (what a read right now sees as committed)."""
+        return str(self.execute("SELECT pg_current_snapshot()::text")[0][0])
+
+    def txn_ranges(self, *, skip: Sequence[int], within: str) -> list[tuple[int, int, int | None]]:
+        """Per source transaction visible in snapshot `within`, its first and last msg_id among the queued
+        messages (a message without one is its own range). One pass over the queue, reading no more of a
+        message than its `xid` key (`core/txns.py`, `valid_cut`)."""
+        rows = self.execute(
+            f"SELECT min(msg_id), max(msg_id), (message->>'xid')::bigint FROM {self._table()} "
+            f"WHERE msg_id <> ALL(%s::bigint[]) AND {_VISIBLE} "
+            "GROUP BY coalesce(message->>'xid', '-' || msg_id::text), (message->>'xid')::bigint",
+            [_id_array(skip), within],
+        )
+        return [(int(lo), int(hi), None if x is None else int(x)) for lo, hi, x in rows]
 
     def release(self, ids: Sequence[int]) -> None:
         """Make these messages visible again at once (a reader hands back what it read but will not apply)."""
@@ -593,6 +626,10 @@ def _lock_refused(error: str) -> str:
             "5432 or 6543)"
         )
     return f"cannot take the single-consumer lock: {error}"
+
+
+#: A message whose source transaction the snapshot parameter sees as committed, or one without a transaction.
+_VISIBLE = "(message->>'xid' IS NULL OR pg_visible_in_snapshot((message->>'xid')::xid8, %s::pg_snapshot))"
 
 
 def _id_array(ids: Sequence[int]) -> str:

@@ -27,26 +27,25 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.d1_shards import ShardedD1, rules_of
 from d1sync_dagster.clients.pgmq import PgmqClient, QueueMessage
-from d1sync_dagster.core.batch import PlannedBatch, Rules, decode_batch, plan_batch, plan_changes
-from d1sync_dagster.core.changes import Change, Poison
+from d1sync_dagster.core.batch import PlannedBatch, Rules, plan_batch
+from d1sync_dagster.core.changes import Poison
 from d1sync_dagster.core.messages import message_rows
-from d1sync_dagster.core.plan import Planned, requests
 from d1sync_dagster.core.statements import Statement
 from d1sync_dagster.engine.drift import Holding, hold_split
 from d1sync_dagster.engine.maintenance import vacuum_queue
+from d1sync_dagster.engine.pages import TxnPages
 from d1sync_dagster.engine.planner import MIN_MESSAGES, Planner
 from d1sync_dagster.engine.prefetch import Prefetch
+from d1sync_dagster.engine.publish import IsolationStopped, Prepared, commit, decoded
 from d1sync_dagster.engine.ranges import RangeReader
 from d1sync_dagster.engine.reports import ApplyReport, TableStats
 from d1sync_dagster.engine.tuning import throughput
-from d1sync_dagster.errors import D1Error
-from d1sync_dagster.exactjson import loads_exact
 from d1sync_dagster.schema import Schema
 from d1sync_dagster.sql.d1_ddl import upsert_meta
 
@@ -64,6 +63,9 @@ class ApplyOptions:
     max_messages: int | None = None
     max_seconds: float | None = None
     request_bytes: int = 2_000_000
+    #: One source transaction goes to D1 whole in one request up to this size, past `request_bytes`
+    #: (`engine/publish.py`); only a larger one is split (with a warning).
+    transaction_bytes: int = 50_000_000
     #: Rows per batch when messages carry many rows (backfill chunks); bounds memory.
     max_rows_per_batch: int = 20_000
     #: While this returns True, an empty queue is waited on instead of ending the run (backfill).
@@ -79,7 +81,7 @@ class ApplyOptions:
     stopped: Callable[[], bool] | None = None
     #: Called once the consumer lock is held, before the first read (the streaming run notes when it began).
     on_locked: Callable[[], None] | None = None
-    #: D1 requests one run may spend isolating the changes D1 refuses (bisection); see `_isolate`.
+    #: D1 requests one run may spend isolating the transactions D1 refuses (bisection); see `engine/publish.py`.
     max_bisect_requests: int = 200
     #: After a run that drained the queue, VACUUM the queue table when Postgres counts at least this many
     #: dead rows in it (None: leave it to autovacuum). See `vacuum_queue`.
@@ -87,19 +89,6 @@ class ApplyOptions:
     #: Plan large batches of trigger changes in a process of its own (`engine/planner.py`), started when
     #: the first large batch is read.
     planner_process: bool = True
-
-
-@dataclass
-class _Prepared:
-    """A read batch, decoded and planned, waiting for (or being sent to) D1."""
-
-    msgs: list[QueueMessage]
-    poison: list[Poison]
-    planned: list[Planned]
-    meta: list[Statement]
-    tables: dict[int, str | None]  # msg_id -> table
-    #: The messages of drifted tables, moved to the held queue instead of applied (`engine/drift.py`).
-    held: list[QueueMessage] = field(default_factory=list)
 
 
 def apply(
@@ -142,10 +131,18 @@ def apply(
             claimed = _Claimed()
             planning = _Planning(schema, rules_of(d1), enabled=options.planner_process)
 
+            pages = TxnPages(pg)
+            positions: dict[int, str] = {}  # a batch's last msg_id -> the position it completes
+            final: list[str] = []  # the snapshot of the last empty read
+
             def read(qty: int) -> list[QueueMessage]:
-                msgs = pg.read_in_order(qty, skip=claimed.ids(), as_text=planning.enabled)
-                msgs = ranges.resolve(decoded(msgs, backfill_only=True))
+                page = pages.read(qty, skip=claimed.ids(), as_text=planning.enabled)
+                msgs = ranges.resolve(decoded(page.msgs, backfill_only=True))
                 claimed.add(msgs)
+                if msgs and page.position is not None:
+                    positions[msgs[-1].msg_id] = page.position
+                elif not msgs and page.position is not None:
+                    final[:] = [page.position]
                 planning.start(msgs)
                 return msgs
 
@@ -167,7 +164,7 @@ def apply(
             in_flight: deque[Future[None]] = deque()
             try:
                 for msgs in batches:
-                    prepared = _prepare(schema, msgs, report, planning, holding, catalog)
+                    prepared = _prepare(schema, msgs, report, planning, holding, catalog, positions)
                     in_flight.append(
                         pool.submit(
                             _commit_and_finish,
@@ -188,6 +185,10 @@ def apply(
                 while in_flight:
                     in_flight.popleft().result()
                 report.drained = batches.drained
+                if report.drained and report.batches and final and final[0] != report.position:
+                    # Drained: D1 is complete up to the last empty read's snapshot (a transaction that
+                    # changed nothing replicated is answered too, without waiting for the next change).
+                    _position_only(d1, schema, final[0], report, options)
             finally:
                 if in_flight:  # leaving on an error: queued batches must not run after it
                     failed.set()
@@ -250,19 +251,6 @@ class _Planning:
         return peak
 
 
-def decoded(msgs: list[QueueMessage], *, backfill_only: bool = False) -> list[QueueMessage]:
-    """The batch with the messages read as text (`bytes`) decoded, as the connection decodes JSON. With
-    `backfill_only`, only those that may be backfill messages (range markers are resolved by the reader; a
-    trigger change's text rarely holds the word, and when a value does, the message is just decoded here,
-    which changes nothing but where)."""
-    return [
-        m._replace(message=loads_exact(m.message))
-        if m.message.__class__ is bytes and (not backfill_only or b'"BACKFILL"' in m.message)
-        else m
-        for m in msgs
-    ]
-
-
 class _Lazy:
     """A connection of its own for the catalog checks of a running apply, opened when first needed (the
     reader and the worker each use theirs)."""
@@ -290,10 +278,12 @@ def _prepare(
     planning: _Planning,
     holding: Holding,
     catalog: Callable[[], PgmqClient],
-) -> _Prepared:
+    positions: dict[int, str],
+) -> Prepared:
     """Plan one read batch (`core.batch`, here or in the planner process), hold the changes of drifted tables
     (`engine/drift.py`; the rest is planned again without them), count it, and add the bookkeeping
     statements."""
+    position = positions.pop(msgs[-1].msg_id, None) if msgs else None
     batch = planning.plan(msgs)
     first_bad: dict[str, int] = {}
     for p in batch.poison:
@@ -317,7 +307,21 @@ def _prepare(
         Statement(upsert_meta(), ("last_applied_at", now.isoformat(timespec="seconds"))),
         Statement(upsert_meta(), ("last_applied_msg_id", str((msgs or held)[-1].msg_id))),
     ]
-    return _Prepared(msgs, batch.poison, batch.planned, meta, batch.tables, held)
+    return Prepared(msgs, batch.poison, batch.planned, meta, batch.tables, held, position_statements(position))
+
+
+def position_statements(position: str | None) -> list[Statement]:
+    """The read-your-writes position a D1 commit records, in the same request (`core/txns.py`): the
+    snapshot, and when it was recorded."""
+    if position is None:
+        return []
+    now = datetime.now(UTC).isoformat(timespec="milliseconds")
+    return [Statement(upsert_meta(), ("position", position)), Statement(upsert_meta(), ("position_at", now))]
+
+
+def _position_only(d1: D1Client, schema: Schema, position: str, report: ApplyReport, options: ApplyOptions) -> None:
+    commit(d1, schema, Prepared([], [], [], [], {}, position=position_statements(position)), report, options)
+    report.position = position
 
 
 def _release(
@@ -342,8 +346,8 @@ def _release(
         batch = plan_batch(schema, msgs, rules_of(d1))
         now = datetime.now(UTC)
         meta = [Statement(upsert_meta(), ("last_applied_at", now.isoformat(timespec="seconds")))]
-        prepared = _Prepared(msgs, batch.poison, batch.planned, meta, batch.tables)
-        refused = _commit(d1, schema, prepared, report, options)
+        prepared = Prepared(msgs, batch.poison, batch.planned, meta, batch.tables)
+        refused = commit(d1, schema, prepared, report, options)
         poison = batch.poison + refused
         with pg.transaction():
             if poison:
@@ -357,7 +361,7 @@ def _commit_and_finish(
     d1: D1Client,
     finisher: PgmqClient,
     schema: Schema,
-    p: _Prepared,
+    p: Prepared,
     report: ApplyReport,
     options: ApplyOptions,
     failed: threading.Event,
@@ -371,18 +375,21 @@ def _commit_and_finish(
         return  # an earlier batch failed: later ones must not overtake it
     try:
         try:
-            refused = _commit(d1, schema, p, report, options)
-        except _IsolationStopped as stop:
+            refused = commit(d1, schema, p, report, options)
+        except IsolationStopped as stop:
             # Finish the messages whose every change is settled (applied or refused), keep the rest queued.
-            settled = [m for m in p.msgs if m.msg_id < stop.next_msg_id]
-            poison = [x for x in p.poison + stop.refused if x.msg_id < stop.next_msg_id]
-            held = [m for m in p.held if m.msg_id < stop.next_msg_id]
+            # Held messages are settled too: they were moved aside, not sent.
+            settled = [m for m in p.msgs if m.msg_id in stop.settled]
+            poison = [x for x in p.poison + stop.refused if x.msg_id in stop.settled]
+            held = p.held
             check_lock()
             _finish(finisher, settled, poison, report, held)
             claimed.release(settled + held)
             report.messages += len(settled)
             failed.set()
             raise stop.error from None
+        if p.position:
+            report.position = str(p.position[0].params[1])
         if after_d1_commit is not None:
             after_d1_commit([m.msg_id for m in p.msgs])
         poison = p.poison + refused
@@ -426,134 +433,6 @@ class _Claimed:
     def release(self, msgs: list[QueueMessage]) -> None:
         with self._lock:
             self._ids.difference_update(m.msg_id for m in msgs)
-
-
-class _IsolationStopped(Exception):
-    """Bisection spent the run's request budget: changes before `next_msg_id`'s are settled."""
-
-    def __init__(self, next_msg_id: int, refused: list[Poison], error: D1Error) -> None:
-        super().__init__(str(error))
-        self.next_msg_id, self.refused, self.error = next_msg_id, refused, error
-
-
-def _commit(d1: D1Client, schema: Schema, p: _Prepared, report: ApplyReport, options: ApplyOptions) -> list[Poison]:
-    """Send a prepared batch to D1; returns the changes D1 refused, isolated by bisection.
-
-    Only a refusal for the statements' content (`D1Error.bisectable`: an SQLite error) is bisected; any
-    other failure (temporary, overloaded, rate limited, quota) is raised with the batch still queued."""
-    if not p.planned:
-        return []
-    try:
-        _send(d1, p.planned, report, options, p.meta)
-    except D1Error as e:
-        if not e.bisectable:
-            raise
-        # Isolate what D1 refuses on the general path: every row change of the batch, in message order.
-        changes, _ = decode_batch(schema, decoded(p.msgs))
-        return _isolate(d1, schema, changes, report, options, p.meta)
-    return []
-
-
-def _isolate(
-    d1: D1Client,
-    schema: Schema,
-    changes: list[Change],
-    report: ApplyReport,
-    options: ApplyOptions,
-    meta: list[Statement],
-) -> list[Poison]:
-    """Apply changes in halves, in order, splitting again where D1 refuses the content, down to the single
-    changes it refuses (returned as poison). Spends at most `options.max_bisect_requests` D1 requests; past
-    that it stops with the changes before the current one settled (`_IsolationStopped`)."""
-    refused: list[Poison] = []
-    start = report.requests
-    mid = len(changes) // 2
-    pending: deque[tuple[int, int]] = deque([(0, mid), (mid, len(changes))])
-    while pending:
-        lo, hi = pending.popleft()
-        if lo == hi:
-            continue
-        if report.requests - start >= options.max_bisect_requests:
-            error = D1Error(
-                f"isolating the changes D1 refuses took {report.requests - start} requests, this run's limit "
-                f"(max_bisect_requests); {len(refused)} refused changes found so far are dead-lettered and the rest "
-                "stays queued for the next run",
-                kind="temporary",
-            )
-            raise _IsolationStopped(changes[lo].msg_id, refused, error)
-        try:
-            _send(d1, plan_changes(schema, changes[lo:hi], rules_of(d1)), report, options, meta)
-        except D1Error as e:
-            if not e.bisectable:
-                raise
-            if hi - lo == 1:
-                ch = changes[lo]
-                log.warning("D1 refused msg %d for %s: %s", ch.msg_id, ch.table, e)
-                refused.append(Poison(ch.msg_id, f"D1 refused the change to {ch.table}: {e}", ch.table))
-                continue
-            half = (lo + hi) // 2
-            pending.extendleft([(half, hi), (lo, half)])  # left half first: per-key order is kept
-    return refused
-
-
-#: The smallest request body `_send` shrinks to when D1 is overloaded (then one statement per request).
-_MIN_REQUEST_BYTES = 1
-
-
-#: Counting from the threads that write shards at once.
-_counting = threading.Lock()
-
-
-def _send(
-    d1: D1Client, planned: list[Planned], report: ApplyReport, options: ApplyOptions, meta: list[Statement]
-) -> None:
-    """Send each database its statements (`_send_to`); the shards of a `ShardedD1` concurrently, each in
-    order (order only matters within one database). Every database the batch touches gets the
-    bookkeeping."""
-    if not isinstance(d1, ShardedD1):
-        _send_to(d1, planned, report, options, meta)
-        return
-    groups: dict[str | None, list[Planned]] = {}
-    for p in planned:
-        groups.setdefault(p.shard, []).append(p)
-
-    def to(group: list[Planned]) -> Callable[[D1Client], None]:
-        return lambda client: _send_to(client, group, report, options, meta)
-
-    d1.send_each({shard: to(group) for shard, group in groups.items()})
-
-
-def _send_to(
-    d1: D1Client, planned: list[Planned], report: ApplyReport, options: ApplyOptions, meta: list[Statement]
-) -> None:
-    """Send statements to one database in order in as few requests as the body budget allows, the
-    bookkeeping riding in the last one. When D1 answers that it is overloaded, what is not yet sent goes
-    again in requests a quarter the size, down to one statement per request (correctness never depends on a
-    request being one transaction: every statement is idempotent and they stay in order)."""
-    max_bytes = options.request_bytes
-    rest = planned
-    while True:
-        groups = requests(rest, max_bytes=max_bytes)
-        for i, group in enumerate(groups):
-            stmts = [p.statement for p in group]
-            if i == len(groups) - 1:
-                stmts += meta  # the bookkeeping rides in the last request: no extra request per batch
-            try:
-                results = d1.batch(stmts)
-            except D1Error as e:
-                if e.kind != "overloaded" or max_bytes <= _MIN_REQUEST_BYTES:
-                    raise
-                max_bytes = max(_MIN_REQUEST_BYTES, max_bytes // 4)
-                rest = [p for g in groups[i:] for p in g]
-                log.warning("D1 is overloaded (%s); sending the rest in requests of at most %d bytes", e, max_bytes)
-                break
-            finally:
-                with _counting:
-                    report.requests += 1
-            with _counting:
-                report.count_sent(group, [res.rows_written for res in results])
-        else:
-            return
 
 
 def _finish(

@@ -59,6 +59,10 @@ class ApplyReport:
     planner_peak_mb: float | None = None
     held: int = 0
     released: int = 0
+    #: The read-your-writes position D1 recorded last in this run (a Postgres snapshot, `core/txns.py`).
+    position: str | None = None
+    #: Transactions too large for one D1 request, published in several (readers may see them in part).
+    split_transactions: int = 0
     #: Per table whose source drifted from schema.json: each finding with its fix (`core/drift.py`).
     drift: dict[str, list[str]] = field(default_factory=dict)
 
@@ -144,3 +148,4 @@ class ApplyReport:
         self.drained = part.drained
         self.skipped = part.skipped
         self.drift = part.drift or self.drift
+        self.position = part.position or self.position

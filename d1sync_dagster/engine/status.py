@@ -35,6 +35,10 @@ class Status:
     #: Changes waiting in the held queue per table, while (or since) its source drifted from schema.json.
     held: dict[str, int] = field(default_factory=dict)
 
+    #: The read-your-writes position D1 recorded last (a Postgres snapshot, `core/txns.py`), and when.
+    position: str | None = None
+    position_at: str | None = None
+
     #: Per shard database: its schema version and what it last applied (a target with shards only).
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -77,6 +81,8 @@ def status(pg: PgmqClient, d1: D1Client, schema: Schema) -> Status:
         dead_letters={t.name: letters.get(t.name, 0) for t in schema.tables}
         | {k: v for k, v in letters.items() if k not in schema.names},
         last_applied_at=meta.get("last_applied_at"),
+        position=meta.get("position"),
+        position_at=meta.get("position_at"),
         last_applied_msg_id=int(meta["last_applied_msg_id"]) if "last_applied_msg_id" in meta else None,
         schema_version_applied=meta.get("schema_version"),
         schema_version_current=schema.version,
@@ -87,6 +93,8 @@ def status(pg: PgmqClient, d1: D1Client, schema: Schema) -> Status:
                 "schema_version_applied": x.get("schema_version"),
                 "last_applied_at": x.get("last_applied_at"),
                 "last_applied_msg_id": int(x["last_applied_msg_id"]) if "last_applied_msg_id" in x else None,
+                "position": x.get("position"),
+                "position_at": x.get("position_at"),
             }
             for name, x in metas.items()
         },

@@ -7,8 +7,9 @@ Design:
   `enqueued_at` from their defaults), which benchmarks/trigger_overhead.py measured well ahead of building
   an array for `pgmq.send_batch` (which unnests it into the same INSERT). `via="send_batch"` generates the
   API call instead, for installs that forbid writing the queue table.
-- Messages keep the seed's shape `{"record", "old_record", "type", "table"}`; `record`/`old_record` carry
-  only the replicated columns (the queue never holds columns the replica does not need).
+- Messages keep the seed's shape `{"record", "old_record", "type", "table"}`, plus `"xid"`, the source
+  transaction's id (`pg_current_xact_id()`, as a number); `record`/`old_record` carry only the replicated
+  columns (the queue never holds columns the replica does not need).
 - UPDATE rows are paired old-to-new by primary key. A new row whose replicated columns equal its old row is
   skipped (a no-op update costs nothing downstream). An old key that no new row carries any more (its key
   was changed) is sent first as a DELETE, then every changed new row as an UPDATE. Replication is by state,
@@ -83,9 +84,11 @@ def source_relation(table: Table) -> str:
 
 
 def _message(table: Table, record: str, old_record: str, op: str) -> str:
+    """The seed's message shape, plus `xid`: the source transaction (`pg_current_xact_id()`, taken once per
+    statement into `xid`), so the consumer publishes each transaction whole (`core/txns.py`)."""
     return (
         f"pg_catalog.jsonb_build_object('record', {record}, 'old_record', {old_record}, "
-        f"'type', '{op}', 'table', {literal(table.name)})"
+        f"'type', '{op}', 'table', {literal(table.name)}, 'xid', xid)"
     )
 
 
@@ -157,6 +160,7 @@ def capture_function(table: Table, queue: str, *, via: SendVia = "insert") -> st
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $fn$
 DECLARE
   msgs jsonb[];
+  xid bigint := pg_catalog.pg_current_xact_id()::text::bigint;
 BEGIN
   IF TG_OP = 'INSERT' THEN
     {_enqueue(queue, insert, via)}

@@ -120,7 +120,8 @@ def test_a_failed_result_inside_a_200_is_an_error(http_pair):
 def test_sql_errors_still_isolate_the_change_at_fault(http_pair):
     pair, _, _ = http_pair
     refuse_in_d1(pair, "NOT (id = 13 AND name = 'changed')")
-    pair.sql("UPDATE apps SET name = 'changed' WHERE id BETWEEN 1 AND 40")
+    for i in range(1, 41):  # forty transactions of one change each
+        pair.sql("UPDATE apps SET name = 'changed' WHERE id = %s", [i])
     report = pair.apply()
     assert report.dead_lettered == 1
     (letter,) = pair.dead_letters()
@@ -128,10 +129,28 @@ def test_sql_errors_still_isolate_the_change_at_fault(http_pair):
     assert letter["message"]["record"]["id"] == 13
 
 
+def test_a_transaction_with_a_refused_change_is_dead_lettered_whole_and_nothing_of_it_is_visible(http_pair):
+    pair, _, _ = http_pair
+    refuse_in_d1(pair, "NOT (id = 13 AND name = 'changed')")
+    pair.sql("UPDATE apps SET name = 'other' WHERE id = 50")  # a transaction before, and one after
+    pair.sql("UPDATE apps SET name = 'changed' WHERE id BETWEEN 1 AND 40")
+    pair.sql("UPDATE apps SET name = 'after' WHERE id = 51")
+    report = pair.apply()
+    assert report.dead_lettered == 40 and pair.queue_depth() == 0
+    letters = pair.dead_letters()
+    assert {m["message"]["record"]["id"] for m in letters} == set(range(1, 41))
+    assert all("its transaction" in m["error"] and "CHECK constraint failed" in m["error"] for m in letters)
+    (res,) = pair.d1.query("SELECT count(*) AS n FROM apps WHERE name = 'changed'")
+    assert res.results == [{"n": 0}]  # none of the transaction's 39 acceptable changes is visible
+    (res,) = pair.d1.query("SELECT name FROM apps WHERE id IN (50, 51) ORDER BY id")
+    assert [r["name"] for r in res.results] == ["other", "after"]
+
+
 def test_bisection_stops_at_its_request_budget_and_the_next_runs_finish(http_pair):
     pair, _, _ = http_pair
     refuse_in_d1(pair, "NOT (id % 10 = 3 AND name = 'changed')")
-    pair.sql("UPDATE apps SET name = 'changed' WHERE id <= 100")
+    for i in range(1, 101):  # a hundred transactions, ten of which D1 refuses
+        pair.sql("UPDATE apps SET name = 'changed' WHERE id = %s", [i])
     with pytest.raises(D1Error, match="max_bisect_requests"):
         pair.apply(max_bisect_requests=8)
     # The messages settled before the budget ran out are gone (applied or dead-lettered), the rest queued.

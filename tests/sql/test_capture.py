@@ -59,7 +59,7 @@ def test_insert_sends_seed_shaped_messages_with_replicated_columns_only(pg):
         [UUID],
     )
     (m,) = messages(pg)
-    assert set(m) == {"record", "old_record", "type", "table"}
+    assert set(m) == {"record", "old_record", "type", "table", "xid"}  # the seed's shape, plus the transaction
     assert m["type"] == "INSERT" and m["table"] == "apps" and m["old_record"] is None
     assert set(m["record"]) == set(SCHEMA.table("apps").columns)
     assert "secret_note" not in m["record"]
@@ -93,6 +93,7 @@ def test_truncate_sends_one_barrier(pg):
     pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x'), (2, 'y')")
     pg.execute("TRUNCATE apps")
     m = messages(pg)[-1]
+    assert m.pop("xid") > 0
     assert m == {"record": None, "old_record": None, "type": "TRUNCATE", "table": "apps"}
 
 
@@ -153,3 +154,13 @@ def test_wide_table_over_50_columns_and_hostile_names(pg):
     m = messages(pg)[-1]
     assert m["table"] == "select" and len(m["record"]) == 73
     assert (m["record"]["my col"], m["record"]["naïve"], m["record"]["c69"]) == ("v", "ü", 69)
+
+
+def test_every_message_carries_its_source_transaction(pg):
+    with pg.transaction():
+        pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x'), (2, 'y')")
+        pg.execute("UPDATE apps SET name = 'z' WHERE id = 1")
+        (xid,) = pg.execute("SELECT pg_current_xact_id()::text::bigint")[0]
+    pg.execute("DELETE FROM apps WHERE id = 2")
+    got = [m["xid"] for m in messages(pg)]
+    assert got[:3] == [xid, xid, xid] and got[3] != xid
