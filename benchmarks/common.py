@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -124,3 +126,40 @@ def print_figures(title: str, figures: dict[str, object]) -> None:
     print(f"\n{title}")
     for k, v in figures.items():
         print(f"  {k:28s} {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"  {k:28s} {v}")
+
+
+def writer(
+    url: str,
+    rate: int,
+    seconds: float,
+    stop: threading.Event,
+    written: list[int],
+    committed: dict[int, float] | None = None,
+) -> None:
+    """`rate` changes/s in 10 statements a second: inserts (ids 1, 2, ... in commit order) and updates;
+    `committed[id]`, when given, is when the insert of `id` committed (time.monotonic)."""
+    per_tick = max(2, rate // 10)
+    next_id = 1
+    with psycopg.connect(url, autocommit=True) as conn:
+        start = time.monotonic()
+        tick = 0
+        while not stop.is_set() and time.monotonic() - start < seconds:
+            inserts = per_tick // 2
+            conn.execute(
+                "INSERT INTO apps (id, name, rating) SELECT g, 'n' || g, g / 3.0 "
+                "FROM generate_series(%s::bigint, %s::bigint) g",
+                [next_id, next_id + inserts - 1],
+            )
+            if committed is not None:
+                now = time.monotonic()
+                committed.update(dict.fromkeys(range(next_id, next_id + inserts), now))
+            next_id += inserts
+            updates = per_tick - inserts
+            conn.execute(
+                "UPDATE apps SET name = name || '.', rating = rating + 1 WHERE id IN "
+                "(SELECT (random() * %s)::bigint + 1 FROM generate_series(1, %s))",
+                [max(1, next_id - 2), updates],
+            )
+            written[0] += inserts + updates
+            tick += 1
+            time.sleep(max(0.0, start + tick * 0.1 - time.monotonic()))

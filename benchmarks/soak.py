@@ -30,9 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dagster as dg  # noqa: E402
-import psycopg  # noqa: E402
 
-from benchmarks.common import d1_standin, fresh_database  # noqa: E402
+from benchmarks.common import d1_standin, fresh_database, writer  # noqa: E402
 from d1sync_dagster.clients.pgmq import PgmqClient  # noqa: E402
 from d1sync_dagster.config import d1_settings  # noqa: E402
 from d1sync_dagster.defs.resources import PostgresResource  # noqa: E402
@@ -44,43 +43,6 @@ from d1sync_dagster.schema import load_schema  # noqa: E402
 from d1sync_dagster.sql.capture import example_source_tables  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def writer(
-    url: str,
-    rate: int,
-    seconds: float,
-    stop: threading.Event,
-    written: list[int],
-    committed: dict[int, float] | None = None,
-) -> None:
-    """`rate` changes/s in 10 statements a second: inserts (ids 1, 2, ... in commit order) and updates;
-    `committed[id]`, when given, is when the insert of `id` committed (time.monotonic)."""
-    per_tick = max(2, rate // 10)
-    next_id = 1
-    with psycopg.connect(url, autocommit=True) as conn:
-        start = time.monotonic()
-        tick = 0
-        while not stop.is_set() and time.monotonic() - start < seconds:
-            inserts = per_tick // 2
-            conn.execute(
-                "INSERT INTO apps (id, name, rating) SELECT g, 'n' || g, g / 3.0 "
-                "FROM generate_series(%s::bigint, %s::bigint) g",
-                [next_id, next_id + inserts - 1],
-            )
-            if committed is not None:
-                now = time.monotonic()
-                committed.update(dict.fromkeys(range(next_id, next_id + inserts), now))
-            next_id += inserts
-            updates = per_tick - inserts
-            conn.execute(
-                "UPDATE apps SET name = name || '.', rating = rating + 1 WHERE id IN "
-                "(SELECT (random() * %s)::bigint + 1 FROM generate_series(1, %s))",
-                [max(1, next_id - 2), updates],
-            )
-            written[0] += inserts + updates
-            tick += 1
-            time.sleep(max(0.0, start + tick * 0.1 - time.monotonic()))
 
 
 def main() -> None:

@@ -17,8 +17,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks.common import fresh_database
-from benchmarks.soak import writer
+from benchmarks.common import fresh_database, writer
 from d1sync_dagster.clients.d1_local import LocalD1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.dev import DAGSTER_YAML

@@ -1,5 +1,5 @@
 // Read-your-writes for a Worker reading the D1 copy d1sync keeps: has a Postgres transaction arrived, and
-// how fresh is D1? No dependencies. The Python twin is d1sync_dagster/engine/position.py.
+// how fresh is D1? No dependencies. The Python twin is the package's position module (`d1sync applied`).
 //
 // Each D1 commit d1sync makes records, in the same D1 transaction, how far D1 is complete: a Postgres
 // snapshot "xmin:xmax:xip,..." in `_d1sync_meta` (key `position`, and `position_at`, when). Every source

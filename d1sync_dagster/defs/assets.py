@@ -89,7 +89,9 @@ def asset_spec(table: Table, wiring: Wiring = DEFAULT) -> dg.AssetSpec:
     )
 
 
-def table_metadata(stats: TableStats, run_figures: dict[str, float]) -> dict[str, dg.MetadataValue]:
+def table_metadata(
+    stats: TableStats, run_figures: dict[str, float], position: str | None = None
+) -> dict[str, dg.MetadataValue]:
     md: dict[str, dg.MetadataValue] = {
         "messages": dg.MetadataValue.int(stats.messages),
         "upserts": dg.MetadataValue.int(stats.upserts),
@@ -102,6 +104,8 @@ def table_metadata(stats: TableStats, run_figures: dict[str, float]) -> dict[str
         # `oldest_waiting_seconds` is how old the oldest change still waiting is.
         "applied_change_age_seconds": dg.MetadataValue.float(float(round(stats.lag_seconds or 0.0, 3))),
     }
+    if position is not None:  # read-your-writes: every transaction this snapshot sees is in D1 (core/txns.py)
+        md["d1_position"] = dg.MetadataValue.text(position)
     if stats.held or stats.released:  # the source drifted from schema.json (docs/design.md, "Schema drift")
         md["held_changes"] = dg.MetadataValue.int(stats.held)
         md["released_changes"] = dg.MetadataValue.int(stats.released)
@@ -204,7 +208,7 @@ def build_table_assets(
             for t in chosen:
                 stats = report.tables[t.name]
                 if stats.messages or extra[t.name] or config.record_unchanged:
-                    md = table_metadata(stats, figures) | extra[t.name]
+                    md = table_metadata(stats, figures, report.position) | extra[t.name]
                     md["dagster/row_count"] = dg.MetadataValue.int(health[t.name].d1_rows)
                     md["operation"] = dg.MetadataValue.text(config.mode)
                     yield dg.MaterializeResult(asset_key=wiring.asset_key(t), metadata=md)

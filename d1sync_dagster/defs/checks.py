@@ -191,7 +191,14 @@ def table_outcomes(
         elif check_key.name == LAG:
             lag = float(h.lag_seconds or 0.0)
             figures = {"oldest_waiting_seconds": lag, "threshold_seconds": lag_threshold_seconds}
-            says = f"the oldest waiting change is {lag:.1f}s old" if h.queued else "nothing is waiting"
+            if h.position is not None:
+                figures["d1_position"] = h.position
+                figures["position_age_seconds"] = round(float(h.position_age_seconds or 0.0), 3)
+            says = (
+                f"the oldest change D1's position does not cover yet is {lag:.1f}s old"
+                if h.queued
+                else "nothing is waiting: D1's position covers every committed change"
+            )
             out.append(Outcome(check_key.asset_key, LAG, lag <= lag_threshold_seconds, figures, says))
         elif check_key.name == DEAD_LETTERS:
             says = f"{h.dead_letters} dead letters" if h.dead_letters else "no dead letters"

@@ -74,7 +74,8 @@ def build_stream_job(
                     context.log.info(f"streaming apply until {ends:%H:%M:%S} UTC, {landed.wake}")
                 figures = run_figures(landed.totals)
                 for name, stats in landed.tables.items():
-                    md = table_metadata(stats, figures) | {"operation": dg.MetadataValue.text("stream")}
+                    md = table_metadata(stats, figures, landed.totals.position)
+                    md["operation"] = dg.MetadataValue.text("stream")
                     yield dg.AssetMaterialization(asset_key=wiring.asset_key(schema.table(name)), metadata=md)
                 final = landed
             # Without the lock: a successor may hold it by now or be about to take it, and this run must not

@@ -197,6 +197,10 @@ def apply(
                 batches.close()
                 report.planner_peak_mb = planning.close()
         report.drift = {t: [d.describe() for d in found] for t, found in holding.drift.items()}
+        if report.split_transactions:  # doctor says so until a later split replaces it
+            when = datetime.now(UTC).isoformat(timespec="seconds")
+            note = f"{report.split_transactions} in the run that ended {when}"
+            d1.batch([Statement(upsert_meta(), ("last_split_transactions", note))])
         if report.drained and report.messages and options.vacuum_dead_rows is not None:
             report.vacuumed = vacuum_queue(pg, options.vacuum_dead_rows)
     report.duration_seconds = time.monotonic() - started

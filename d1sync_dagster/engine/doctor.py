@@ -283,6 +283,29 @@ def _d1(dx: Diagnosis, d1: D1Client, schema: Schema, shard: str = "") -> None:
             f"D1 has version {applied or 'none'}, schema.json is {schema.version}",
             "d1sync setup (apply runs do it too)",
         )
+    _publication(dx, meta, shard)
+
+
+def _publication(dx: Diagnosis, meta: dict[str, str], shard: str) -> None:
+    """Whole transactions: the position D1 recorded, and any transaction too large for one request."""
+    position = meta.get("position")
+    where = f"{position} at {meta.get('position_at')}" if position else "none yet (before the first apply)"
+    split = meta.get("last_split_transactions")
+    if split:
+        dx.add(
+            "transactions" + shard,
+            "warn",
+            f"transactions larger than one D1 request were published in parts, so readers could see them in part "
+            f"({split}); every other transaction is published whole. Position: {where}",
+            "keep source transactions under 50 MB of changes (ApplyOptions.transaction_bytes), or split them in "
+            "Postgres",
+        )
+    else:
+        dx.add(
+            "transactions" + shard,
+            "ok",
+            f"every source transaction is published whole (up to 50 MB of statements); position: {where}",
+        )
 
 
 def capture_findings(pg: PgmqClient, schema: Schema) -> list[Finding]:

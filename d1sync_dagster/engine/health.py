@@ -11,6 +11,7 @@ from d1sync_dagster.clients.d1_shards import databases_of
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.engine.catalog import check_reads_every_row
 from d1sync_dagster.engine.drift import check as check_drift
+from d1sync_dagster.engine.position import freshness
 from d1sync_dagster.errors import QueueError
 from d1sync_dagster.schema import Schema, Table
 from d1sync_dagster.sql.capture import source_relation
@@ -38,6 +39,9 @@ class TableHealth:
     drift_holds: bool = False
     #: Changes of the table waiting in the held queue.
     held: int = 0
+    #: D1's read-your-writes position (`core/txns.py`) and its age in seconds, as D1 recorded them.
+    position: str | None = None
+    position_age_seconds: float | None = None
 
     @property
     def count_explained(self) -> bool:
@@ -79,6 +83,7 @@ def _read_health(pg: PgmqClient, d1: D1Client, schema: Schema, *, apply_running:
     letters = pg.dead_letters_by_table()
     drifted = check_drift(pg, schema)
     held = pg.held_by_table()
+    fresh = freshness(d1)
     out = {}
     for t in schema.tables:
         try:
@@ -102,6 +107,8 @@ def _read_health(pg: PgmqClient, d1: D1Client, schema: Schema, *, apply_running:
             tuple(d.describe() for d in drifted.get(t.name, [])),
             any(d.holds for d in drifted.get(t.name, [])),
             held.get(t.name, 0),
+            fresh.position,
+            fresh.age_seconds,
         )
     return out
 

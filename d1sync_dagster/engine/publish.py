@@ -24,7 +24,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.d1_shards import ShardedD1, all_databases, rules_of
@@ -39,8 +39,19 @@ from d1sync_dagster.errors import D1Error
 from d1sync_dagster.exactjson import loads_exact
 from d1sync_dagster.schema import Schema
 
-if TYPE_CHECKING:
-    from d1sync_dagster.engine.apply import ApplyOptions
+
+class SendOptions(Protocol):
+    """What publishing reads of the apply's options (`ApplyOptions`)."""
+
+    @property
+    def request_bytes(self) -> int: ...
+
+    @property
+    def transaction_bytes(self) -> int: ...
+
+    @property
+    def max_bisect_requests(self) -> int: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +96,7 @@ def decoded(msgs: list[QueueMessage], *, backfill_only: bool = False) -> list[Qu
     ]
 
 
-def commit(d1: D1Client, schema: Schema, p: Prepared, report: ApplyReport, options: ApplyOptions) -> list[Poison]:
+def commit(d1: D1Client, schema: Schema, p: Prepared, report: ApplyReport, options: SendOptions) -> list[Poison]:
     """Publish a prepared batch (see the module); returns the changes D1 refused (whole transactions)."""
     if not p.planned:
         if p.position:  # nothing to write, but D1 is complete up to a later snapshot: say so
@@ -114,7 +125,7 @@ def _by_transaction(
     schema: Schema,
     msgs: list[QueueMessage],
     report: ApplyReport,
-    options: ApplyOptions,
+    options: SendOptions,
     meta: list[Statement],
 ) -> None:
     """Send the batch's transactions in order, as many whole ones per request as fit (halving the budget when
@@ -152,7 +163,7 @@ def _by_transaction(
 
 
 def _one_transaction(
-    d1: D1Client, planned: list[Planned], report: ApplyReport, options: ApplyOptions, meta: list[Statement]
+    d1: D1Client, planned: list[Planned], report: ApplyReport, options: SendOptions, meta: list[Statement]
 ) -> None:
     """One transaction whole in one request, past the request budget, up to `options.transaction_bytes`. Only
     a transaction larger than that, or one D1 is overloaded by, is sent in several (with a warning)."""
@@ -172,7 +183,7 @@ def _size(p: Planned) -> int:
     return len(p.statement.sql.encode()) + sum(len(str(x).encode()) for x in p.statement.params)
 
 
-def _isolate(d1: D1Client, schema: Schema, p: Prepared, report: ApplyReport, options: ApplyOptions) -> list[Poison]:
+def _isolate(d1: D1Client, schema: Schema, p: Prepared, report: ApplyReport, options: SendOptions) -> list[Poison]:
     """Apply the batch's transactions in halves, in order, splitting again where D1 refuses the content,
     down to the single transactions it refuses (returned as poison, every message of each). Spends at most
     `options.max_bisect_requests` D1 requests; past that it stops with the transactions before the current
@@ -228,7 +239,7 @@ def send(
     d1: D1Client,
     planned: list[Planned],
     report: ApplyReport,
-    options: ApplyOptions,
+    options: SendOptions,
     meta: list[Statement],
     *,
     atomic: bool,
@@ -263,7 +274,7 @@ def _send_to(
     d1: D1Client,
     planned: list[Planned],
     report: ApplyReport,
-    options: ApplyOptions,
+    options: SendOptions,
     meta: list[Statement],
     atomic: bool,
     max_bytes: int | None,

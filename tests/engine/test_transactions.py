@@ -212,3 +212,32 @@ def test_a_refused_change_dead_letters_its_whole_transfer_and_the_total_stays_wh
     finally:
         pair.pg.close()
         d1.close()
+
+
+def test_a_transaction_past_transaction_bytes_is_split_with_a_warning_in_the_run_and_in_doctor(source_db, tmp_path):
+    from d1sync_dagster.engine.doctor import diagnose
+
+    d1 = LocalD1Client(tmp_path / "d1.sqlite")
+    pair = bank(source_db, d1)
+    try:
+        with psycopg.connect(source_db) as conn:  # one transaction: an upsert statement and a delete statement
+            conn.execute("UPDATE accounts SET balance = balance + 1 WHERE id <= 30")
+            conn.execute("DELETE FROM accounts WHERE id = 60")
+            conn.commit()
+        report = apply(pair.pg, d1, SCHEMA, ApplyOptions(request_bytes=100, transaction_bytes=100))
+        assert report.split_transactions == 1 and report.drained
+        pair.assert_in_sync()
+        dx = diagnose(lambda: PgmqClient(source_db), lambda: d1, SCHEMA)
+        (finding,) = [f for f in dx.findings if f.check == "transactions"]
+        assert finding.level == "warn" and "published in parts" in finding.detail and "1 in the run" in finding.detail
+        # within the limits, nothing is split and doctor says every transaction is whole
+        d2 = LocalD1Client(tmp_path / "d2.sqlite")
+        setup(pair.pg, d2, SCHEMA)
+        (ok,) = [
+            f for f in diagnose(lambda: PgmqClient(source_db), lambda: d2, SCHEMA).findings if f.check == "transactions"
+        ]
+        assert ok.level == "ok" and "published whole" in ok.detail
+        d2.close()
+    finally:
+        pair.pg.close()
+        d1.close()
