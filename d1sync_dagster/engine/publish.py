@@ -1,9 +1,9 @@
 """Publishing a planned read batch to D1: every source transaction becomes visible at once.
 
 A read batch holds whole source transactions (the reader cuts pages where no transaction straddles,
-`core/txns.py`). It goes to each database in one D1 request when its statements fit one (a request is one
-D1 transaction: the Worker binding's `batch()`, and the HTTP API's batch on D1's engine, as the stand-in
-runs it), with the bookkeeping and the read-your-writes position riding in it. When they do not fit, or D1
+`core/txns.py`). It goes to each database in one D1 request when its statements fit `transaction_bytes` (a
+request is one D1 transaction: the Worker binding's `batch()`, and the HTTP API's batch on D1's engine, as
+the stand-in runs it), with the bookkeeping and the read-your-writes position riding in it. When they do not fit, or D1
 answers that it is overloaded, the batch goes transaction by transaction: consecutive transactions packed
 into requests within the budget (`request_bytes`), each transaction inside one request. A single transaction
 larger than the budget still goes whole in one request, up to `transaction_bytes` (50 MB by default; D1's
@@ -103,7 +103,18 @@ def commit(d1: D1Client, schema: Schema, p: Prepared, report: ApplyReport, optio
             send(d1, [], report, options, p.meta + p.position, atomic=True)
         return []
     try:
-        send(d1, p.planned, report, options, p.meta + p.position, atomic=True)
+        # The whole batch in one request while it fits `transaction_bytes`: the request budget only packs
+        # transactions once D1 has said it is overloaded (re-planning a large batch costs its planning again).
+        send(
+            d1,
+            p.planned,
+            report,
+            options,
+            p.meta + p.position,
+            atomic=True,
+            max_bytes=options.transaction_bytes,
+            whole=True,
+        )
         return []
     except _TooLarge:
         pass
