@@ -185,7 +185,9 @@ def apply(
                 while in_flight:
                     in_flight.popleft().result()
                 report.drained = batches.drained
-                if report.drained and report.batches and final and final[0] != report.position:
+                # Sharded: the databases a batch did not touch get the position at the drain's end too.
+                moved = final and (final[0] != report.position or isinstance(d1, ShardedD1))
+                if report.drained and report.batches and moved:
                     # Drained: D1 is complete up to the last empty read's snapshot (a transaction that
                     # changed nothing replicated is answered too, without waiting for the next change).
                     _position_only(d1, schema, final[0], report, options)

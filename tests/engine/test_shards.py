@@ -308,3 +308,22 @@ def test_remapping_a_tenant_moves_its_rows_through_the_queue_while_writers_write
     )  # fmt: skip
     reconcile(pg, after, SCHEMA, tables=["devices"], repair_drift=True)
     assert_exact(pg, after)
+
+
+def test_each_shard_database_records_its_own_position_and_answers_for_what_it_holds(pg, pg_url, files):
+    from d1sync_dagster.core.txns import applied
+    from d1sync_dagster.engine.position import applied as applied_in
+    from d1sync_dagster.engine.position import freshness
+
+    d1 = sharded(files("home"), {s: files(s) for s in ("eu", "us", "ap")}, MAP)
+    setup(pg, d1, SCHEMA)
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        with conn.transaction():  # one transaction over two shards: published per database
+            conn.execute("INSERT INTO devices VALUES (1, 't1', 'a', 0), (2, 't2', 'b', 0)")
+            xid = int(conn.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()[0])
+    drain(pg, d1)
+    for name in ("home", "eu", "us", "ap"):
+        position = freshness(files(name)).position
+        assert position is not None and applied(position, xid), name  # every database: the drain's end
+    assert applied_in(d1.shards["us"], xid) and applied_in(d1.shards["ap"], xid)
+    assert_exact(pg, d1)
