@@ -303,6 +303,16 @@ def plan(schema: Schema, net: dict[str, TableChanges], *, limit: int = MAX_STATE
     return out
 
 
+def sorted_keys(keys: Iterable[Key]) -> list[Key]:
+    """Keys in a deterministic order (`_sorted`), for planners outside this module (`core/staging.py`)."""
+    return _sorted(keys)
+
+
+def upsert_tail(table: Table) -> str:
+    """The `ON CONFLICT` clause of a full-row upsert into `table` (`_upsert_tail`)."""
+    return _upsert_tail(table)
+
+
 def _sorted(keys: Iterable[Key]) -> list[Key]:
     """Keys in a deterministic order (plain sort; mixed value types fall back to a total order)."""
     keys = list(keys)

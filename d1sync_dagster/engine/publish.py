@@ -31,8 +31,10 @@ from d1sync_dagster.clients.d1_shards import ShardedD1, all_databases, rules_of
 from d1sync_dagster.clients.pgmq import QueueMessage
 from d1sync_dagster.core.batch import decode_batch, plan_batch, plan_changes
 from d1sync_dagster.core.changes import Change, Poison
+from d1sync_dagster.core.coalesce import coalesce
 from d1sync_dagster.core.plan import Planned, requests
-from d1sync_dagster.core.statements import Statement
+from d1sync_dagster.core.staging import staging
+from d1sync_dagster.core.statements import MAX_STATEMENT_BYTES, Statement
 from d1sync_dagster.core.txns import groups, xid_of
 from d1sync_dagster.engine.reports import ApplyReport
 from d1sync_dagster.errors import D1Error
@@ -117,7 +119,11 @@ def commit(d1: D1Client, schema: Schema, p: Prepared, report: ApplyReport, optio
         )
         return []
     except _TooLarge:
-        pass
+        msgs = decoded(p.msgs)
+        xids = {xid_of(m.message) for m in msgs}
+        if len(xids) == 1 and None not in xids and not isinstance(d1, ShardedD1):
+            _staged(d1, schema, msgs, report, options, p.meta + p.position)  # one transaction: no re-planning
+            return []
     except D1Error as e:
         if e.kind != "overloaded" and not e.bisectable:
             raise
@@ -156,7 +162,7 @@ def _by_transaction(
         planned = plan_batch(schema, chunk, rules).planned
         tail = meta if end == len(units) else []
         if end - start == 1:
-            _one_transaction(d1, planned, report, options, tail)
+            _one_transaction(d1, schema, units[start], planned, report, options, tail)
             start = end
             continue
         try:
@@ -174,10 +180,17 @@ def _by_transaction(
 
 
 def _one_transaction(
-    d1: D1Client, planned: list[Planned], report: ApplyReport, options: SendOptions, meta: list[Statement]
+    d1: D1Client,
+    schema: Schema,
+    msgs: list[QueueMessage],
+    planned: list[Planned],
+    report: ApplyReport,
+    options: SendOptions,
+    meta: list[Statement],
 ) -> None:
-    """One transaction whole in one request, past the request budget, up to `options.transaction_bytes`. Only
-    a transaction larger than that, or one D1 is overloaded by, is sent in several (with a warning)."""
+    """One transaction whole in one request, past the request budget, up to `options.transaction_bytes`. A
+    larger one, or one D1 is overloaded by, is staged and published by one request (`core/staging.py`); only
+    on a sharded target is it sent in several instead (with a warning)."""
     try:
         send(d1, planned, report, options, meta, atomic=True, max_bytes=options.transaction_bytes, whole=True)
         return
@@ -187,7 +200,49 @@ def _one_transaction(
         if e.kind != "overloaded":
             raise
         log.warning("D1 is overloaded by one transaction's %d statements (%s)", len(planned), e)
-    send(d1, planned, report, options, meta, atomic=False)
+    if isinstance(d1, ShardedD1):
+        send(d1, planned, report, options, meta, atomic=False)
+        return
+    _staged(d1, schema, msgs, report, options, meta)
+
+
+def _staged(
+    d1: D1Client,
+    schema: Schema,
+    msgs: list[QueueMessage],
+    report: ApplyReport,
+    options: SendOptions,
+    meta: list[Statement],
+) -> None:
+    """Stage one transaction in D1 over as many requests as it takes, then publish it with one request."""
+    changes, _ = decode_batch(schema, decoded(msgs))
+    st = staging(schema, coalesce(changes), limit=max(1_000, min(options.request_bytes, MAX_STATEMENT_BYTES)))
+    rows = sum(p.rows for p in st.publish)
+    log.warning("staging a transaction of %d row changes in D1: larger than one request, published by one", rows)
+    _plain(d1, st.prepare, report)
+    budget = options.request_bytes
+    load = [Planned("", "stage", 0, s) for s in st.load]
+    while load:
+        group = requests(load, max_bytes=budget)[0]
+        try:
+            _plain(d1, [p.statement for p in group], report)
+        except D1Error as e:
+            if e.kind != "overloaded" or len(group) == 1:
+                raise
+            budget = max(1, budget // 4)
+            continue
+        load = load[len(group) :]
+    _request(d1, st.publish, st.cleanup + meta, report)
+    report.staged_transactions += 1
+
+
+def _plain(d1: D1Client, statements: list[Statement], report: ApplyReport) -> None:
+    """A request that is bookkeeping only (staging): counted as a request, not as the tables' changes."""
+    try:
+        d1.batch(statements)
+    finally:
+        with _counting:
+            report.requests += 1
 
 
 def _size(p: Planned) -> int:

@@ -63,6 +63,8 @@ class ApplyReport:
     position: str | None = None
     #: Transactions too large for one D1 request, published in several (readers may see them in part).
     split_transactions: int = 0
+    #: Transactions too large for one request, staged in D1 and published by one (`core/staging.py`).
+    staged_transactions: int = 0
     #: Per table whose source drifted from schema.json: each finding with its fix (`core/drift.py`).
     drift: dict[str, list[str]] = field(default_factory=dict)
 

@@ -36,12 +36,36 @@ def bank(source_db, d1) -> Pair:
     return pair
 
 
+#: Accounts 1..RENAMED change their id now and then (a delete and an insert in one transaction: two
+#: statements, which a request budget forced tiny stages); the transfers use the others.
+RENAMED = 10
+
+
 class Bank:
-    """Writers moving money: mostly two-account transfers, every tenth a transaction over 20-50 accounts."""
+    """Writers moving money: mostly two-account transfers, every tenth a transaction over 20-50 accounts, and
+    one writer that moves accounts to a new id (delete + insert, with a transfer between two of them)."""
 
     def __init__(self, url: str, writers: int = 3, seed: int = 0) -> None:
         self.url, self.stop, self.done = url, threading.Event(), 0
         self.threads = [threading.Thread(target=self._run, args=(seed * 10 + i,)) for i in range(writers)]
+        self.threads.append(threading.Thread(target=self._rename, args=(seed,)))
+
+    def _rename(self, seed: int) -> None:
+        rng = random.Random(seed)
+        ids = {k: k for k in range(1, RENAMED + 1)}
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while not self.stop.is_set():
+                a, b = rng.sample(range(1, RENAMED + 1), 2)
+                new = ids[a] + 1000
+                with conn.transaction():
+                    conn.execute("UPDATE accounts SET balance = balance - 3 WHERE id = %s", [ids[b]])
+                    conn.execute(
+                        "WITH gone AS (DELETE FROM accounts WHERE id = %s RETURNING balance) "
+                        "INSERT INTO accounts SELECT %s, balance + 3 FROM gone",
+                        [ids[a], new],
+                    )
+                ids[a] = new
+                time.sleep(0.005)
 
     def _run(self, seed: int) -> None:
         rng = random.Random(seed)
@@ -50,13 +74,13 @@ class Bank:
                 try:
                     with conn.transaction():
                         if rng.random() < 0.1:
-                            ids = sorted(rng.sample(range(1, ACCOUNTS + 1), rng.randint(20, 50)))
+                            ids = sorted(rng.sample(range(RENAMED + 1, ACCOUNTS + 1), rng.randint(20, 40)))
                             conn.execute("UPDATE accounts SET balance = balance - 1 WHERE id = ANY(%s)", [ids[1:]])
                             conn.execute(
                                 "UPDATE accounts SET balance = balance + %s WHERE id = %s", [len(ids) - 1, ids[0]]
                             )
                         else:
-                            a, b = sorted(rng.sample(range(1, ACCOUNTS + 1), 2))
+                            a, b = sorted(rng.sample(range(RENAMED + 1, ACCOUNTS + 1), 2))
                             amount = rng.randint(1, 50)
                             conn.execute("UPDATE accounts SET balance = balance - %s WHERE id = %s", [amount, a])
                             conn.execute("UPDATE accounts SET balance = balance + %s WHERE id = %s", [amount, b])
@@ -80,6 +104,7 @@ class Reader:
 
     def __init__(self, read) -> None:
         self.read, self.stop, self.reads, self.torn = read, threading.Event(), 0, []
+        self.staged = 0  # transactions that went through staging meanwhile
         self.errors: list[BaseException] = []
         self.thread = threading.Thread(target=self._run)
 
@@ -127,7 +152,17 @@ def http_reader(standin):
     return read
 
 
-def run_randomized(pair: Pair, source_db: str, read, *, seed: int, rounds: int = 12, between=None) -> Reader:
+def run_randomized(
+    pair: Pair,
+    source_db: str,
+    read,
+    *,
+    seed: int,
+    rounds: int = 12,
+    between=None,
+    budgets=(1, 300, 3_000, 2_000_000),
+    transaction_budgets=(1, 300, 50_000_000),
+) -> Reader:
     rng = random.Random(seed)
     with Reader(read) as reader, Bank(source_db, seed=seed) as writers:
         done, deadline = 0, time.monotonic() + 60
@@ -138,11 +173,14 @@ def run_randomized(pair: Pair, source_db: str, read, *, seed: int, rounds: int =
                 between(rng)
             options = ApplyOptions(
                 batch_size=rng.choice([1, 2, 3, 7, 50, 500]),
-                request_bytes=rng.choice([1, 300, 3_000, 2_000_000]),  # tiny budgets: split by transaction
+                request_bytes=rng.choice(budgets),  # tiny budgets: split by transaction
+                transaction_bytes=rng.choice(
+                    transaction_budgets
+                ),  # tiny: a transaction of several statements is staged
                 planner_process=False,
             )
             try:
-                apply(pair.pg, pair.d1, SCHEMA, options)
+                reader.staged += apply(pair.pg, pair.d1, SCHEMA, options).staged_transactions
             except D1Error:
                 pass  # an injected fault ended the run; the next one goes on
     apply(pair.pg, pair.d1, SCHEMA, ApplyOptions())
@@ -157,6 +195,7 @@ def test_a_reader_of_the_local_file_never_sees_half_a_transaction(source_db, tmp
     try:
         reader = run_randomized(pair, source_db, local_reader(tmp_path / "d1.sqlite"), seed=seed)
         assert reader.reads > 100 and reader.torn == [], f"{len(reader.torn)} torn of {reader.reads}: {reader.torn[:5]}"
+        assert reader.staged > 0  # some transactions were larger than the request forced tiny: staged
         pair.assert_in_sync()
     finally:
         pair.pg.close()
@@ -175,7 +214,16 @@ def test_a_reader_over_the_http_api_never_sees_half_a_transaction_with_overload_
             d1_standin.inject(*[overloaded] * rng.randint(1, 3))
 
     try:
-        reader = run_randomized(pair, source_db, http_reader(d1_standin), seed=3, between=faults)
+        # A request per transaction over HTTP is slow next to the writers: budgets that keep up.
+        reader = run_randomized(
+            pair,
+            source_db,
+            http_reader(d1_standin),
+            seed=3,
+            between=faults,
+            budgets=(3_000, 2_000_000),
+            transaction_budgets=(50_000_000,),  # staging over HTTP: test_a_staged_transaction_over_the_http_api
+        )
         assert reader.reads > 20 and reader.torn == [], f"{len(reader.torn)} torn of {reader.reads}: {reader.torn[:5]}"
         d1_standin.inject(clear=True)
         pair.apply()
@@ -214,10 +262,62 @@ def test_a_refused_change_dead_letters_its_whole_transfer_and_the_total_stays_wh
         d1.close()
 
 
-def test_a_transaction_past_transaction_bytes_is_split_with_a_warning_in_the_run_and_in_doctor(source_db, tmp_path):
+class Crash(Exception):
+    pass
+
+
+class DiesWhileStaging(LocalD1Client):
+    """The local D1 file, and a process that dies after its second staging request (an injected crash)."""
+
+    staged = 0
+
+    def batch(self, statements):
+        if any("_d1sync_stage_" in s.sql and s.sql.startswith("INSERT") for s in statements):
+            self.staged += 1
+            if self.staged == 2:
+                raise Crash("killed between the requests of a staged transaction")
+        return super().batch(statements)
+
+
+def test_a_transaction_larger_than_one_request_is_staged_and_published_whole_even_after_a_crash(source_db, tmp_path):
+    path = tmp_path / "d1.sqlite"
+    d1 = DiesWhileStaging(path)
+    pair = bank(source_db, d1)
+    try:
+        with Reader(local_reader(path)) as reader:
+            with psycopg.connect(source_db) as conn:  # one transaction over every account, a delete, an insert
+                conn.execute("UPDATE accounts SET balance = balance - 1 WHERE id > 1")
+                conn.execute("UPDATE accounts SET balance = balance + %s WHERE id = 1", [ACCOUNTS - 1])
+                conn.execute("WITH gone AS (DELETE FROM accounts WHERE id = %s RETURNING balance) "
+                             "INSERT INTO accounts SELECT %s, balance FROM gone", [ACCOUNTS, ACCOUNTS + 1])  # fmt: skip
+                conn.commit()
+            tiny = ApplyOptions(request_bytes=300, transaction_bytes=300, planner_process=False)
+            with pytest.raises(Crash):
+                apply(pair.pg, d1, SCHEMA, tiny)
+            (res,) = d1.query(f"SELECT count(*) AS n FROM accounts WHERE balance <> 1000 OR id > {ACCOUNTS}")
+            assert res.results == [{"n": 0}]  # nothing of it visible: it was only staged
+            report = apply(pair.pg, d1, SCHEMA, tiny)  # the next run stages it again from the start
+            assert report.staged_transactions == 1 and report.split_transactions == 0 and report.drained
+        assert reader.reads > 10 and reader.torn == [], reader.torn[:5]
+        pair.assert_in_sync()
+        (res,) = d1.query(
+            "SELECT (SELECT count(*) FROM _d1sync_stage_accounts) + "
+            "(SELECT count(*) FROM _d1sync_unstage_accounts) AS n"
+        )
+        assert res.results == [{"n": 0}]  # the staging tables are emptied by the publish
+    finally:
+        pair.pg.close()
+        d1.close()
+
+
+def test_a_transaction_too_large_for_one_request_on_shards_is_split_with_a_warning_in_the_run_and_doctor(
+    source_db, tmp_path
+):
+    from d1sync_dagster.clients.d1_shards import ShardedD1
     from d1sync_dagster.engine.doctor import diagnose
 
-    d1 = LocalD1Client(tmp_path / "d1.sqlite")
+    home, other = LocalD1Client(tmp_path / "home.sqlite"), LocalD1Client(tmp_path / "s0.sqlite")
+    d1 = ShardedD1(home, {"s0": other}, {})
     pair = bank(source_db, d1)
     try:
         with psycopg.connect(source_db) as conn:  # one transaction: an upsert statement and a delete statement
@@ -238,6 +338,25 @@ def test_a_transaction_past_transaction_bytes_is_split_with_a_warning_in_the_run
         ]
         assert ok.level == "ok" and "published whole" in ok.detail
         d2.close()
+    finally:
+        pair.pg.close()
+        home.close()
+        other.close()
+
+
+def test_a_staged_transaction_over_the_http_api_is_published_whole(source_db, d1_standin):
+    d1_standin.reset()
+    d1 = d1_standin.client(sleep=lambda s: None)
+    pair = bank(source_db, d1)
+    try:
+        with psycopg.connect(source_db) as conn:
+            conn.execute("UPDATE accounts SET balance = balance - 1 WHERE id > 1")
+            conn.execute("UPDATE accounts SET balance = balance + %s WHERE id = 1", [ACCOUNTS - 1])
+            conn.execute("DELETE FROM accounts WHERE id = 2")
+            conn.commit()
+        report = apply(pair.pg, d1, SCHEMA, ApplyOptions(request_bytes=300, transaction_bytes=300))
+        assert report.staged_transactions == 1 and report.split_transactions == 0
+        pair.assert_in_sync()
     finally:
         pair.pg.close()
         d1.close()
