@@ -295,16 +295,17 @@ def _publication(dx: Diagnosis, meta: dict[str, str], shard: str) -> None:
         dx.add(
             "transactions" + shard,
             "warn",
-            f"transactions larger than one D1 request were published in parts, so readers could see them in part "
-            f"({split}); every other transaction is published whole. Position: {where}",
-            "keep source transactions under 50 MB of changes (ApplyOptions.transaction_bytes), or split them in "
-            "Postgres",
+            f"transactions larger than one D1 request were published in parts on a sharded target, so readers could "
+            f"see them in part ({split}); every other transaction is published whole. Position: {where}",
+            "keep source transactions on sharded tables under 50 MB of changes (ApplyOptions.transaction_bytes), "
+            "or split them in Postgres",
         )
     else:
         dx.add(
             "transactions" + shard,
             "ok",
-            f"every source transaction is published whole (up to 50 MB of statements); position: {where}",
+            f"every source transaction is published whole (in one request up to 50 MB of statements, staged "
+            f"beyond); position: {where}",
         )
 
 

@@ -7,9 +7,9 @@ the stand-in runs it), with the bookkeeping and the read-your-writes position ri
 answers that it is overloaded, the batch goes transaction by transaction: consecutive transactions packed
 into requests within the budget (`request_bytes`), each transaction inside one request. A single transaction
 larger than the budget still goes whole in one request, up to `transaction_bytes` (50 MB by default; D1's
-own bound is its 30 s per query). Only a transaction larger than that, or one whose request D1 answers as
-overloaded, is sent in several (a warning says so, the run counts it in `ApplyReport.split_transactions`):
-that is the limit of atomic publication today (staging such a transaction is the next step).
+own bound is its 30 s per query). A transaction larger than that, or one whose request D1 answers as
+overloaded, is staged and published by one request (`core/staging.py`); only on a sharded target is it sent
+in several instead (a warning says so, the run counts it in `ApplyReport.split_transactions`).
 
 When D1 refuses a statement for its content, the batch is bisected by transactions, not by changes: a
 transaction D1 refuses goes to the dead-letter queue whole, with D1's reason, and nothing of it is visible;
