@@ -4,6 +4,7 @@
 // Routes: POST /sql {sql} runs SQL on the binding (test setup); GET /applied?txid=, /wait?txid=&timeoutMs=,
 // /freshness call the module through `env.DB.withSession(...)` and answer with its result and the bookmark.
 import { Miniflare } from "miniflare";
+import { serve } from "./serve.mjs";
 import { readFileSync } from "node:fs";
 import { stripTypeScriptTypes } from "node:module";
 import { fileURLToPath } from "node:url";
@@ -43,16 +44,4 @@ const mf = new Miniflare({
   host: "127.0.0.1",
   port: Number(port),
 });
-const url = await mf.ready;
-console.log(`READY ${url}`);
-let stopping = false;
-async function stop() {
-  if (stopping) return;
-  stopping = true;
-  await mf.dispose();
-  process.exit(0);
-}
-process.on("SIGTERM", stop);
-process.on("SIGINT", stop);
-const parent = process.ppid;
-setInterval(() => { if (process.ppid !== parent) stop(); }, 1000).unref();
+await serve(mf);

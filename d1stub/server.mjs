@@ -2,6 +2,7 @@
 // Usage: node server.mjs <port> <account_id> <database_id> <api_token> [persist_dir]
 // Prints "READY <url>" on stdout once it accepts requests; stops on SIGTERM/SIGINT or when its parent exits.
 import { Miniflare } from "miniflare";
+import { serve } from "./serve.mjs";
 import { readFileSync } from "node:fs";
 import { fileURLToPath } from "node:url";
 import { dirname, join } from "node:path";
@@ -17,17 +18,4 @@ const mf = new Miniflare({
   host: "127.0.0.1",
   port: Number(port),
 });
-const url = await mf.ready;
-console.log(`READY ${url}`);
-let stopping = false;
-async function stop() {
-  if (stopping) return;
-  stopping = true;
-  await mf.dispose();
-  process.exit(0);
-}
-process.on("SIGTERM", stop);
-process.on("SIGINT", stop);
-// Stop with the process that started us, so a killed test run leaves no server behind.
-const parent = process.ppid;
-setInterval(() => { if (process.ppid !== parent) stop(); }, 1000).unref();
+await serve(mf);

@@ -63,8 +63,11 @@ def test_the_position_advances_under_continuous_writes_without_the_queue_emptyin
     writer = threading.Thread(target=write)
     writer.start()
     try:
-        seen = []
-        for _ in range(5):
+        seen: list[str | None] = []
+        deadline = time.monotonic() + 20
+        while len(set(seen)) < 3 and time.monotonic() < deadline:
+            while not written:
+                time.sleep(0.01)
             time.sleep(0.1)
             pair.apply(batch_size=50, max_messages=200)
             seen.append(freshness(pair.d1).position)
