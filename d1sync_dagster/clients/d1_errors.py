@@ -35,8 +35,11 @@ _OVERLOADED = (
 )
 #: A plan's daily limits (reported through the REST API since 2026-09) or the database's size.
 _QUOTA = ("daily limit", "daily read", "daily write", "quota", "database or disk is full", "sqlite_full")
-#: SQLite result codes that are about the moment, not about the statement.
-_SQLITE_TEMPORARY = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_NOMEM", "SQLITE_INTERRUPT")
+#: SQLite result codes that are about the moment, not about the statement. A read-only database (during a
+#: restore, maintenance, or a file the process may not write) refuses every write alike: never the data's fault.
+_SQLITE_TEMPORARY = (
+    "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_NOMEM", "SQLITE_INTERRUPT", "SQLITE_READONLY",
+)  # fmt: skip
 _SQLITE_CODE = re.compile(r"SQLITE_[A-Z_]+")
 
 

@@ -136,7 +136,10 @@ class LocalD1Client:
         out = []
         with self._lock:
             self.requests += 1
-            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:  # another process holds the file's write lock past busy_timeout
+                raise _refused(e, 0) from None
             try:
                 for i, (sql, params) in enumerate(stmts):
                     before = self._conn.total_changes
@@ -158,13 +161,15 @@ class LocalD1Client:
                     out.append(QueryResult([dict(zip(cols, r, strict=True)) for r in rows], meta))
                 self._conn.execute("COMMIT")
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
         return out
 
 
-#: SQLite result codes that are about the moment (another writer, I/O), not about the statement.
-_TEMPORARY = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_NOMEM", "SQLITE_INTERRUPT")
+#: SQLite result codes that are about the moment (another writer, I/O, a read-only file), not about the
+#: statement: never dead-lettered (`clients/d1_errors.py` classifies D1's answers the same way).
+_TEMPORARY = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR", "SQLITE_NOMEM", "SQLITE_INTERRUPT", "SQLITE_READONLY")
 
 
 def _refused(e: sqlite3.Error, index: int) -> D1Error:

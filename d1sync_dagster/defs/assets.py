@@ -89,6 +89,10 @@ def asset_spec(table: Table, wiring: Wiring = DEFAULT) -> dg.AssetSpec:
     )
 
 
+#: The run figures that are counts.
+_COUNTS = frozenset({"messages", "d1_requests"})
+
+
 def table_metadata(
     stats: TableStats, run_figures: dict[str, float], position: str | None = None
 ) -> dict[str, dg.MetadataValue]:
@@ -109,7 +113,11 @@ def table_metadata(
     if stats.held or stats.released:  # the source drifted from schema.json (docs/design.md, "Schema drift")
         md["held_changes"] = dg.MetadataValue.int(stats.held)
         md["released_changes"] = dg.MetadataValue.int(stats.released)
-    md |= {f"run_{k}": dg.MetadataValue.float(float(round(v, 2))) for k, v in run_figures.items()}
+    # Counts as integers (the UI showed 2943.0), rates and durations as floats.
+    md |= {
+        f"run_{k}": dg.MetadataValue.int(int(v)) if k in _COUNTS else dg.MetadataValue.float(float(round(v, 2)))
+        for k, v in run_figures.items()
+    }
     md["summary"] = dg.MetadataValue.md(
         "| messages | upserts | deletes | dead letters | D1 rows written | oldest applied change (s) |\n"
         "|---:|---:|---:|---:|---:|---:|\n"

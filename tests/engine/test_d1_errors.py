@@ -262,3 +262,38 @@ def test_a_413_request_too_large_is_split_and_nothing_is_dead_lettered(http_pair
     report = pair.apply()
     assert report.drained and report.dead_lettered == 0
     pair.assert_in_sync()
+
+
+def test_a_read_only_or_locked_local_d1_is_temporary_never_dead_lettered(source_db, tmp_path):
+    import sqlite3
+
+    from d1sync_dagster.clients.d1_local import LocalD1Client
+    from tests.helpers import Pair
+
+    d1 = LocalD1Client(tmp_path / "d1.sqlite")
+    with PgmqClient(source_db) as pg:
+        setup(pg, d1, SCHEMA)
+        pair = Pair(pg, d1, SCHEMA)
+        pg.execute("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 50) g")
+        d1._conn.execute("PRAGMA query_only = ON")  # the database answers as a read-only one does
+        with pytest.raises(D1Error) as e:
+            pair.apply()
+        assert e.value.kind == "temporary" and "SQLITE_READONLY" in str(e.value)
+        assert pair.dead_letters() == [] and pair.queue_depth() == 50
+        d1._conn.execute("PRAGMA query_only = OFF")
+        d1._conn.execute("PRAGMA busy_timeout = 100")
+        other = sqlite3.connect(tmp_path / "d1.sqlite", isolation_level=None)
+        other.execute("BEGIN EXCLUSIVE")  # another process holds the file
+        with pytest.raises(D1Error) as e:
+            pair.apply()
+        assert e.value.kind == "temporary" and "locked" in str(e.value)
+        assert pair.dead_letters() == [] and pair.queue_depth() == 50
+        other.execute("ROLLBACK")
+        other.close()
+        assert pair.apply().drained
+        pair.assert_in_sync()
+    d1.close()
+
+
+def test_a_read_only_answer_of_the_http_api_is_temporary():
+    assert classify(400, 7500, "attempt to write a readonly database: SQLITE_READONLY") == "temporary"
