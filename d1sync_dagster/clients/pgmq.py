@@ -357,6 +357,14 @@ class PgmqClient:
         )
         return {t: int(n) for t, n in rows}
 
+    def queued_tables(self, limit: int = 10_000) -> set[str]:
+        """The tables named by the oldest `limit` queued messages (index order: a bounded read)."""
+        rows = self.execute(
+            f"SELECT DISTINCT message->>'table' FROM (SELECT message FROM {self._table()} ORDER BY msg_id LIMIT %s) m",
+            [limit],
+        )
+        return {t for (t,) in rows if t is not None}
+
     def queued_by_table(self) -> dict[str, tuple[int, int, bool, float | None]]:
         """Per table named in queued messages: (messages, row changes they carry, whether a TRUNCATE is
         among them, age in seconds of the oldest). Row changes as `core.messages.message_rows` counts them."""

@@ -9,6 +9,7 @@ tables chooses which assets record a materialization, not which changes are appl
 carries the table's figures (messages, upserts, deletes, dead letters, D1 rows written, lag).
 """
 
+from dataclasses import replace
 from typing import Literal
 
 import dagster as dg
@@ -17,12 +18,12 @@ from pydantic import Field
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.defs import guard
-from d1sync_dagster.defs.checks import source_outcomes, table_check_specs, table_outcomes
+from d1sync_dagster.defs.checks import all_cheap_check_keys, source_outcomes, table_check_specs, table_outcomes
 from d1sync_dagster.defs.keys import DEFAULT, Wiring, asset_key, source_key
 from d1sync_dagster.defs.resources import open_clients
 from d1sync_dagster.engine.apply import ApplyOptions, apply
 from d1sync_dagster.engine.backfill import BackfillReport, backfill
-from d1sync_dagster.engine.health import d1_row_counts, table_health
+from d1sync_dagster.engine.health import ChangedKeys, Touched, d1_row_counts, table_health
 from d1sync_dagster.engine.nuke import nuke
 from d1sync_dagster.engine.reports import ApplyReport, TableStats
 from d1sync_dagster.engine.setup import ensure_schema
@@ -192,6 +193,8 @@ def build_table_assets(
     def d1_tables(context: dg.AssetExecutionContext, config: TablesConfig):
         postgres, d1 = wiring.resources(context)
         chosen = [by_key[k] for k in context.selected_asset_keys]
+        changed, touched = ChangedKeys(schema), Touched()
+        options = replace(apply_options, on_batch_messages=lambda _r, msgs, tables: changed.add(msgs, tables))
         with open_clients(postgres, d1, what=config.mode, context=context) as (pg, client):
             extra: dict[str, dict[str, dg.MetadataValue]] = {t.name: {} for t in chosen}
             report = None
@@ -199,8 +202,22 @@ def build_table_assets(
                 evolved = ensure_schema(pg, client, schema)
                 if evolved is not None:
                     context.log.warning(f"schema.json changed: D1 updated first ({evolved})")
-                report = _run_mode(context, config, pg, client, schema, chosen, apply_options, extra, allow_destructive)
-            health = table_health(pg, client, schema)
+                report = _run_mode(context, config, pg, client, schema, chosen, options, extra, allow_destructive)
+            if report is None:  # checks asked for by hand: count their tables whole
+                checked = {by_key[k.asset_key].name for k in context.selected_asset_check_keys}
+                health = table_health(pg, client, schema, tables=checked)
+            elif report.skipped:
+                health = {}
+            else:
+                # Only the tables this run records, and in apply mode only the rows its changes touched:
+                # the run's cost grows with what changed, not with schema.json (a backfill counts whole).
+                recorded = [t.name for t in chosen if _records(t.name, report, extra, config)]
+                # Changes the run applied to tables outside its selection (they arrived after the sensor
+                # chose) are recorded too, as runtime events: every applied change is in some record.
+                recorded += [n for n, st in report.tables.items() if st.messages and n not in extra]
+                touched = changed.take()
+                keys = touched.keys if config.mode == "apply" else None
+                health = table_health(pg, client, schema, tables=recorded, keys=keys)
         if report is not None and report.skipped:
             context.log.warning(f"apply skipped: {report.skipped}")
         elif report is not None:
@@ -213,13 +230,25 @@ def build_table_assets(
                 for d in found:
                     context.log.warning(f"schema drift: {d}")
             figures = run_figures(report)
-            for t in chosen:
-                stats = report.tables[t.name]
-                if stats.messages or extra[t.name] or config.record_unchanged:
-                    md = table_metadata(stats, figures, report.position) | extra[t.name]
-                    md["dagster/row_count"] = dg.MetadataValue.int(health[t.name].d1_rows)
-                    md["operation"] = dg.MetadataValue.text(config.mode)
+            for name in health:
+                t = schema.table(name)
+                md = table_metadata(report.tables[name], figures, report.position) | extra.get(name, {})
+                if health[name].d1_rows is not None:  # counted whole (a backfill or rebuild)
+                    md["dagster/row_count"] = dg.MetadataValue.int(health[name].d1_rows or 0)
+                md["operation"] = dg.MetadataValue.text(config.mode)
+                if name in extra:
                     yield dg.MaterializeResult(asset_key=wiring.asset_key(t), metadata=md)
+                else:
+                    context.log_event(dg.AssetMaterialization(asset_key=wiring.asset_key(t), metadata=md))
+            outside = [n for n in health if n not in extra]
+            for outcome in table_outcomes(
+                health,
+                schema,
+                all_cheap_check_keys(schema, outside, wiring),
+                lag_threshold_seconds=lag_threshold_seconds,
+                wiring=wiring,
+            ):
+                context.log_event(outcome.evaluation())
         outcomes = table_outcomes(
             health,
             schema,
@@ -229,10 +258,36 @@ def build_table_assets(
         )
         for outcome in outcomes:
             yield outcome.result()
-        for outcome in source_outcomes(health, schema, [t.name for t in chosen], wiring):
+        for outcome in source_outcomes(health, schema, list(health), wiring):
             context.log_event(outcome.evaluation())
+        for observation in source_observations(touched, schema, wiring):
+            context.log_event(observation)
 
     return d1_tables
+
+
+def source_observations(touched: Touched, schema: Schema, wiring: Wiring = DEFAULT) -> list[dg.AssetObservation]:
+    """An observation of each Postgres source table a change came from: how many changes, and when the newest
+    was committed (the source assets are external: observing them is how their history shows in the UI)."""
+    return [
+        dg.AssetObservation(
+            asset_key=wiring.source_key(schema.table(name)),
+            metadata={
+                "changes": dg.MetadataValue.int(n),
+                "last_change": dg.MetadataValue.timestamp(touched.newest[name]),
+            },
+        )
+        for name, n in touched.changes.items()
+        if name in schema.by_name and name in touched.newest
+    ]
+
+
+def _records(
+    name: str, report: ApplyReport, extra: dict[str, dict[str, dg.MetadataValue]], config: TablesConfig
+) -> bool:
+    """Whether the run records a materialization of the table: a change reached it, the mode did something
+    to it, or the run was asked to record every selected table."""
+    return bool(report.tables[name].messages or extra[name] or config.record_unchanged)
 
 
 def _run_mode(

@@ -9,7 +9,7 @@ skip can say how many changes arrived since the last tick. Runs carry no `run_ke
 depends on what is in flight, which a key cannot express (a failed run's key would block its retry).
 """
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,6 +28,9 @@ IN_FLIGHT = [
     dg.DagsterRunStatus.CANCELING,
 ]
 
+
+#: Up to this many queued changes, an apply run selects only the tables they name.
+SELECT_LIMIT = 10_000
 
 #: How often `dagster-daemon` evaluates sensors (`MIN_INTERVAL_LOOP_TIME` of its sensor loop).
 DAEMON_LOOP_SECONDS = 5
@@ -62,10 +65,14 @@ def build_depth_sensor(
     stream_job: Any = None,
     wiring: Wiring = DEFAULT,
     handover_seconds: float | None = None,
+    table_keys: Mapping[str, dg.AssetKey] | None = None,
 ) -> dg.SensorDefinition:
     """The sensor for `job` (the apply job); `consumers` names the other jobs that take the queue;
     `run_config` is the config of the runs it requests. With a `stream_job` it keeps one streaming run
-    alive instead (started whether or not changes are waiting), and requests no apply runs."""
+    alive instead (started whether or not changes are waiting), and requests no apply runs. With
+    `table_keys` (table name -> D1 asset), an apply run selects only the tables with queued changes, so its
+    Dagster events grow with the tables that changed, not with schema.json (past `SELECT_LIMIT` queued
+    changes it selects every table)."""
     # A streaming run's successor is requested when its predecessor has at most this long left: enough
     # for two ticks and a run's start-up; it waits for the lock (StreamConfig.wait_for_lock_seconds).
     handover = handover_seconds if handover_seconds is not None else 2 * interval_seconds + 60
@@ -99,6 +106,10 @@ def build_depth_sensor(
         with postgres.get_client() as pg:
             m = pg.metrics()
             holders = pg.lock_holders() if m.queue_length or stream_job is not None else []
+            selection = None
+            if stream_job is None and table_keys and 0 < m.queue_length <= SELECT_LIMIT:
+                named = pg.queued_tables(SELECT_LIMIT)
+                selection = [k for name, k in table_keys.items() if name in named] or None
         newest = m.total_messages
         seen = int(context.cursor) if context.cursor and context.cursor.isdigit() else None
         context.update_cursor(str(newest))
@@ -149,6 +160,7 @@ def build_depth_sensor(
             )
         return dg.RunRequest(
             job_name=launched.name,
+            asset_selection=selection,
             run_config=run_config if stream_job is None and run_config else {},
             tags=({"d1sync/successor_of": successor_of} if successor_of else {})
             | {

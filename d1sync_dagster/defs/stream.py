@@ -1,20 +1,25 @@
 """`d1sync_stream`: the streaming apply as a Dagster run. It follows the queue for `seconds` (applying each
 change within a fraction of a second of its commit), records a materialization of `d1/<table>` for each
-table that changed, at most every `record_every_seconds`, evaluates every table's checks when it ends, and
-ends by itself so that a code reload takes effect. The sensor keeps one such run alive."""
+table that changed, at most every `record_every_seconds` (60 s by default, the figures summed), with the
+table's checks on the rows those changes touched and an observation of its Postgres source; the tables no
+change reached get their checks when it ends. It ends by itself so that a code reload takes effect. The
+sensor keeps one such run alive."""
 
+import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
-from d1sync_dagster.defs.assets import run_figures, table_metadata
+from d1sync_dagster.defs.assets import run_figures, source_observations, table_metadata
 from d1sync_dagster.defs.checks import all_cheap_check_keys, source_outcomes, table_outcomes
 from d1sync_dagster.defs.keys import DEFAULT, Wiring
 from d1sync_dagster.defs.resources import open_clients
 from d1sync_dagster.engine.apply import ApplyOptions
-from d1sync_dagster.engine.health import table_health
+from d1sync_dagster.engine.health import ChangedKeys, table_health
+from d1sync_dagster.engine.reports import ApplyReport
 from d1sync_dagster.engine.setup import ensure_schema
 from d1sync_dagster.engine.stream import Landed, StreamOptions, follow_queue
 from d1sync_dagster.schema import Schema
@@ -31,12 +36,27 @@ class StreamConfig(dg.Config):
         default=1.0, description="how often an idle run looks at the queue without a notification (pooler: always)"
     )
     record_every_seconds: float = Field(
-        default=2.0, description="a changed table records a materialization at most this often"
+        default=60.0,
+        description=(
+            "a changed table records a materialization (the figures summed since its last), its checks and its "
+            "source's observation at most this often: the event log grows with this, not with the changes"
+        ),
     )
     wait_for_lock_seconds: float = Field(
         default=300.0,
         description=("while another consumer (the run this one succeeds) holds the queue, wait this long to take over"),
     )
+
+
+def stream_figures(totals: ApplyReport, since: float | None) -> dict[str, float]:
+    """The run's figures so far (`run_figures`), with its duration and rate counted from when it took the
+    lock (the report's own are set only when the run ends)."""
+    figures = run_figures(totals)
+    if since is not None and not totals.duration_seconds:
+        seconds = max(time.time() - since, 1e-9)
+        figures["duration_seconds"] = seconds
+        figures["changes_per_second"] = totals.messages / seconds
+    return figures
 
 
 def build_stream_job(
@@ -63,24 +83,62 @@ def build_stream_job(
             config.seconds, config.poll_seconds, config.record_every_seconds, config.wait_for_lock_seconds
         )
         final: Landed | None = None
-        with open_clients(postgres, d1, what="the streaming apply", context=context) as (pg, client):
+        changed = ChangedKeys(schema)
+        options_here = replace(
+            options or ApplyOptions(), on_batch_messages=lambda _r, msgs, tables: changed.add(msgs, tables)
+        )
+        since: float | None = None
+        recorded: set[str] = set()
+        with (
+            open_clients(postgres, d1, what="the streaming apply", context=context) as (pg, client),
+            pg.clone() as checker,  # the checks read beside the apply, which has `pg` on its own thread
+        ):
             evolved = ensure_schema(pg, client, schema)
             if evolved is not None:
                 context.log.warning(f"schema.json changed: D1 updated first ({evolved})")
-            for landed in follow_queue(pg, client, schema, stream, options):
+            for landed in follow_queue(pg, client, schema, stream, options_here):
                 if landed.following_since is not None:
+                    since = landed.following_since
                     ends = datetime.fromtimestamp(landed.following_since + config.seconds, UTC)
                     context.instance.add_run_tags(context.run_id, {ENDS_AT_TAG: ends.isoformat(timespec="seconds")})
                     context.log.info(f"streaming apply until {ends:%H:%M:%S} UTC, {landed.wake}")
-                figures = run_figures(landed.totals)
+                final = landed
+                if not landed.tables:
+                    continue
+                # What landed since the last record: one materialization per changed table with the figures
+                # summed, its checks on the rows those changes touched, and its source's observation.
+                touched = changed.take()
+                names = list(landed.tables)
+                recorded.update(names)
+                health = table_health(checker, client, schema, hold_lock=False, tables=names, keys=touched.keys)
+                figures = stream_figures(landed.totals, since)
                 for name, stats in landed.tables.items():
                     md = table_metadata(stats, figures, landed.totals.position)
                     md["operation"] = dg.MetadataValue.text("stream")
                     yield dg.AssetMaterialization(asset_key=wiring.asset_key(schema.table(name)), metadata=md)
-                final = landed
-            # Without the lock: a successor may hold it by now or be about to take it, and this run must not
-            # keep it waiting (the checks allow for an apply moving D1 while they count, and say so).
-            health = table_health(pg, client, schema, hold_lock=False)
+                keys = all_cheap_check_keys(schema, names, wiring=wiring)
+                for outcome in table_outcomes(
+                    health, schema, keys, lag_threshold_seconds=lag_threshold_seconds, wiring=wiring
+                ):
+                    yield outcome.evaluation()
+                for outcome in source_outcomes(health, schema, names, wiring):
+                    yield outcome.evaluation()
+                yield from source_observations(touched, schema, wiring)
+            # The tables no change reached get their checks at the run's end (lag, dead letters, drift; no
+            # rows to compare), so that every check is evaluated at least once a run, at O(tables) catalog
+            # work and no D1 rows but the position's.
+            quiet = [n for n in schema.names if n not in recorded]
+            health = table_health(pg, client, schema, hold_lock=False, tables=quiet, keys={})
+        for outcome in table_outcomes(
+            health,
+            schema,
+            all_cheap_check_keys(schema, quiet, wiring=wiring),
+            lag_threshold_seconds=lag_threshold_seconds,
+            wiring=wiring,
+        ):
+            yield outcome.evaluation()
+        for outcome in source_outcomes(health, schema, quiet, wiring):
+            yield outcome.evaluation()
         assert final is not None and final.final  # follow_queue ends with its final report or raises
         report = final.totals
         if report.skipped:
@@ -93,11 +151,6 @@ def build_stream_job(
         for found in report.drift.values():
             for d in found:
                 context.log.warning(f"schema drift: {d}")
-        keys = all_cheap_check_keys(schema, wiring=wiring)
-        for outcome in table_outcomes(health, schema, keys, lag_threshold_seconds=lag_threshold_seconds, wiring=wiring):
-            yield outcome.evaluation()
-        for outcome in source_outcomes(health, schema, schema.names, wiring):
-            yield outcome.evaluation()
         md: dict[str, Any] = {k: dg.MetadataValue.float(float(round(v, 2))) for k, v in run_figures(report).items()}
         md["wake"] = dg.MetadataValue.text(final.wake)
         md["skipped"] = dg.MetadataValue.text(report.skipped or "")

@@ -34,8 +34,9 @@ class StreamOptions:
     #: How often an idle run looks at the queue without being notified (the only wake-up through a
     #: transaction pooler).
     poll_seconds: float = 1.0
-    #: Materializations are recorded at most this often (a busy table would otherwise get one per batch).
-    record_every_seconds: float = 2.0
+    #: Materializations are recorded at most this often (a busy table would otherwise get one per batch;
+    #: each is a row in Dagster's event log, with its checks).
+    record_every_seconds: float = 60.0
     #: While another consumer holds the lock, try again (every 0.1 s) for this long before giving up: the
     #: successor of a streaming run starts before its predecessor ends and takes over the moment it does.
     wait_for_lock_seconds: float = 0.0
@@ -142,9 +143,13 @@ def follow_queue(
     totals = ApplyReport()  # replaced by the apply's own report as soon as a batch lands
     locked_at: list[float] = []
 
+    also = following.on_batch_messages  # the caller's own (the Dagster run's changed keys)
+
     def landed(report: ApplyReport, msgs: list[QueueMessage], tables: dict[int, str | None]) -> None:
         nonlocal totals
         totals = report
+        if also is not None:
+            also(report, msgs, tables)
         window.add(report, msgs, tables)
 
     def run() -> None:
@@ -176,7 +181,7 @@ def follow_queue(
             try:
                 result = done.get(timeout=options.record_every_seconds if announced else 0.1)
             except queue.Empty:
-                if changed := window.take():
+                if announced and (changed := window.take()):  # (the run's start is announced first)
                     yield Landed(changed, totals, wake=listener.mode)
                 continue
             if isinstance(result, BaseException):

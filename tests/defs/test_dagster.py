@@ -18,6 +18,7 @@ from tests.conftest import ROOT
 
 SCHEMA = load_schema(ROOT / "schema.json")
 APPS, VERSIONS = dg.AssetKey(["d1", "apps"]), dg.AssetKey(["d1", "app_versions"])
+CHEAP = ("row_count_matches_source", "replication_lag_under_threshold", "no_dead_letters", "source_matches_schema")
 
 
 @pytest.fixture
@@ -103,14 +104,23 @@ def test_a_large_drain_records_the_planner_process_memory(env):
     assert mat["messages"].value == 3000 and 5 < mat["run_planner_peak_mb"].value < 500
 
 
-def test_subset_materializes_only_the_selected_asset_but_drains_the_queue(env):
+def test_a_subset_drains_the_queue_and_every_table_it_changed_is_recorded(env):
+    """The queue is shared: a run of `d1/apps` alone also applies `app_versions`' changes, and records them
+    (as a runtime materialization with its checks), so that no applied change is missing from the history;
+    a selected table no change reached is recorded too (record_unchanged), an unselected one is not."""
     pg, d1, resources = env
-    pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
     pg.execute("INSERT INTO app_versions (app_id, version) VALUES (1, 'a')")
     result = dg.materialize([build_table_assets(SCHEMA)], resources=resources, selection=[APPS])
-    keys = [e.event_specific_data.materialization.asset_key for e in result.get_asset_materialization_events()]
-    assert keys == [APPS]
-    assert pg.metrics().queue_length == 0
+    mats = {e.event_specific_data.materialization.asset_key: e for e in result.get_asset_materialization_events()}
+    assert set(mats) == {APPS, VERSIONS} and pg.metrics().queue_length == 0
+    assert mats[VERSIONS].event_specific_data.materialization.metadata["messages"].value == 1
+    assert mats[APPS].event_specific_data.materialization.metadata["messages"].value == 0
+    assert check_outcomes(result)[("app_versions", "row_count_matches_source")] is True
+    observed = [
+        e.event_specific_data.asset_observation for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"
+    ]
+    assert [o.asset_key for o in observed] == [dg.AssetKey(["postgres", "public", "app_versions"])]
+    assert observed[0].metadata["changes"].value == 1
 
 
 def checks_result(resources):
@@ -437,16 +447,17 @@ def mode_config(**config):
     return {"ops": {"d1_incremental_apply": {"config": config}}}
 
 
-def test_a_sensor_run_records_only_the_tables_its_changes_reached_and_checks_all(env):
+def test_a_sensor_run_records_and_checks_only_the_tables_its_changes_reached(env):
     pg, _d1, resources = env
     pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
     result = dg.materialize(
         [build_table_assets(SCHEMA)], resources=resources, run_config=mode_config(record_unchanged=False)
     )
     assert result.success and set(materializations(result)) == {APPS}
-    outcomes = check_outcomes(result)  # the checks of the unchanged table still run
-    assert len(outcomes) == 8 and all(outcomes.values()), outcomes
-    assert materializations(result)[APPS]["dagster/row_count"].value == 1
+    outcomes = check_outcomes(result)  # the unchanged table costs nothing: no check reads it
+    assert set(outcomes) == {("apps", c) for c in CHEAP} and all(outcomes.values()), outcomes
+    # No count(*): an apply's materialization carries no whole-table row count (backfill and nuke do).
+    assert "dagster/row_count" not in materializations(result)[APPS]
     # A run launched by hand records every selected table, changed or not.
     assert set(materializations(dg.materialize([build_table_assets(SCHEMA)], resources=resources))) == {APPS, VERSIONS}
 
@@ -633,3 +644,167 @@ def test_the_streaming_sensor_starts_the_successor_shortly_before_the_run_ends(s
         instance.create_run_for_job(stream_job, status=dg.DagsterRunStatus.STARTING)
         _sensor, tick = sensor_tick(instance, resources, cursor="0")
         assert tick.run_requests == [] and "waits to take over" in tick.skip_message
+
+
+# --- The operator's view at production size (issue 26): checks cost the changes, runs the changed tables. ---
+
+
+def row_check(result, table="apps"):
+    (ev,) = [
+        e
+        for e in result.get_asset_check_evaluations()
+        if e.asset_key.path[-1] == table and e.check_name == "row_count_matches_source"
+    ]
+    return ev
+
+
+def test_the_per_apply_row_check_reads_the_changed_rows_not_the_table(env):
+    """5,000 rows in the table, 3 changed: the check after the apply reads 3 D1 rows (the whole count reads
+    5,000, billed), and says so in its metadata."""
+    pg, _d1, resources = env
+    pg.execute("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 5000) g")
+    dg.materialize([build_table_assets(SCHEMA)], resources=resources)
+    pg.execute("UPDATE apps SET name = 'm' WHERE id IN (7, 8)")
+    pg.execute("DELETE FROM apps WHERE id = 9")
+    result = dg.materialize([build_table_assets(SCHEMA)], resources=resources, selection=[APPS])
+    ev = row_check(result)
+    md = {k: v.value for k, v in ev.metadata.items()}
+    assert ev.passed and md["rows_compared"] == 3 and md["d1_rows_found"] == 2 and md["postgres_rows_found"] == 2
+    assert md["d1_rows_read"] <= 3 and md["postgres_rows_read"] == 2, md
+    whole = row_check(checks_result(resources))  # "Execute checks" by hand: counted whole, and billed so
+    assert whole.passed and whole.metadata["d1_rows_read"].value == 4999
+
+
+def test_the_per_apply_row_check_fails_on_a_changed_row_that_did_not_land(env):
+    """A row D1 refuses (larger than D1's 2 MB row limit) is dead-lettered: the row check compares it by key
+    and names it missing, the dead-letter check counts it; rows nobody changed are not read."""
+    pg, _d1, resources = env
+    pg.execute("INSERT INTO apps (id, name) VALUES (1, 'small'), (2, repeat('x', 2100000))")
+    result = dg.materialize([build_table_assets(SCHEMA)], resources=resources, selection=[APPS])
+    ev = row_check(result)
+    assert not ev.passed and ev.metadata["missing"].value == 1 and "[2]" in ev.metadata["sample_keys"].value
+    assert "1 missing in D1" in ev.description
+    assert check_outcomes(result)[("apps", "no_dead_letters")] is False
+
+
+def test_table_health_for_changed_keys_names_a_row_changed_behind_the_pipelines_back(env):
+    from d1sync_dagster.engine.health import table_health
+
+    pg, d1, _resources = env
+    pg.execute("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 20) g")
+    dg.materialize([build_table_assets(SCHEMA)], resources=_resources)
+    d1.query("UPDATE apps SET name = 'edited in D1' WHERE id = 4")
+    d1.query("DELETE FROM apps WHERE id = 5")
+    health = table_health(pg, d1, SCHEMA, tables=["apps"], keys={"apps": [(4,), (5,), (6,)]})
+    assert set(health) == {"apps"}
+    c = health["apps"].compared
+    assert c is not None and c.different == [(4,)] and c.missing == [(5,)] and not health["apps"].count_explained
+    assert health["apps"].source_rows is None and health["apps"].d1_rows_read == 2
+
+
+def test_the_per_run_sensor_selects_only_the_tables_with_queued_changes(env):
+    pg, _d1, resources = env
+    pg.execute("INSERT INTO app_versions (app_id, version) VALUES (1, 'a')")
+    with dg.instance_for_test() as instance:
+        _sensor, tick = sensor_tick(instance, resources)
+        (req,) = tick.run_requests
+        assert req.asset_selection == [VERSIONS]
+        pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
+        _sensor, tick = sensor_tick(instance, resources)
+        assert set(tick.run_requests[0].asset_selection) == {APPS, VERSIONS}
+
+
+def test_a_sensor_run_of_one_table_out_of_two_hundred_costs_what_the_changed_table_costs(
+    source_db, tmp_path, monkeypatch
+):
+    """A schema of 200 tables, a change in one: the run the sensor requests plans, records and checks that
+    table alone, and sends D1 a handful of requests (it used to be 2,010 events and 201 requests)."""
+    from d1sync_dagster.clients.d1_local import LocalD1Client as Local
+
+    tables = {f"t{i:03d}": {"primaryKey": ["id"], "columns": {"id": "INTEGER", "v": "TEXT"}} for i in range(200)}
+    path = tmp_path / "schema.json"
+    path.write_text(json.dumps(tables))
+    d1_path = str(tmp_path / "d1.sqlite")
+    monkeypatch.setenv("D1SYNC_SCHEMA", str(path))
+    monkeypatch.setenv("DATABASE_URL", source_db)
+    monkeypatch.setenv("D1_LOCAL_PATH", d1_path)
+    monkeypatch.setenv("D1SYNC_APPLY_MODE", "run")
+    schema = load_schema(path)
+    with PgmqClient(source_db) as pg:
+        for name in tables:
+            pg.execute(f"CREATE TABLE {name} (id bigint PRIMARY KEY, v text)")
+        setup(pg, Local(d1_path), schema)
+        pg.execute("INSERT INTO t042 VALUES (1, 'a'), (2, 'b')")
+    defs = build_definitions(str(path))
+    resources = {"postgres": PostgresResource(database_url=source_db)}
+    with dg.instance_for_test() as instance:
+        ctx = dg.build_sensor_context(instance=instance, resources=resources)
+        (req,) = defs.resolve_sensor_def("pgmq_depth_sensor").evaluate_tick(ctx).run_requests
+        assert req.asset_selection == [dg.AssetKey(["d1", "t042"])]
+        job = defs.resolve_job_def(APPLY_JOB)
+        result = job.execute_in_process(
+            instance=instance, run_config=req.run_config, asset_selection=req.asset_selection, raise_on_error=False
+        )
+        assert result.success
+        events = instance.get_records_for_run(result.run_id).records
+        mats = {e.event_specific_data.materialization.asset_key for e in result.get_asset_materialization_events()}
+        assert mats == {dg.AssetKey(["d1", "t042"])}
+        assert {e.asset_key.path[-1] for e in result.get_asset_check_evaluations()} == {"t042"}
+        assert len(events) < 60, len(events)
+        (md,) = [m.event_specific_data.materialization.metadata for m in result.get_asset_materialization_events()]
+        assert md["run_d1_requests"].value <= 3
+
+
+def test_the_stream_records_at_a_bounded_cadence_with_checks_figures_and_source_observations(streaming, source_db):
+    """A writer writes all the time; with a record every 1.5 s a 5 s run records at most 5 materializations of
+    the table (the figures summed), each with the table's checks, and observes its Postgres source as often."""
+    import threading
+
+    import psycopg
+
+    _pg, d1, resources = streaming
+    stop = threading.Event()
+
+    def writer():
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                conn.execute("INSERT INTO apps (id, name) VALUES (%s, 'n')", [i])
+                time.sleep(0.02)
+
+    w = threading.Thread(target=writer)
+    w.start()
+    config = {"d1sync_stream_op": {"config": {"seconds": 5, "record_every_seconds": 1.5}}}
+    try:
+        result = run_job("d1sync_stream", resources, config)
+    finally:
+        stop.set()
+        w.join()
+    assert result.success
+    mats = [
+        e.event_specific_data.materialization
+        for e in result.get_asset_materialization_events()
+        if e.event_specific_data.materialization.asset_key == APPS
+    ]
+    assert 2 <= len(mats) <= 5, len(mats)
+    assert (
+        sum(m.metadata["messages"].value for m in mats) == output_metadata(result, "d1sync_stream_op")["messages"].value
+    )
+    rates = [(m.metadata["run_changes_per_second"].value, m.metadata["run_duration_seconds"].value) for m in mats]
+    assert all(r > 0 and s > 0 for r, s in rates), rates
+    rows = [
+        e
+        for e in result.get_asset_check_evaluations()
+        if e.asset_key == APPS and e.check_name == "row_count_matches_source"
+    ]
+    assert len(rows) == len(mats) and all(e.passed for e in rows), [e.description for e in rows]
+    reads = [(e.metadata["d1_rows_read"].value, e.metadata["rows_compared"].value) for e in rows]
+    assert all(0 < read <= compared for read, compared in reads), reads
+    observed = [
+        e.event_specific_data.asset_observation for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"
+    ]
+    assert len(observed) == len(mats) and all(o.metadata["changes"].value > 0 for o in observed)
+    # The table no change reached is checked once, at the end.
+    quiet = [e for e in result.get_asset_check_evaluations() if e.asset_key == VERSIONS]
+    assert len(quiet) == 4 and all(e.passed for e in quiet)

@@ -92,8 +92,12 @@ def test_dagster_applies_into_the_shards_and_the_row_count_check_sums_them(prod,
     assert result.success
     checks = {e.check_name: e for e in result.get_asset_check_evaluations() if e.asset_key.path[-1] == "app_versions"}
     count = checks["row_count_matches_source"]
-    assert count.passed and count.metadata["d1_rows"].value == 300
-    per_shard = {s: count.metadata[f"d1_rows_{s}"].value for s in RULE["hash"]}
+    # The rows the apply changed, looked up by key in every shard (each found in its own): 300 reads.
+    assert (
+        count.passed and count.metadata["d1_rows_found"].value == 300 and count.metadata["rows_compared"].value == 300
+    )
+    assert count.metadata["d1_rows_read"].value == 300
+    per_shard = {s: count.metadata[f"d1_rows_found_{s}"].value for s in RULE["hash"]}
     assert sum(per_shard.values()) == 300 and all(per_shard.values())
     for s, n in per_shard.items():
         with sqlite3.connect(tmp_path / f"{s}.sqlite") as conn:

@@ -119,7 +119,15 @@ def test_dev_runs_the_demo_and_ctrl_c_stops_everything(dev):
     checks = [
         e["evaluation"] for e in run["eventConnection"]["events"] if e["__typename"] == "AssetCheckEvaluationEvent"
     ]
-    assert len(checks) == 10 and all(c["success"] for c in checks), checks
+    # Each recorded materialization comes with its table's checks; the tables no change reached get theirs
+    # when the run ends: every check of both tables (four each, and each source's) at least once.
+    assert len(checks) >= 10 and all(c["success"] for c in checks), checks
+    assert {c["checkName"] for c in checks} == {
+        "row_count_matches_source",
+        "replication_lag_under_threshold",
+        "no_dead_letters",
+        "source_matches_schema",
+    }
 
     # The global lineage shows the two groups, Postgres sources upstream of the D1 tables (collapsed: Dagster
     # folds groups in the global view); an asset's own lineage shows the tables themselves.
