@@ -40,6 +40,12 @@ def lock_name(queue: str) -> str:
     return f"d1sync:apply:{queue}"
 
 
+def standby_lock_name(queue: str) -> str:
+    """The advisory lock a streaming run holds while it stands by for the consumer lock: the sensor's proof
+    that the standby is alive."""
+    return f"d1sync:standby:{queue}"
+
+
 def _password(url: str) -> str | None:
     """The password as typed in a URL (between the user's ':' and the last '@', so a password holding an
     unencoded '@' is whole) or a `password=` keyword; None when there is none."""
@@ -119,6 +125,8 @@ class PgmqClient:
         self._url = url
         self._lock_holder: PgmqClient | None = None
         self._idle_holder: PgmqClient | None = None  # the lock's connection, kept between consumer_lock calls
+        #: Said in the lock's application name (`run <id>` for a Dagster run): who holds it, for the sensor.
+        self.holder_label: str | None = None
         if "://" in url and not re.match(r"^postgres(ql)?://", url):
             raise ConfigError(f"cannot connect to Postgres at {redact(url)}: the URL must start with postgresql://")
         try:
@@ -137,6 +145,17 @@ class PgmqClient:
         # JSON numbers decode without losing digits (see exactjson.loads_exact).
         set_json_loads(loads_exact, self.conn)
 
+    def reconnect(self) -> None:
+        """A new connection in place of this one (the server closed it: a restart, a terminated backend)."""
+        fresh = PgmqClient(self._url, queue=self.queue)
+        fresh.holder_label = self.holder_label
+        old, self.conn = self.conn, fresh.conn
+        fresh.conn = old
+        fresh.close()  # the old connection, and an idle lock holder of this client's
+        if self._idle_holder is not None:
+            self._idle_holder.close()
+            self._idle_holder = None
+
     def close(self) -> None:
         if self._idle_holder is not None:
             self._idle_holder.close()
@@ -145,7 +164,9 @@ class PgmqClient:
 
     def clone(self) -> PgmqClient:
         """Another connection to the same database and queue."""
-        return PgmqClient(self._url, queue=self.queue)
+        other = PgmqClient(self._url, queue=self.queue)
+        other.holder_label = self.holder_label
+        return other
 
     def __enter__(self) -> PgmqClient:
         return self
@@ -465,7 +486,7 @@ class PgmqClient:
             "set_config('idle_in_transaction_session_timeout', '0', true), "
             "set_config('application_name', {}, true)".format(
                 literal(lock_name(self.queue)),
-                literal(f"d1sync consumer of {self.queue} (pid {os.getpid()})"),
+                literal(self._holder_name("consumer")),
             )
         )
         if kept is not None:
@@ -481,6 +502,32 @@ class PgmqClient:
         except QueueError:
             holder.close()
             raise
+
+    def _holder_name(self, role: str) -> str:
+        """The lock's application name (Postgres keeps 63 bytes of it: the label goes first)."""
+        label = f" [{self.holder_label}]" if self.holder_label else ""
+        return f"d1sync {role}{label} of {self.queue} (pid {os.getpid()})"
+
+    @contextmanager
+    def standby_lock(self) -> Iterator[bool]:
+        """While a run waits for the consumer lock: this queue's standby lock, on a connection of its own, in
+        a transaction kept open (as `consumer_lock`); yields whether it was taken (another standby may hold
+        it). It goes with the process, so a standby that holds it is alive."""
+        holder = self.clone()
+        holder.conn.autocommit = False
+        try:
+            got = bool(
+                holder.execute(
+                    "SELECT pg_try_advisory_xact_lock(hashtextextended({}, 0)), "
+                    "set_config('idle_in_transaction_session_timeout', '0', true), "
+                    "set_config('application_name', {}, true)".format(
+                        literal(standby_lock_name(self.queue)), literal(self._holder_name("standby"))
+                    )
+                )[0][0]
+            )
+            yield got
+        finally:
+            holder.close()
 
     def check_consumer_lock(self) -> None:
         """Raise unless this client's consumer lock (`consumer_lock`) is still held by its backend: the lock's
@@ -504,9 +551,11 @@ class PgmqClient:
                 "replayed by the next run"
             )
 
-    def lock_holders(self) -> list[tuple[int, str, datetime | None]]:
-        """Who holds this queue's consumer lock: (pid, application name, since when) for each backend (an
-        advisory lock belongs to one database: the same queue name in another database is another lock)."""
+    def lock_holders(self, *, standby: bool = False) -> list[tuple[int, str, datetime | None]]:
+        """Who holds this queue's consumer lock (or with `standby`, its standby lock): (pid, application name,
+        since when) for each backend (an advisory lock belongs to one database: the same queue name in
+        another database is another lock)."""
+        name = standby_lock_name(self.queue) if standby else lock_name(self.queue)
         return [
             (int(pid), str(app or ""), since)
             for pid, app, since in self.execute(
@@ -514,7 +563,7 @@ class PgmqClient:
                 "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
                 "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
                 "AND l.objsubid = 1 AND (l.classid::bigint << 32) | l.objid::bigint = hashtextextended(%s, 0)",
-                [lock_name(self.queue)],
+                [name],
             )
         ]
 

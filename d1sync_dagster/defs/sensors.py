@@ -18,7 +18,7 @@ import dagster as dg
 from d1sync_dagster.clients.pgmq import describe_holders
 from d1sync_dagster.defs.keys import DEFAULT, Wiring
 from d1sync_dagster.defs.resources import NOT_BEFORE_TAG
-from d1sync_dagster.defs.stream import ENDS_AT_TAG
+from d1sync_dagster.defs.stream import ENDS_AT_TAG, STOPPING_TAG
 
 IN_FLIGHT = [
     dg.DagsterRunStatus.QUEUED,
@@ -55,6 +55,63 @@ def consuming_run(run: dg.DagsterRun, consumers: Collection[str], asset_keys: Co
     return bool(run.asset_check_selection and any(c.asset_key in asset_keys for c in run.asset_check_selection))
 
 
+#: A streaming run that still has not finished this long after its end is given up.
+STUCK_SECONDS = 300.0
+
+
+def holder_run_ids(holders: Collection[tuple[int, str, Any]]) -> set[str] | None:
+    """The run ids named by the consumer lock's holders (`PgmqClient.holder_label`), or None when a holder's
+    application name cannot be read (another role's session): who holds it is then unknown."""
+    out = set()
+    for _pid, app, _since in holders:
+        if not app:
+            return None
+        if "[run " in app and "]" in app:
+            out.add(app.split("[run ", 1)[1].split("]", 1)[0])
+    return out
+
+
+def dead_stream_runs(
+    streaming: list[dg.DagsterRun],
+    records: Mapping[str, Any],
+    holders: Collection[tuple[int, str, Any]],
+    standbys: Collection[tuple[int, str, Any]],
+    now: datetime,
+    start_timeout: float,
+) -> list[tuple[dg.DagsterRun, str]]:
+    """The streaming runs that claim to be in flight but are not, and why:
+    - one that tagged its end (so it took the lock) and should still follow the queue, while the lock is
+      held by nobody, or by others only;
+    - one still in flight long after its end (`STUCK_SECONDS`);
+    - one without that tag `start_timeout` seconds after it was made that neither stands by (holds the
+      standby lock) nor holds the consumer lock: it never started, or died waiting."""
+    holding = holder_run_ids(holders)
+    alive = holder_run_ids([*holders, *standbys])
+    out = []
+    for run in streaming:
+        ends_at = run.tags.get(ENDS_AT_TAG)
+        if ends_at is not None:
+            ends = datetime.fromisoformat(ends_at)
+            if (now - ends).total_seconds() > STUCK_SECONDS:
+                out.append((run, f"it should have ended at {ends_at} and is still {run.status.value.lower()}"))
+            elif STOPPING_TAG in run.tags or now >= ends:
+                continue  # ending (on time, or stopped): it lets go of the lock first, then finishes
+            elif not holders or (holding is not None and run.run_id not in holding):
+                who = describe_holders(holders) if holders else "nobody"
+                out.append((run, f"it should follow the queue until {ends_at}, but the consumer lock is held by {who}"))
+        else:
+            record = records.get(run.run_id)
+            made = getattr(record, "create_timestamp", None)
+            late = made is not None and (now - made.astimezone(UTC)).total_seconds() > start_timeout
+            if not late or (alive is None and (holders or standbys)) or (alive and run.run_id in alive):
+                continue
+            if run.status == dg.DagsterRunStatus.STARTED:
+                out.append((run, "it neither stands by for the consumer lock nor holds it (its process is gone)"))
+            else:
+                out.append((run, f"it did not start within {start_timeout:g}s ({run.status.value.lower()})"))
+    return out
+
+
 def build_depth_sensor(
     job: Any,
     *,
@@ -64,7 +121,7 @@ def build_depth_sensor(
     run_config: dict[str, Any] | None = None,
     stream_job: Any = None,
     wiring: Wiring = DEFAULT,
-    handover_seconds: float | None = None,
+    start_timeout_seconds: float = 120.0,
     table_keys: Mapping[str, dg.AssetKey] | None = None,
 ) -> dg.SensorDefinition:
     """The sensor for `job` (the apply job); `consumers` names the other jobs that take the queue;
@@ -73,9 +130,7 @@ def build_depth_sensor(
     `table_keys` (table name -> D1 asset), an apply run selects only the tables with queued changes, so its
     Dagster events grow with the tables that changed, not with schema.json (past `SELECT_LIMIT` queued
     changes it selects every table)."""
-    # A streaming run's successor is requested when its predecessor has at most this long left: enough
-    # for two ticks and a run's start-up; it waits for the lock (StreamConfig.wait_for_lock_seconds).
-    handover = handover_seconds if handover_seconds is not None else 2 * interval_seconds + 60
+    start_timeout = start_timeout_seconds
     consumer_jobs = {job.name, *consumers} | ({stream_job.name} if stream_job is not None else set())
     keys = set(asset_keys)
     jobs = [job] if stream_job is None else [stream_job]
@@ -106,6 +161,7 @@ def build_depth_sensor(
         with postgres.get_client() as pg:
             m = pg.metrics()
             holders = pg.lock_holders() if m.queue_length or stream_job is not None else []
+            standbys = pg.lock_holders(standby=True) if stream_job is not None else []
             selection = None
             if stream_job is None and table_keys and 0 < m.queue_length <= SELECT_LIMIT:
                 named = pg.queued_tables(SELECT_LIMIT)
@@ -120,35 +176,37 @@ def build_depth_sensor(
         details = [d for d in ("" if age is None else f"oldest {age}s", arrived.removeprefix("; ")) if d]
         waiting = f"{m.queue_length} changes waiting" + (f" ({'; '.join(details)})" if details else "")
         in_flight = context.instance.get_run_records(dg.RunsFilter(statuses=IN_FLIGHT), limit=100)
+        records = {r.dagster_run.run_id: r for r in in_flight}
         busy = [r.dagster_run for r in in_flight if consuming_run(r.dagster_run, consumer_jobs, keys)]
         streaming = [r for r in busy if stream_job is not None and r.job_name == stream_job.name]
         successor_of = None
-        # A streaming run tags its end once it holds the lock: one without the tag is still starting or
-        # waiting to take over; of those with it, the newest follows the queue (an older one is finishing).
+        if streaming:
+            # The consumer lock is the truth, not the run statuses: a run killed with its process (kill -9,
+            # an OOM kill, a host crash) stays STARTED, and one that never starts stays NOT_STARTED.
+            for run, why in dead_stream_runs(streaming, records, holders, standbys, datetime.now(UTC), start_timeout):
+                context.instance.report_run_failed(run, message=f"d1sync: {why}; the sensor gave it up")
+                context.log.warning(f"run {run.run_id} given up: {why}")
+                streaming.remove(run)
+                busy.remove(run)
+        # A streaming run tags its end once it holds the lock: one without the tag is the standby, waiting
+        # for the lock; of those with it, the newest follows the queue (an older one is finishing).
         starting = [r for r in streaming if ENDS_AT_TAG not in r.tags]
         following = [r for r in streaming if ENDS_AT_TAG in r.tags]
-        if starting and following:
-            return dg.SkipReason(
-                f"{waiting}; run {following[0].run_id} follows the queue and run {starting[0].run_id} waits to "
-                "take over from it"
-            )
-        if streaming:
+        if starting:
             run = (following or starting)[0]
-            ends_at = run.tags.get(ENDS_AT_TAG)
-            left = (datetime.fromisoformat(ends_at) - datetime.now(UTC)).total_seconds() if ends_at else None
-            if left is None or left > handover:
-                until = f" until {ends_at}" if ends_at else ""
-                return dg.SkipReason(
-                    f"{waiting}; run {run.run_id} ({run.job_name}, {run.status.value.lower()}) follows the queue{until}"
-                )
-            successor_of = run.run_id  # its time is nearly up: start the next, which takes over when it ends
+            doing = f"run {following[0].run_id} follows the queue and " if following else ""
+            return dg.SkipReason(f"{waiting}; {doing}run {starting[0].run_id} stands by to take over the queue")
+        if following:
+            # A standby: it waits for the consumer lock and takes over the moment the running one lets go,
+            # whether it ends on time or dies (its connection, and the lock with it, go at once).
+            successor_of = following[0].run_id
             busy = [r for r in busy if r not in streaming]
         if busy:
             run = busy[0]
             return dg.SkipReason(
                 f"{waiting}, but run {run.run_id} ({run.job_name}, {run.status.value.lower()}) consumes the queue"
             )
-        if holders and successor_of is None:  # (a successor expects its predecessor to hold it)
+        if holders and successor_of is None:  # (a standby expects the running one to hold it)
             return dg.SkipReason(f"{waiting}, but the queue's consumer lock is held by {describe_holders(holders)}")
         launched = job if stream_job is None else stream_job
         latest = context.instance.get_run_records(dg.RunsFilter(job_name=launched.name), limit=1)

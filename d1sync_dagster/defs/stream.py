@@ -28,6 +28,8 @@ STREAM_JOB = "d1sync_stream"
 #: Run tag of a streaming run: when (UTC, ISO) it stops following the queue. The sensor starts its
 #: successor shortly before, which waits for the lock and takes over the moment it is released.
 ENDS_AT_TAG = "d1sync/ends_at"
+#: Run tag a streaming run sets when it is stopped (Ctrl-C, SIGTERM) and lets go of the lock.
+STOPPING_TAG = "d1sync/stopping"
 
 
 class StreamConfig(dg.Config):
@@ -43,8 +45,10 @@ class StreamConfig(dg.Config):
         ),
     )
     wait_for_lock_seconds: float = Field(
-        default=300.0,
-        description=("while another consumer (the run this one succeeds) holds the queue, wait this long to take over"),
+        default=3600.0,
+        description=(
+            "while another consumer holds the queue (the run this one stands by for), wait this long to take over"
+        ),
     )
 
 
@@ -96,34 +100,47 @@ def build_stream_job(
             evolved = ensure_schema(pg, client, schema)
             if evolved is not None:
                 context.log.warning(f"schema.json changed: D1 updated first ({evolved})")
-            for landed in follow_queue(pg, client, schema, stream, options_here):
-                if landed.following_since is not None:
-                    since = landed.following_since
-                    ends = datetime.fromtimestamp(landed.following_since + config.seconds, UTC)
-                    context.instance.add_run_tags(context.run_id, {ENDS_AT_TAG: ends.isoformat(timespec="seconds")})
-                    context.log.info(f"streaming apply until {ends:%H:%M:%S} UTC, {landed.wake}")
-                final = landed
-                if not landed.tables:
-                    continue
-                # What landed since the last record: one materialization per changed table with the figures
-                # summed, its checks on the rows those changes touched, and its source's observation.
-                touched = changed.take()
-                names = list(landed.tables)
-                recorded.update(names)
-                health = table_health(checker, client, schema, hold_lock=False, tables=names, keys=touched.keys)
-                figures = stream_figures(landed.totals, since)
-                for name, stats in landed.tables.items():
-                    md = table_metadata(stats, figures, landed.totals.position)
-                    md["operation"] = dg.MetadataValue.text("stream")
-                    yield dg.AssetMaterialization(asset_key=wiring.asset_key(schema.table(name)), metadata=md)
-                keys = all_cheap_check_keys(schema, names, wiring=wiring)
-                for outcome in table_outcomes(
-                    health, schema, keys, lag_threshold_seconds=lag_threshold_seconds, wiring=wiring
-                ):
-                    yield outcome.evaluation()
-                for outcome in source_outcomes(health, schema, names, wiring):
-                    yield outcome.evaluation()
-                yield from source_observations(touched, schema, wiring)
+            pg.holder_label = f"run {context.run_id}"  # the sensor tells this run's lock by it
+            stopped = False
+
+            def leaving(e: BaseException) -> None:
+                if isinstance(e, dg.DagsterExecutionInterruptedError | KeyboardInterrupt):
+                    context.instance.add_run_tags(context.run_id, {STOPPING_TAG: datetime.now(UTC).isoformat()})
+
+            try:
+                for landed in follow_queue(pg, client, schema, stream, options_here, on_leave=leaving):
+                    if landed.following_since is not None:
+                        since = landed.following_since
+                        ends = datetime.fromtimestamp(landed.following_since + config.seconds, UTC)
+                        context.instance.add_run_tags(context.run_id, {ENDS_AT_TAG: ends.isoformat(timespec="seconds")})
+                        context.log.info(f"streaming apply until {ends:%H:%M:%S} UTC, {landed.wake}")
+                    final = landed
+                    if not landed.tables:
+                        continue
+                    # What landed since the last record: one materialization per changed table with the figures
+                    # summed, its checks on the rows those changes touched, and its source's observation.
+                    touched = changed.take()
+                    names = list(landed.tables)
+                    recorded.update(names)
+                    health = table_health(checker, client, schema, hold_lock=False, tables=names, keys=touched.keys)
+                    figures = stream_figures(landed.totals, since)
+                    for name, stats in landed.tables.items():
+                        md = table_metadata(stats, figures, landed.totals.position)
+                        md["operation"] = dg.MetadataValue.text("stream")
+                        yield dg.AssetMaterialization(asset_key=wiring.asset_key(schema.table(name)), metadata=md)
+                    keys = all_cheap_check_keys(schema, names, wiring=wiring)
+                    for outcome in table_outcomes(
+                        health, schema, keys, lag_threshold_seconds=lag_threshold_seconds, wiring=wiring
+                    ):
+                        yield outcome.evaluation()
+                    for outcome in source_outcomes(health, schema, names, wiring):
+                        yield outcome.evaluation()
+                    yield from source_observations(touched, schema, wiring)
+            except (dg.DagsterExecutionInterruptedError, KeyboardInterrupt):
+                # Ctrl-C or SIGTERM (a pod eviction): the apply stopped after the batch in hand (nothing is
+                # lost, the standby takes the lock now); the run ends as a clean stop, not a failure.
+                stopped = True
+                context.log.info("streaming apply stopped (interrupted): the queue is left to the standby run")
             # The tables no change reached get their checks at the run's end (lag, dead letters, drift; no
             # rows to compare), so that every check is evaluated at least once a run, at O(tables) catalog
             # work and no D1 rows but the position's.
@@ -139,20 +156,22 @@ def build_stream_job(
             yield outcome.evaluation()
         for outcome in source_outcomes(health, schema, quiet, wiring):
             yield outcome.evaluation()
-        assert final is not None and final.final  # follow_queue ends with its final report or raises
-        report = final.totals
+        assert stopped or (final is not None and final.final)  # follow_queue ends with its report or raises
+        report = final.totals if final is not None else ApplyReport(skipped="stopped before it took the queue")
+        wake = final.wake if final is not None else ""
         if report.skipped:
             context.log.warning(f"streaming apply skipped: {report.skipped}")
         else:
             context.log.info(
-                f"streamed {report.messages} messages in {report.duration_seconds:.1f}s ({final.wake}), "
+                f"streamed {report.messages} messages in {report.duration_seconds:.1f}s ({wake}), "
                 f"{report.requests} D1 requests, {report.dead_lettered} dead-lettered"
             )
         for found in report.drift.values():
             for d in found:
                 context.log.warning(f"schema drift: {d}")
         md: dict[str, Any] = {k: dg.MetadataValue.float(float(round(v, 2))) for k, v in run_figures(report).items()}
-        md["wake"] = dg.MetadataValue.text(final.wake)
+        md["wake"] = dg.MetadataValue.text(wake)
+        md["stopped"] = dg.MetadataValue.bool(stopped)
         md["skipped"] = dg.MetadataValue.text(report.skipped or "")
         yield dg.Output(None, metadata=md)
 

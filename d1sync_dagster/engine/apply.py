@@ -155,7 +155,9 @@ def apply(
                 max_rows=options.max_rows_per_batch,
                 follow=options.follow,
                 idle=options.idle,
-                stopped=options.stopped,
+                # A batch that failed ends the reading: following the queue (streaming), no later batch would
+                # come to surface the failure, the failed batch's messages being claimed, and it would stall.
+                stopped=lambda: failed.is_set() or (options.stopped is not None and options.stopped()),
                 # Two batches ahead: while the planner process plans one, the other waits for it or, when
                 # the child is behind, is planned here (`_Planning.start`). Read batches are JSON text,
                 # small next to what they decode to.

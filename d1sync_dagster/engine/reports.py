@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime
 from operator import attrgetter
 from typing import Any, Protocol
@@ -41,6 +41,24 @@ class TableStats:
     lag_seconds: float | None = None
 
 
+_SUMMED = frozenset(
+    {
+        "messages",
+        "batches",
+        "requests",
+        "statements",
+        "rows_written",
+        "rows_sent",
+        "dead_lettered",
+        "duration_seconds",
+        "held",
+        "released",
+        "split_transactions",
+        "staged_transactions",
+    }
+)
+
+
 @dataclass
 class ApplyReport:
     tables: dict[str, TableStats] = field(default_factory=dict)
@@ -71,6 +89,25 @@ class ApplyReport:
     @property
     def rows_per_request(self) -> float:
         return self.rows_sent / self.requests if self.requests else 0.0
+
+    def plus(self, later: ApplyReport) -> ApplyReport:
+        """This report and a later one of the same run (the stream's apply again after a transient failure):
+        counts summed, the later one's state (position, drained, drift, skipped) kept."""
+        out = replace(later, tables={})
+        for f in fields(ApplyReport):
+            if f.name in _SUMMED:
+                setattr(out, f.name, getattr(self, f.name) + getattr(later, f.name))
+        for name in self.tables.keys() | later.tables.keys():
+            a, b = self.tables.get(name, TableStats()), later.tables.get(name, TableStats())
+            out.tables[name] = TableStats(
+                **{
+                    f.name: getattr(a, f.name) + getattr(b, f.name)
+                    for f in fields(TableStats)
+                    if f.name != "lag_seconds"
+                },
+                lag_seconds=max((x for x in (a.lag_seconds, b.lag_seconds) if x is not None), default=None),
+            )
+        return out
 
     @property
     def changes_per_second(self) -> float:

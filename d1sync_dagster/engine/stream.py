@@ -14,7 +14,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 
@@ -22,9 +23,39 @@ from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import ChangeListener, PgmqClient, QueueMessage
 from d1sync_dagster.engine.apply import ApplyOptions, apply
 from d1sync_dagster.engine.reports import ApplyReport, TableStats
+from d1sync_dagster.errors import D1Error, QueueError
 from d1sync_dagster.schema import Schema
 
 log = logging.getLogger(__name__)
+
+
+#: A transient failure (D1 or Postgres) is retried after this long, doubling up to the maximum.
+FIRST_BACKOFF_SECONDS, MAX_BACKOFF_SECONDS = 0.5, 5.0
+
+
+def _transient(e: D1Error | QueueError) -> bool:
+    """Whether the stream should wait the failure out: D1 failed for a moment (or is locked, read-only,
+    overloaded, rate limited), or Postgres dropped the connection (a restart, a terminated backend, a
+    failover) or lost the consumer lock with it."""
+    if isinstance(e, D1Error):
+        return e.retryable
+    state = e.sqlstate or ""
+    return e.transient or state.startswith(("08", "57P")) or state == "" or "lock was lost" in str(e)
+
+
+def _reconnect_if_broken(pg: PgmqClient) -> None:
+    try:
+        pg.execute("SELECT 1")
+    except QueueError:
+        try:
+            pg.reconnect()
+        except QueueError as e:  # still down: the next try says so
+            log.warning("streaming apply: Postgres is not back yet (%s)", e)
+
+
+#: How often a standby tries the consumer lock (one statement each): how soon it takes over from a run that
+#: ended or died.
+WAIT_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -68,6 +99,7 @@ class _Window:
     previous: dict[str, TableStats] = field(default_factory=dict)
     messages: dict[str, int] = field(default_factory=dict)
     oldest: dict[str, float] = field(default_factory=dict)
+    carried: dict[str, TableStats] = field(default_factory=dict)
 
     def add(self, report: ApplyReport, msgs: list[QueueMessage], tables: dict[int, str | None]) -> None:
         now = datetime.now(UTC)
@@ -81,18 +113,36 @@ class _Window:
                 age = (now - m.enqueued_at).total_seconds()
                 self.oldest[name] = max(self.oldest.get(name, 0.0), age)
 
+    def restart(self) -> None:
+        """The apply starts again (after a transient failure) with a report of its own: what landed and was
+        not taken yet is carried over."""
+        with self.lock:
+            for name, now in self.landed.items():
+                before = self.previous.get(name, TableStats())
+                carry = self.carried.setdefault(name, TableStats())
+                for f in _COUNTED:
+                    setattr(carry, f.name, getattr(carry, f.name) + getattr(now, f.name) - getattr(before, f.name))
+            self.landed, self.previous = {}, {}
+
     def take(self) -> dict[str, TableStats]:
         with self.lock:
             out: dict[str, TableStats] = {}
-            for name, now in self.landed.items():
+            for name in self.landed.keys() | self.carried.keys():
+                now = self.landed.get(name, TableStats())
                 before = self.previous.get(name, TableStats())
-                delta = TableStats(**{f.name: getattr(now, f.name) - getattr(before, f.name) for f in _COUNTED})
+                carry = self.carried.get(name, TableStats())
+                delta = TableStats(
+                    **{
+                        f.name: getattr(now, f.name) - getattr(before, f.name) + getattr(carry, f.name)
+                        for f in _COUNTED
+                    }
+                )
                 delta.messages = self.messages.get(name, 0)
                 if delta.messages or delta.truncates or delta.dead_lettered:
                     delta.lag_seconds = self.oldest.get(name)
                     out[name] = delta
             self.previous = self.landed
-            self.messages, self.oldest = {}, {}
+            self.messages, self.oldest, self.carried = {}, {}, {}
             return out
 
 
@@ -107,12 +157,15 @@ def follow_queue(
     apply_options: ApplyOptions | None = None,
     *,
     stop: threading.Event | None = None,
+    on_leave: Callable[[BaseException], None] | None = None,
 ) -> Iterator[Landed]:
     """Apply changes as they come for `options.seconds` (or until `stop` is set), yielding what landed.
 
     The last item has `final=True` and the run's totals (`totals.skipped` says why nothing ran when another
     consumer held the lock). An error of the apply is raised here, after what landed before it was yielded.
-    Leaving the generator early (or an exception in the caller) stops the apply after its batch in hand.
+    Leaving the generator early (or an exception in the caller) stops the apply after its batch in hand;
+    `on_leave` is called with that exception first, while the lock is still held (the Dagster run tags
+    itself as stopping, so that the sensor does not take it for dead).
     """
     options = options or StreamOptions()
     stop = stop or threading.Event()
@@ -145,28 +198,64 @@ def follow_queue(
 
     also = following.on_batch_messages  # the caller's own (the Dagster run's changed keys)
 
+    earlier: list[ApplyReport] = []  # what the applies before a transient failure did (one, summed)
+    attempt: list[ApplyReport] = []  # the running report of the apply in hand, once a batch landed
+
     def landed(report: ApplyReport, msgs: list[QueueMessage], tables: dict[int, str | None]) -> None:
         nonlocal totals
-        totals = report
+        attempt[:] = [report]
+        totals = earlier[0].plus(report) if earlier else report
         if also is not None:
             also(report, msgs, tables)
         window.add(report, msgs, tables)
 
     def run() -> None:
+        standing, stood = ExitStack(), []
+
         def on_locked() -> None:
+            standing.close()  # no longer standing by
             began.append(time.monotonic())
             locked_at.append(time.time())
 
         options_here = replace(following, on_batch_messages=landed, on_locked=on_locked)
         give_up = time.monotonic() + options.wait_for_lock_seconds
+        backoff = FIRST_BACKOFF_SECONDS
         try:
-            while True:
-                report = apply(pg, d1, schema, options_here)
-                if report.skipped and time.monotonic() < give_up and not stop.is_set():
-                    time.sleep(0.1)  # a predecessor still follows the queue: take over when it lets go
-                    continue
-                done.put(report)
-                return
+            with standing:
+                while True:
+                    if began:  # again after a failure: only the run's time left
+                        left = began[0] + options.seconds - time.monotonic()
+                        options_here = replace(options_here, max_seconds=max(left, 0.0), on_locked=None)
+                    attempt.clear()
+                    try:
+                        report = apply(pg, d1, schema, options_here)
+                    except (D1Error, QueueError) as e:
+                        now = time.monotonic()
+                        over = now >= began[0] + options.seconds if began else now >= give_up
+                        if not _transient(e) or stop.is_set() or over:
+                            raise
+                        # Waited out here, not a reason to end the run: the batch in hand was not deleted, so it
+                        # is applied again (D1's upserts are idempotent) once D1 or Postgres answers.
+                        log.warning("streaming apply: %s; trying again in %.1fs", e, backoff)
+                        window.restart()
+                        if attempt:
+                            earlier[:] = [earlier[0].plus(attempt[0]) if earlier else attempt[0]]
+                        _reconnect_if_broken(pg)
+                        stop.wait(backoff)
+                        backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+                        continue
+                    if report.skipped and time.monotonic() < give_up and not stop.is_set() and not began:
+                        # Another run follows the queue: stand by, and take over the moment it lets go (it
+                        # ends, or dies and its connection with it). The standby lock says this run is alive.
+                        if not stood:
+                            stood.append(standing.enter_context(pg.standby_lock()))
+                        time.sleep(WAIT_SECONDS)
+                        continue
+                    if report.skipped and began and not stop.is_set() and time.monotonic() < give_up:
+                        time.sleep(WAIT_SECONDS)  # after a failure another consumer took the lock: wait for it
+                        continue
+                    done.put(earlier[0].plus(report) if earlier else report)
+                    return
         except BaseException as e:  # raised in the caller's thread
             done.put(e)
 
@@ -190,6 +279,10 @@ def follow_queue(
                 raise result
             yield Landed(window.take(), result, final=True, wake=listener.mode)
             return
+    except BaseException as e:
+        if on_leave is not None and not isinstance(e, GeneratorExit):
+            on_leave(e)
+        raise
     finally:
         stop.set()
         thread.join()

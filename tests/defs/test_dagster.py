@@ -555,7 +555,7 @@ def streaming(env, monkeypatch):
     return env
 
 
-def test_the_streaming_sensor_keeps_exactly_one_stream_run_alive(streaming, source_db):
+def test_the_streaming_sensor_keeps_one_stream_run_alive_and_one_standing_by(streaming, source_db):
     pg, _d1, resources = streaming
     defs = build_definitions(str(ROOT / "schema.json"))
     stream_job = defs.resolve_job_def("d1sync_stream")
@@ -568,9 +568,7 @@ def test_the_streaming_sensor_keeps_exactly_one_stream_run_alive(streaming, sour
         assert tick.skip_message.startswith("0 changes waiting (0 new since the last tick); run ")
         pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
         _sensor, tick = sensor_tick(instance, resources, cursor="0")
-        assert tick.run_requests == [] and f"run {run.run_id} (d1sync_stream, started) follows the queue" in (
-            tick.skip_message
-        )
+        assert tick.run_requests == [] and f"run {run.run_id} stands by to take over the queue" in tick.skip_message
         instance.report_run_failed(run)
         backfill = instance.create_run_for_job(
             defs.resolve_job_def("d1sync_backfill"), status=dg.DagsterRunStatus.STARTED
@@ -625,25 +623,69 @@ def test_the_stream_run_applies_changes_written_after_it_started_records_changed
     assert md["messages"].value == 3 and "notifications" in md["wake"].value
 
 
-def test_the_streaming_sensor_starts_the_successor_shortly_before_the_run_ends(streaming, source_db):
+def test_the_sensor_trusts_the_consumer_lock_over_run_statuses(streaming, source_db):
+    """A run that follows the queue gets a standby at once; when the running one's lock goes (its process
+    was killed: the run stays STARTED for ever), the sensor marks it failed, and the standby, which takes the
+    lock by itself within a quarter second, is left to follow."""
     _pg, _d1, resources = streaming
     defs = build_definitions(str(ROOT / "schema.json"))
     stream_job = defs.resolve_job_def("d1sync_stream")
-    with dg.instance_for_test() as instance, PgmqClient(source_db) as running, running.consumer_lock() as got:
-        assert got  # the running stream holds the lock
+    with dg.instance_for_test() as instance, PgmqClient(source_db) as running:
         run = instance.create_run_for_job(stream_job, status=dg.DagsterRunStatus.STARTED)
+        running.holder_label = f"run {run.run_id}"
         later = datetime.now(UTC) + timedelta(minutes=10)
         instance.add_run_tags(run.run_id, {"d1sync/ends_at": later.isoformat(timespec="seconds")})
+        with running.consumer_lock() as got:
+            assert got
+            _sensor, tick = sensor_tick(instance, resources, cursor="0")
+            assert len(tick.run_requests) == 1, tick.skip_message
+            (req,) = tick.run_requests  # a standby, now, not shortly before the end
+            assert req.job_name == "d1sync_stream" and req.tags["d1sync/successor_of"] == run.run_id
+            standby = instance.create_run_for_job(stream_job, status=dg.DagsterRunStatus.STARTED)
+            _sensor, tick = sensor_tick(instance, resources, cursor="0")
+            assert tick.run_requests == [] and f"run {standby.run_id} stands by" in tick.skip_message
+            assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED
+        # kill -9: the connection, and the lock, are gone; the run record still says STARTED.
         _sensor, tick = sensor_tick(instance, resources, cursor="0")
-        assert tick.run_requests == [] and "follows the queue until" in tick.skip_message
-        soon = datetime.now(UTC) + timedelta(seconds=30)
-        instance.add_run_tags(run.run_id, {"d1sync/ends_at": soon.isoformat(timespec="seconds")})
-        _sensor, tick = sensor_tick(instance, resources, cursor="0")
-        (req,) = tick.run_requests  # the lock is held, by the very run this one succeeds
-        assert req.job_name == "d1sync_stream" and req.tags["d1sync/successor_of"] == run.run_id
-        instance.create_run_for_job(stream_job, status=dg.DagsterRunStatus.STARTING)
-        _sensor, tick = sensor_tick(instance, resources, cursor="0")
-        assert tick.run_requests == [] and "waits to take over" in tick.skip_message
+        dead = instance.get_run_by_id(run.run_id)
+        assert dead.status == dg.DagsterRunStatus.FAILURE
+        assert tick.run_requests == [] and f"run {standby.run_id} stands by" in tick.skip_message
+        # A run that ends on time and lets go of the lock is not taken for dead.
+        done = instance.create_run_for_job(stream_job, status=dg.DagsterRunStatus.STARTED)
+        past = datetime.now(UTC) - timedelta(seconds=5)
+        instance.add_run_tags(done.run_id, {"d1sync/ends_at": past.isoformat(timespec="seconds")})
+        sensor_tick(instance, resources, cursor="0")
+        assert instance.get_run_by_id(done.run_id).status == dg.DagsterRunStatus.STARTED
+
+
+def test_dead_stream_runs_tells_a_standby_that_died_or_never_started_from_a_live_one():
+    from types import SimpleNamespace
+
+    from d1sync_dagster.defs.sensors import dead_stream_runs
+
+    now = datetime.now(UTC)
+    old = SimpleNamespace(create_timestamp=now - timedelta(minutes=5))
+    new = SimpleNamespace(create_timestamp=now - timedelta(seconds=10))
+
+    def run(i, status=dg.DagsterRunStatus.STARTED, **tags):
+        return dg.DagsterRun(job_name="d1sync_stream", run_id=f"r{i}", status=status, tags=tags)
+
+    waiting, gone, fresh, queued = run(1), run(2), run(3), run(4, dg.DagsterRunStatus.NOT_STARTED)
+    records = {"r1": old, "r2": old, "r3": new, "r4": old}
+    standbys = [(10, "d1sync standby [run r1] of q (pid 5)", now)]
+    found = dict(
+        (r.run_id, why) for r, why in dead_stream_runs([waiting, gone, fresh, queued], records, [], standbys, now, 120)
+    )
+    assert set(found) == {"r2", "r4"}
+    assert "neither stands by" in found["r2"] and "did not start within 120s (not_started)" in found["r4"]
+    # A holder whose application name this role cannot read: nobody is given up on a guess.
+    hidden = [(11, "", None)]
+    assert dead_stream_runs([gone], records, hidden, [], now, 120) == []
+    # Stuck long after its end.
+    stuck = run(5, **{"d1sync/ends_at": (now - timedelta(minutes=10)).isoformat()})
+    assert "should have ended" in dead_stream_runs([stuck], {}, [], [], now, 120)[0][1]
+    stopping = run(6, **{"d1sync/ends_at": (now + timedelta(minutes=10)).isoformat(), "d1sync/stopping": "x"})
+    assert dead_stream_runs([stopping], {}, [], [], now, 120) == []
 
 
 # --- The operator's view at production size (issue 26): checks cost the changes, runs the changed tables. ---

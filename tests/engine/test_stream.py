@@ -110,3 +110,149 @@ def test_where_notifications_do_not_arrive_it_polls(pair, source_db):
         updates = list(follow_queue(pg, pair.d1, pair.schema, StreamOptions(seconds=1.5, poll_seconds=0.1)))
     assert "polling every 0.1s" in updates[-1].wake
     assert d1_count(pair.d1) == 50 and updates[-1].totals.messages == 50
+
+
+# --- Faults waited out inside the stream, and a standby that takes over from a dead run (issue 26). ---
+
+
+def _follow(pg, pair, options, stop, out, errors):
+    try:
+        for landed in follow_queue(pg, pair.d1, pair.schema, options, stop=stop):
+            out.append(landed)
+    except BaseException as e:  # noqa: BLE001 - reported by the test
+        errors.append(e)
+
+
+def _wait_for(pred, seconds=30.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_terminated_postgres_backends_are_waited_out_inside_the_stream(pair, source_db):
+    """Every d1sync connection is terminated (a Supabase restart, a pooler recycling its servers): the stream
+    reconnects and goes on, in the same run; nothing is lost and nothing dead-lettered."""
+    stop, out, errors = threading.Event(), [], []
+    with PgmqClient(source_db) as pg:
+        options = StreamOptions(seconds=60, poll_seconds=0.2, record_every_seconds=0.2)
+        t = threading.Thread(target=_follow, args=(pg, pair, options, stop, out, errors))
+        t.start()
+        try:
+            assert _wait_for(lambda: any(x.following_since for x in out))
+            pair.sql("INSERT INTO apps (id, name) SELECT g, 'before' FROM generate_series(1, 20) g")
+            assert _wait_for(lambda: d1_count(pair.d1) == 20)
+            with psycopg.connect(source_db, autocommit=True) as admin:
+                killed = admin.execute(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                    "AND backend_type = 'client backend' AND pid <> %s",
+                    [pair.pg.conn.info.backend_pid],
+                ).fetchone()[0]
+            assert killed >= 2  # the stream's reader and its lock's connection, at least
+            pair.sql("INSERT INTO apps (id, name) SELECT g, 'after' FROM generate_series(21, 60) g")
+            assert _wait_for(lambda: d1_count(pair.d1) == 60), "the stream did not come back"
+            assert not errors and t.is_alive()
+        finally:
+            stop.set()
+            t.join()
+    assert not errors, errors
+    assert out[-1].final and out[-1].totals.messages >= 60
+    pair.assert_in_sync()
+    assert pair.dead_letters() == []
+
+
+def test_a_locked_d1_is_waited_out_inside_the_stream(local_pair, source_db, tmp_path):
+    """Another process holds the D1 file's write lock past the busy timeout: the apply fails with a temporary
+    D1Error, the stream backs off and tries again, and once the lock is gone every change lands. (A failed
+    batch also ends the reading: following an otherwise quiet queue, it used to stall the stream.)"""
+    import sqlite3
+
+    pair = local_pair
+    path = pair.d1.path
+    pair.d1._conn.execute("PRAGMA busy_timeout=300")  # the test's lock outlasts it without waiting 10 s
+    stop, out, errors = threading.Event(), [], []
+    with PgmqClient(source_db) as pg:
+        options = StreamOptions(seconds=60, poll_seconds=0.2, record_every_seconds=0.2)
+        t = threading.Thread(target=_follow, args=(pg, pair, options, stop, out, errors))
+        t.start()
+        try:
+            assert _wait_for(lambda: any(x.following_since for x in out))
+            blocker = sqlite3.connect(path, isolation_level=None)
+            blocker.execute("BEGIN EXCLUSIVE")
+            pair.sql("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 30) g")
+            time.sleep(2.0)  # several tries fail meanwhile
+            assert t.is_alive() and not errors
+            blocker.execute("ROLLBACK")
+            blocker.close()
+            assert _wait_for(lambda: d1_count(pair.d1) == 30), "the stream did not come back"
+        finally:
+            stop.set()
+            t.join()
+    assert not errors, errors
+    pair.assert_in_sync()
+    assert pair.dead_letters() == []
+
+
+STREAM_CHILD = """
+import sys, time
+from d1sync_dagster.clients.d1_local import LocalD1Client
+from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.engine.stream import StreamOptions, follow_queue
+from d1sync_dagster.schema import load_schema
+url, path, schema = sys.argv[1:4]
+with PgmqClient(url) as pg:
+    options = StreamOptions(seconds=600, poll_seconds=0.2)
+    for landed in follow_queue(pg, LocalD1Client(path), load_schema(schema), options):
+        if landed.following_since:
+            print("following", flush=True)
+"""
+
+
+def test_a_standby_takes_over_the_moment_the_running_stream_is_killed(local_pair, source_db, tmp_path):
+    """kill -9 of the process that follows the queue: its connection, and the consumer lock, go with it; the
+    standby, waiting on the lock (and holding the standby lock meanwhile), follows at once. Nothing is lost."""
+    pair = local_pair
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    schema_file = ROOT / "schema.json"  # the pair's schema
+    child = subprocess.Popen(
+        [sys.executable, "-c", STREAM_CHILD, source_db, str(pair.d1.path), str(schema_file)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    stop, out, errors = threading.Event(), [], []
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "following"
+        with PgmqClient(source_db) as pg:
+            options = StreamOptions(seconds=60, poll_seconds=0.2, record_every_seconds=0.2, wait_for_lock_seconds=60)
+            t = threading.Thread(target=_follow, args=(pg, pair, options, stop, out, errors))
+            t.start()
+            try:
+                assert _wait_for(lambda: pair.pg.lock_holders(standby=True) != [])  # standing by, alive
+                pair.sql("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 10) g")
+                assert _wait_for(lambda: d1_count(pair.d1) == 10)  # the child applies them
+                assert not any(x.following_since for x in out)
+                os.kill(child.pid, signal.SIGKILL)
+                killed = time.monotonic()
+                child.wait()
+                pair.sql("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(11, 40) g")
+                assert _wait_for(lambda: d1_count(pair.d1) == 40)
+                took = time.monotonic() - killed
+                assert any(x.following_since for x in out) and pair.pg.lock_holders(standby=True) == []
+                print(f"standby took over and applied within {took:.2f}s of the kill")
+            finally:
+                stop.set()
+                t.join()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert not errors, errors
+    pair.assert_in_sync()
