@@ -128,6 +128,10 @@ def print_figures(title: str, figures: dict[str, object]) -> None:
         print(f"  {k:28s} {v:,}" if isinstance(v, int) and not isinstance(v, bool) else f"  {k:28s} {v}")
 
 
+#: The benchmark writer's application name (a fault that terminates d1sync's connections spares it).
+WRITER_NAME = "d1sync benchmark writer"
+
+
 def writer(
     url: str,
     rate: int,
@@ -140,7 +144,7 @@ def writer(
     `committed[id]`, when given, is when the insert of `id` committed (time.monotonic)."""
     per_tick = max(2, rate // 10)
     next_id = 1
-    with psycopg.connect(url, autocommit=True) as conn:
+    with psycopg.connect(url, autocommit=True, application_name=WRITER_NAME) as conn:
         start = time.monotonic()
         tick = 0
         while not stop.is_set() and time.monotonic() - start < seconds:

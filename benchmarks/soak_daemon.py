@@ -12,12 +12,14 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import psutil
+import psycopg
 
-from benchmarks.common import fresh_database, writer
+from benchmarks.common import WRITER_NAME, fresh_database, writer
 from d1sync_dagster.clients.d1_local import LocalD1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.dev import DAGSTER_YAML
@@ -115,13 +117,104 @@ def _runs(home: str) -> tuple[dict[str, int], dict[str, float], list[Timed]]:
         return counts, phases, timeline
 
 
+def postgres_instance_yaml(storage_url: str) -> str:
+    """`d1sync dev`'s dagster.yaml with the production pieces of docs/deploy.md: Postgres storage (named by
+    its parts, not a URL: see there) and run monitoring."""
+    part = psycopg.conninfo.conninfo_to_dict(storage_url)
+    return DAGSTER_YAML + (
+        "storage:\n  postgres:\n    postgres_db:\n"
+        f"      hostname: {part.get('host', '127.0.0.1')}\n      port: {part.get('port', 5432)}\n"
+        f"      username: {part.get('user', 'postgres')}\n      db_name: {part['dbname']}\n"
+        # psycopg2: SQLAlchemy 2.1 takes psycopg 3 (which d1sync installs) for a plain postgresql:// URL, and
+        # dagster-postgres's NOTIFY with a bound parameter then fails ("syntax error at or near $1").
+        "      scheme: postgresql+psycopg2\n"
+        "run_monitoring:\n  enabled: true\n  poll_interval_seconds: 5\n  start_timeout_seconds: 120\n"
+    )
+
+
+def _holder_pid(url: str) -> int | None:
+    """The process that holds the consumer lock (the application name says its pid)."""
+    with PgmqClient(url) as pg:
+        for _pid, app, _since in pg.lock_holders():
+            if "(pid " in app:
+                return int(app.rsplit("(pid ", 1)[1].rstrip(")"))
+    return None
+
+
+class Faults:
+    """Injects `kinds` in turn every `every` seconds while the writer writes; `events` gets (kind, when the
+    outage's clock starts: the fault, or the end of a 10 s D1 lock, time.monotonic)."""
+
+    def __init__(self, kinds: list[str], every: float, url: str, d1_path: str, restart: Any) -> None:
+        self.kinds, self.every, self.url, self.d1_path, self.restart = kinds, every, url, d1_path, restart
+        self.events: list[tuple[str, float]] = []
+        self.notes: list[str] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        i = 0
+        while not self.stop.wait(self.every):
+            kind = self.kinds[i % len(self.kinds)]
+            i += 1
+            try:
+                self._inject(kind)
+            except Exception as e:  # noqa: BLE001 - said in the report
+                self.notes.append(f"{kind}: not injected ({e})")
+
+    def _inject(self, kind: str) -> None:
+        if kind in ("kill9", "sigterm"):
+            pid = _holder_pid(self.url)
+            if pid is None:
+                self.notes.append(f"{kind}: nobody held the lock")
+                return
+            os.kill(pid, signal.SIGKILL if kind == "kill9" else signal.SIGTERM)
+            self.events.append((kind, time.monotonic()))
+        elif kind == "group":  # the daemon, its code server and run workers at once (an OOM kill, a host crash)
+            self.events.append((kind, time.monotonic()))
+            self.restart()
+        elif kind == "lockd1":
+            conn = sqlite3.connect(self.d1_path, isolation_level=None, timeout=30)
+            conn.execute("BEGIN EXCLUSIVE")
+            time.sleep(10)
+            conn.execute("ROLLBACK")
+            conn.close()
+            self.events.append((kind, time.monotonic()))
+        elif kind == "pgterm":  # every d1sync connection (a Supabase restart, a pooler recycling)
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid() AND backend_type = 'client backend' AND application_name <> %s",
+                    [WRITER_NAME],
+                )
+            self.events.append((kind, time.monotonic()))
+
+
+def recoveries(
+    events: list[tuple[str, float]], committed: dict[int, float], seen: dict[int, float]
+) -> list[tuple[str, float]]:
+    """Per fault: how long from its clock's start until the rows committed in the second after it were all
+    in D1 (an upper bound of the time changes stopped flowing; it includes the ordinary lag)."""
+    out = []
+    for kind, at in events:
+        after = [i for i, t in committed.items() if at <= t < at + 1.0]
+        if after:
+            out.append((kind, max(seen.get(i, float("inf")) for i in after) - at))
+    return out
+
+
 def soak_daemon(args: Any) -> None:
     schema = load_schema(ROOT / "schema.json")
-    with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
+    faults = [k for k in (getattr(args, "faults", "") or "").split(",") if k]
+    with (
+        fresh_database() as url,
+        tempfile.TemporaryDirectory() as tmp,
+        fresh_database() if args.instance == "postgres" else nullcontext("") as storage,
+    ):
         d1_path = str(Path(tmp) / "d1.sqlite")
         home = Path(tmp) / "dagster"
         home.mkdir()
-        (home / "dagster.yaml").write_text(DAGSTER_YAML)
+        (home / "dagster.yaml").write_text(postgres_instance_yaml(storage) if storage else DAGSTER_YAML)
         with PgmqClient(url) as pg:
             pg.execute(example_source_tables())
             d1 = LocalD1Client(d1_path)
@@ -141,10 +234,27 @@ def soak_daemon(args: Any) -> None:
             env.pop(k)
         log = open(Path(tmp) / "daemon.log", "wb")  # noqa: SIM115 - open while the daemon runs
         subprocess.run([str(BIN / "dagster"), "instance", "migrate"], env=env, cwd=ROOT, stdout=log, check=True)
-        daemon = subprocess.Popen(
-            [str(BIN / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
-            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+
+        def start_daemon() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                [str(BIN / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
+                env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+
+        daemon = start_daemon()
+        family = [daemon]
+
+        def restart() -> None:
+            """kill -9 of the daemon's whole process group, then the daemon again (as a supervisor would)."""
+            try:
+                pids = [family[0].pid] + [c.pid for c in psutil.Process(family[0].pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                pids = [family[0].pid]
+            _signal(pids, signal.SIGKILL)
+            family[0].wait()
+            family[0] = start_daemon()
+
+        injector = Faults(faults, args.fault_every, url, d1_path, restart)
         committed: dict[int, float] = {}
         seen: dict[int, float] = {}
         stop = threading.Event()
@@ -160,7 +270,12 @@ def soak_daemon(args: Any) -> None:
                 watcher = threading.Thread(target=_watcher, args=(d1_path, seen, stop), daemon=True)
                 watcher.start()
                 started = time.monotonic()
+                if faults:
+                    injector.thread.start()
                 writer(url, args.rate, args.seconds, threading.Event(), [0], committed)
+                injector.stop.set()
+                if faults:
+                    injector.thread.join()
                 written = len(committed)
                 drain_by = time.monotonic() + 120
                 while time.monotonic() < drain_by and (pg.metrics().queue_length or len(seen) < written):
@@ -169,9 +284,11 @@ def soak_daemon(args: Any) -> None:
                 watcher.join()
                 elapsed = time.monotonic() - started
                 drift = sum(diff(pg_rows(pg, t), d1_rows(d1, t)).total for t in schema.tables)
+                dead_letters = pg.metrics(pg.dlq).queue_length
         finally:
             stop.set()
-            _stop(daemon)
+            injector.stop.set()
+            _stop(family[0])
             log.close()
         runs, phases, timeline = _runs(str(home))
         skips = _skips(Path(tmp) / "daemon.log") if getattr(args, "timeline", False) else []
@@ -185,8 +302,13 @@ def soak_daemon(args: Any) -> None:
         "lag_max_s": round(lags[-1], 3) if lags else None,
         "runs": sum(runs.values()),
         "drift": drift + missing,
+        "dead_letters": dead_letters,
     }
-    setting = f"{args.rate}/s for {args.seconds:.0f}s, sensor every {args.interval:g}s"
+    healed = recoveries(injector.events, committed, seen)
+    if faults:
+        figures["faults"] = len(healed)
+        figures["recovery_max_s"] = round(max((t for _, t in healed), default=0.0), 3)
+    setting = f"{args.rate}/s for {args.seconds:.0f}s, sensor every {args.interval:g}s, {args.instance} instance"
     print(f"soak through dagster-daemon, mode {args.mode}: {setting}")
     print(f"  inserted rows timed          {len(lags):,} of {len(committed):,} ({elapsed:.0f}s with the drain)")
     print(
@@ -198,7 +320,11 @@ def soak_daemon(args: Any) -> None:
         f"  a finished run, median        {phases['to_start_s']} s from its creation to its start (launch, run "
         f"worker, code), {phases['steps_s']} s in its steps, {phases['rest_s']} s besides"
     )
-    print(f"  drift after the run          {drift} (rows never seen in D1: {missing})")
+    print(f"  drift after the run          {drift} (rows never seen in D1: {missing}), {dead_letters} dead letters")
+    for kind, took in healed:
+        print(f"  fault {kind:<8}               changes flowed again within {took:.2f} s")
+    for note in injector.notes:
+        print(f"  fault {note}")
     if getattr(args, "timeline", False):
         zero = min(t[1] for t in timeline) if timeline else 0.0
         for run_id, created, begun, ended, tags in timeline:

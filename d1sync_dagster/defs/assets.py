@@ -149,6 +149,13 @@ class TablesConfig(dg.Config):
     shard: str | None = Field(
         default=None, description="backfill: only this shard of the selected sharded tables (targets.json shards)"
     )
+    wait_for_consumer_seconds: float = Field(
+        default=600.0,
+        description=(
+            "backfill and rebuild: while another consumer (the streaming run) holds the queue, it applies the "
+            "chunks; wait this long for it before recording the materialization"
+        ),
+    )
     confirm: bool = Field(default=False, description="rebuild: must be true, the tables' contents in D1 are replaced")
     accept_no_restore_point: bool = Field(
         default=False, description="rebuild: go ahead even when no D1 Time Travel bookmark can be taken first"
@@ -333,11 +340,26 @@ def _run_mode(
         apply_options=options,
         on_chunk=lambda table, t: context.log.info(f"{config.mode} {table}: {t.rows} rows in {t.chunks} chunks"),
         shard=config.shard if config.mode == "backfill" else None,
+        wait_for_consumer_seconds=config.wait_for_consumer_seconds,
     )
     for t in chosen:
         if t.name in done.tables:
             extra[t.name] |= _backfill_metadata(done, t.name)
-    return done.apply or ApplyReport()
+    applied = done.apply or ApplyReport()
+    if applied.skipped:  # the streaming run (or a CLI apply) holds the queue: it applied the chunks, or not yet
+        if done.handed_to is None:
+            raise dg.Failure(
+                description=(
+                    f"the {config.mode}'s chunks are queued, but the consumer that holds the queue "
+                    f"({applied.skipped}) did not apply them within {config.wait_for_consumer_seconds:g}s; they stay "
+                    "queued and land when it gets to them (nothing is lost): materialize again to record them"
+                )
+            )
+        context.log.info(f"{config.mode}: the chunks were applied by {done.handed_to}, which holds the queue")
+        for t in chosen:
+            extra[t.name]["applied_by"] = dg.MetadataValue.text(done.handed_to)
+        return ApplyReport(tables=applied.tables)
+    return applied
 
 
 def run_figures(report: ApplyReport) -> dict[str, float]:

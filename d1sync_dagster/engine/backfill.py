@@ -28,7 +28,7 @@ from typing import Any
 
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.d1_shards import rules_of
-from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.clients.pgmq import PgmqClient, describe_holders
 from d1sync_dagster.engine.apply import ApplyOptions, apply
 from d1sync_dagster.engine.catalog import check_reads_every_row, key_types
 from d1sync_dagster.engine.ranges import enqueue_marker, range_condition
@@ -50,6 +50,7 @@ class TableBackfill:
     seconds: float = 0.0
     resumed_from: list[str] | None = None
     finished: bool = False
+    last_marker: int | None = None
 
     @property
     def rows_per_second(self) -> float:
@@ -61,6 +62,10 @@ class BackfillReport:
     tables: dict[str, TableBackfill] = field(default_factory=dict)
     apply: ApplyReport | None = None
     seconds: float = 0.0
+    #: The newest range marker this backfill enqueued.
+    last_marker: int | None = None
+    #: Who applied the chunks when another consumer held the queue (`describe_holders`), once they landed.
+    handed_to: str | None = None
 
     @property
     def rows(self) -> int:
@@ -112,6 +117,7 @@ def backfill(
     apply_options: ApplyOptions | None = None,
     on_chunk: Callable[[str, TableBackfill], None] | None = None,
     shard: str | None = None,
+    wait_for_consumer_seconds: float = 0.0,
 ) -> BackfillReport:
     """Backfill `tables` (default all), resuming unfinished ones unless `restart`. With `shard`, only that
     shard of sharded tables (every row is read; those of other shards are not written); such a backfill
@@ -119,8 +125,10 @@ def backfill(
 
     Chunks are produced on a second connection by a background thread while this thread applies the queue
     (following it until the producer is done), so Postgres builds chunk k+1 while D1 takes chunk k. The
-    producer stays at most `chunks_ahead` chunks ahead of the apply. When another apply holds the lock, the
-    chunks are produced and that apply drains them. `on_chunk` is called after each chunk's commit
+    producer stays at most `chunks_ahead` chunks ahead of the apply. When another apply holds the lock (the
+    streaming run), the chunks are produced and that apply drains them; with `wait_for_consumer_seconds`
+    this waits (that long at most) until it has, so that the caller can record the backfill as landed.
+    `on_chunk` is called after each chunk's commit
     (progress reporting; tests use it to interrupt; an exception there stops the backfill and is raised).
     """
     if chunk_size < 1:
@@ -170,9 +178,28 @@ def backfill(
         raise failure[0]
     if not applied.skipped:
         applied.merge(apply(pg, d1, schema, base))  # what arrived after the follower stopped
+    markers = [t.last_marker for t in report.tables.values() if t.last_marker is not None]
+    report.last_marker = max(markers) if markers else None
+    if applied.skipped and wait_for_consumer_seconds > 0:
+        report.handed_to = _wait_until_applied(pg, report.last_marker, wait_for_consumer_seconds)
     report.apply = applied
     report.seconds = time.monotonic() - started
     return report
+
+
+def _wait_until_applied(pg: PgmqClient, last: int | None, seconds: float) -> str | None:
+    """Wait until the consumer holding the queue has applied (deleted) every marker up to `last`; returns
+    who it was, or None when it did not within `seconds` (the markers stay queued: nothing is lost)."""
+    holders = pg.lock_holders()
+    who = describe_holders(holders) if holders else "the next apply"
+    if last is None:
+        return who
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not pg.execute(f"SELECT 1 FROM pgmq.{ident('q_' + pg.queue)} WHERE msg_id <= %s LIMIT 1", [last]):
+            return who
+        time.sleep(0.2)
+    return None
 
 
 def _backfill_table(
@@ -203,6 +230,7 @@ def _backfill_table(
         n, msg_id, upper = _chunk(pg, table, types, params, last, shard)
         if n:
             pending.append(msg_id)
+            stats.last_marker = msg_id
             stats.rows += n
             stats.chunks += 1
             stats.seconds = time.monotonic() - t0

@@ -850,3 +850,40 @@ def test_the_stream_records_at_a_bounded_cadence_with_checks_figures_and_source_
     # The table no change reached is checked once, at the end.
     quiet = [e for e in result.get_asset_check_evaluations() if e.asset_key == VERSIONS]
     assert len(quiet) == 4 and all(e.passed for e in quiet)
+
+
+def test_a_ui_backfill_while_the_stream_runs_hands_its_chunks_over_and_records_them(env, source_db):
+    """The streaming run holds the queue: the backfill's chunks are applied by it, the materialization waits
+    for them to land, then records the backfill's figures (and who applied them) and runs the checks."""
+    import threading
+
+    from d1sync_dagster.engine.stream import StreamOptions, follow_queue
+
+    pg, d1, resources = env
+    without_capture(pg, "INSERT INTO apps (id, name) SELECT g, 'old' FROM generate_series(1, 130) g")
+    stop, following = threading.Event(), threading.Event()
+
+    def stream():
+        with PgmqClient(source_db) as own:
+            for landed in follow_queue(own, d1, SCHEMA, StreamOptions(seconds=120, poll_seconds=0.2), stop=stop):
+                if landed.following_since:
+                    following.set()
+
+    t = threading.Thread(target=stream)
+    t.start()
+    try:
+        assert following.wait(30)
+        result = dg.materialize(
+            [build_table_assets(SCHEMA)],
+            resources=resources,
+            selection=[APPS],
+            run_config=mode_config(mode="backfill", chunk_size=50),
+        )
+    finally:
+        stop.set()
+        t.join()
+    assert result.success
+    md = materializations(result)[APPS]
+    assert md["backfill_rows"].value == 130 and md["dagster/row_count"].value == 130
+    assert "d1sync consumer" in md["applied_by"].value
+    assert check_outcomes(result)[("apps", "row_count_matches_source")] is True
