@@ -137,7 +137,7 @@ def _holder_pid(url: str) -> int | None:
     with PgmqClient(url) as pg:
         for _pid, app, _since in pg.lock_holders():
             if "(pid " in app:
-                return int(app.rsplit("(pid ", 1)[1].rstrip(")"))
+                return int(app.split("(pid ", 1)[1].split(")", 1)[0])
     return None
 
 

@@ -175,6 +175,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"position (D1 holds every transaction this snapshot sees): {where}")
     same = "current" if st.schema_version_applied == st.schema_version_current else "OUT OF DATE: run d1sync setup"
     print(f"schema version in D1: {st.schema_version_applied or 'none'} ({same})")
+    print(f"D1 reads: {st.d1_reads}")
     if sys.stdout.isatty():
         names = list(st.dead_letters) + [t for t in st.held if t not in st.dead_letters]
         rows = [(t, f"{st.dead_letters.get(t, 0):,}", f"{st.held.get(t, 0):,}") for t in names]

@@ -70,7 +70,7 @@ def build_definitions(
     Tunables from the environment: `D1SYNC_APPLY_MODE` (`stream`, the default: the sensor keeps one
     `d1sync_stream` run alive; `run`: the sensor starts a short `d1sync_apply` run when changes wait),
     `D1SYNC_STREAM_SECONDS` (default 900, how long a streaming run lasts),
-    `D1SYNC_SENSOR_INTERVAL_SECONDS` (default 30), `D1SYNC_LAG_THRESHOLD_SECONDS`
+    `D1SYNC_SENSOR_INTERVAL_SECONDS` (default 5 streaming, 30 per run), `D1SYNC_LAG_THRESHOLD_SECONDS`
     (default 300), `D1SYNC_BATCH_SIZE` (default 2000), `D1SYNC_RECONCILE_CRON` (default `0 3 * * *`).
     """
     schema = load_schema(schema_file or config.schema_path())
@@ -150,7 +150,9 @@ def _target_definitions(schema: Schema, target: Target, wiring: Wiring) -> dg.De
     sensor = build_depth_sensor(
         apply_job,
         stream_job=stream_job if streaming else None,
-        interval_seconds=int(config.number("D1SYNC_SENSOR_INTERVAL_SECONDS", 30)),
+        # Streaming, the sensor only watches over the runs (two cheap queries a tick): every 5 s, so that a
+        # stream whose whole process group died is replaced within seconds. Per run, each tick may start a run.
+        interval_seconds=int(config.number("D1SYNC_SENSOR_INTERVAL_SECONDS", 5 if streaming else 30)),
         consumers=[backfill_job.name, nuke_job.name, reconcile_job.name, stream_job.name],
         asset_keys=[wiring.asset_key(t) for t in schema.tables],
         table_keys={t.name: wiring.asset_key(t) for t in schema.tables},

@@ -182,6 +182,11 @@ def test_backfill_verify_and_nuke_from_the_command_line(source_db, tmp_path):
     done = run("nuke", "--table", "apps", "--yes", env=env)
     assert done.returncode == 0 and "nuked and recreated apps" in done.stdout
     assert run("verify", env=env).returncode == 1
+    # --json: the drain's rate counts the 250 row changes, not the 3 range markers that carried them.
+    again = run("backfill", "--table", "apps", "--chunk-size", "100", "--restart", "--json", env=env)
+    applied = json.loads(again.stdout)["apply"]
+    assert again.returncode == 0 and applied["markers"] == 3 and applied["rows_sent"] == 250
+    assert applied["changes_per_second"] == round(250 / applied["duration_seconds"], 1)
 
 
 def test_progress_is_one_updating_line_on_a_terminal_and_plain_lines_otherwise():

@@ -504,9 +504,11 @@ class PgmqClient:
             raise
 
     def _holder_name(self, role: str) -> str:
-        """The lock's application name (Postgres keeps 63 bytes of it: the label goes first)."""
-        label = f" [{self.holder_label}]" if self.holder_label else ""
-        return f"d1sync {role}{label} of {self.queue} (pid {os.getpid()})"
+        """The lock's application name. Postgres keeps 63 bytes of it: with a label, the label and the pid
+        go before the queue's name (`d1sync consumer [run 471bc944] (pid 123) of <queue>`)."""
+        if self.holder_label:
+            return f"d1sync {role} [{self.holder_label}] (pid {os.getpid()}) of {self.queue}"
+        return f"d1sync {role} of {self.queue} (pid {os.getpid()})"
 
     @contextmanager
     def standby_lock(self) -> Iterator[bool]:

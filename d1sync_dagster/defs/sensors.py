@@ -55,13 +55,17 @@ def consuming_run(run: dg.DagsterRun, consumers: Collection[str], asset_keys: Co
     return bool(run.asset_check_selection and any(c.asset_key in asset_keys for c in run.asset_check_selection))
 
 
+#: A started streaming run takes the standby lock (or the consumer lock) within seconds of its start (its
+#: resources, the schema check, the notification probe); one that holds neither this long after is gone.
+STANDBY_GRACE_SECONDS = 30.0
 #: A streaming run that still has not finished this long after its end is given up.
 STUCK_SECONDS = 300.0
 
 
 def holder_run_ids(holders: Collection[tuple[int, str, Any]]) -> set[str] | None:
-    """The run ids named by the consumer lock's holders (`PgmqClient.holder_label`), or None when a holder's
-    application name cannot be read (another role's session): who holds it is then unknown."""
+    """The run ids (their first 8 characters, which the application name has room for) named by the lock's
+    holders (`PgmqClient.holder_label`), or None when a holder's application name cannot be read (another
+    role's session): who holds it is then unknown."""
     out = set()
     for _pid, app, _since in holders:
         if not app:
@@ -83,8 +87,9 @@ def dead_stream_runs(
     - one that tagged its end (so it took the lock) and should still follow the queue, while the lock is
       held by nobody, or by others only;
     - one still in flight long after its end (`STUCK_SECONDS`);
-    - one without that tag `start_timeout` seconds after it was made that neither stands by (holds the
-      standby lock) nor holds the consumer lock: it never started, or died waiting."""
+    - one without that tag that neither stands by (holds the standby lock) nor holds the consumer lock,
+      `STANDBY_GRACE_SECONDS` after it started (it died waiting) or `start_timeout` seconds after it was
+      made (it never started)."""
     holding = holder_run_ids(holders)
     alive = holder_run_ids([*holders, *standbys])
     out = []
@@ -96,14 +101,17 @@ def dead_stream_runs(
                 out.append((run, f"it should have ended at {ends_at} and is still {run.status.value.lower()}"))
             elif STOPPING_TAG in run.tags or now >= ends:
                 continue  # ending (on time, or stopped): it lets go of the lock first, then finishes
-            elif not holders or (holding is not None and run.run_id not in holding):
+            elif not holders or (holding is not None and run.run_id[:8] not in holding):
                 who = describe_holders(holders) if holders else "nobody"
                 out.append((run, f"it should follow the queue until {ends_at}, but the consumer lock is held by {who}"))
         else:
             record = records.get(run.run_id)
             made = getattr(record, "create_timestamp", None)
+            began = getattr(record, "start_time", None)  # (epoch seconds) a STARTED run stands by within seconds
             late = made is not None and (now - made.astimezone(UTC)).total_seconds() > start_timeout
-            if not late or (alive is None and (holders or standbys)) or (alive and run.run_id in alive):
+            if run.status == dg.DagsterRunStatus.STARTED and began is not None:
+                late = now.timestamp() - began > STANDBY_GRACE_SECONDS
+            if not late or (alive is None and (holders or standbys)) or (alive and run.run_id[:8] in alive):
                 continue
             if run.status == dg.DagsterRunStatus.STARTED:
                 out.append((run, "it neither stands by for the consumer lock nor holds it (its process is gone)"))

@@ -100,7 +100,7 @@ def build_stream_job(
             evolved = ensure_schema(pg, client, schema)
             if evolved is not None:
                 context.log.warning(f"schema.json changed: D1 updated first ({evolved})")
-            pg.holder_label = f"run {context.run_id}"  # the sensor tells this run's lock by it
+            pg.holder_label = f"run {context.run_id[:8]}"  # the sensor tells this run's lock by it
             stopped = False
 
             def leaving(e: BaseException) -> None:

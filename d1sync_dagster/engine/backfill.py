@@ -78,8 +78,19 @@ class BackfillReport:
             "rows": self.rows,
             "seconds": round(self.seconds, 2),
             "rows_per_second": round(self.rows / self.seconds) if self.seconds else 0,
-            "apply": self.apply.to_json() if self.apply else None,
+            "apply": self._apply_json(),
         }
+
+    def _apply_json(self) -> dict[str, Any] | None:
+        """The drain's report; its messages are range markers (one per chunk), so its rate counts the row
+        changes they carried (`rows_sent`), not the markers."""
+        if self.apply is None:
+            return None
+        out = self.apply.to_json()
+        seconds = self.apply.duration_seconds
+        out["changes_per_second"] = round(self.apply.rows_sent / seconds, 1) if seconds else 0.0
+        out["markers"] = out.pop("messages")
+        return out
 
 
 def bound_sql(table: Table, types: Sequence[str], *, after: bool) -> str:

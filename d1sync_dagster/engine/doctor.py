@@ -20,6 +20,7 @@ from d1sync_dagster.clients.d1 import D1Client, HttpD1Client
 from d1sync_dagster.clients.d1_shards import all_databases
 from d1sync_dagster.clients.pgmq import PgmqClient, describe_holders
 from d1sync_dagster.engine.catalog import check_reads_every_row
+from d1sync_dagster.engine.costs import INCLUDED_PER_MONTH, daily_reads
 from d1sync_dagster.engine.drift import check as check_drift
 from d1sync_dagster.engine.status import d1_meta
 from d1sync_dagster.errors import D1Error, QueueError
@@ -88,6 +89,7 @@ def diagnose(
     if pg is not None:
         with pg:
             _postgres(dx, pg, schema, lag_threshold_seconds)
+            _reads(dx, pg, schema)
     try:
         d1 = connect_d1()
     except D1Error as e:
@@ -99,6 +101,19 @@ def diagnose(
     finally:
         d1.close()
     return dx
+
+
+def _reads(dx: Diagnosis, pg: PgmqClient, schema: Schema) -> None:
+    """What d1sync reads from D1 a day (D1 bills every row read): past the plan's included reads, say so."""
+    reads = daily_reads(pg, schema)
+    if reads.per_month_at_most > INCLUDED_PER_MONTH:
+        fix = (
+            "run the reconcile less often (D1SYNC_RECONCILE_CRON, e.g. weekly) or record less often "
+            "(the stream's record_every_seconds)"
+        )
+        dx.add("d1 reads", "warn", reads.describe(), fix)
+    else:
+        dx.add("d1 reads", "ok", reads.describe())
 
 
 def _consumer_lock(dx: Diagnosis, pg: PgmqClient) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.d1_shards import all_databases
 from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.engine.costs import daily_reads
 from d1sync_dagster.errors import D1Error
 from d1sync_dagster.schema import Schema
 from d1sync_dagster.sql.d1_ddl import META_TABLE
@@ -42,6 +43,10 @@ class Status:
     #: Per shard database: its schema version and what it last applied (a target with shards only).
     shards: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    #: d1sync's own D1 rows read a day at steady state (`engine/costs.py`): reconcile, checks at most.
+    d1_rows_read_per_day: dict[str, int] = field(default_factory=dict)
+    d1_reads: str = ""
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         if not self.shards:
@@ -71,7 +76,10 @@ def status(pg: PgmqClient, d1: D1Client, schema: Schema) -> Status:
             if key in other and (key not in meta or _later(other[key], meta[key])):
                 meta[key] = other[key]
     letters = pg.dead_letters_by_table()
+    reads = daily_reads(pg, schema)
     return Status(
+        d1_rows_read_per_day={"reconcile": reads.reconcile, "checks_at_most": reads.checks_at_most},
+        d1_reads=reads.describe(),
         queue=pg.queue,
         pgmq=pg.pgmq_install(),
         queue_depth=m.queue_length,

@@ -632,7 +632,7 @@ def test_the_sensor_trusts_the_consumer_lock_over_run_statuses(streaming, source
     stream_job = defs.resolve_job_def("d1sync_stream")
     with dg.instance_for_test() as instance, PgmqClient(source_db) as running:
         run = instance.create_run_for_job(stream_job, status=dg.DagsterRunStatus.STARTED)
-        running.holder_label = f"run {run.run_id}"
+        running.holder_label = f"run {run.run_id[:8]}"
         later = datetime.now(UTC) + timedelta(minutes=10)
         instance.add_run_tags(run.run_id, {"d1sync/ends_at": later.isoformat(timespec="seconds")})
         with running.consumer_lock() as got:
@@ -664,20 +664,27 @@ def test_dead_stream_runs_tells_a_standby_that_died_or_never_started_from_a_live
     from d1sync_dagster.defs.sensors import dead_stream_runs
 
     now = datetime.now(UTC)
-    old = SimpleNamespace(create_timestamp=now - timedelta(minutes=5))
-    new = SimpleNamespace(create_timestamp=now - timedelta(seconds=10))
+    old = SimpleNamespace(create_timestamp=now - timedelta(minutes=5), start_time=None)
+    new = SimpleNamespace(create_timestamp=now - timedelta(seconds=10), start_time=None)
 
     def run(i, status=dg.DagsterRunStatus.STARTED, **tags):
-        return dg.DagsterRun(job_name="d1sync_stream", run_id=f"r{i}", status=status, tags=tags)
+        return dg.DagsterRun(job_name="d1sync_stream", run_id=f"r{i}-0000-uuid", status=status, tags=tags)
 
     waiting, gone, fresh, queued = run(1), run(2), run(3), run(4, dg.DagsterRunStatus.NOT_STARTED)
-    records = {"r1": old, "r2": old, "r3": new, "r4": old}
-    standbys = [(10, "d1sync standby [run r1] of q (pid 5)", now)]
+    records = {"r1-0000-uuid": old, "r2-0000-uuid": old, "r3-0000-uuid": new, "r4-0000-uuid": old}
+    standbys = [(10, "d1sync standby [run r1-0000-] (pid 5) of q", now)]
     found = dict(
         (r.run_id, why) for r, why in dead_stream_runs([waiting, gone, fresh, queued], records, [], standbys, now, 120)
     )
-    assert set(found) == {"r2", "r4"}
-    assert "neither stands by" in found["r2"] and "did not start within 120s (not_started)" in found["r4"]
+    assert set(found) == {"r2-0000-uuid", "r4-0000-uuid"}
+    assert "neither stands by" in found["r2-0000-uuid"]
+    assert "did not start within 120s (not_started)" in found["r4-0000-uuid"]
+    # Started 40 s ago and standing by nowhere (the daemon's process group was killed): gone, though it was
+    # made less than the start timeout ago; started 5 s ago: still setting up.
+    died = SimpleNamespace(create_timestamp=now - timedelta(seconds=60), start_time=now.timestamp() - 40)
+    setting_up = SimpleNamespace(create_timestamp=now - timedelta(seconds=60), start_time=now.timestamp() - 5)
+    found = dead_stream_runs([run(7), run(8)], {"r7-0000-uuid": died, "r8-0000-uuid": setting_up}, [], [], now, 120)
+    assert [r.run_id for r, _ in found] == ["r7-0000-uuid"]
     # A holder whose application name this role cannot read: nobody is given up on a guess.
     hidden = [(11, "", None)]
     assert dead_stream_runs([gone], records, hidden, [], now, 120) == []
