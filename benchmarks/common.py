@@ -139,9 +139,11 @@ def writer(
     stop: threading.Event,
     written: list[int],
     committed: dict[int, float] | None = None,
+    xids: list[tuple[int, float]] | None = None,
 ) -> None:
     """`rate` changes/s in 10 statements a second: inserts (ids 1, 2, ... in commit order) and updates;
-    `committed[id]`, when given, is when the insert of `id` committed (time.monotonic)."""
+    `committed[id]`, when given, is when the insert of `id` committed (time.monotonic); `xids`, when given,
+    gets each insert's transaction id with that time (read-your-writes: when D1's position covers it)."""
     per_tick = max(2, rate // 10)
     next_id = 1
     with psycopg.connect(url, autocommit=True, application_name=WRITER_NAME) as conn:
@@ -149,14 +151,17 @@ def writer(
         tick = 0
         while not stop.is_set() and time.monotonic() - start < seconds:
             inserts = per_tick // 2
-            conn.execute(
+            cur = conn.execute(
                 "INSERT INTO apps (id, name, rating) SELECT g, 'n' || g, g / 3.0 "
-                "FROM generate_series(%s::bigint, %s::bigint) g",
+                "FROM generate_series(%s::bigint, %s::bigint) g RETURNING pg_current_xact_id()::text",
                 [next_id, next_id + inserts - 1],
             )
+            xid = int(cur.fetchone()[0])  # type: ignore[index]
+            now = time.monotonic()
             if committed is not None:
-                now = time.monotonic()
                 committed.update(dict.fromkeys(range(next_id, next_id + inserts), now))
+            if xids is not None:
+                xids.append((xid, now))
             next_id += inserts
             updates = per_tick - inserts
             conn.execute(

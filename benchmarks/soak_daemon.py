@@ -22,6 +22,7 @@ import psycopg
 from benchmarks.common import WRITER_NAME, fresh_database, writer
 from d1sync_dagster.clients.d1_local import LocalD1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.core.txns import applied
 from d1sync_dagster.dev import DAGSTER_YAML
 from d1sync_dagster.engine.compare import d1_rows, diff, pg_rows
 from d1sync_dagster.engine.setup import setup
@@ -48,6 +49,26 @@ def _watcher(path: str, seen: dict[int, float], stop: threading.Event) -> None:
                     time.sleep(0.01)
         except sqlite3.Error:
             time.sleep(0.05)  # the file is being created or the table altered
+
+
+def _position_watcher(
+    path: str, xids: list[tuple[int, float]], covered: dict[int, float], stop: threading.Event
+) -> None:
+    """Polls D1's read-your-writes position every 10 ms; `covered[xid]` is when it first covered `xid` (the
+    answer `d1sync applied` and `readers/position.ts` give)."""
+    done = 0
+    while not stop.is_set():
+        try:
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1) as conn:
+                while not stop.is_set():
+                    row = conn.execute("SELECT value FROM _d1sync_meta WHERE key = 'position'").fetchone()
+                    now = time.monotonic()
+                    while row and done < len(xids) and applied(row[0], xids[done][0]):
+                        covered[xids[done][0]] = now
+                        done += 1
+                    time.sleep(0.01)
+        except sqlite3.Error:
+            time.sleep(0.05)
 
 
 def _skips(log: Path) -> list[str]:
@@ -257,6 +278,8 @@ def soak_daemon(args: Any) -> None:
         injector = Faults(faults, args.fault_every, url, d1_path, restart)
         committed: dict[int, float] = {}
         seen: dict[int, float] = {}
+        xids: list[tuple[int, float]] = []
+        covered: dict[int, float] = {}
         stop = threading.Event()
         try:
             with PgmqClient(url) as pg:
@@ -269,19 +292,25 @@ def soak_daemon(args: Any) -> None:
                     time.sleep(args.interval + 5)
                 watcher = threading.Thread(target=_watcher, args=(d1_path, seen, stop), daemon=True)
                 watcher.start()
+                positions = threading.Thread(target=_position_watcher, args=(d1_path, xids, covered, stop), daemon=True)
+                positions.start()
                 started = time.monotonic()
                 if faults:
                     injector.thread.start()
-                writer(url, args.rate, args.seconds, threading.Event(), [0], committed)
+                writer(url, args.rate, args.seconds, threading.Event(), [0], committed, xids)
                 injector.stop.set()
                 if faults:
                     injector.thread.join()
+                    pg.reconnect()  # a pgterm fault terminated this connection too
                 written = len(committed)
                 drain_by = time.monotonic() + 120
                 while time.monotonic() < drain_by and (pg.metrics().queue_length or len(seen) < written):
                     time.sleep(0.2)
+                while time.monotonic() < drain_by and len(covered) < len(xids):
+                    time.sleep(0.2)
                 stop.set()
                 watcher.join()
+                positions.join()
                 elapsed = time.monotonic() - started
                 drift = sum(diff(pg_rows(pg, t), d1_rows(d1, t)).total for t in schema.tables)
                 dead_letters = pg.metrics(pg.dlq).queue_length
@@ -304,6 +333,11 @@ def soak_daemon(args: Any) -> None:
         "drift": drift + missing,
         "dead_letters": dead_letters,
     }
+    waits = sorted(covered[x] - t for x, t in xids if x in covered)
+    if len(waits) > 1:
+        pq = statistics.quantiles(waits, n=100)
+        figures["position_p50_s"], figures["position_p99_s"] = round(pq[49], 3), round(pq[98], 3)
+        figures["position_uncovered"] = len(xids) - len(waits)
     healed = recoveries(injector.events, committed, seen)
     if faults:
         figures["faults"] = len(healed)
@@ -314,6 +348,11 @@ def soak_daemon(args: Any) -> None:
     print(
         f"  lag p50 / p99 / max          {figures['lag_p50_s']} s / {figures['lag_p99_s']} s / {figures['lag_max_s']} s"
     )
+    if "position_p99_s" in figures:
+        print(
+            f"  position covers a commit     p50 {figures['position_p50_s']} s / p99 {figures['position_p99_s']} s "
+            f"({len(waits):,} transactions; {figures['position_uncovered']} never covered)"
+        )
     listed = ", ".join(f"{n} {k}" for k, n in sorted(runs.items()))
     print(f"  runs                         {listed} (the last one stopped with the daemon)")
     print(

@@ -16,7 +16,8 @@ import math
 import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -163,6 +164,29 @@ class Budget:
         reserve = max(2, (self.quota or 1200) // 50)
         return max(0.0, self.resets_at - now) if self.remaining <= reserve else 0.0
 
+    def spacing(self, now: float, share: float) -> float:
+        """Seconds between requests that spend `share` of the requests left (beyond the reserve) evenly
+        until the window resets; 0 while the headers said nothing."""
+        if self.remaining is None or self.resets_at is None:
+            return 0.0
+        reserve = max(2, (self.quota or 1200) // 50)
+        allowed = max((self.remaining - reserve) * share, 1.0)
+        return max(0.0, self.resets_at - now) / allowed
+
+
+@contextmanager
+def sharing(clients: Iterable[Any], share: float) -> Iterator[None]:
+    """Let the HTTP clients among `clients` spend only `share` of the API's budget meanwhile."""
+    paced = [c for c in clients if isinstance(c, HttpD1Client)]
+    before = [c.share for c in paced]
+    for c in paced:
+        c.share = share
+    try:
+        yield
+    finally:
+        for c, s in zip(paced, before, strict=True):
+            c.share = s
+
 
 class HttpD1Client:
     """D1 over Cloudflare's HTTP API: `POST {base}/accounts/{account}/d1/database/{db}/query`."""
@@ -197,6 +221,10 @@ class HttpD1Client:
         #: Every request sent (retries and bisection included): they all count against the API's budget.
         self.requests = 0
         self.budget = Budget()
+        #: The share of what is left of the API's budget this client spends, evenly over the window (below 1:
+        #: a long read such as verify or reconcile, which leaves the rest to the apply that shares the token).
+        self.share = 1.0
+        self._last_sent: float | None = None
 
     def close(self) -> None:
         self._http.close()
@@ -291,8 +319,17 @@ class HttpD1Client:
             self._sleep(wait)
 
     def _pace(self) -> None:
-        """Wait for the budget's window to reset when the last answer said it is (nearly) spent."""
-        wait = self.budget.wait(self._clock())
+        """Wait for the budget's window to reset when the last answer said it is (nearly) spent; with a
+        `share` below 1, also space requests so that at most that share of what is left is spent before the
+        window resets."""
+        now = self._clock()
+        wait = self.budget.wait(now)
+        if wait <= 0 and self.share < 1.0:
+            spacing = self.budget.spacing(now, self.share)
+            if spacing and self._last_sent is not None and self._last_sent + spacing > now:
+                self._sleep(self._last_sent + spacing - now)
+            self._last_sent = self._clock()
+            return
         if wait <= 0:
             return
         if wait > self._retry.max_wait:

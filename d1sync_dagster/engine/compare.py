@@ -161,18 +161,18 @@ def read_exact(d1: D1Client, table: Table, where: str = "", *, limit: int | None
     target = ident(table.target)
     first, *rest = column_groups(table)
     tail = f" ORDER BY {keys} LIMIT {int(limit)}" if limit is not None else ""
-    _cols, rows, _meta = d1.raw(f"SELECT {select_exact(table, first)} FROM {target} {where}{tail}")
+    _cols, rows, meta = d1.raw(f"SELECT {select_exact(table, first)} FROM {target} {where}{tail}")
     out: dict[Key, Row] = {}
     for rec in rows:
         row = _decode(table, first, rec)
         out[tuple(row[k] for k in table.key)] = row
-    read = len(rows)
+    read = int(meta.get("rows_read", len(rows)))  # what D1 bills (its engine's count), where it says
     if rest and out and limit is not None:
         last = "(" + ", ".join(sql_literal(v) for v in list(out)[-1]) + ")"
         where = (f"{where} AND" if where else "WHERE") + f" ({keys}) <= {last}"
     for group in rest if out else []:
-        _cols, rows, _meta = d1.raw(f"SELECT {select_exact(table, group)} FROM {target} {where}")
-        read += len(rows)
+        _cols, rows, meta = d1.raw(f"SELECT {select_exact(table, group)} FROM {target} {where}")
+        read += int(meta.get("rows_read", len(rows)))
         seen = {}
         for rec in rows:
             row = _decode(table, group, rec)

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from d1sync_dagster.clients.d1 import D1Client
+from d1sync_dagster.clients.d1 import D1Client, sharing
 from d1sync_dagster.clients.d1_shards import databases_of, rules_of
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.core import messages
@@ -49,6 +49,9 @@ from d1sync_dagster.sql.capture import source_relation
 from d1sync_dagster.sql.quoting import ident
 
 log = logging.getLogger(__name__)
+
+#: The share of the D1 API's remaining request budget a comparison spends (the rest stays with the apply).
+READ_SHARE = 0.5
 
 
 @dataclass
@@ -436,8 +439,11 @@ def _reconcile_in(
     options: ApplyOptions,
     on_chunk: Callable[[str, int], None] | None,
 ) -> TableDrift:
-    """Compare `table` in one database (`scope`), check what differs again after a drain, repair it."""
-    drift = compare_table(pg, database, table, chunk_size=chunk_size, on_chunk=on_chunk, scope=scope)
+    """Compare `table` in one database (`scope`), check what differs again after a drain, repair it. The
+    comparison reads D1 at most at half the pace the API's budget allows (`READ_SHARE`): the apply that
+    shares the token keeps the rest."""
+    with sharing([database], READ_SHARE):
+        drift = compare_table(pg, database, table, chunk_size=chunk_size, on_chunk=on_chunk, scope=scope)
     if drift.total:
         apply(pg, d1, schema, options)
         drift = _recheck(pg, database, table, drift, scope)

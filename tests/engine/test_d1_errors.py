@@ -297,3 +297,32 @@ def test_a_read_only_or_locked_local_d1_is_temporary_never_dead_lettered(source_
 
 def test_a_read_only_answer_of_the_http_api_is_temporary():
     assert classify(400, 7500, "attempt to write a readonly database: SQLITE_READONLY") == "temporary"
+
+
+def test_a_comparison_spends_half_of_the_budget_left_and_an_apply_is_not_slowed(http_pair):
+    """verify/reconcile read a table in many requests: paced over the window, they spend at most half of what
+    the API's Ratelimit header says is left, so the apply sharing the token keeps the rest."""
+    from d1sync_dagster.engine.reconcile import reconcile
+
+    pair, standin, _ = http_pair
+    pair.apply()  # the fixture's 120 rows
+    standin.ratelimit(120, window_seconds=4, lockout_seconds=300)
+    waited: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        waited.append(seconds)
+        time.sleep(seconds)
+
+    pair.d1._sleep = sleep
+    pair.d1.query("SELECT 1")  # the first answer brings the headers
+    before = pair.d1.requests
+    report = reconcile(pair.pg, pair.d1, SCHEMA, tables=["apps"], chunk_size=10)
+    sent = pair.d1.requests - before
+    assert report.in_sync and sent >= 12
+    # Spread over the window, not sent at once: about window / (half of the ~118 left) = 0.07 s apart.
+    assert len(waited) >= sent - 3 and all(0.03 < w < 0.2 for w in waited), waited
+    assert pair.d1.share == 1.0  # and only while comparing
+    waited.clear()
+    pair.sql("UPDATE apps SET name = 'm' WHERE id <= 100")
+    pair.apply(batch_size=10)
+    assert waited == []  # the apply itself is not paced while the budget lasts
