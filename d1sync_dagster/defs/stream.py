@@ -13,15 +13,19 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
+from d1sync_dagster.clients.d1 import D1Client
+from d1sync_dagster.clients.pgmq import PgmqClient
+from d1sync_dagster.core.changes import Key
 from d1sync_dagster.defs.assets import run_figures, source_observations, table_metadata
 from d1sync_dagster.defs.checks import all_cheap_check_keys, source_outcomes, table_outcomes
 from d1sync_dagster.defs.keys import DEFAULT, Wiring
 from d1sync_dagster.defs.resources import open_clients
 from d1sync_dagster.engine.apply import ApplyOptions
-from d1sync_dagster.engine.health import ChangedKeys, table_health
+from d1sync_dagster.engine.health import ChangedKeys, TableHealth, table_health
 from d1sync_dagster.engine.reports import ApplyReport
 from d1sync_dagster.engine.setup import ensure_schema
 from d1sync_dagster.engine.stream import Landed, StreamOptions, follow_queue
+from d1sync_dagster.errors import D1Error, QueueError
 from d1sync_dagster.schema import Schema
 
 STREAM_JOB = "d1sync_stream"
@@ -50,6 +54,28 @@ class StreamConfig(dg.Config):
             "while another consumer holds the queue (the run this one stands by for), wait this long to take over"
         ),
     )
+
+
+def _checked(
+    context: dg.OpExecutionContext,
+    checker: PgmqClient,
+    client: D1Client,
+    schema: Schema,
+    names: list[str],
+    keys: dict[str, list[Key]],
+) -> dict[str, TableHealth]:
+    """The recorded tables' health, read beside the apply. A transient failure (a terminated connection, a
+    moment of D1) leaves this record without its checks, said in the log, and the run goes on: the next
+    record has them."""
+    try:
+        return table_health(checker, client, schema, hold_lock=False, tables=names, keys=keys)
+    except (QueueError, D1Error) as e:
+        context.log.warning(f"the checks of this record could not be read ({e}); the next record's will be")
+        try:
+            checker.reconnect()
+        except QueueError:
+            pass
+        return {}
 
 
 def stream_figures(totals: ApplyReport, since: float | None) -> dict[str, float]:
@@ -122,7 +148,7 @@ def build_stream_job(
                     touched = changed.take()
                     names = list(landed.tables)
                     recorded.update(names)
-                    health = table_health(checker, client, schema, hold_lock=False, tables=names, keys=touched.keys)
+                    health = _checked(context, checker, client, schema, names, touched.keys)
                     figures = stream_figures(landed.totals, since)
                     for name, stats in landed.tables.items():
                         md = table_metadata(stats, figures, landed.totals.position)
@@ -145,7 +171,7 @@ def build_stream_job(
             # rows to compare), so that every check is evaluated at least once a run, at O(tables) catalog
             # work and no D1 rows but the position's.
             quiet = [n for n in schema.names if n not in recorded]
-            health = table_health(pg, client, schema, hold_lock=False, tables=quiet, keys={})
+            health = _checked(context, checker, client, schema, quiet, {})
         for outcome in table_outcomes(
             health,
             schema,

@@ -11,6 +11,7 @@ that changed), so that Dagster events are only ever written from the caller's th
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -51,6 +52,17 @@ def _reconnect_if_broken(pg: PgmqClient) -> None:
             pg.reconnect()
         except QueueError as e:  # still down: the next try says so
             log.warning("streaming apply: Postgres is not back yet (%s)", e)
+
+
+#: Every this many tries, a standby makes sure it still holds the standby lock (a terminated connection
+#: loses it; the sensor would take the standby for dead).
+STANDBY_CHECK_EVERY = 20
+
+
+def _standing(pg: PgmqClient) -> bool:
+    holders = pg.lock_holders(standby=True)
+    mine = f"(pid {os.getpid()})"
+    return any(mine in app for _pid, app, _since in holders)
 
 
 #: How often a standby tries the consumer lock (one statement each): how soon it takes over from a run that
@@ -247,8 +259,10 @@ def follow_queue(
                     if report.skipped and time.monotonic() < give_up and not stop.is_set() and not began:
                         # Another run follows the queue: stand by, and take over the moment it lets go (it
                         # ends, or dies and its connection with it). The standby lock says this run is alive.
-                        if not stood:
-                            stood.append(standing.enter_context(pg.standby_lock()))
+                        if not stood or (len(stood) % STANDBY_CHECK_EVERY == 0 and not _standing(pg)):
+                            standing.close()  # (its connection was terminated: take the standby lock again)
+                            standing.enter_context(pg.standby_lock())
+                        stood.append(True)
                         time.sleep(WAIT_SECONDS)
                         continue
                     if report.skipped and began and not stop.is_set() and time.monotonic() < give_up:
