@@ -35,7 +35,7 @@ from d1sync_dagster.clients.d1_local import LocalD1Client  # noqa: E402
 from d1sync_dagster.clients.pgmq import PgmqClient  # noqa: E402
 from d1sync_dagster.config import d1_settings  # noqa: E402
 from d1sync_dagster.definitions import APPLY_JOB, build_definitions  # noqa: E402
-from d1sync_dagster.defs.resources import D1Resource, PostgresResource  # noqa: E402
+from d1sync_dagster.defs.resources import PostgresResource  # noqa: E402
 from d1sync_dagster.engine.apply import ApplyOptions, apply  # noqa: E402
 from d1sync_dagster.engine.backfill import backfill  # noqa: E402
 from d1sync_dagster.engine.health import ChangedKeys, table_health  # noqa: E402
@@ -76,6 +76,15 @@ def check_cost(rows: int, changes: int) -> dict[str, int]:
         }
 
 
+def _about(event: object) -> str | None:
+    """The table an event is about: a materialization, a check evaluation or an observation of its D1 asset
+    or of its Postgres source (the last part of the asset key)."""
+    if event is None:
+        return None
+    key = getattr(event, "asset_key", None) or getattr(getattr(event, "event_specific_data", None), "asset_key", None)
+    return key.path[-1] if key is not None else None
+
+
 def stream_events(record_every: float, seconds: float) -> dict[str, float]:
     """One streaming run under a 200 changes/s writer; the event rows it wrote per changed table."""
     schema_file = str(ROOT / "schema.json")
@@ -84,7 +93,9 @@ def stream_events(record_every: float, seconds: float) -> dict[str, float]:
         with PgmqClient(url) as pg:
             pg.execute(example_source_tables())
             setup(pg, LocalD1Client(d1_path), load_schema(schema_file))
-        os.environ["D1SYNC_APPLY_MODE"] = "stream"
+        saved = dict(os.environ)
+        os.environ |= {"D1SYNC_APPLY_MODE": "stream", "DATABASE_URL": url, "D1_LOCAL_PATH": d1_path}
+        os.environ.pop("D1SYNC_SCHEMA", None)
         job = build_definitions(schema_file).resolve_job_def("d1sync_stream")
         stop, written = threading.Event(), [0]
         w = threading.Thread(target=writer, args=(url, 200, seconds + 30, stop, written))
@@ -93,22 +104,14 @@ def stream_events(record_every: float, seconds: float) -> dict[str, float]:
             config = {
                 "ops": {"d1sync_stream_op": {"config": {"seconds": seconds, "record_every_seconds": record_every}}}
             }
-            result = job.execute_in_process(
-                run_config=config,
-                instance=instance,
-                resources={"postgres": PostgresResource(database_url=url), "d1": D1Resource(local_path=d1_path)},
-            )
+            result = job.execute_in_process(run_config=config, instance=instance)
         finally:
             stop.set()
             w.join()
+            os.environ.clear()
+            os.environ.update(saved)  # (fresh_database reads DATABASE_URL)
         records = instance.get_records_for_run(result.run_id, limit=1_000_000).records
-        per_table = [
-            r
-            for r in records
-            if r.event_log_entry.dagster_event is not None
-            and getattr(r.event_log_entry.dagster_event, "asset_key", None) is not None
-            and r.event_log_entry.dagster_event.asset_key.path[-1] == "apps"
-        ]
+        per_table = [r for r in records if _about(r.event_log_entry.dagster_event) == "apps"]
         size = sum(len(serialize_value(r.event_log_entry)) for r in per_table)
         minutes = seconds / 60
         mats = sum(1 for r in per_table if r.event_log_entry.dagster_event.event_type_value == "ASSET_MATERIALIZATION")
@@ -134,6 +137,7 @@ def wide_schema_run() -> dict[str, dict[str, float]]:
             for name in tables:
                 pg.execute(f"CREATE TABLE {name} (id bigint PRIMARY KEY, v text)")
             setup(pg, LocalD1Client(d1_path), schema)
+        saved = dict(os.environ)
         os.environ |= {"D1SYNC_SCHEMA": str(path), "D1SYNC_APPLY_MODE": "run", "DATABASE_URL": url}
         os.environ["D1_LOCAL_PATH"] = d1_path
         defs = build_definitions(str(path))
@@ -166,6 +170,8 @@ def wide_schema_run() -> dict[str, dict[str, float]]:
                     "apply_d1_requests": requests,
                     "d1_requests": sum(c.requests for c in opened),
                 }
+        os.environ.clear()
+        os.environ.update(saved)
     return out
 
 

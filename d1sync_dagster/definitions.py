@@ -8,6 +8,7 @@ config. The D1 backend is the HTTP API when the `CLOUDFLARE_*` variables are set
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 
 import dagster as dg
@@ -25,6 +26,13 @@ from d1sync_dagster.engine.stream import StreamOptions
 from d1sync_dagster.errors import ConfigError
 from d1sync_dagster.schema import Schema, load_schema
 from d1sync_dagster.targets import Target, load_targets
+
+# Dagster copies a sensor when it binds its jobs (`SensorDefinition.with_attributes`) and passes the copy
+# `owners=[]`, which its beta marker takes for the beta parameter being used: a BetaWarning on every load of
+# the code location, though d1sync sets no sensor owners. Only that warning is silenced.
+warnings.filterwarnings(
+    "ignore", message=r"Parameter `owners` of initializer `SensorDefinition\.__init__`", category=dg.BetaWarning
+)
 
 APPLY_JOB = "d1sync_apply"
 

@@ -91,3 +91,19 @@ def test_the_planner_process_setting_is_read_strictly(monkeypatch):
     monkeypatch.setenv("D1SYNC_PLANNER_PROCESS", "yes")
     with pytest.raises(ConfigError, match="D1SYNC_PLANNER_PROCESS must be 1 or 0, got 'yes'"):
         build_definitions(str(ROOT / "schema.json"))
+
+
+def test_loading_the_code_location_prints_no_beta_warning_for_sensor_owners():
+    """Dagster copies the sensor with `owners=[]` when it binds its jobs, which its beta marker reported on
+    every reload although d1sync sets no owners; that warning alone is silenced."""
+    import subprocess
+    import sys
+
+    code = (
+        "from d1sync_dagster.definitions import defs\n"
+        "defs.get_repository_def().get_all_jobs()\n"
+        "defs.resolve_sensor_def('pgmq_depth_sensor')\n"
+    )
+    out = subprocess.run([sys.executable, "-W", "default", "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "BetaWarning" not in out.stderr, out.stderr
