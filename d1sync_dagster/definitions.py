@@ -164,6 +164,7 @@ def _target_definitions(schema: Schema, target: Target, wiring: Wiring) -> dg.De
         consumers=[backfill_job.name, nuke_job.name, reconcile_job.name, stream_job.name],
         asset_keys=[wiring.asset_key(t) for t in schema.tables],
         table_keys={t.name: wiring.asset_key(t) for t in schema.tables},
+        lag_threshold_seconds=lag_threshold,
         # A sensor run records a materialization only for the tables its changes reached.
         run_config={"ops": {tables.node_def.name: {"config": {"record_unchanged": False}}}},
         wiring=wiring,

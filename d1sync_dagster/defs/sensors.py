@@ -16,6 +16,7 @@ from typing import Any
 import dagster as dg
 
 from d1sync_dagster.clients.pgmq import describe_holders
+from d1sync_dagster.defs.checks import LAG
 from d1sync_dagster.defs.keys import DEFAULT, Wiring
 from d1sync_dagster.defs.resources import NOT_BEFORE_TAG
 from d1sync_dagster.defs.stream import ENDS_AT_TAG, STOPPING_TAG
@@ -28,6 +29,9 @@ IN_FLIGHT = [
     dg.DagsterRunStatus.CANCELING,
 ]
 
+
+#: The sensor fails the lag checks of a stale queue at most this often (each is a row in the event log).
+ALERT_EVERY_SECONDS = 60.0
 
 #: Up to this many queued changes, an apply run selects only the tables they name.
 SELECT_LIMIT = 10_000
@@ -131,13 +135,15 @@ def build_depth_sensor(
     wiring: Wiring = DEFAULT,
     start_timeout_seconds: float = 120.0,
     table_keys: Mapping[str, dg.AssetKey] | None = None,
+    lag_threshold_seconds: float | None = None,
 ) -> dg.SensorDefinition:
     """The sensor for `job` (the apply job); `consumers` names the other jobs that take the queue;
     `run_config` is the config of the runs it requests. With a `stream_job` it keeps one streaming run
     alive instead (started whether or not changes are waiting), and requests no apply runs. With
     `table_keys` (table name -> D1 asset), an apply run selects only the tables with queued changes, so its
     Dagster events grow with the tables that changed, not with schema.json (past `SELECT_LIMIT` queued
-    changes it selects every table)."""
+    changes it selects every table). With `lag_threshold_seconds` too, streaming, it fails the lag checks of
+    the tables with changes waiting past the threshold while nothing applies them."""
     start_timeout = start_timeout_seconds
     consumer_jobs = {job.name, *consumers} | ({stream_job.name} if stream_job is not None else set())
     keys = set(asset_keys)
@@ -165,6 +171,45 @@ def build_depth_sensor(
         ),
     )
     def pgmq_depth_sensor(context: dg.SensorEvaluationContext):
+        previous = (context.cursor or "").split(";")
+        decision = decide(context)
+        if stream_job is None or not table_keys or lag_threshold_seconds is None:
+            return decision
+        # Staleness shows while nothing applies: past the lag threshold, the sensor fails the tables' lag
+        # checks itself (once a minute at most), whoever should have applied the queue; the next record of
+        # a run that applies it passes them again.
+        alerted = float(previous[1]) if len(previous) > 1 and previous[1].replace(".", "").isdigit() else 0.0
+        now = datetime.now(UTC).timestamp()
+        if now - alerted < ALERT_EVERY_SECONDS:
+            context.update_cursor(f"{context.cursor};{previous[1]}")
+            return decision
+        with getattr(context.resources, wiring.postgres_key).get_client() as pg:
+            m = pg.metrics()
+            age = m.oldest_msg_age_sec
+            if age is None or age <= lag_threshold_seconds:
+                return decision
+            named = pg.queued_tables(SELECT_LIMIT)
+        events = [
+            dg.AssetCheckEvaluation(
+                asset_key=key,
+                check_name=LAG,
+                passed=False,
+                severity=dg.AssetCheckSeverity.ERROR,
+                description=(
+                    f"evaluated by {wiring.name('pgmq_depth_sensor')}: the oldest change waiting is {age}s old and "
+                    "nothing has applied it (the streaming run is down, or cannot take the queue)"
+                ),
+                metadata={"oldest_waiting_seconds": float(age), "threshold_seconds": lag_threshold_seconds},
+            )
+            for name, key in table_keys.items()
+            if name in named or m.queue_length > SELECT_LIMIT
+        ]
+        context.update_cursor(f"{context.cursor};{now:.0f}")
+        if isinstance(decision, dg.RunRequest):
+            return dg.SensorResult(run_requests=[decision], asset_events=events)
+        return dg.SensorResult(skip_reason=decision, asset_events=events)
+
+    def decide(context: dg.SensorEvaluationContext) -> dg.RunRequest | dg.SkipReason:
         postgres = getattr(context.resources, wiring.postgres_key)
         with postgres.get_client() as pg:
             m = pg.metrics()
@@ -175,7 +220,8 @@ def build_depth_sensor(
                 named = pg.queued_tables(SELECT_LIMIT)
                 selection = [k for name, k in table_keys.items() if name in named] or None
         newest = m.total_messages
-        seen = int(context.cursor) if context.cursor and context.cursor.isdigit() else None
+        head = (context.cursor or "").split(";")[0]
+        seen = int(head) if head.isdigit() else None
         context.update_cursor(str(newest))
         arrived = "" if seen is None else f"; {max(newest - seen, 0)} new since the last tick"
         if m.queue_length == 0 and stream_job is None:

@@ -894,3 +894,22 @@ def test_a_ui_backfill_while_the_stream_runs_hands_its_chunks_over_and_records_t
     assert md["backfill_rows"].value == 130 and md["dagster/row_count"].value == 130
     assert "d1sync consumer" in md["applied_by"].value
     assert check_outcomes(result)[("apps", "row_count_matches_source")] is True
+
+
+def test_the_streaming_sensor_fails_the_lag_checks_while_nothing_applies_the_queue(streaming, source_db, monkeypatch):
+    """Staleness shows while nothing runs: changes wait past the lag threshold and nobody applies them (here a
+    CLI holds the lock; the stream may be down): the sensor fails those tables' lag checks itself, once a
+    minute at most."""
+    pg, _d1, resources = streaming
+    monkeypatch.setenv("D1SYNC_LAG_THRESHOLD_SECONDS", "1")
+    pg.execute("INSERT INTO apps (id, name) VALUES (1, 'x')")
+    time.sleep(2.2)  # older than the threshold (pgmq counts whole seconds)
+    with dg.instance_for_test() as instance, PgmqClient(source_db) as cli, cli.consumer_lock() as got:
+        assert got
+        _sensor, tick = sensor_tick(instance, resources, cursor="0")
+        (ev,) = tick.asset_events
+        assert ev.asset_key == APPS and ev.check_name == "replication_lag_under_threshold" and not ev.passed
+        assert ev.metadata["oldest_waiting_seconds"].value >= 2 and "evaluated by pgmq_depth_sensor" in ev.description
+        assert "consumer lock is held" in tick.skip_message
+        _sensor, again = sensor_tick(instance, resources, cursor=tick.cursor)
+        assert again.asset_events == []  # not again within the minute

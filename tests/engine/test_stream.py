@@ -4,6 +4,7 @@ time, and where notifications cannot arrive it polls instead."""
 
 import threading
 import time
+from contextlib import contextmanager
 
 import psycopg
 
@@ -123,6 +124,22 @@ def _follow(pg, pair, options, stop, out, errors):
         errors.append(e)
 
 
+@contextmanager
+def _streaming(pair, source_db, **options):
+    """A stream following the queue on a thread of its own (on its own connection) until the block ends;
+    yields (what landed, the errors it raised, the thread), once it follows."""
+    stop, out, errors = threading.Event(), [], []
+    with PgmqClient(source_db) as pg:
+        opts = StreamOptions(**({"seconds": 60, "poll_seconds": 0.2, "record_every_seconds": 0.2} | options))
+        t = threading.Thread(target=_follow, args=(pg, pair, opts, stop, out, errors))
+        t.start()
+        try:
+            yield out, errors, t
+        finally:
+            stop.set()
+            t.join()
+
+
 def _wait_for(pred, seconds=30.0):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -135,29 +152,21 @@ def _wait_for(pred, seconds=30.0):
 def test_terminated_postgres_backends_are_waited_out_inside_the_stream(pair, source_db):
     """Every d1sync connection is terminated (a Supabase restart, a pooler recycling its servers): the stream
     reconnects and goes on, in the same run; nothing is lost and nothing dead-lettered."""
-    stop, out, errors = threading.Event(), [], []
-    with PgmqClient(source_db) as pg:
-        options = StreamOptions(seconds=60, poll_seconds=0.2, record_every_seconds=0.2)
-        t = threading.Thread(target=_follow, args=(pg, pair, options, stop, out, errors))
-        t.start()
-        try:
-            assert _wait_for(lambda: any(x.following_since for x in out))
-            pair.sql("INSERT INTO apps (id, name) SELECT g, 'before' FROM generate_series(1, 20) g")
-            assert _wait_for(lambda: d1_count(pair.d1) == 20)
-            with psycopg.connect(source_db, autocommit=True) as admin:
-                killed = admin.execute(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                    "AND backend_type = 'client backend' AND pid <> %s",
-                    [pair.pg.conn.info.backend_pid],
-                ).fetchone()[0]
-            assert killed >= 2  # the stream's reader and its lock's connection, at least
-            pair.sql("INSERT INTO apps (id, name) SELECT g, 'after' FROM generate_series(21, 60) g")
-            assert _wait_for(lambda: d1_count(pair.d1) == 60), "the stream did not come back"
-            assert not errors and t.is_alive()
-        finally:
-            stop.set()
-            t.join()
+    with _streaming(pair, source_db) as (out, errors, t):
+        assert _wait_for(lambda: any(x.following_since for x in out))
+        pair.sql("INSERT INTO apps (id, name) SELECT g, 'before' FROM generate_series(1, 20) g")
+        assert _wait_for(lambda: d1_count(pair.d1) == 20)
+        with psycopg.connect(source_db, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND backend_type = 'client backend' AND pid <> %s",
+                [pair.pg.conn.info.backend_pid],
+            ).fetchone()[0]
+        assert killed >= 2  # the stream's reader and its lock's connection, at least
+        pair.sql("INSERT INTO apps (id, name) SELECT g, 'after' FROM generate_series(21, 60) g")
+        assert _wait_for(lambda: d1_count(pair.d1) == 60), "the stream did not come back"
+        assert not errors and t.is_alive()
     assert not errors, errors
     assert out[-1].final and out[-1].totals.messages >= 60
     pair.assert_in_sync()
@@ -173,24 +182,16 @@ def test_a_locked_d1_is_waited_out_inside_the_stream(local_pair, source_db, tmp_
     pair = local_pair
     path = pair.d1.path
     pair.d1._conn.execute("PRAGMA busy_timeout=300")  # the test's lock outlasts it without waiting 10 s
-    stop, out, errors = threading.Event(), [], []
-    with PgmqClient(source_db) as pg:
-        options = StreamOptions(seconds=60, poll_seconds=0.2, record_every_seconds=0.2)
-        t = threading.Thread(target=_follow, args=(pg, pair, options, stop, out, errors))
-        t.start()
-        try:
-            assert _wait_for(lambda: any(x.following_since for x in out))
-            blocker = sqlite3.connect(path, isolation_level=None)
-            blocker.execute("BEGIN EXCLUSIVE")
-            pair.sql("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 30) g")
-            time.sleep(2.0)  # several tries fail meanwhile
-            assert t.is_alive() and not errors
-            blocker.execute("ROLLBACK")
-            blocker.close()
-            assert _wait_for(lambda: d1_count(pair.d1) == 30), "the stream did not come back"
-        finally:
-            stop.set()
-            t.join()
+    with _streaming(pair, source_db) as (out, errors, t):
+        assert _wait_for(lambda: any(x.following_since for x in out))
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        pair.sql("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 30) g")
+        time.sleep(2.0)  # several tries fail meanwhile
+        assert t.is_alive() and not errors
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        assert _wait_for(lambda: d1_count(pair.d1) == 30), "the stream did not come back"
     assert not errors, errors
     pair.assert_in_sync()
     assert pair.dead_letters() == []
