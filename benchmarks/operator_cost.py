@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -125,24 +126,43 @@ def stream_events(record_every: float, seconds: float) -> dict[str, float]:
         }
 
 
-def wide_schema_run() -> dict[str, dict[str, float]]:
+def wide_schema_run() -> dict[str, dict[str, Any]]:
     tables = {f"t{i:03d}": {"primaryKey": ["id"], "columns": {"id": "INTEGER", "v": "TEXT"}} for i in range(200)}
     out = {}
     with fresh_database() as url, tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "schema.json"
         path.write_text(json.dumps(tables))
         d1_path = str(Path(tmp) / "d1.sqlite")
+        t0 = time.monotonic()
         schema = load_schema(path)
+        loaded = time.monotonic() - t0
         with PgmqClient(url) as pg:
             for name in tables:
                 pg.execute(f"CREATE TABLE {name} (id bigint PRIMARY KEY, v text)")
+            t0 = time.monotonic()
             setup(pg, LocalD1Client(d1_path), schema)
+            set_up = time.monotonic() - t0
         saved = dict(os.environ)
         os.environ |= {"D1SYNC_SCHEMA": str(path), "D1SYNC_APPLY_MODE": "run", "DATABASE_URL": url}
         os.environ["D1_LOCAL_PATH"] = d1_path
+        t0 = time.monotonic()
         defs = build_definitions(str(path))
         job = defs.resolve_job_def(APPLY_JOB)
+        built = time.monotonic() - t0
         resources = {"postgres": PostgresResource(database_url=url)}
+        with dg.instance_for_test() as instance:
+            ticks = []
+            for _ in range(5):
+                ctx = dg.build_sensor_context(instance=instance, resources=resources)
+                t0 = time.monotonic()
+                defs.resolve_sensor_def("pgmq_depth_sensor").evaluate_tick(ctx)
+                ticks.append(time.monotonic() - t0)
+        out["scale"] = {
+            "load_schema_s": round(loaded, 3),
+            "setup_s": round(set_up, 2),
+            "definitions_s": round(built, 2),
+            "sensor_tick_ms": round(sorted(ticks)[2] * 1000, 1),
+        }
         for case in ("one table changed, as the sensor selects it", "every table selected, nothing to do"):
             with dg.instance_for_test() as instance, PgmqClient(url) as pg:
                 selection = None
@@ -221,7 +241,14 @@ def main() -> None:
             )
             print(json.dumps({"events": e}))
     if "wide" not in skip:
-        for case, w in wide_schema_run().items():
+        wide = wide_schema_run()
+        scale = wide.pop("scale")
+        print(
+            f"200 tables: schema.json loads in {scale['load_schema_s']} s, setup {scale['setup_s']} s, the "
+            f"definitions {scale['definitions_s']} s, a sensor tick (empty queue, median of 5) "
+            f"{scale['sensor_tick_ms']} ms"
+        )
+        for case, w in wide.items():
             print(
                 f"200 tables, {case}: {w['seconds']} s, {w['dagster_events']} Dagster events, "
                 f"{w['materializations']} materializations, {w['check_evaluations']} check evaluations, "

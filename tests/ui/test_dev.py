@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import dagster as dg
 import httpx
 import psutil
 import pytest
@@ -155,6 +156,12 @@ def test_dev_runs_the_demo_and_ctrl_c_stops_everything(dev):
     assert not psutil.pid_exists(postmaster) or psutil.Process(postmaster).status() == psutil.STATUS_ZOMBIE
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/server_info", timeout=2)
+    # Ctrl-C is a clean stop: the streaming runs it interrupted ended as successes, not failures.
+    with dg.DagsterInstance.from_config(str(state / "dagster")) as instance:
+        runs = instance.get_runs(dg.RunsFilter(job_name="d1sync_stream"))
+    assert runs and not [r.run_id for r in runs if r.status == dg.DagsterRunStatus.FAILURE], [
+        (r.run_id, r.status) for r in runs
+    ]
 
 
 def test_dev_leaves_an_embedded_postgres_it_did_not_start_running(tmp_path, monkeypatch):
