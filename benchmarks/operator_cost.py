@@ -11,7 +11,8 @@
    source's observation on each record). Event rows and their JSON bytes, counted in the run's event log.
 3. A schema of 200 tables with one changed: the apply run the sensor requests (the changed table alone),
    against a run of every table with nothing to do (what each sensor run was before): Dagster events,
-   D1 requests, seconds.
+   D1 requests, seconds; and the schema's load, setup and a sensor tick.
+4. A streaming run over those 200 tables while 20 of them change: Dagster event rows and D1 requests a minute.
 """
 
 from __future__ import annotations
@@ -195,6 +196,56 @@ def wide_schema_run() -> dict[str, dict[str, Any]]:
     return out
 
 
+def wide_stream(seconds: float) -> dict[str, float]:
+    """A streaming run over a schema of 200 tables while a writer changes 20 of them, 200 changes/s in all:
+    the Dagster events and D1 requests a minute."""
+    import psycopg
+
+    tables = {f"t{i:03d}": {"primaryKey": ["id"], "columns": {"id": "INTEGER", "v": "TEXT"}} for i in range(200)}
+    with fresh_database() as url, tempfile.TemporaryDirectory() as tmp, dg.instance_for_test() as instance:
+        path = Path(tmp) / "schema.json"
+        path.write_text(json.dumps(tables))
+        d1_path = str(Path(tmp) / "d1.sqlite")
+        with PgmqClient(url) as pg:
+            for name in tables:
+                pg.execute(f"CREATE TABLE {name} (id bigint PRIMARY KEY, v text)")
+            setup(pg, LocalD1Client(d1_path), load_schema(path))
+        saved = dict(os.environ)
+        os.environ |= {"D1SYNC_SCHEMA": str(path), "D1SYNC_APPLY_MODE": "stream", "DATABASE_URL": url}
+        os.environ["D1_LOCAL_PATH"] = d1_path
+        stop = threading.Event()
+
+        def write() -> None:
+            with psycopg.connect(url, autocommit=True) as conn:
+                i = 0
+                while not stop.is_set():
+                    for t in range(0, 200, 10):  # 20 tables, one row each, every 100 ms
+                        conn.execute(f"INSERT INTO t{t:03d} VALUES (%s, 'v')", [i])
+                    i += 1
+                    time.sleep(0.1)
+
+        w = threading.Thread(target=write)
+        w.start()
+        opened.clear()
+        try:
+            job = build_definitions(str(path)).resolve_job_def("d1sync_stream")
+            config = {"ops": {"d1sync_stream_op": {"config": {"seconds": seconds}}}}
+            result = job.execute_in_process(run_config=config, instance=instance)
+        finally:
+            stop.set()
+            w.join()
+            os.environ.clear()
+            os.environ.update(saved)
+        records = instance.get_records_for_run(result.run_id, limit=1_000_000).records
+        minutes = seconds / 60
+        return {
+            "event_rows_per_minute": round(len(records) / minutes, 1),
+            "materializations": len(result.get_asset_materialization_events()),
+            "check_evaluations": len(result.get_asset_check_evaluations()),
+            "d1_requests_per_minute": round(sum(c.requests for c in opened) / minutes, 1),
+        }
+
+
 #: Every local D1 client the runs open in this process (the resource's): their requests are counted.
 opened: list[LocalD1Client] = []
 _init = LocalD1Client.__init__
@@ -213,7 +264,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--changes", type=int, default=2000)
     ap.add_argument("--stream-seconds", type=float, default=60.0)
-    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: checks, events, wide")
+    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: checks, events, wide, widestream")
     args = ap.parse_args()
     skip = set(args.skip.split(","))
     if "checks" not in skip:
@@ -255,6 +306,14 @@ def main() -> None:
                 f"{w['d1_requests']} D1 requests ({w['apply_d1_requests']} by the apply)"
             )
         print(json.dumps({"wide": w}))
+    if "widestream" not in skip:
+        ws = wide_stream(args.stream_seconds)
+        print(
+            f"200 tables, streaming for {args.stream_seconds:g} s while 20 of them change (200 changes/s): "
+            f"{ws['event_rows_per_minute']} Dagster event rows and {ws['d1_requests_per_minute']} D1 requests a "
+            f"minute ({ws['materializations']} materializations, {ws['check_evaluations']} check evaluations in all)"
+        )
+        print(json.dumps({"widestream": ws}))
 
 
 if __name__ == "__main__":

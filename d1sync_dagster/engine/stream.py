@@ -20,7 +20,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 
-from d1sync_dagster.clients.d1 import D1Client
+from d1sync_dagster.clients.d1 import D1Client, sharing
+from d1sync_dagster.clients.d1_shards import all_databases
 from d1sync_dagster.clients.pgmq import ChangeListener, PgmqClient, QueueMessage
 from d1sync_dagster.engine.apply import ApplyOptions, apply
 from d1sync_dagster.engine.reports import ApplyReport, TableStats
@@ -29,6 +30,10 @@ from d1sync_dagster.schema import Schema
 
 log = logging.getLogger(__name__)
 
+
+#: The share of the D1 API's request budget the stream spends, evenly over the window (the rest is left to
+#: checks, the CLI, wrangler and the dashboard, which share the token).
+STREAM_SHARE = 0.8
 
 #: A transient failure (D1 or Postgres) is retried after this long, doubling up to the maximum.
 FIRST_BACKOFF_SECONDS, MAX_BACKOFF_SECONDS = 0.5, 5.0
@@ -233,7 +238,10 @@ def follow_queue(
         give_up = time.monotonic() + options.wait_for_lock_seconds
         backoff = FIRST_BACKOFF_SECONDS
         try:
-            with standing:
+            # Paced over the API's window (Ratelimit headers): a request every window / (share of what is
+            # left), so that many small transactions share requests instead of spending the budget in a burst
+            # and then waiting out the window (each page then carries what arrived meanwhile).
+            with standing, sharing([c for _, c in all_databases(d1)], STREAM_SHARE):
                 while True:
                     if began:  # again after a failure: only the run's time left
                         left = began[0] + options.seconds - time.monotonic()

@@ -326,3 +326,43 @@ def test_a_comparison_spends_half_of_the_budget_left_and_an_apply_is_not_slowed(
     pair.sql("UPDATE apps SET name = 'm' WHERE id <= 100")
     pair.apply(batch_size=10)
     assert waited == []  # the apply itself is not paced while the budget lasts
+
+
+def test_the_stream_paces_its_requests_over_the_apis_window(http_pair, source_db):
+    """Many small transactions (one row each, 100 a second): paced over the API's window, the streaming apply
+    sends a request every window / (0.8 of what is left), each carrying what arrived meanwhile, instead of a
+    request per commit that spends the budget in a burst and then waits the window out."""
+    import threading
+
+    import psycopg
+
+    from d1sync_dagster.engine.stream import StreamOptions, follow_queue
+
+    pair, standin, _ = http_pair
+    pair.apply()
+    standin.ratelimit(120, window_seconds=30, lockout_seconds=300)
+    pair.d1._sleep = time.sleep
+    pair.d1.query("SELECT 1")  # the first answer brings the headers
+    stop, done = threading.Event(), threading.Event()
+
+    def write():
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            for i in range(1000, 1300):
+                conn.execute("INSERT INTO apps (id, name) VALUES (%s, 'n')", [i])
+                time.sleep(0.01)
+        done.set()
+
+    before = pair.d1.requests
+    w = threading.Thread(target=write)
+    with PgmqClient(source_db) as pg:
+        options = StreamOptions(seconds=30, poll_seconds=0.2, record_every_seconds=0.2)
+        for landed in follow_queue(pg, pair.d1, SCHEMA, options, stop=stop):
+            if landed.following_since and not w.is_alive() and not done.is_set():
+                w.start()
+            if done.is_set() and pair.queue_depth() == 0:
+                stop.set()
+    sent = pair.d1.requests - before
+    (res,) = pair.d1.query("SELECT count(*) AS n FROM apps")
+    assert res.results == [{"n": 420}] and pair.dead_letters() == []
+    # About 0.33 s apart over the writer's 3-4 s: a dozen requests for 300 commits, far from one each.
+    assert sent <= 30, sent
