@@ -23,7 +23,7 @@ from benchmarks.common import WRITER_NAME, fresh_database, writer
 from d1sync_dagster.clients.d1_local import LocalD1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.core.txns import applied
-from d1sync_dagster.dev import DAGSTER_YAML
+from d1sync_dagster.dev import DAGSTER_YAML, postgres_storage_yaml
 from d1sync_dagster.engine.compare import d1_rows, diff, pg_rows
 from d1sync_dagster.engine.setup import setup
 from d1sync_dagster.schema import load_schema
@@ -138,21 +138,6 @@ def _runs(home: str) -> tuple[dict[str, int], dict[str, float], list[Timed]]:
         return counts, phases, timeline
 
 
-def postgres_instance_yaml(storage_url: str) -> str:
-    """`d1sync dev`'s dagster.yaml with the production pieces of docs/deploy.md: Postgres storage (named by
-    its parts, not a URL: see there) and run monitoring."""
-    part = psycopg.conninfo.conninfo_to_dict(storage_url)
-    return DAGSTER_YAML + (
-        "storage:\n  postgres:\n    postgres_db:\n"
-        f"      hostname: {part.get('host', '127.0.0.1')}\n      port: {part.get('port', 5432)}\n"
-        f"      username: {part.get('user', 'postgres')}\n      db_name: {part['dbname']}\n"
-        # psycopg2: SQLAlchemy 2.1 takes psycopg 3 (which d1sync installs) for a plain postgresql:// URL, and
-        # dagster-postgres's NOTIFY with a bound parameter then fails ("syntax error at or near $1").
-        "      scheme: postgresql+psycopg2\n"
-        "run_monitoring:\n  enabled: true\n  poll_interval_seconds: 5\n  start_timeout_seconds: 120\n"
-    )
-
-
 def _holder_pid(url: str) -> int | None:
     """The process that holds the consumer lock (the application name says its pid)."""
     with PgmqClient(url) as pg:
@@ -235,7 +220,7 @@ def soak_daemon(args: Any) -> None:
         d1_path = str(Path(tmp) / "d1.sqlite")
         home = Path(tmp) / "dagster"
         home.mkdir()
-        (home / "dagster.yaml").write_text(postgres_instance_yaml(storage) if storage else DAGSTER_YAML)
+        (home / "dagster.yaml").write_text(DAGSTER_YAML + (postgres_storage_yaml(storage) if storage else ""))
         with PgmqClient(url) as pg:
             pg.execute(example_source_tables())
             d1 = LocalD1Client(d1_path)
@@ -247,6 +232,9 @@ def soak_daemon(args: Any) -> None:
             "D1SYNC_SCHEMA": str(ROOT / "schema.json"),
             "D1SYNC_APPLY_MODE": args.mode,
             "D1SYNC_SENSOR_INTERVAL_SECONDS": str(int(args.interval)),
+            "DAGSTER_PG_PASSWORD": (psycopg.conninfo.conninfo_to_dict(storage).get("password") or "")
+            if storage
+            else "",
             # By default one streaming run covers the whole soak; --stream-seconds shorter shows the restarts.
             # (long enough that the sensor's handover, 2 intervals + 60 s before its end, comes after the soak)
             "D1SYNC_STREAM_SECONDS": str(args.stream_seconds or args.seconds + 2 * args.interval + 120),
@@ -319,6 +307,7 @@ def soak_daemon(args: Any) -> None:
             injector.stop.set()
             _stop(family[0])
             log.close()
+        os.environ.setdefault("DAGSTER_PG_PASSWORD", env["DAGSTER_PG_PASSWORD"])  # (read by the instance here too)
         runs, phases, timeline = _runs(str(home))
         skips = _skips(Path(tmp) / "daemon.log") if getattr(args, "timeline", False) else []
         d1.close()

@@ -488,6 +488,7 @@ def _cmd_dev(args: argparse.Namespace) -> int:
             rows_per_tick=args.rows,
             tick_seconds=args.every,
             stop_after_seconds=args.stop_after,
+            instance_postgres=args.instance_postgres,
         )
     )
 
@@ -627,6 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=20, help="new apps per write tick (default 20)")
     p.add_argument("--every", type=float, default=2.0, help="seconds between write ticks (default 2)")
     p.add_argument("--stop-after", type=float, default=None, help="stop by itself after this many seconds")
+    p.add_argument(
+        "--instance-postgres",
+        action="store_true",
+        help="keep Dagster's instance in Postgres (database d1sync_dagster_instance on the source's server, run "
+        "monitoring on), as a production deployment does (docs/deploy.md), instead of SQLite files",
+    )
     p.set_defaults(func=_cmd_dev)
 
     p = sub.add_parser("status", help="queue depth, oldest message, dead letters per table, last apply")

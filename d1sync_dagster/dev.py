@@ -24,6 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+import psycopg
+import psycopg.conninfo
+import psycopg.sql
+
 from d1sync_dagster import config, embedded
 from d1sync_dagster.clients.pgmq import PgmqClient, scrub
 from d1sync_dagster.engine.demo import live_writes
@@ -60,6 +64,9 @@ class DevOptions:
     tick_seconds: float = 2.0
     sensor_interval_seconds: int = 5
     stop_after_seconds: float | None = None
+    #: Keep the Dagster instance in Postgres (a database of its own on the source's server), as production
+    #: does (docs/deploy.md), instead of SQLite files.
+    instance_postgres: bool = False
     out: TextIO = field(default_factory=lambda: sys.stdout)
 
 
@@ -198,20 +205,66 @@ def _setup(pg: PgmqClient, d1_settings: config.D1Settings, schema: Schema, *, cr
 def _dagster_env(opts: DevOptions, url: str, home: Path, state: Path, d1_settings: config.D1Settings) -> dict[str, str]:
     """The environment of the Dagster processes: this run's database, schema, queue, D1 and instance."""
     home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").write_text(DAGSTER_YAML, encoding="utf-8")
-    env = os.environ | {
-        "DATABASE_URL": url,
-        "DAGSTER_HOME": str(home),
-        "D1SYNC_SCHEMA": str(Path(opts.schema_file).resolve()),
-        "D1SYNC_QUEUE": opts.queue,
-        "D1SYNC_STATE_DIR": str(state),
-        "D1SYNC_SENSOR_INTERVAL_SECONDS": os.environ.get(
-            "D1SYNC_SENSOR_INTERVAL_SECONDS", str(opts.sensor_interval_seconds)
-        ),
-    }
+    instance = DAGSTER_YAML
+    storage: dict[str, str] = {}
+    if opts.instance_postgres:
+        storage_url = instance_database(url)
+        instance += postgres_storage_yaml(storage_url)
+        storage = {"DAGSTER_PG_PASSWORD": psycopg.conninfo.conninfo_to_dict(storage_url).get("password") or ""}
+    (home / "dagster.yaml").write_text(instance, encoding="utf-8")
+    env = (
+        os.environ
+        | storage
+        | {
+            "DATABASE_URL": url,
+            "DAGSTER_HOME": str(home),
+            "D1SYNC_SCHEMA": str(Path(opts.schema_file).resolve()),
+            "D1SYNC_QUEUE": opts.queue,
+            "D1SYNC_STATE_DIR": str(state),
+            "D1SYNC_SENSOR_INTERVAL_SECONDS": os.environ.get(
+                "D1SYNC_SENSOR_INTERVAL_SECONDS", str(opts.sensor_interval_seconds)
+            ),
+        }
+    )
     if d1_settings.local_path:
         env["D1_LOCAL_PATH"] = str(Path(d1_settings.local_path).resolve())
     return env
+
+
+#: The database `d1sync dev --instance-postgres` keeps Dagster's instance in, on the source's server.
+INSTANCE_DATABASE = "d1sync_dagster_instance"
+
+
+def instance_database(url: str, name: str = INSTANCE_DATABASE) -> str:
+    """The URL of database `name` on `url`'s server, created when missing (Dagster's storage apart from the
+    replicated tables)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+            conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
+    return psycopg.conninfo.make_conninfo(url, dbname=name)
+
+
+def postgres_storage_yaml(storage_url: str) -> str:
+    """The production pieces of a dagster.yaml (docs/deploy.md): Postgres storage named by its parts, the
+    password from `DAGSTER_PG_PASSWORD` (never written into the file), and run monitoring. The scheme is
+    psycopg2's: SQLAlchemy 2.1 takes psycopg 3 (which d1sync installs) for a plain postgresql:// URL, and
+    dagster-postgres's NOTIFY with a bound parameter then fails ("syntax error at or near $1")."""
+    part = psycopg.conninfo.conninfo_to_dict(storage_url)
+    host = str(part.get("host") or "127.0.0.1")
+    # A Unix socket directory (the embedded Postgres) goes in the URL's query, not as a host name.
+    where = (
+        f"      hostname: ''\n      params:\n        host: {host}\n"
+        if host.startswith("/")
+        else f"      hostname: {host}\n"
+    )
+    return (
+        "storage:\n  postgres:\n    postgres_db:\n"
+        f"{where}      port: {part.get('port') or 5432}\n"
+        f"      username: {part.get('user') or 'postgres'}\n      db_name: {part['dbname']}\n"
+        "      password: {env: DAGSTER_PG_PASSWORD}\n"
+        "      scheme: postgresql+psycopg2\n"
+        "run_monitoring:\n  enabled: true\n  poll_interval_seconds: 5\n  start_timeout_seconds: 120\n"
+    )
 
 
 def _start_dagster(opts: DevOptions, logs: Path, env: dict[str, str]) -> dict[str, subprocess.Popen]:

@@ -67,7 +67,9 @@ def applied_changes(url: str) -> list[tuple[str, int]]:
 
 
 @pytest.fixture
-def dev(tmp_path):
+def dev(tmp_path, request):
+    """`d1sync dev` on a free port (extra arguments by indirect parametrization)."""
+    extra = list(getattr(request, "param", []))
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith("CLOUDFLARE_")}
     env |= {"D1SYNC_STATE_DIR": str(tmp_path / "state"), "D1SYNC_SENSOR_INTERVAL_SECONDS": "2"}
@@ -76,7 +78,7 @@ def dev(tmp_path):
     exe = Path(sys.executable).parent / "d1sync"
     log = open(tmp_path / "dev.out", "w+")  # noqa: SIM115 - read back after the process ends
     proc = subprocess.Popen(
-        [str(exe), "dev", "--schema", str(ROOT / "schema.json"), "--port", str(port), "--every", "1"],
+        [str(exe), "dev", "--schema", str(ROOT / "schema.json"), "--port", str(port), "--every", "1", *extra],
         cwd=tmp_path,
         env=env,
         stdout=log,
@@ -162,6 +164,33 @@ def test_dev_runs_the_demo_and_ctrl_c_stops_everything(dev):
     assert runs and not [r.run_id for r in runs if r.status == dg.DagsterRunStatus.FAILURE], [
         (r.run_id, r.status) for r in runs
     ]
+
+
+@pytest.mark.parametrize("dev", [["--instance-postgres"]], indirect=True)
+def test_dev_can_keep_the_dagster_instance_in_postgres(dev):
+    """`--instance-postgres`: the instance of docs/deploy.md (Postgres storage through psycopg2, run
+    monitoring) in a database of its own; the sensor starts the stream, which applies the demo's changes, and
+    Dagster's runs are rows in that database."""
+    proc, url, state, log = dev
+    deadline = time.monotonic() + 300
+    applied: list[tuple[str, int]] = []
+    while time.monotonic() < deadline and proc.poll() is None and not applied:
+        applied = applied_changes(url)
+        time.sleep(2)
+    log.seek(0)
+    assert applied, f"no materialization with changes within 300 s; d1sync dev said:\n{log.read()}"
+    instance = (state / "dagster" / "dagster.yaml").read_text()
+    assert (
+        "postgres_db:" in instance
+        and "scheme: postgresql+psycopg2" in instance
+        and "password" not in (instance.replace("password: {env: DAGSTER_PG_PASSWORD}", ""))
+    )
+    os.environ.setdefault("DAGSTER_PG_PASSWORD", "")  # (the embedded Postgres trusts local connections)
+    with dg.DagsterInstance.from_config(str(state / "dagster")) as inst:
+        assert type(inst.run_storage).__name__ == "PostgresRunStorage"
+        assert inst.get_runs(dg.RunsFilter(job_name="d1sync_stream"))
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 0
 
 
 def test_dev_leaves_an_embedded_postgres_it_did_not_start_running(tmp_path, monkeypatch):
