@@ -16,7 +16,13 @@ import dagster as dg
 from d1sync_dagster import config
 from d1sync_dagster.defs.assets import build_table_assets, source_spec
 from d1sync_dagster.defs.checks import all_cheap_check_keys, build_reconcile_checks, build_source_checks
-from d1sync_dagster.defs.jobs import build_backfill_job, build_doctor_job, build_nuke_job, build_setup_job
+from d1sync_dagster.defs.jobs import (
+    build_backfill_job,
+    build_doctor_job,
+    build_nuke_job,
+    build_setup_job,
+    build_shard_backfill_job,
+)
 from d1sync_dagster.defs.keys import Wiring
 from d1sync_dagster.defs.resources import D1Resource, PostgresResource
 from d1sync_dagster.defs.sensors import build_depth_sensor
@@ -144,6 +150,10 @@ def _target_definitions(schema: Schema, target: Target, wiring: Wiring) -> dg.De
         ),
     )
     backfill_job = build_backfill_job(schema, wiring)
+    shard_jobs = []
+    if target is not None and target.shards:
+        sharded = {r.table: tuple(r.shards) for r in target.rules}
+        shard_jobs.append(build_shard_backfill_job(schema, [name for name, _ in target.shards], sharded, wiring))
     nuke_job = build_nuke_job(
         schema, allow_destructive=allow_destructive, lag_threshold_seconds=lag_threshold, wiring=wiring
     )
@@ -161,7 +171,13 @@ def _target_definitions(schema: Schema, target: Target, wiring: Wiring) -> dg.De
         # Streaming, the sensor only watches over the runs (two cheap queries a tick): every 5 s, so that a
         # stream whose whole process group died is replaced within seconds. Per run, each tick may start a run.
         interval_seconds=int(config.number("D1SYNC_SENSOR_INTERVAL_SECONDS", 5 if streaming else 30)),
-        consumers=[backfill_job.name, nuke_job.name, reconcile_job.name, stream_job.name],
+        consumers=[
+            backfill_job.name,
+            nuke_job.name,
+            reconcile_job.name,
+            stream_job.name,
+            *(j.name for j in shard_jobs),
+        ],
         asset_keys=[wiring.asset_key(t) for t in schema.tables],
         table_keys={t.name: wiring.asset_key(t) for t in schema.tables},
         lag_threshold_seconds=lag_threshold,
@@ -189,6 +205,7 @@ def _target_definitions(schema: Schema, target: Target, wiring: Wiring) -> dg.De
             backfill_job,
             nuke_job,
             reconcile_job,
+            *shard_jobs,
         ],
         resources={
             wiring.postgres_key: PostgresResource(database_url=dg.EnvVar("DATABASE_URL"), queue=target.queue),

@@ -1,6 +1,7 @@
 """Jobs that are not asset materializations: setup, backfill, nuke (reconcile is an asset-check job, see
 `defs/checks.py`). Each op calls the same engine function as the command line, with typed config."""
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dagster as dg
@@ -13,7 +14,7 @@ from d1sync_dagster.defs.keys import DEFAULT, Wiring
 from d1sync_dagster.defs.resources import open_clients
 from d1sync_dagster.engine.backfill import backfill
 from d1sync_dagster.engine.doctor import diagnose
-from d1sync_dagster.engine.health import table_health
+from d1sync_dagster.engine.health import d1_row_counts, table_health
 from d1sync_dagster.engine.nuke import nuke
 from d1sync_dagster.engine.setup import setup
 from d1sync_dagster.schema import Schema
@@ -106,6 +107,87 @@ def build_backfill_job(schema: Schema, wiring: Wiring = DEFAULT) -> dg.JobDefini
         backfill_op()
 
     return backfill_job
+
+
+class ShardBackfillConfig(dg.Config):
+    tables: list[str] = Field(
+        default_factory=list, description="sharded tables to backfill in the partition's shard; empty means all"
+    )
+    chunk_size: int = Field(default=5000, description="rows per chunk (one short transaction each)")
+    wait_for_consumer_seconds: float = Field(
+        default=600.0, description="while the streaming run holds the queue it applies the chunks: wait this long"
+    )
+
+
+def build_shard_backfill_job(
+    schema: Schema, shards: Sequence[str], sharded: Mapping[str, Sequence[str]], wiring: Wiring = DEFAULT
+) -> dg.JobDefinition:
+    """`d1sync_backfill_shards`: partitioned by shard, so that Dagster's Backfills page launches a backfill
+    per shard database (Launchpad -> Launch backfill, pick the shards) and shows each partition's status. A
+    partition's run backfills the sharded tables that route to its shard (`sharded`: table -> its shards), and
+    records a materialization of each table's asset with the shard's figures."""
+    partitions = dg.StaticPartitionsDefinition(list(shards))
+
+    @dg.op(
+        name=wiring.name("d1sync_backfill_shard_op"),
+        description="Copy the rows of one shard (the run's partition) into its D1 database through the queue.",
+        required_resource_keys=wiring.resource_keys,
+        pool=wiring.name("d1sync"),
+    )
+    def backfill_shard_op(context: dg.OpExecutionContext, config: ShardBackfillConfig) -> dg.Output[None]:
+        shard = context.partition_key
+        tables = [t for t in (config.tables or list(sharded)) if shard in sharded.get(t, ())]
+        if not tables:
+            chosen = f" of {', '.join(config.tables)}" if config.tables else ""
+            raise dg.Failure(description=f"no sharded table{chosen} routes to shard {shard!r}")
+        postgres, d1 = wiring.resources(context)
+        with open_clients(postgres, d1, what="backfill") as (pg, client):
+            report = backfill(
+                pg,
+                client,
+                schema,
+                tables=tables,
+                chunk_size=config.chunk_size,
+                shard=shard,
+                wait_for_consumer_seconds=config.wait_for_consumer_seconds,
+                on_chunk=lambda table, t: context.log.info(f"backfill {table} in {shard}: {t.rows} rows"),
+            )
+            if report.apply is not None and report.apply.skipped and report.handed_to is None:
+                raise dg.Failure(
+                    description=(
+                        f"the chunks of shard {shard} are queued, but the consumer that holds the queue did not "
+                        f"apply them within {config.wait_for_consumer_seconds:g}s; they stay queued and land when "
+                        "it gets to them"
+                    )
+                )
+            # The shard's rows in D1 now (a backfill reads the whole table anyway: counting one shard is less).
+            in_shard = {name: d1_row_counts(client, schema.table(name)).get(shard, 0) for name in report.tables}
+        for name, t in report.tables.items():
+            context.log_event(
+                dg.AssetMaterialization(
+                    asset_key=wiring.asset_key(schema.table(name)),
+                    metadata={
+                        "operation": dg.MetadataValue.text(f"backfill of shard {shard}"),
+                        "shard": dg.MetadataValue.text(shard),
+                        "shard_rows": dg.MetadataValue.int(in_shard[name]),
+                        "postgres_rows_read": dg.MetadataValue.int(t.rows),
+                        "backfill_chunks": dg.MetadataValue.int(t.chunks),
+                        "backfill_rows_per_second": dg.MetadataValue.float(round(t.rows_per_second, 1)),
+                        "applied_by": dg.MetadataValue.text(report.handed_to or "this run"),
+                    },
+                )
+            )
+        return dg.Output(None, metadata={"shard": shard, "rows": dg.MetadataValue.int(report.rows)})
+
+    @dg.job(
+        name=wiring.name("d1sync_backfill_shards"),
+        partitions_def=partitions,
+        description="Backfill the sharded tables one shard database at a time (a partition per shard).",
+    )
+    def backfill_shards_job() -> None:
+        backfill_shard_op()
+
+    return backfill_shards_job
 
 
 def build_nuke_job(

@@ -214,3 +214,32 @@ def test_one_file_under_two_spellings_or_a_symlink_is_refused_across_shards_and_
     path.write_text(json.dumps(two))
     with pytest.raises(ConfigError, match="target a and target b use one local file"):
         load_targets(SCHEMA, str(path))
+
+
+def test_a_partitioned_job_backfills_one_shard_per_partition(prod, source_db, tmp_path):
+    """`d1sync_backfill_shards` is partitioned by shard: Dagster's Backfills page launches a run per shard and
+    shows each partition's status. A partition's run writes its shard's rows only, and records the table's
+    materialization with that shard's figures."""
+    defs = build_definitions(str(ROOT / "schema.json"), targets_file=prod)
+    job = defs.resolve_job_def("d1sync_backfill_shards")
+    assert job.partitions_def is not None and job.partitions_def.get_partition_keys() == RULE["hash"]
+    assert defs.resolve_job_def("d1sync_setup").execute_in_process().success
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("INSERT INTO apps (id, name) SELECT g, 'a' FROM generate_series(1, 30) g")
+        conn.execute("ALTER TABLE app_versions DISABLE TRIGGER USER")  # rows only a backfill brings to D1
+        conn.execute(
+            "INSERT INTO app_versions (app_id, version) SELECT g % 30 + 1, 'v' || g FROM generate_series(1, 300) g"
+        )
+        conn.execute("ALTER TABLE app_versions ENABLE TRIGGER USER")
+    with dg.instance_for_test() as instance:
+        result = job.execute_in_process(partition_key="s1", instance=instance)
+        assert result.success
+        (mat,) = [m.event_specific_data.materialization for m in result.get_asset_materialization_events()]
+    want = sum(1 for g in range(1, 301) if shard_for(RULE, g % 30 + 1) == "s1")
+    assert mat.asset_key == dg.AssetKey(["d1", "app_versions"]) and mat.metadata["shard"].value == "s1"
+    assert mat.metadata["shard_rows"].value == want and mat.metadata["postgres_rows_read"].value == 300
+    counts = {}
+    for s in RULE["hash"]:
+        with sqlite3.connect(tmp_path / f"{s}.sqlite") as conn:
+            counts[s] = conn.execute("SELECT count(*) FROM app_versions").fetchone()[0]
+    assert counts == {"s0": 0, "s1": want, "s2": 0}
