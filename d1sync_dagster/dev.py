@@ -183,7 +183,9 @@ def run_dev(opts: DevOptions, *, install_signal_handlers: bool = True) -> int:
                 say(f"writing {opts.rows_per_tick} new apps plus updates and deletes every {opts.tick_seconds:g}s")
             return _run_until_stopped(opts, pg, procs, logs, url=url, writes=writes, stop=stop, say=say)
     finally:
-        for p in procs.values():
+        # The daemon first (no run is launched any more), the code server last: the runs it started stop
+        # cleanly on the signal and report to the instance while the others still stand.
+        for p in reversed(procs.values()):
             _stop_group(p)
         if ours:
             embedded.stop(pgdata)
@@ -268,7 +270,8 @@ def postgres_storage_yaml(storage_url: str) -> str:
 
 
 def _start_dagster(opts: DevOptions, logs: Path, env: dict[str, str]) -> dict[str, subprocess.Popen]:
-    """`dagster-webserver` and `dagster-daemon`, each in its own process group, logging into `logs`."""
+    """A code server, `dagster-webserver` and `dagster-daemon`, each in its own process group, logging into
+    `logs`."""
     logs.mkdir(parents=True, exist_ok=True)
     # The instance's storage first, in one process: the webserver and the daemon both create the SQLite
     # storage of a new DAGSTER_HOME when they start, and two processes creating it at once can fail.
@@ -280,10 +283,17 @@ def _start_dagster(opts: DevOptions, logs: Path, env: dict[str, str]) -> dict[st
     if done.returncode:
         tail = scrub(_tail(logs / "instance.log"), env["DATABASE_URL"])
         raise ConfigError(f"could not prepare the Dagster instance in {env['DAGSTER_HOME']}:\n{tail}")
+    # One code server of our own that the webserver and the daemon both use: left to the daemon, its
+    # workspace reloads every 60 s (Dagster's RELOAD_WORKSPACE_INTERVAL) start a new code server each time
+    # and the old one logs "No heartbeat received in 20 seconds, shutting down" as it goes.
+    grpc_port = _free_port()
+    grpc = ["--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port)]
     commands = {
-        "webserver": [_executable("dagster-webserver"), *CODE_LOCATION, "-h", opts.host, "-p", str(opts.port)],
-        "daemon": [_executable("dagster-daemon"), "run", *CODE_LOCATION],
-    }
+        "code-server": [_executable("dagster"), "code-server", "start", *CODE_LOCATION, "-h", "127.0.0.1",
+                        "-p", str(grpc_port)],
+        "webserver": [_executable("dagster-webserver"), *grpc, "-h", opts.host, "-p", str(opts.port)],
+        "daemon": [_executable("dagster-daemon"), "run", *grpc],
+    }  # fmt: skip
     procs: dict[str, subprocess.Popen] = {}
     for name, argv in commands.items():
         with open(logs / f"{name}.log", "ab") as log:
@@ -291,7 +301,29 @@ def _start_dagster(opts: DevOptions, logs: Path, env: dict[str, str]) -> dict[st
                 argv, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )  # fmt: skip
+        if name == "code-server":
+            _wait_for_port(grpc_port, procs[name], logs / "code-server.log")
     return procs
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, seconds: float = 120.0) -> None:
+    """Until the code server accepts connections (it loads the definitions first)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ConfigError(f"the Dagster code server stopped while loading the definitions:\n{_tail(log)}")
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise ConfigError(f"the Dagster code server did not answer within {seconds:g}s:\n{_tail(log)}")
 
 
 def _run_until_stopped(

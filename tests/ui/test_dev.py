@@ -158,10 +158,16 @@ def test_dev_runs_the_demo_and_ctrl_c_stops_everything(dev):
     assert not psutil.pid_exists(postmaster) or psutil.Process(postmaster).status() == psutil.STATUS_ZOMBIE
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/server_info", timeout=2)
-    # Ctrl-C is a clean stop: the streaming runs it interrupted ended as successes, not failures.
+    # One code server of dev's own, which the daemon's workspace reloads do not replace every minute (each
+    # replaced one logged "No heartbeat received in 20 seconds, shutting down").
+    logged = "".join(p.read_text(errors="replace") for p in (state / "logs").glob("*.log"))
+    assert "No heartbeat received" not in logged
+    # Ctrl-C is a clean stop: the streaming runs that followed the queue ended as successes, not failures (a
+    # standby still starting up at that moment may fail, as any Dagster run interrupted in its start-up).
     with dg.DagsterInstance.from_config(str(state / "dagster")) as instance:
         runs = instance.get_runs(dg.RunsFilter(job_name="d1sync_stream"))
-    assert runs and not [r.run_id for r in runs if r.status == dg.DagsterRunStatus.FAILURE], [
+    followed = [r for r in runs if "d1sync/ends_at" in r.tags]
+    assert followed and all(r.status == dg.DagsterRunStatus.SUCCESS for r in followed), [
         (r.run_id, r.status) for r in runs
     ]
 
