@@ -257,3 +257,20 @@ def test_a_standby_takes_over_the_moment_the_running_stream_is_killed(local_pair
             child.wait()
     assert not errors, errors
     pair.assert_in_sync()
+
+
+def test_a_read_only_d1_is_waited_out_inside_the_stream(local_pair, source_db):
+    """D1 answers as a read-only database does (SQLITE_READONLY) for a while: temporary, never the data's fault;
+    the stream backs off and goes on in the same run, and nothing is dead-lettered."""
+    pair = local_pair
+    with _streaming(pair, source_db) as (out, errors, t):
+        assert _wait_for(lambda: any(x.following_since for x in out))
+        pair.d1._conn.execute("PRAGMA query_only = ON")
+        pair.sql("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 30) g")
+        time.sleep(2.0)  # several tries are refused meanwhile
+        assert t.is_alive() and not errors
+        pair.d1._conn.execute("PRAGMA query_only = OFF")
+        assert _wait_for(lambda: d1_count(pair.d1) == 30), "the stream did not come back"
+    assert not errors, errors
+    pair.assert_in_sync()
+    assert pair.dead_letters() == []
