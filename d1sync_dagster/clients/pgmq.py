@@ -364,6 +364,10 @@ class PgmqClient:
         """Whether the message is still in the queue (not yet applied and deleted)."""
         return bool(self.execute(f"SELECT EXISTS (SELECT 1 FROM {self._table()} WHERE msg_id = %s)", [msg_id])[0][0])
 
+    def waiting_upto(self, msg_id: int) -> bool:
+        """Whether any message up to `msg_id` is still in the queue (not yet applied and deleted)."""
+        return bool(self.execute(f"SELECT EXISTS (SELECT 1 FROM {self._table()} WHERE msg_id <= %s)", [msg_id])[0][0])
+
     def delete_for_tables(self, tables: Sequence[str], *, queue: str | None = None) -> int:
         """Delete the messages of these tables from the queue (or another, e.g. the dead-letter queue)."""
         rows = self.execute(

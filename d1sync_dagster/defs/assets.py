@@ -4,8 +4,8 @@ apply.
 Replication design in brief: Postgres statement-level triggers write each change into one PGMQ queue; a
 materialization drains that queue (under an advisory lock, so a UI run and a sensor run never interleave),
 coalesces changes per primary key, writes them to D1 in packed batch requests and only then deletes the
-messages. The queue is shared by every table, so a run always drains all of it; selecting a subset of
-tables chooses which assets record a materialization, not which changes are applied. Each materialization
+messages. The queue is shared by every table, so a run always drains all of it; the tables it changed
+outside its selection are recorded too, as runtime materializations with their checks. Each materialization
 carries the table's figures (messages, upserts, deletes, dead letters, D1 rows written, lag).
 """
 
@@ -347,17 +347,12 @@ def _run_mode(
             extra[t.name] |= _backfill_metadata(done, t.name)
     applied = done.apply or ApplyReport()
     if applied.skipped:  # the streaming run (or a CLI apply) holds the queue: it applied the chunks, or not yet
-        if done.handed_to is None:
-            raise dg.Failure(
-                description=(
-                    f"the {config.mode}'s chunks are queued, but the consumer that holds the queue "
-                    f"({applied.skipped}) did not apply them within {config.wait_for_consumer_seconds:g}s; they stay "
-                    "queued and land when it gets to them (nothing is lost): materialize again to record them"
-                )
-            )
+        why = done.not_landed(config.mode, config.wait_for_consumer_seconds)
+        if why is not None:
+            raise dg.Failure(description=why + ": materialize again to record them")
         context.log.info(f"{config.mode}: the chunks were applied by {done.handed_to}, which holds the queue")
         for t in chosen:
-            extra[t.name]["applied_by"] = dg.MetadataValue.text(done.handed_to)
+            extra[t.name]["applied_by"] = dg.MetadataValue.text(done.handed_to or "")
         return ApplyReport(tables=applied.tables)
     return applied
 

@@ -152,14 +152,9 @@ def build_shard_backfill_job(
                 wait_for_consumer_seconds=config.wait_for_consumer_seconds,
                 on_chunk=lambda table, t: context.log.info(f"backfill {table} in {shard}: {t.rows} rows"),
             )
-            if report.apply is not None and report.apply.skipped and report.handed_to is None:
-                raise dg.Failure(
-                    description=(
-                        f"the chunks of shard {shard} are queued, but the consumer that holds the queue did not "
-                        f"apply them within {config.wait_for_consumer_seconds:g}s; they stay queued and land when "
-                        "it gets to them"
-                    )
-                )
+            why = report.not_landed(f"backfill of shard {shard}", config.wait_for_consumer_seconds)
+            if why is not None:
+                raise dg.Failure(description=why)
             # The shard's rows in D1 now (a backfill reads the whole table anyway: counting one shard is less).
             in_shard = {name: d1_row_counts(client, schema.table(name)).get(shard, 0) for name in report.tables}
         for name, t in report.tables.items():

@@ -15,7 +15,7 @@ from typing import Any
 
 import dagster as dg
 
-from d1sync_dagster.clients.pgmq import describe_holders
+from d1sync_dagster.clients.pgmq import QueueMetrics, describe_holders
 from d1sync_dagster.defs.checks import LAG
 from d1sync_dagster.defs.keys import DEFAULT, Wiring
 from d1sync_dagster.defs.resources import NOT_BEFORE_TAG
@@ -172,23 +172,30 @@ def build_depth_sensor(
     )
     def pgmq_depth_sensor(context: dg.SensorEvaluationContext):
         previous = (context.cursor or "").split(";")
-        decision = decide(context)
-        if stream_job is None or not table_keys or lag_threshold_seconds is None:
-            return decision
+        alerted = float(previous[1]) if len(previous) > 1 and previous[1].replace(".", "").isdigit() else 0.0
+        now = datetime.now(UTC).timestamp()
         # Staleness shows while nothing applies: past the lag threshold, the sensor fails the tables' lag
         # checks itself (once a minute at most), whoever should have applied the queue; the next record of
         # a run that applies it passes them again.
-        alerted = float(previous[1]) if len(previous) > 1 and previous[1].replace(".", "").isdigit() else 0.0
-        now = datetime.now(UTC).timestamp()
-        if now - alerted < ALERT_EVERY_SECONDS:
-            context.update_cursor(f"{context.cursor};{previous[1]}")
-            return decision
+        alerting = stream_job is not None and bool(table_keys) and lag_threshold_seconds is not None
         with getattr(context.resources, wiring.postgres_key).get_client() as pg:
             m = pg.metrics()
+            holders = pg.lock_holders() if m.queue_length or stream_job is not None else []
+            standbys = pg.lock_holders(standby=True) if stream_job is not None else []
+            selection = stale = None
+            if stream_job is None and table_keys and 0 < m.queue_length <= SELECT_LIMIT:
+                named = pg.queued_tables(SELECT_LIMIT)
+                selection = [k for name, k in table_keys.items() if name in named] or None
             age = m.oldest_msg_age_sec
-            if age is None or age <= lag_threshold_seconds:
-                return decision
-            named = pg.queued_tables(SELECT_LIMIT)
+            if alerting and now - alerted >= ALERT_EVERY_SECONDS and age is not None and age > lag_threshold_seconds:
+                stale = pg.queued_tables(SELECT_LIMIT)
+        decision = decide(context, m, holders, standbys, selection)
+        if not alerting:
+            return decision
+        if stale is None:
+            if len(previous) > 1 and now - alerted < ALERT_EVERY_SECONDS:
+                context.update_cursor(f"{context.cursor};{previous[1]}")
+            return decision
         events = [
             dg.AssetCheckEvaluation(
                 asset_key=key,
@@ -199,26 +206,24 @@ def build_depth_sensor(
                     f"evaluated by {wiring.name('pgmq_depth_sensor')}: the oldest change waiting is {age}s old and "
                     "nothing has applied it (the streaming run is down, or cannot take the queue)"
                 ),
-                metadata={"oldest_waiting_seconds": float(age), "threshold_seconds": lag_threshold_seconds},
+                metadata={"oldest_waiting_seconds": float(age or 0), "threshold_seconds": lag_threshold_seconds},
             )
-            for name, key in table_keys.items()
-            if name in named or m.queue_length > SELECT_LIMIT
+            for name, key in (table_keys or {}).items()
+            if name in stale or m.queue_length > SELECT_LIMIT
         ]
         context.update_cursor(f"{context.cursor};{now:.0f}")
         if isinstance(decision, dg.RunRequest):
             return dg.SensorResult(run_requests=[decision], asset_events=events)
         return dg.SensorResult(skip_reason=decision, asset_events=events)
 
-    def decide(context: dg.SensorEvaluationContext) -> dg.RunRequest | dg.SkipReason:
-        postgres = getattr(context.resources, wiring.postgres_key)
-        with postgres.get_client() as pg:
-            m = pg.metrics()
-            holders = pg.lock_holders() if m.queue_length or stream_job is not None else []
-            standbys = pg.lock_holders(standby=True) if stream_job is not None else []
-            selection = None
-            if stream_job is None and table_keys and 0 < m.queue_length <= SELECT_LIMIT:
-                named = pg.queued_tables(SELECT_LIMIT)
-                selection = [k for name, k in table_keys.items() if name in named] or None
+    def decide(
+        context: dg.SensorEvaluationContext,
+        m: QueueMetrics,
+        holders: list[tuple[int, str, Any]],
+        standbys: list[tuple[int, str, Any]],
+        selection: list[dg.AssetKey] | None,
+    ) -> dg.RunRequest | dg.SkipReason:
+        """What this tick does, from what was read in Postgres."""
         newest = m.total_messages
         head = (context.cursor or "").split(";")[0]
         seen = int(head) if head.isdigit() else None

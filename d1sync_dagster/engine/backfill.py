@@ -81,6 +81,16 @@ class BackfillReport:
             "apply": self._apply_json(),
         }
 
+    def not_landed(self, what: str, seconds: float) -> str | None:
+        """Why the chunks are not in D1 yet, when another consumer held the queue and did not apply them within
+        `seconds` (`wait_for_consumer_seconds`); None when they landed."""
+        if self.apply is None or not self.apply.skipped or self.handed_to is not None:
+            return None
+        return (
+            f"the {what}'s chunks are queued, but the consumer that holds the queue ({self.apply.skipped}) did "
+            f"not apply them within {seconds:g}s; they stay queued and land when it gets to them (nothing is lost)"
+        )
+
     def _apply_json(self) -> dict[str, Any] | None:
         """The drain's report; its messages are range markers (one per chunk), so its rate counts the row
         changes they carried (`rows_sent`), not the markers."""
@@ -207,7 +217,7 @@ def _wait_until_applied(pg: PgmqClient, last: int | None, seconds: float) -> str
         return who
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        if not pg.execute(f"SELECT 1 FROM pgmq.{ident('q_' + pg.queue)} WHERE msg_id <= %s LIMIT 1", [last]):
+        if not pg.waiting_upto(last):
             return who
         time.sleep(0.2)
     return None

@@ -52,12 +52,12 @@ class DailyReads:
 def daily_reads(
     pg: PgmqClient, schema: Schema, *, record_every_seconds: float = 60.0, reconciles_per_day: float = 1.0
 ) -> DailyReads:
-    rows = 0
-    for table in schema.tables:
-        found = pg.execute(
-            "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = to_regclass(%s)", [source_relation(table)]
-        )
-        rows += int(found[0][0]) if found and found[0][0] is not None else 0
+    found = pg.execute(
+        "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::bigint FROM unnest(%s::text[]) r "
+        "JOIN pg_class c ON c.oid = to_regclass(r)",
+        [[source_relation(t) for t in schema.tables]],
+    )
+    rows = int(found[0][0])
     records = int(86_400 / max(record_every_seconds, 1.0))
     return DailyReads(
         reconcile=int(rows * reconciles_per_day),

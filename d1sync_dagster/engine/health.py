@@ -133,7 +133,7 @@ class ChangedKeys:
         """What arrived since the last take."""
         with self._lock:
             out, self._now = self._now, Touched()
-            out.keys = {t: list(k)[: self.limit] for t, k in self._keys.items()}
+            out.keys = {t: list(k) for t, k in self._keys.items()}  # (each at most `limit` already)
             self._keys = {}
         return out
 
