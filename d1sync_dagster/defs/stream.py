@@ -5,7 +5,11 @@ table's checks on the rows those changes touched and an observation of its Postg
 change reached get their checks when it ends. It ends by itself so that a code reload takes effect. The
 sensor keeps one such run alive."""
 
+import signal
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
@@ -78,6 +82,30 @@ def _checked(
         return {}
 
 
+@contextmanager
+def _stop_on_signals(halt: threading.Event, stopping: Callable[[], None]) -> Iterator[None]:
+    """While the run follows the queue, SIGTERM (a pod eviction, Dagster stopping the run worker) and SIGINT
+    (Ctrl-C) ask it to stop after the batch in hand, instead of Dagster's interruption, which can land
+    between two of the run's events and then fails the run. `stopping` tags the run first, so that the
+    sensor does not take it for dead once it lets go of the lock. Only where signals can be handled (the
+    main thread); elsewhere Dagster's own handling stands."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(_sig: int, _frame: object) -> None:
+        if not halt.is_set():
+            stopping()
+            halt.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def stream_figures(totals: ApplyReport, since: float | None) -> dict[str, float]:
     """The run's figures so far (`run_figures`), with its duration and rate counted from when it took the
     lock (the report's own are set only when the run ends)."""
@@ -128,45 +156,52 @@ def build_stream_job(
                 context.log.warning(f"schema.json changed: D1 updated first ({evolved})")
             pg.holder_label = f"run {context.run_id[:8]}"  # the sensor tells this run's lock by it
             stopped = False
+            halt = threading.Event()  # set by SIGTERM or SIGINT: stop after the batch in hand
 
             def leaving(e: BaseException) -> None:
                 if isinstance(e, dg.DagsterExecutionInterruptedError | KeyboardInterrupt):
                     context.instance.add_run_tags(context.run_id, {STOPPING_TAG: datetime.now(UTC).isoformat()})
 
             try:
-                for landed in follow_queue(pg, client, schema, stream, options_here, on_leave=leaving):
-                    if landed.following_since is not None:
-                        since = landed.following_since
-                        ends = datetime.fromtimestamp(landed.following_since + config.seconds, UTC)
-                        context.instance.add_run_tags(context.run_id, {ENDS_AT_TAG: ends.isoformat(timespec="seconds")})
-                        context.log.info(f"streaming apply until {ends:%H:%M:%S} UTC, {landed.wake}")
-                    final = landed
-                    if not landed.tables:
-                        continue
-                    # What landed since the last record: one materialization per changed table with the figures
-                    # summed, its checks on the rows those changes touched, and its source's observation.
-                    touched = changed.take()
-                    names = list(landed.tables)
-                    recorded.update(names)
-                    health = _checked(context, checker, client, schema, names, touched.keys)
-                    figures = stream_figures(landed.totals, since)
-                    for name, stats in landed.tables.items():
-                        md = table_metadata(stats, figures, landed.totals.position)
-                        md["operation"] = dg.MetadataValue.text("stream")
-                        yield dg.AssetMaterialization(asset_key=wiring.asset_key(schema.table(name)), metadata=md)
-                    keys = all_cheap_check_keys(schema, names, wiring=wiring)
-                    for outcome in table_outcomes(
-                        health, schema, keys, lag_threshold_seconds=lag_threshold_seconds, wiring=wiring
-                    ):
-                        yield outcome.evaluation()
-                    for outcome in source_outcomes(health, schema, names, wiring):
-                        yield outcome.evaluation()
-                    yield from source_observations(touched, schema, wiring)
+                with _stop_on_signals(halt, lambda: leaving(KeyboardInterrupt())):
+                    for landed in follow_queue(pg, client, schema, stream, options_here, stop=halt, on_leave=leaving):
+                        if landed.following_since is not None:
+                            since = landed.following_since
+                            ends = datetime.fromtimestamp(landed.following_since + config.seconds, UTC)
+                            context.instance.add_run_tags(
+                                context.run_id, {ENDS_AT_TAG: ends.isoformat(timespec="seconds")}
+                            )
+                            context.log.info(f"streaming apply until {ends:%H:%M:%S} UTC, {landed.wake}")
+                        final = landed
+                        if not landed.tables:
+                            continue
+                        # What landed since the last record: one materialization per changed table with the figures
+                        # summed, its checks on the rows those changes touched, and its source's observation.
+                        touched = changed.take()
+                        names = list(landed.tables)
+                        recorded.update(names)
+                        health = _checked(context, checker, client, schema, names, touched.keys)
+                        figures = stream_figures(landed.totals, since)
+                        for name, stats in landed.tables.items():
+                            md = table_metadata(stats, figures, landed.totals.position)
+                            md["operation"] = dg.MetadataValue.text("stream")
+                            yield dg.AssetMaterialization(asset_key=wiring.asset_key(schema.table(name)), metadata=md)
+                        keys = all_cheap_check_keys(schema, names, wiring=wiring)
+                        for outcome in table_outcomes(
+                            health, schema, keys, lag_threshold_seconds=lag_threshold_seconds, wiring=wiring
+                        ):
+                            yield outcome.evaluation()
+                        for outcome in source_outcomes(health, schema, names, wiring):
+                            yield outcome.evaluation()
+                        yield from source_observations(touched, schema, wiring)
             except (dg.DagsterExecutionInterruptedError, KeyboardInterrupt):
                 # Ctrl-C or SIGTERM (a pod eviction): the apply stopped after the batch in hand (nothing is
                 # lost, the standby takes the lock now); the run ends as a clean stop, not a failure.
                 stopped = True
                 context.log.info("streaming apply stopped (interrupted): the queue is left to the standby run")
+            stopped = stopped or halt.is_set()
+            if halt.is_set():
+                context.log.info("streaming apply stopped (SIGTERM or Ctrl-C): the queue is left to the standby run")
             # The tables no change reached get their checks at the run's end (lag, dead letters, drift; no
             # rows to compare), so that every check is evaluated at least once a run, at O(tables) catalog
             # work and no D1 rows but the position's.
