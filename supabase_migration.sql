@@ -117,20 +117,20 @@ BEGIN
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $fn$
 DECLARE
   msgs jsonb[];
-  xid bigint := pg_catalog.pg_current_xact_id()::text::bigint;
+  xid jsonb := pg_catalog.to_jsonb(pg_catalog.txid_current());
 BEGIN
   IF TG_OP = 'INSERT' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', (pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[]), 'old_record', NULL, 'type', 'INSERT', 'table', 'apps', 'xid', xid) AS m FROM new_rows r) s;
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', (pg_catalog.to_jsonb(r)/*@d1sync_less_other_columns@*/), 'old_record', NULL, 'type', 'INSERT', 'table', 'apps', 'xid', xid) AS m FROM new_rows r) s;
     IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   ELSIF TG_OP = 'DELETE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', (pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[]), 'type', 'DELETE', 'table', 'apps', 'xid', xid) AS m FROM old_rows r) s;
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', (pg_catalog.to_jsonb(r)/*@d1sync_less_other_columns@*/), 'type', 'DELETE', 'table', 'apps', 'xid', xid) AS m FROM old_rows r) s;
     IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   ELSIF TG_OP = 'UPDATE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (WITH o AS (SELECT x.j->'id' AS k0, x.j OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[] AS r FROM (SELECT pg_catalog.to_jsonb(t) AS j FROM old_rows t OFFSET 0) x),
-           n AS (SELECT x.j->'id' AS k0, x.j OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[] AS r FROM (SELECT pg_catalog.to_jsonb(t) AS j FROM new_rows t OFFSET 0) x)
+      SELECT pg_catalog.now(), m FROM (WITH o AS (SELECT x.j->'id' AS k0, x.j/*@d1sync_less_other_columns@*/ AS r FROM (SELECT pg_catalog.to_jsonb(t) AS j FROM old_rows t OFFSET 0) x),
+           n AS (SELECT x.j->'id' AS k0, x.j/*@d1sync_less_other_columns@*/ AS r FROM (SELECT pg_catalog.to_jsonb(t) AS j FROM new_rows t OFFSET 0) x)
       SELECT m FROM (
         SELECT 0 AS ord, pg_catalog.jsonb_build_object('record', NULL, 'old_record', o.r, 'type', 'DELETE', 'table', 'apps', 'xid', xid) AS m
           FROM o WHERE NOT EXISTS (SELECT 1 FROM n WHERE n.k0 = o.k0)
@@ -147,7 +147,9 @@ BEGIN
   END IF;
   RETURN NULL;
 END
-$fn$;$body$, '''@d1sync_other_columns@''', pg_catalog.quote_literal(other::text));
+$fn$;$body$, '/*@d1sync_less_other_columns@*/', CASE
+    WHEN pg_catalog.cardinality(other) = 0 THEN ''
+    ELSE ' OPERATOR(pg_catalog.-) ' || pg_catalog.quote_literal(other::text) || '::text[]' END);
 END
 $install$;
 DROP TRIGGER IF EXISTS "d1sync_capture_insert" ON "public"."apps";
@@ -186,20 +188,20 @@ BEGIN
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $fn$
 DECLARE
   msgs jsonb[];
-  xid bigint := pg_catalog.pg_current_xact_id()::text::bigint;
+  xid jsonb := pg_catalog.to_jsonb(pg_catalog.txid_current());
 BEGIN
   IF TG_OP = 'INSERT' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', (pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[]), 'old_record', NULL, 'type', 'INSERT', 'table', 'app_versions', 'xid', xid) AS m FROM new_rows r) s;
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', (pg_catalog.to_jsonb(r)/*@d1sync_less_other_columns@*/), 'old_record', NULL, 'type', 'INSERT', 'table', 'app_versions', 'xid', xid) AS m FROM new_rows r) s;
     IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   ELSIF TG_OP = 'DELETE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', (pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[]), 'type', 'DELETE', 'table', 'app_versions', 'xid', xid) AS m FROM old_rows r) s;
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', (pg_catalog.to_jsonb(r)/*@d1sync_less_other_columns@*/), 'type', 'DELETE', 'table', 'app_versions', 'xid', xid) AS m FROM old_rows r) s;
     IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   ELSIF TG_OP = 'UPDATE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (WITH o AS (SELECT x.j->'app_id' AS k0, x.j->'version' AS k1, x.j OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[] AS r FROM (SELECT pg_catalog.to_jsonb(t) AS j FROM old_rows t OFFSET 0) x),
-           n AS (SELECT x.j->'app_id' AS k0, x.j->'version' AS k1, x.j OPERATOR(pg_catalog.-) '@d1sync_other_columns@'::text[] AS r FROM (SELECT pg_catalog.to_jsonb(t) AS j FROM new_rows t OFFSET 0) x)
+      SELECT pg_catalog.now(), m FROM (WITH o AS (SELECT x.j->'app_id' AS k0, x.j->'version' AS k1, x.j/*@d1sync_less_other_columns@*/ AS r FROM (SELECT pg_catalog.to_jsonb(t) AS j FROM old_rows t OFFSET 0) x),
+           n AS (SELECT x.j->'app_id' AS k0, x.j->'version' AS k1, x.j/*@d1sync_less_other_columns@*/ AS r FROM (SELECT pg_catalog.to_jsonb(t) AS j FROM new_rows t OFFSET 0) x)
       SELECT m FROM (
         SELECT 0 AS ord, pg_catalog.jsonb_build_object('record', NULL, 'old_record', o.r, 'type', 'DELETE', 'table', 'app_versions', 'xid', xid) AS m
           FROM o WHERE NOT EXISTS (SELECT 1 FROM n WHERE n.k0 = o.k0 AND n.k1 = o.k1)
@@ -216,7 +218,9 @@ BEGIN
   END IF;
   RETURN NULL;
 END
-$fn$;$body$, '''@d1sync_other_columns@''', pg_catalog.quote_literal(other::text));
+$fn$;$body$, '/*@d1sync_less_other_columns@*/', CASE
+    WHEN pg_catalog.cardinality(other) = 0 THEN ''
+    ELSE ' OPERATOR(pg_catalog.-) ' || pg_catalog.quote_literal(other::text) || '::text[]' END);
 END
 $install$;
 DROP TRIGGER IF EXISTS "d1sync_capture_insert" ON "public"."app_versions";

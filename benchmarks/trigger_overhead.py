@@ -3,10 +3,12 @@ table; and the `send_batch` variant) vs the seed's per-row trigger calling `pgmq
 `--rows` rows and for as many single-row INSERTs (one statement each, in a server-side loop, so client round
 trips do not hide the trigger's cost).
 
-    .venv/bin/python benchmarks/trigger_overhead.py [--rows 100000] [--repeat 3] [--before FILE]
+    .venv/bin/python benchmarks/trigger_overhead.py [--rows 100000] [--repeat 3] [--before FILE] [--all-replicated]
 
 `--before FILE` adds a variant installed from a saved capture migration (e.g. `d1sync generate-sql` of an
 earlier commit), measured interleaved with the others, so a change to capture is compared in one run.
+`--all-replicated` drops `apps.secret_note` first (the one column schema.json leaves out), so every column
+of the table is replicated: the capture then sends a plain `to_jsonb` of each row, with nothing to subtract.
 Prints the median time of each variant and the ratios; docs/benchmarks.md quotes one run.
 """
 
@@ -60,13 +62,17 @@ BEGIN
 END $$
 """
 
-#: A saved migration to compare against (`--before`).
+#: A saved migration to compare against (`--before`), and whether apps keeps its column that is not
+#: replicated (`--all-replicated`).
 BEFORE: dict[str, str] = {}
+SETTINGS = {"all_replicated": False}
 
 
 def reset(conn: psycopg.Connection, variant: str) -> None:
     conn.execute("DROP TABLE IF EXISTS public.apps CASCADE; DROP TABLE IF EXISTS public.app_versions CASCADE")
     conn.execute(example_source_tables().encode())
+    if SETTINGS["all_replicated"]:
+        conn.execute("ALTER TABLE public.apps DROP COLUMN secret_note")
     conn.execute("SELECT pgmq.purge_queue('replicate_data')")
     if variant == "d1sync":
         conn.execute(migration(load_schema(ROOT / "schema.json")).encode())
@@ -98,7 +104,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--before", type=Path, help="a saved capture migration to measure beside today's")
     ap.add_argument("--shape", choices=["bulk", "single", "both"], default="both")
+    ap.add_argument("--all-replicated", action="store_true", help="drop apps.secret_note: every column replicated")
     args = ap.parse_args()
+    SETTINGS["all_replicated"] = args.all_replicated
     variants = ["plain", "d1sync", "send_batch", "per-row"]
     if args.before is not None:
         BEFORE["sql"] = args.before.read_text(encoding="utf-8")
@@ -118,7 +126,8 @@ def main() -> None:
     for shape in shapes:
         med = {v: statistics.median(times[(shape, v)]) for v in variants}
         what = "one bulk INSERT of" if shape == "bulk" else "single-row INSERTs,"
-        print(f"{what} {args.rows:,} rows into apps, PostgreSQL {version}, median of {args.repeat}")
+        columns = "every column replicated" if args.all_replicated else "one column not replicated"
+        print(f"{what} {args.rows:,} rows into apps ({columns}), PostgreSQL {version}, median of {args.repeat}")
         for k, v in med.items():
             print(f"  {k:10s} {v:7.3f} s   {args.rows / v:>10,.0f} rows/s   {v / med['plain']:.2f}x plain")
         extra = {k: med[k] - med["plain"] for k in med}

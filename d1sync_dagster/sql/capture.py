@@ -114,8 +114,9 @@ def _enqueue(queue: str, select: str, via: SendVia) -> str:
     )
 
 
-#: Where the install puts the text array of the table's columns that are not replicated (see `capture_function`).
-_OTHER_COLUMNS = "'@d1sync_other_columns@'"
+#: Where the install puts ` - '<the columns that are not replicated>'::text[]` (see `capture_function`), or
+#: nothing when every column of the table is replicated (a plain `to_jsonb`: no per-row subtraction).
+_LESS_OTHER_COLUMNS = "/*@d1sync_less_other_columns@*/"
 
 
 def capture_function(table: Table, queue: str, *, via: SendVia = "insert") -> str:
@@ -124,8 +125,8 @@ def capture_function(table: Table, queue: str, *, via: SendVia = "insert") -> st
     No DDL on the table may make capture fail inside the application's transaction, and PL/pgSQL bodies are
     not dependencies: a column the function named could be dropped or renamed, and every later write would
     fail. So the function names no column. A row's record is its whole `to_jsonb` less the columns that are
-    not replicated (`- text[]`, one pass), a list the block reads from the catalog when it runs: only the
-    replicated columns travel, at the cost the named columns had (benchmarks/trigger_overhead.py). After a
+    not replicated (`- text[]`, one pass; a plain `to_jsonb` where there are none), a list the block reads
+    from the catalog when it runs: only the replicated columns travel (benchmarks/trigger_overhead.py). After a
     DDL the function keeps working unchanged:
     - a replicated column dropped or renamed is missing from the record (a renamed one's values travel under
       its new name, so the change replays once schema.json follows); the consumer sees the missing column and
@@ -137,13 +138,13 @@ def capture_function(table: Table, queue: str, *, via: SendVia = "insert") -> st
     UPDATE rows are paired by their key values as JSON (`j->'k'`), for the same reason."""
     check_queue_name(queue)
     fn = f"{ident(FUNCTION_SCHEMA)}.{ident(function_name(table, queue))}"
-    rec = f"(pg_catalog.to_jsonb(r) OPERATOR(pg_catalog.-) {_OTHER_COLUMNS}::text[])"
+    rec = f"(pg_catalog.to_jsonb(r){_LESS_OTHER_COLUMNS})"
     insert = f"SELECT {_message(table, rec, 'NULL', 'INSERT')} AS m FROM new_rows r"
     delete = f"SELECT {_message(table, 'NULL', rec, 'DELETE')} AS m FROM old_rows r"
     # The whole row once per row (OFFSET 0: not flattened, or each `j` below would compute it again).
     rows = "(SELECT pg_catalog.to_jsonb(t) AS j FROM {} t OFFSET 0) x"
     keys = ", ".join(f"x.j->{literal(k)} AS k{i}" for i, k in enumerate(table.key))
-    pair = f"x.j OPERATOR(pg_catalog.-) {_OTHER_COLUMNS}::text[]"
+    pair = f"x.j{_LESS_OTHER_COLUMNS}"
     join = " AND ".join(f"n.k{i} = o.k{i}" for i in range(len(table.key)))
     update = f"""WITH o AS (SELECT {keys}, {pair} AS r FROM {rows.format("old_rows")}),
            n AS (SELECT {keys}, {pair} AS r FROM {rows.format("new_rows")})
@@ -160,7 +161,7 @@ def capture_function(table: Table, queue: str, *, via: SendVia = "insert") -> st
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $fn$
 DECLARE
   msgs jsonb[];
-  xid bigint := pg_catalog.pg_current_xact_id()::text::bigint;
+  xid jsonb := pg_catalog.to_jsonb(pg_catalog.txid_current());
 BEGIN
   IF TG_OP = 'INSERT' THEN
     {_enqueue(queue, insert, via)}
@@ -184,7 +185,9 @@ BEGIN
     FROM pg_catalog.pg_attribute a
    WHERE a.attrelid = {literal(source_relation(table))}::regclass AND a.attnum > 0 AND NOT a.attisdropped
      AND a.attname <> ALL ({replicated});
-  EXECUTE pg_catalog.replace($body${body}$body$, {literal(_OTHER_COLUMNS)}, pg_catalog.quote_literal(other::text));
+  EXECUTE pg_catalog.replace($body${body}$body$, {literal(_LESS_OTHER_COLUMNS)}, CASE
+    WHEN pg_catalog.cardinality(other) = 0 THEN ''
+    ELSE ' OPERATOR(pg_catalog.-) ' || pg_catalog.quote_literal(other::text) || '::text[]' END);
 END
 $install$;"""
 
