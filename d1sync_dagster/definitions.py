@@ -21,7 +21,6 @@ from d1sync_dagster.defs.jobs import (
     build_doctor_job,
     build_nuke_job,
     build_setup_job,
-    build_shard_backfill_job,
 )
 from d1sync_dagster.defs.keys import Wiring
 from d1sync_dagster.defs.resources import D1Resource, PostgresResource
@@ -118,6 +117,19 @@ def build_definitions(
     )
 
 
+def _tables_job(
+    name: str, schema: Schema, tables: list[str], wiring: Wiring, description: str
+) -> dg.UnresolvedAssetJobDefinition:
+    """An asset job of the D1 tables `tables` with their cheap checks, never the full comparison (one
+    partitioning: all sharded or none)."""
+    return dg.define_asset_job(
+        name,
+        selection=dg.AssetSelection.assets(*(wiring.asset_key(schema.table(n)) for n in tables)).without_checks()
+        | dg.AssetSelection.checks(*all_cheap_check_keys(schema, tables, wiring=wiring)),
+        description=description,
+    )
+
+
 def _target_definitions(schema: Schema, target: Target, wiring: Wiring) -> dg.Definitions:
     """One target's assets, checks, jobs, sensor, schedule and resources."""
     lag_threshold = config.number("D1SYNC_LAG_THRESHOLD_SECONDS", 300)
@@ -125,23 +137,56 @@ def _target_definitions(schema: Schema, target: Target, wiring: Wiring) -> dg.De
     apply_options = ApplyOptions(
         batch_size=int(config.number("D1SYNC_BATCH_SIZE", 2000)), planner_process=config.planner_process()
     )
+    # Sharded tables: their assets are partitioned by shard database (a partition per shard).
+    sharded = {r.table: tuple(r.shards) for r in target.rules} if target.shards else {}
     tables = build_table_assets(
         schema,
         options=apply_options,
         lag_threshold_seconds=lag_threshold,
         allow_destructive=allow_destructive,
         wiring=wiring,
+        shards=[name for name, _ in target.shards],
+        sharded=sharded,
     )
     reconcile_cron = os.environ.get("D1SYNC_RECONCILE_CRON") or "0 3 * * *"
     drift = build_reconcile_checks(schema, cron=reconcile_cron, wiring=wiring)
     where = f" of target {target.name}" if wiring.target else ""
-    # The apply job runs the cheap checks in the same step as the apply, never the full comparison.
-    apply_job = dg.define_asset_job(
+    # The apply job runs the cheap checks in the same step as the apply, never the full comparison. A job's
+    # assets share one partitioning: the apply job selects the unsharded tables, and the sharded ones
+    # (partitioned by shard) have jobs of their own. Every apply drains the whole queue and records what it
+    # applied to any table, a sharded one's per shard reached.
+    plain = [t.name for t in schema.tables if t.name not in sharded]
+    apply_job = _tables_job(
         wiring.name(APPLY_JOB),
-        selection=dg.AssetSelection.groups(wiring.group).without_checks()
-        | dg.AssetSelection.checks(*all_cheap_check_keys(schema, wiring=wiring)),
-        description=f"Apply queued changes to every D1 table{where}, then run each table's checks.",
+        schema,
+        plain or list(sharded),
+        wiring,
+        f"Apply queued changes to every D1 table{where}, then run each table's checks"
+        + (" (the sharded tables' changes too, recorded per shard)." if sharded and plain else "."),
     )
+    shard_jobs = []
+    if sharded:
+        shard_jobs.append(
+            _tables_job(
+                wiring.name("d1sync_backfill_shards"),
+                schema,
+                list(sharded),
+                wiring,
+                f"The sharded tables{where}, a partition per shard database: Launch backfill (pick the shards) "
+                "backfills each shard in a run of its own, and the partitions show each shard's status.",
+            )
+        )
+        if plain:  # the sensor's run when only sharded tables have changes waiting
+            shard_jobs.append(
+                _tables_job(
+                    wiring.name("d1sync_apply_shards"),
+                    schema,
+                    list(sharded),
+                    wiring,
+                    f"Apply queued changes{where} (every table's), recording the sharded tables per shard reached. "
+                    "Launched with a partition, it backfills that shard instead.",
+                )
+            )
     reconcile_job = dg.define_asset_job(
         wiring.name("d1sync_reconcile"),
         selection=dg.AssetSelection.checks(drift),
@@ -150,10 +195,6 @@ def _target_definitions(schema: Schema, target: Target, wiring: Wiring) -> dg.De
         ),
     )
     backfill_job = build_backfill_job(schema, wiring)
-    shard_jobs = []
-    if target is not None and target.shards:
-        sharded = {r.table: tuple(r.shards) for r in target.rules}
-        shard_jobs.append(build_shard_backfill_job(schema, [name for name, _ in target.shards], sharded, wiring))
     nuke_job = build_nuke_job(
         schema, allow_destructive=allow_destructive, lag_threshold_seconds=lag_threshold, wiring=wiring
     )
@@ -163,10 +204,13 @@ def _target_definitions(schema: Schema, target: Target, wiring: Wiring) -> dg.De
         defaults=StreamOptions(seconds=config.number("D1SYNC_STREAM_SECONDS", 900)),
         lag_threshold_seconds=lag_threshold,
         wiring=wiring,
+        sharded=set(sharded),
     )
     streaming = config.apply_mode() == "stream"
     sensor = build_depth_sensor(
         apply_job,
+        shard_job=shard_jobs[-1] if sharded and plain else None,
+        sharded_tables=set(sharded),
         stream_job=stream_job if streaming else None,
         # Streaming, the sensor only watches over the runs (two cheap queries a tick): every 5 s, so that a
         # stream whose whole process group died is replaced within seconds. Per run, each tick may start a run.

@@ -9,6 +9,7 @@ outside its selection are recorded too, as runtime materializations with their c
 carries the table's figures (messages, upserts, deletes, dead letters, D1 rows written, lag).
 """
 
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Literal
 
@@ -62,8 +63,11 @@ def column_schema(table: Table) -> dg.TableSchema:
     )
 
 
-def asset_spec(table: Table, wiring: Wiring = DEFAULT) -> dg.AssetSpec:
-    """The translator: one `AssetSpec` per `schema.json` entry."""
+def asset_spec(
+    table: Table, wiring: Wiring = DEFAULT, partitions: dg.StaticPartitionsDefinition | None = None
+) -> dg.AssetSpec:
+    """The translator: one `AssetSpec` per `schema.json` entry; a sharded table's is partitioned by shard
+    (`partitions`: the target's shard databases)."""
     cols = ", ".join(f"{c} {t}" for c, t in table.columns.items())
     key = ", ".join(table.key)
     where = f" of target `{wiring.target}`" if wiring.target else ""
@@ -76,6 +80,7 @@ def asset_spec(table: Table, wiring: Wiring = DEFAULT) -> dg.AssetSpec:
         ),
         code_version=table.version,
         skippable=True,
+        partitions_def=partitions,
         deps=[wiring.source_key(table)],
         kinds={"cloudflare", "sqlite"},
         owners=list(table.spec.owners),
@@ -86,8 +91,39 @@ def asset_spec(table: Table, wiring: Wiring = DEFAULT) -> dg.AssetSpec:
             "source_table": dg.MetadataValue.text(f"{table.spec.source_schema}.{table.name}"),
             "primary_key": dg.MetadataValue.text(key),
             "columns": dg.MetadataValue.int(len(table.columns)),
-        },
+        }
+        | ({"sharded_over": dg.MetadataValue.text(", ".join(partitions.get_partition_keys()))} if partitions else {}),
     )
+
+
+def shard_partitions(shards: Sequence[str]) -> dg.StaticPartitionsDefinition | None:
+    """The partitions of a target's sharded tables: one per shard database (none without shards)."""
+    return dg.StaticPartitionsDefinition(list(shards)) if shards else None
+
+
+def recorded(
+    key: dg.AssetKey, md: dict[str, dg.MetadataValue], shards: Mapping[str, Sequence[int]] | None
+) -> list[dg.AssetMaterialization]:
+    """A table's materialization logged at run time: one, or for a sharded table (`shards` not None) one per
+    shard database its changes reached, as that shard's partition, with the statements and D1 rows written
+    there (the other figures are the table's, over its shards). A sharded table whose changes reached no
+    shard (all dead-lettered or held) gets one materialization outside its partitions, so that its history
+    still says what happened."""
+    if shards is None or not shards:
+        return [dg.AssetMaterialization(asset_key=key, metadata=md)]
+    return [
+        dg.AssetMaterialization(
+            asset_key=key,
+            partition=shard,
+            metadata=md
+            | {
+                "shard": dg.MetadataValue.text(shard),
+                "shard_statements": dg.MetadataValue.int(int(sent[0])),
+                "shard_rows_written": dg.MetadataValue.int(int(sent[1])),
+            },
+        )
+        for shard, sent in sorted(shards.items())
+    ]
 
 
 #: The run figures that are counts.
@@ -179,27 +215,40 @@ def build_table_assets(
     lag_threshold_seconds: float = 300.0,
     allow_destructive: bool = False,
     wiring: Wiring = DEFAULT,
+    shards: Sequence[str] = (),
+    sharded: Mapping[str, Sequence[str]] | None = None,
 ) -> dg.AssetsDefinition:
     """The multi-asset that applies queued changes to every table of `schema` (or backfills or rebuilds the
-    selected ones, by `TablesConfig.mode`), with the tables' cheap checks evaluated in the same step."""
+    selected ones, by `TablesConfig.mode`), with the tables' cheap checks evaluated in the same step.
+
+    With shard databases (`shards`; `sharded`: each sharded table -> the shards its rule routes to), the
+    sharded tables' assets are partitioned by shard. A run with a partition key (Dagster's Backfills page,
+    the `d1sync_backfill_shards` job) backfills that shard of the selected sharded tables; any other run
+    records each sharded table's changes as materializations of the shards they reached."""
     by_key = {wiring.asset_key(t): t for t in schema.tables}
     apply_options = options or ApplyOptions()
+    routes = dict(sharded or {})
+    partitions = shard_partitions(shards) if routes else None
 
     @dg.multi_asset(
         name=wiring.name("d1_incremental_apply"),
-        specs=[asset_spec(t, wiring) for t in schema.tables],
+        specs=[asset_spec(t, wiring, partitions if t.name in routes else None) for t in schema.tables],
         check_specs=table_check_specs(schema, lag_threshold_seconds=lag_threshold_seconds, wiring=wiring),
         can_subset=True,
         required_resource_keys=wiring.resource_keys,
         pool=wiring.name("d1sync"),
         description=(
             "Drain the PGMQ change queue into D1 (exactly once in effect, ordered per row); with mode backfill or "
-            "rebuild, copy the selected tables. Each table's checks run after it."
+            "rebuild, copy the selected tables; for a shard's partition, backfill that shard. Each table's checks "
+            "run after it."
         ),
     )
     def d1_tables(context: dg.AssetExecutionContext, config: TablesConfig):
         postgres, d1 = wiring.resources(context)
         chosen = [by_key[k] for k in context.selected_asset_keys]
+        if context.has_partition_key:
+            yield from _backfill_shard(context, config, schema, chosen, routes, lag_threshold_seconds, wiring)
+            return
         changed, touched = ChangedKeys(schema), Touched()
         options = replace(apply_options, on_batch_messages=lambda _r, msgs, tables: changed.add(msgs, tables))
         with open_clients(postgres, d1, what=config.mode, context=context) as (pg, client):
@@ -218,13 +267,13 @@ def build_table_assets(
             else:
                 # Only the tables this run records, and in apply mode only the rows its changes touched:
                 # the run's cost grows with what changed, not with schema.json (a backfill counts whole).
-                recorded = [t.name for t in chosen if _records(t.name, report, extra, config)]
+                recorded_names = [t.name for t in chosen if _records(t.name, report, extra, config)]
                 # Changes the run applied to tables outside its selection (they arrived after the sensor
                 # chose) are recorded too, as runtime events: every applied change is in some record.
-                recorded += [n for n, st in report.tables.items() if st.messages and n not in extra]
+                recorded_names += [n for n, st in report.tables.items() if st.messages and n not in extra]
                 touched = changed.take()
                 keys = touched.keys if config.mode == "apply" else None
-                health = table_health(pg, client, schema, tables=recorded, keys=keys)
+                health = table_health(pg, client, schema, tables=recorded_names, keys=keys)
         if report is not None and report.skipped:
             context.log.warning(f"apply skipped: {report.skipped}")
         elif report is not None:
@@ -243,10 +292,12 @@ def build_table_assets(
                 if health[name].d1_rows is not None:  # counted whole (a backfill or rebuild)
                     md["dagster/row_count"] = dg.MetadataValue.int(health[name].d1_rows or 0)
                 md["operation"] = dg.MetadataValue.text(config.mode)
-                if name in extra:
+                if name in extra and name not in routes:
                     yield dg.MaterializeResult(asset_key=wiring.asset_key(t), metadata=md)
-                else:
-                    context.log_event(dg.AssetMaterialization(asset_key=wiring.asset_key(t), metadata=md))
+                else:  # outside the selection, or sharded: a materialization per shard the changes reached
+                    shards_reached = report.shards.get(name, {}) if name in routes else None
+                    for event in recorded(wiring.asset_key(t), md, shards_reached):
+                        context.log_event(event)
             outside = [n for n in health if n not in extra]
             for outcome in table_outcomes(
                 health,
@@ -271,6 +322,65 @@ def build_table_assets(
             context.log_event(observation)
 
     return d1_tables
+
+
+def _backfill_shard(
+    context: dg.AssetExecutionContext,
+    config: TablesConfig,
+    schema: Schema,
+    chosen: list[Table],
+    routes: Mapping[str, Sequence[str]],
+    lag_threshold_seconds: float,
+    wiring: Wiring,
+):
+    """A run of one shard's partition: backfill that shard of the selected sharded tables that route to it,
+    record each as its partition's materialization with the shard's figures, and run their checks."""
+    shard = context.partition_key
+    if config.mode == "rebuild":
+        raise dg.Failure(
+            description=f"a rebuild drops the whole table in every shard: materialize {shard!r}'s partition with mode "
+            "backfill, or rebuild the table without a partition (d1sync nuke, then backfill)"
+        )
+    names = [t.name for t in chosen if shard in routes.get(t.name, ())]
+    for t in chosen:
+        if t.name not in names:
+            context.log.info(f"{t.name}: no row of it routes to shard {shard}, nothing to backfill there")
+    if not names:
+        return
+    postgres, d1 = wiring.resources(context)
+    with open_clients(postgres, d1, what="backfill", context=context) as (pg, client):
+        report = backfill(
+            pg,
+            client,
+            schema,
+            tables=names,
+            chunk_size=config.chunk_size,
+            restart=config.restart,
+            shard=shard,
+            wait_for_consumer_seconds=config.wait_for_consumer_seconds,
+            on_chunk=lambda table, t: context.log.info(f"backfill {table} in {shard}: {t.rows} rows"),
+        )
+        why = report.not_landed(f"backfill of shard {shard}", config.wait_for_consumer_seconds)
+        if why is not None:
+            raise dg.Failure(description=why + ": materialize the partition again to record it")
+        # The tables were read whole (a backfill reads every row anyway): count them, per shard.
+        health = table_health(pg, client, schema, tables=names)
+    for name in names:
+        in_shard = (health[name].shard_rows or {}).get(shard, 0)
+        yield dg.MaterializeResult(
+            asset_key=wiring.asset_key(schema.table(name)),
+            metadata=_backfill_metadata(report, name)
+            | {
+                "operation": dg.MetadataValue.text(f"backfill of shard {shard}"),
+                "shard": dg.MetadataValue.text(shard),
+                "shard_rows": dg.MetadataValue.int(in_shard),
+                "dagster/row_count": dg.MetadataValue.int(in_shard),
+                "applied_by": dg.MetadataValue.text(report.handed_to or "this run"),
+            },
+        )
+    keys = [k for k in context.selected_asset_check_keys if k.asset_key in {wiring.asset_key(t) for t in chosen}]
+    for outcome in table_outcomes(health, schema, keys, lag_threshold_seconds=lag_threshold_seconds, wiring=wiring):
+        yield outcome.result()
 
 
 def source_observations(touched: Touched, schema: Schema, wiring: Wiring = DEFAULT) -> list[dg.AssetObservation]:

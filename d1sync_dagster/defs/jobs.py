@@ -1,14 +1,12 @@
 """Jobs that are not asset materializations: setup, backfill, nuke (reconcile is an asset-check job, see
 `defs/checks.py`). Each op calls the same engine function as the command line, with typed config."""
 
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dagster as dg
 from pydantic import Field
 
 from d1sync_dagster.defs import guard
-from d1sync_dagster.defs.assets import d1_row_count
 from d1sync_dagster.defs.checks import all_cheap_check_keys, table_outcomes
 from d1sync_dagster.defs.keys import DEFAULT, Wiring
 from d1sync_dagster.defs.resources import open_clients
@@ -109,82 +107,6 @@ def build_backfill_job(schema: Schema, wiring: Wiring = DEFAULT) -> dg.JobDefini
     return backfill_job
 
 
-class ShardBackfillConfig(dg.Config):
-    tables: list[str] = Field(
-        default_factory=list, description="sharded tables to backfill in the partition's shard; empty means all"
-    )
-    chunk_size: int = Field(default=5000, description="rows per chunk (one short transaction each)")
-    wait_for_consumer_seconds: float = Field(
-        default=600.0, description="while the streaming run holds the queue it applies the chunks: wait this long"
-    )
-
-
-def build_shard_backfill_job(
-    schema: Schema, shards: Sequence[str], sharded: Mapping[str, Sequence[str]], wiring: Wiring = DEFAULT
-) -> dg.JobDefinition:
-    """`d1sync_backfill_shards`: partitioned by shard, so that Dagster's Backfills page launches a backfill
-    per shard database (Launchpad -> Launch backfill, pick the shards) and shows each partition's status. A
-    partition's run backfills the sharded tables that route to its shard (`sharded`: table -> its shards), and
-    records a materialization of each table's asset with the shard's figures."""
-    partitions = dg.StaticPartitionsDefinition(list(shards))
-
-    @dg.op(
-        name=wiring.name("d1sync_backfill_shard_op"),
-        description="Copy the rows of one shard (the run's partition) into its D1 database through the queue.",
-        required_resource_keys=wiring.resource_keys,
-        pool=wiring.name("d1sync"),
-    )
-    def backfill_shard_op(context: dg.OpExecutionContext, config: ShardBackfillConfig) -> dg.Output[None]:
-        shard = context.partition_key
-        tables = [t for t in (config.tables or list(sharded)) if shard in sharded.get(t, ())]
-        if not tables:
-            chosen = f" of {', '.join(config.tables)}" if config.tables else ""
-            raise dg.Failure(description=f"no sharded table{chosen} routes to shard {shard!r}")
-        postgres, d1 = wiring.resources(context)
-        with open_clients(postgres, d1, what="backfill") as (pg, client):
-            report = backfill(
-                pg,
-                client,
-                schema,
-                tables=tables,
-                chunk_size=config.chunk_size,
-                shard=shard,
-                wait_for_consumer_seconds=config.wait_for_consumer_seconds,
-                on_chunk=lambda table, t: context.log.info(f"backfill {table} in {shard}: {t.rows} rows"),
-            )
-            why = report.not_landed(f"backfill of shard {shard}", config.wait_for_consumer_seconds)
-            if why is not None:
-                raise dg.Failure(description=why)
-            # The shard's rows in D1 now (a backfill reads the whole table anyway: counting one shard is less).
-            in_shard = {name: d1_row_counts(client, schema.table(name)).get(shard, 0) for name in report.tables}
-        for name, t in report.tables.items():
-            context.log_event(
-                dg.AssetMaterialization(
-                    asset_key=wiring.asset_key(schema.table(name)),
-                    metadata={
-                        "operation": dg.MetadataValue.text(f"backfill of shard {shard}"),
-                        "shard": dg.MetadataValue.text(shard),
-                        "shard_rows": dg.MetadataValue.int(in_shard[name]),
-                        "postgres_rows_read": dg.MetadataValue.int(t.rows),
-                        "backfill_chunks": dg.MetadataValue.int(t.chunks),
-                        "backfill_rows_per_second": dg.MetadataValue.float(round(t.rows_per_second, 1)),
-                        "applied_by": dg.MetadataValue.text(report.handed_to or "this run"),
-                    },
-                )
-            )
-        return dg.Output(None, metadata={"shard": shard, "rows": dg.MetadataValue.int(report.rows)})
-
-    @dg.job(
-        name=wiring.name("d1sync_backfill_shards"),
-        partitions_def=partitions,
-        description="Backfill the sharded tables one shard database at a time (a partition per shard).",
-    )
-    def backfill_shards_job() -> None:
-        backfill_shard_op()
-
-    return backfill_shards_job
-
-
 def build_nuke_job(
     schema: Schema, *, allow_destructive: bool = False, lag_threshold_seconds: float = 300.0, wiring: Wiring = DEFAULT
 ) -> dg.JobDefinition:
@@ -213,7 +135,9 @@ def build_nuke_job(
         launcher = guard.Launcher.of(context.run)
         with open_clients(postgres, d1, what="nuke") as (pg, client):
             chosen = [schema.table(n) for n in tables] if tables else list(schema.tables)
-            before = {t.name: d1_row_count(client, t) for t in chosen} if config.confirm else {}
+            # Per database: a sharded table's asset is partitioned by shard, and each shard's partition
+            # records what was dropped there.
+            before = {t.name: d1_row_counts(client, t) for t in chosen} if config.confirm else {}
             report = nuke(
                 pg,
                 client,
@@ -236,14 +160,18 @@ def build_nuke_job(
         }
         for name in report.tables:  # the D1 tables' own history says what happened to them
             table = schema.table(name)
-            yield dg.AssetMaterialization(
-                asset_key=wiring.asset_key(table),
-                metadata=done
-                | {
-                    "rows_dropped": dg.MetadataValue.int(before.get(name, 0)),
-                    "dagster/row_count": dg.MetadataValue.int(health[name].d1_rows),
-                },
-            )
+            for shard, dropped in sorted(before.get(name, {None: 0}).items(), key=lambda kv: kv[0] or ""):
+                yield dg.AssetMaterialization(
+                    asset_key=wiring.asset_key(table),
+                    partition=shard,
+                    metadata=done
+                    | {
+                        "rows_dropped": dg.MetadataValue.int(dropped),
+                        "dagster/row_count": dg.MetadataValue.int(
+                            (health[name].shard_rows or {}).get(shard, 0) if shard else health[name].d1_rows or 0
+                        ),
+                    },
+                )
         # ... and their checks say what that means now (a row count check fails on an emptied table).
         keys = all_cheap_check_keys(schema, report.tables, wiring)
         for outcome in table_outcomes(health, schema, keys, lag_threshold_seconds=lag_threshold_seconds, wiring=wiring):

@@ -136,6 +136,8 @@ def build_depth_sensor(
     start_timeout_seconds: float = 120.0,
     table_keys: Mapping[str, dg.AssetKey] | None = None,
     lag_threshold_seconds: float | None = None,
+    shard_job: Any = None,
+    sharded_tables: Collection[str] = (),
 ) -> dg.SensorDefinition:
     """The sensor for `job` (the apply job); `consumers` names the other jobs that take the queue;
     `run_config` is the config of the runs it requests. With a `stream_job` it keeps one streaming run
@@ -143,11 +145,15 @@ def build_depth_sensor(
     `table_keys` (table name -> D1 asset), an apply run selects only the tables with queued changes, so its
     Dagster events grow with the tables that changed, not with schema.json (past `SELECT_LIMIT` queued
     changes it selects every table). With `lag_threshold_seconds` too, streaming, it fails the lag checks of
-    the tables with changes waiting past the threshold while nothing applies them."""
+    the tables with changes waiting past the threshold while nothing applies them. `sharded_tables` are not
+    in `job` (their assets are partitioned by shard): when only they have changes waiting, the run is one of
+    `shard_job`, which selects them."""
     start_timeout = start_timeout_seconds
     consumer_jobs = {job.name, *consumers} | ({stream_job.name} if stream_job is not None else set())
+    consumer_jobs |= {shard_job.name} if shard_job is not None else set()
     keys = set(asset_keys)
-    jobs = [job] if stream_job is None else [stream_job]
+    jobs = ([job] if shard_job is None else [job, shard_job]) if stream_job is None else [stream_job]
+    apart = set(sharded_tables) if shard_job is not None else set()
     what = (
         "starts an apply run when changes are waiting"
         if stream_job is None
@@ -183,13 +189,17 @@ def build_depth_sensor(
             holders = pg.lock_holders() if m.queue_length or stream_job is not None else []
             standbys = pg.lock_holders(standby=True) if stream_job is not None else []
             selection = stale = None
+            run_job = job
             if stream_job is None and table_keys and 0 < m.queue_length <= SELECT_LIMIT:
                 named = pg.queued_tables(SELECT_LIMIT)
-                selection = [k for name, k in table_keys.items() if name in named] or None
+                selection = [k for name, k in table_keys.items() if name in named and name not in apart] or None
+                if selection is None and apart & set(named):  # only sharded tables have changes waiting
+                    run_job = shard_job
+                    selection = [k for name, k in table_keys.items() if name in named and name in apart]
             age = m.oldest_msg_age_sec
             if alerting and now - alerted >= ALERT_EVERY_SECONDS and age is not None and age > lag_threshold_seconds:
                 stale = pg.queued_tables(SELECT_LIMIT)
-        decision = decide(context, m, holders, standbys, selection)
+        decision = decide(context, m, holders, standbys, selection, run_job)
         if not alerting:
             return decision
         if stale is None:
@@ -222,6 +232,7 @@ def build_depth_sensor(
         holders: list[tuple[int, str, Any]],
         standbys: list[tuple[int, str, Any]],
         selection: list[dg.AssetKey] | None,
+        run_job: Any,
     ) -> dg.RunRequest | dg.SkipReason:
         """What this tick does, from what was read in Postgres."""
         newest = m.total_messages
@@ -267,14 +278,17 @@ def build_depth_sensor(
             )
         if holders and successor_of is None:  # (a standby expects the running one to hold it)
             return dg.SkipReason(f"{waiting}, but the queue's consumer lock is held by {describe_holders(holders)}")
-        launched = job if stream_job is None else stream_job
-        latest = context.instance.get_run_records(dg.RunsFilter(job_name=launched.name), limit=1)
-        not_before = latest[0].dagster_run.tags.get(NOT_BEFORE_TAG) if latest else None
-        if not_before and datetime.fromisoformat(not_before) > datetime.now(UTC):
-            return dg.SkipReason(
-                f"{waiting}, but the D1 API's request budget is spent until {not_before} "
-                f"(run {latest[0].dagster_run.run_id})"
-            )
+        launched = run_job if stream_job is None else stream_job
+        # The D1 API's budget is the account's: the latest run of either apply job may have found it spent.
+        appliers = {launched.name} | ({job.name, shard_job.name} if stream_job is None and shard_job else set())
+        for name in sorted(appliers):
+            latest = context.instance.get_run_records(dg.RunsFilter(job_name=name), limit=1)
+            not_before = latest[0].dagster_run.tags.get(NOT_BEFORE_TAG) if latest else None
+            if not_before and datetime.fromisoformat(not_before) > datetime.now(UTC):
+                return dg.SkipReason(
+                    f"{waiting}, but the D1 API's request budget is spent until {not_before} "
+                    f"(run {latest[0].dagster_run.run_id})"
+                )
         return dg.RunRequest(
             job_name=launched.name,
             asset_selection=selection,

@@ -8,7 +8,7 @@ sensor keeps one such run alive."""
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -20,13 +20,14 @@ from pydantic import Field
 from d1sync_dagster.clients.d1 import D1Client
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.core.changes import Key
+from d1sync_dagster.defs.assets import recorded as recorded_events
 from d1sync_dagster.defs.assets import run_figures, source_observations, table_metadata
 from d1sync_dagster.defs.checks import all_cheap_check_keys, source_outcomes, table_outcomes
 from d1sync_dagster.defs.keys import DEFAULT, Wiring
 from d1sync_dagster.defs.resources import open_clients
 from d1sync_dagster.engine.apply import ApplyOptions
 from d1sync_dagster.engine.health import ChangedKeys, TableHealth, table_health
-from d1sync_dagster.engine.reports import ApplyReport
+from d1sync_dagster.engine.reports import ApplyReport, add_shards
 from d1sync_dagster.engine.setup import ensure_schema
 from d1sync_dagster.engine.stream import Landed, StreamOptions, follow_queue
 from d1sync_dagster.errors import D1Error, QueueError
@@ -124,7 +125,10 @@ def build_stream_job(
     defaults: StreamOptions | None = None,
     lag_threshold_seconds: float = 300.0,
     wiring: Wiring = DEFAULT,
+    sharded: Collection[str] = (),
 ) -> dg.JobDefinition:
+    """`d1sync_stream`: one run follows the queue. A sharded table (`sharded`, its asset partitioned by shard)
+    is recorded per shard database its changes reached."""
     default = defaults or StreamOptions()
     op_name = wiring.name("d1sync_stream_op")
 
@@ -147,6 +151,7 @@ def build_stream_job(
         )
         since: float | None = None
         recorded: set[str] = set()
+        sent_before: dict[str, dict[str, list[int]]] = {}  # per sharded table and shard, at the last record
         with (
             open_clients(postgres, d1, what="the streaming apply", context=context) as (pg, client),
             pg.clone() as checker,  # the checks read beside the apply, which has `pg` on its own thread
@@ -182,10 +187,14 @@ def build_stream_job(
                         recorded.update(names)
                         health = _checked(context, checker, client, schema, names, touched.keys)
                         figures = stream_figures(landed.totals, since)
+                        sent_now = add_shards(landed.totals.shards, {})
+                        reached = add_shards(sent_now, sent_before, sign=-1)
+                        sent_before = sent_now
                         for name, stats in landed.tables.items():
                             md = table_metadata(stats, figures, landed.totals.position)
                             md["operation"] = dg.MetadataValue.text("stream")
-                            yield dg.AssetMaterialization(asset_key=wiring.asset_key(schema.table(name)), metadata=md)
+                            key = wiring.asset_key(schema.table(name))
+                            yield from recorded_events(key, md, reached.get(name, {}) if name in sharded else None)
                         keys = all_cheap_check_keys(schema, names, wiring=wiring)
                         for outcome in table_outcomes(
                             health, schema, keys, lag_threshold_seconds=lag_threshold_seconds, wiring=wiring

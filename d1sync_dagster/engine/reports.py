@@ -85,6 +85,9 @@ class ApplyReport:
     staged_transactions: int = 0
     #: Per table whose source drifted from schema.json: each finding with its fix (`core/drift.py`).
     drift: dict[str, list[str]] = field(default_factory=dict)
+    #: Per sharded table, per shard database its changes reached: [statements, D1 rows written] (what the
+    #: shard's partition of the table's asset records).
+    shards: dict[str, dict[str, list[int]]] = field(default_factory=dict)
 
     @property
     def rows_per_request(self) -> float:
@@ -97,6 +100,7 @@ class ApplyReport:
         for f in fields(ApplyReport):
             if f.name in _SUMMED:
                 setattr(out, f.name, getattr(self, f.name) + getattr(later, f.name))
+        out.shards = add_shards(self.shards, later.shards)
         for name in self.tables.keys() | later.tables.keys():
             a, b = self.tables.get(name, TableStats()), later.tables.get(name, TableStats())
             out.tables[name] = TableStats(
@@ -147,6 +151,10 @@ class ApplyReport:
             self.statements += 1
             self.rows_written += written
             self.rows_sent += p.rows
+            if p.shard is not None:
+                sent = self.shards.setdefault(p.table, {}).setdefault(p.shard, [0, 0])
+                sent[0] += 1
+                sent[1] += written
             if p.kind == "upsert":
                 stats.upserts += p.rows
             elif p.kind == "delete":
@@ -184,7 +192,22 @@ class ApplyReport:
         ):  # fmt: skip
             setattr(self, f, getattr(self, f) + getattr(part, f))
         self.duration_seconds += part.duration_seconds
+        self.shards = add_shards(self.shards, part.shards)
         self.drained = part.drained
         self.skipped = part.skipped
         self.drift = part.drift or self.drift
         self.position = part.position or self.position
+
+
+def add_shards(
+    a: dict[str, dict[str, list[int]]], b: dict[str, dict[str, list[int]]], sign: int = 1
+) -> dict[str, dict[str, list[int]]]:
+    """`ApplyReport.shards` of two reports summed (`sign` -1: `a` less `b`, what was sent in between)."""
+    out = {t: {s: list(v) for s, v in per.items()} for t, per in a.items()}
+    for table, per in b.items():
+        for shard, (statements, written) in per.items():
+            now = out.setdefault(table, {}).setdefault(shard, [0, 0])
+            now[0] += sign * statements
+            now[1] += sign * written
+    kept = {t: {s: v for s, v in per.items() if v[0] > 0} for t, per in out.items()}
+    return {t: per for t, per in kept.items() if per}

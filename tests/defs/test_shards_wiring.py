@@ -108,18 +108,38 @@ def test_dagster_applies_into_the_shards_and_the_row_count_check_sums_them(prod,
         assert conn.execute("SELECT count(*) FROM apps").fetchone()[0] == 30
         assert not conn.execute("SELECT name FROM sqlite_master WHERE name = 'app_versions'").fetchall()
     key = dg.AssetKey(["d1", "app_versions"])
-    assert key in defs.resolve_asset_graph().get_all_asset_keys()
-    # A backfill of one shard, launched as a materialization of the asset (UI: Materialize, mode backfill).
+    graph = defs.resolve_asset_graph()
+    assert key in graph.get_all_asset_keys()
+    # The sharded table's asset is partitioned by shard; the apply (a run of the unsharded tables) recorded
+    # its changes as a materialization of each shard they reached, with what that shard got.
+    assert graph.get(key).partitions_def.get_partition_keys() == RULE["hash"]
+    assert graph.get(dg.AssetKey(["d1", "apps"])).partitions_def is None
+    mats = [m.materialization for m in result.get_asset_materialization_events() if m.asset_key == key]
+    assert sorted(m.partition for m in mats) == RULE["hash"]
+    for m in mats:
+        assert (
+            m.metadata["shard"].value == m.partition
+            and m.metadata["shard_rows_written"].value == per_shard[m.partition]
+        )
+        assert m.metadata["messages"].value == 300 and m.metadata["shard_statements"].value >= 1
+    # A backfill of one shard: a materialization of the asset's partition (UI: Materialize, pick the shard).
     with sqlite3.connect(tmp_path / "s1.sqlite") as conn:
         conn.execute("DELETE FROM app_versions")
     job = defs.resolve_implicit_global_asset_job_def()
-    config = {"ops": {"d1_incremental_apply": {"config": {"mode": "backfill", "shard": "s1"}}}}
-    again = job.execute_in_process(asset_selection=[key], run_config=config, raise_on_error=False)
+    again = job.execute_in_process(asset_selection=[key], partition_key="s1", raise_on_error=False)
     assert again.success
     (mat,) = [m for m in again.get_asset_materialization_events() if m.asset_key == key]
-    assert mat.materialization.metadata["backfill_rows"].value == 300  # every row read, only s1's written
+    assert mat.partition == "s1" and mat.materialization.metadata["backfill_rows"].value == 300  # all read
+    assert mat.materialization.metadata["shard_rows"].value == per_shard["s1"]  # only s1's written
     with sqlite3.connect(tmp_path / "s1.sqlite") as conn:
         assert conn.execute("SELECT count(*) FROM app_versions").fetchone()[0] == per_shard["s1"]
+    checks = {e.check_name: e for e in again.get_asset_check_evaluations()}
+    assert checks["row_count_matches_source"].passed and checks["no_dead_letters"].passed
+    # A rebuild is of the whole table, never of one shard's partition.
+    config = {"ops": {"d1_incremental_apply": {"config": {"mode": "rebuild", "confirm": True}}}}
+    refused = job.execute_in_process(asset_selection=[key], partition_key="s2", run_config=config, raise_on_error=False)
+    assert not refused.success
+    assert "a rebuild drops the whole table in every shard" in str(refused.all_events)
 
 
 def cli(*args, env):
@@ -217,9 +237,9 @@ def test_one_file_under_two_spellings_or_a_symlink_is_refused_across_shards_and_
 
 
 def test_a_partitioned_job_backfills_one_shard_per_partition(prod, source_db, tmp_path):
-    """`d1sync_backfill_shards` is partitioned by shard: Dagster's Backfills page launches a run per shard and
-    shows each partition's status. A partition's run writes its shard's rows only, and records the table's
-    materialization with that shard's figures."""
+    """`d1sync_backfill_shards` (the sharded tables' assets, partitioned by shard): Dagster's Backfills page
+    launches a run per shard and shows each partition's status. A partition's run writes its shard's rows only,
+    and records the partition's materialization with that shard's figures."""
     defs = build_definitions(str(ROOT / "schema.json"), targets_file=prod)
     job = defs.resolve_job_def("d1sync_backfill_shards")
     assert job.partitions_def is not None and job.partitions_def.get_partition_keys() == RULE["hash"]
@@ -235,11 +255,73 @@ def test_a_partitioned_job_backfills_one_shard_per_partition(prod, source_db, tm
         result = job.execute_in_process(partition_key="s1", instance=instance)
         assert result.success
         (mat,) = [m.event_specific_data.materialization for m in result.get_asset_materialization_events()]
+        # The partition's status is what the UI shows: s1 materialized, the other shards not yet.
+        assert instance.get_materialized_partitions(dg.AssetKey(["d1", "app_versions"])) == {"s1"}
     want = sum(1 for g in range(1, 301) if shard_for(RULE, g % 30 + 1) == "s1")
     assert mat.asset_key == dg.AssetKey(["d1", "app_versions"]) and mat.metadata["shard"].value == "s1"
-    assert mat.metadata["shard_rows"].value == want and mat.metadata["postgres_rows_read"].value == 300
+    assert mat.partition == "s1" and mat.metadata["dagster/row_count"].value == want
+    assert mat.metadata["shard_rows"].value == want and mat.metadata["backfill_rows"].value == 300
     counts = {}
     for s in RULE["hash"]:
         with sqlite3.connect(tmp_path / f"{s}.sqlite") as conn:
             counts[s] = conn.execute("SELECT count(*) FROM app_versions").fetchone()[0]
     assert counts == {"s0": 0, "s1": want, "s2": 0}
+
+
+def test_the_sensor_runs_the_sharded_tables_job_when_only_they_changed_and_it_records_each_shard(prod, source_db):
+    """The apply job holds the unsharded tables (a job's assets share one partitioning). Changes to the
+    sharded table alone start `d1sync_apply_shards`, which selects it; every run records a sharded table's
+    changes as materializations of the shards they reached."""
+    defs = build_definitions(str(ROOT / "schema.json"), targets_file=prod)
+    assert defs.resolve_job_def("d1sync_setup").execute_in_process().success
+    versions, apps = dg.AssetKey(["d1", "app_versions"]), dg.AssetKey(["d1", "apps"])
+    sensor = defs.resolve_sensor_def("pgmq_depth_sensor")
+    resources = {"postgres": defs.resources["postgres"]}  # type: ignore[index]
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("INSERT INTO apps (id, name) VALUES (1, 'a')")
+        conn.execute("INSERT INTO app_versions (app_id, version) VALUES (1, 'x'), (2, 'y')")
+    with dg.instance_for_test() as instance:
+        (req,) = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, resources=resources)).run_requests
+        assert req.job_name == "d1sync_apply" and req.asset_selection == [apps]
+        assert defs.resolve_job_def("d1sync_apply").execute_in_process(instance=instance).success
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            conn.execute("INSERT INTO app_versions (app_id, version) SELECT g, 'z' FROM generate_series(3, 40) g")
+        (req,) = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, resources=resources)).run_requests
+        assert req.job_name == "d1sync_apply_shards" and req.asset_selection == [versions]
+        job = defs.resolve_job_def("d1sync_apply_shards")
+        result = job.execute_in_process(
+            instance=instance, asset_selection=req.asset_selection, run_config=req.run_config
+        )
+        assert result.success
+        mats = [m.materialization for m in result.get_asset_materialization_events()]
+        routed = {shard_for(RULE, i) for i in range(3, 41)}
+        assert {m.partition for m in mats} == routed and {m.asset_key for m in mats} == {versions}
+        assert sum(m.metadata["shard_rows_written"].value for m in mats) == 38
+        checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+        assert checks["row_count_matches_source"] and checks["no_dead_letters"]
+        # Both runs' partitions, as the asset's Partitions tab shows them.
+        assert instance.get_materialized_partitions(versions) == routed | {shard_for(RULE, 1), shard_for(RULE, 2)}
+
+
+def test_the_streaming_run_and_the_nuke_record_a_sharded_table_per_shard(prod, source_db, monkeypatch):
+    monkeypatch.setenv("D1SYNC_ALLOW_DESTRUCTIVE", "1")
+    defs = build_definitions(str(ROOT / "schema.json"), targets_file=prod)
+    assert defs.resolve_job_def("d1sync_setup").execute_in_process().success
+    versions = dg.AssetKey(["d1", "app_versions"])
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("INSERT INTO app_versions (app_id, version) SELECT g, 'v' FROM generate_series(1, 60) g")
+    config = {"ops": {"d1sync_stream_op": {"config": {"seconds": 2, "record_every_seconds": 0.5}}}}
+    with dg.instance_for_test() as instance:
+        result = defs.resolve_job_def("d1sync_stream").execute_in_process(instance=instance, run_config=config)
+        assert result.success
+        mats = [m.materialization for m in result.get_asset_materialization_events() if m.asset_key == versions]
+        assert {m.partition for m in mats} == set(RULE["hash"])  # 60 app ids spread over the three shards
+        assert sum(m.metadata["shard_rows_written"].value for m in mats) == 60
+        nuke = {"ops": {"d1sync_nuke_op": {"config": {"table": "app_versions", "confirm": True}}}}
+        nuked = defs.resolve_job_def("d1sync_nuke").execute_in_process(instance=instance, run_config=nuke)
+        assert nuked.success
+        dropped = {
+            m.materialization.partition: m.materialization.metadata["rows_dropped"].value
+            for m in nuked.get_asset_materialization_events()
+        }
+        assert set(dropped) == set(RULE["hash"]) and sum(dropped.values()) == 60
