@@ -173,7 +173,8 @@ class TablesConfig(dg.Config):
             "apply: drain the queued changes (of every table; the selected ones record a materialization). "
             "backfill: copy every row of the selected tables through the queue, resumable. rebuild: drop and "
             "recreate the selected D1 tables, then backfill them (destructive: needs D1SYNC_ALLOW_DESTRUCTIVE=1 "
-            "and confirm: true)."
+            "and confirm: true). A run of a sharded table's partitions backfills those shards (apply or backfill; "
+            "a rebuild is of the whole table)."
         ),
     )
     record_unchanged: bool = Field(
