@@ -10,8 +10,9 @@ In-process (default): every `interval` seconds the real `pgmq_depth_sensor` is e
 a run, the apply engine (the one the `d1/*` assets run) drains the queue in this process. Lag is measured
 per message from its enqueue time to the D1 commit of its batch.
 
-`--daemon --instance postgres --faults kill9,sigterm,group,lockd1,pgterm`: the fault soak, on a Postgres-backed
-instance with run monitoring; each fault's recovery (how long until changes flowed again) is reported.
+`--daemon --instance postgres --faults kill9,sigterm,group,lockd1,readonly,pgterm`: the fault soak, on a
+Postgres-backed instance with run monitoring; each fault's recovery (how long until changes flowed again) is
+reported.
 
 `--daemon`: nothing in process. A fresh DAGSTER_HOME, `dagster-daemon run -w workspace.yaml` with the
 sensor every `interval` seconds, in `--mode stream` (the sensor keeps a `d1sync_stream` run alive) or `run`
@@ -69,7 +70,8 @@ def main() -> None:
         default="",
         help="with --daemon: faults injected in turn while writing, comma-separated: kill9, sigterm (the run "
         "following the queue), group (kill -9 of the daemon's process group, then the daemon again), lockd1 "
-        "(the D1 file locked for 10 s), pgterm (every d1sync connection terminated)",
+        "(the D1 file locked for 10 s), readonly (the D1 file immutable for 10 s, root and ext4: chattr), pgterm "
+        "(every d1sync connection terminated)",
     )
     ap.add_argument("--fault-every", type=float, default=20.0, help="with --faults: seconds between faults")
     args = ap.parse_args()

@@ -149,7 +149,7 @@ def _holder_pid(url: str) -> int | None:
 
 class Faults:
     """Injects `kinds` in turn every `every` seconds while the writer writes; `events` gets (kind, when the
-    outage's clock starts: the fault, or the end of a 10 s D1 lock, time.monotonic)."""
+    outage's clock starts: the fault, or the end of a 10 s D1 lock or read-only spell, time.monotonic)."""
 
     def __init__(self, kinds: list[str], every: float, url: str, d1_path: str, restart: Any) -> None:
         self.kinds, self.every, self.url, self.d1_path, self.restart = kinds, every, url, d1_path, restart
@@ -185,6 +185,17 @@ class Faults:
             time.sleep(10)
             conn.execute("ROLLBACK")
             conn.close()
+            self.events.append((kind, time.monotonic()))
+        elif kind == "readonly":
+            # The D1 file and its write-ahead log made immutable for 10 s (chattr +i, which binds root too):
+            # every write the run makes fails (SQLite says "disk I/O error", SQLITE_IOERR_WRITE), as on a disk
+            # gone read-only. D1's own read-only answer (SQLITE_READONLY) is tested in tests/engine/test_stream.py.
+            files = [f for f in (self.d1_path, self.d1_path + "-wal") if os.path.exists(f)]
+            subprocess.run(["chattr", "+i", *files], check=True, capture_output=True)
+            try:
+                time.sleep(10)
+            finally:
+                subprocess.run(["chattr", "-i", *files], check=True, capture_output=True)
             self.events.append((kind, time.monotonic()))
         elif kind == "pgterm":  # every d1sync connection (a Supabase restart, a pooler recycling)
             with psycopg.connect(self.url, autocommit=True) as conn:
