@@ -11,8 +11,11 @@ def test_the_writer_takes_ids_of_its_own_so_a_hand_inserted_row_never_collides(s
         person.execute("INSERT INTO apps (id, name) VALUES (900000000, 'by hand')")
         example_writes(pg, rows=20)
         live_writes(pg, rows=10)
-        # the person's own next id, chosen as people do, is still free, and the writer goes on
-        person.execute("INSERT INTO apps (id, name) SELECT max(id) + 1, 'by hand' FROM apps WHERE id < 10^12")
+        # the person's own next id, chosen as people do, is still free, and the writer goes on (the live
+        # writer deletes random apps, sometimes the person's own row: then the next id is the one after it)
+        person.execute(
+            "INSERT INTO apps (id, name) SELECT coalesce(max(id), 900000000) + 1, 'by hand' FROM apps WHERE id < 10^12"
+        )
         live_writes(pg, rows=10)
         ids = [r[0] for r in pg.execute("SELECT id FROM apps WHERE name LIKE '%app%' ORDER BY id")]
     assert ids and all(i >= 10**12 for i in ids)
