@@ -163,3 +163,13 @@ def test_enqueue_keeps_order_and_the_queue_methods_see_the_messages(pg):
 def test_the_pgmq_install_is_reported(pg):
     # The tests install PGMQ from its SQL file (no extension); Supabase reports "<version> (extension)".
     assert pg.pgmq_install() == "SQL install"
+
+
+def test_span_bounds_the_queue_from_above_without_counting_it(pg):
+    assert pg.span() == 0
+    ids = pg.send_batch([{"n": i} for i in range(10)])
+    assert pg.span() == 10
+    pg.delete(ids[3:7])  # applied out of order: the span still covers the ends
+    assert pg.span() == 10 and pg.metrics().queue_length == 6
+    pg.delete([ids[0], ids[-1]])
+    assert pg.span() == 8
