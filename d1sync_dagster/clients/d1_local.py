@@ -159,10 +159,16 @@ class LocalD1Client:
                         "duration": (time.perf_counter() - started) * 1000,
                     }
                     out.append(QueryResult([dict(zip(cols, r, strict=True)) for r in rows], meta))
-                self._conn.execute("COMMIT")
+                try:
+                    self._conn.execute("COMMIT")
+                except sqlite3.Error as e:  # the write itself failed: a disk gone read-only or full, an I/O error
+                    raise _refused(e, len(stmts) - 1) from None
             except BaseException:
                 if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
+                    try:
+                        self._conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass  # SQLite has rolled the transaction back itself (its answer above says why)
                 raise
         return out
 

@@ -463,7 +463,11 @@ class PgmqClient:
         the transaction and the lock is gone: nothing leaks. The transaction takes no transaction id and
         keeps no snapshot between statements, so it holds back no vacuum; `idle_in_transaction_session_timeout`
         is switched off for it alone (SET LOCAL). `check_consumer_lock` proves, before messages are deleted,
-        that this backend still holds the lock."""
+        that this backend still holds the lock. Held already by this client (the streaming run keeps it
+        through a retry's wait), it yields True and leaves the lock to the outer holder."""
+        if self._lock_holder is not None:
+            yield True
+            return
         # The lock's statements carry no bound parameters: a parameterised statement leaves its portal open,
         # and with it a snapshot that would hold back vacuum for as long as the lock is held.
         # The connection is kept for the next call (the health checks try every 0.2 s while an apply runs):

@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 
@@ -64,6 +64,20 @@ def _reconnect_if_broken(pg: PgmqClient) -> None:
 #: Every this many tries, a standby makes sure it still holds the standby lock (a terminated connection
 #: loses it; the sensor would take the standby for dead).
 STANDBY_CHECK_EVERY = 20
+
+
+@contextmanager
+def _keeping_queue(pg: PgmqClient) -> Iterator[bool]:
+    """The consumer lock, held through a retry's wait and the next attempt (whose apply finds it held), so that
+    the standby run does not take the queue over from a run that only waits out a fault: a takeover costs the
+    standby's start-up on top of the wait. Not taken (Postgres still down, or another took it): nothing."""
+    with ExitStack() as stack:
+        try:
+            got = stack.enter_context(pg.consumer_lock())
+        except QueueError as e:
+            log.warning("streaming apply: the queue's lock is not kept through the wait (%s)", e)
+            got = False
+        yield got
 
 
 def _standing(pg: PgmqClient) -> bool:
@@ -243,7 +257,8 @@ def follow_queue(
             # Paced over the API's window (Ratelimit headers): a request every window / (share of what is
             # left), so that many small transactions share requests instead of spending the budget in a burst
             # and then waiting out the window (each page then carries what arrived meanwhile).
-            with standing, sharing([c for _, c in all_databases(d1)], STREAM_SHARE):
+            kept = ExitStack()  # the consumer lock through a retry's wait (`_keeping_queue`)
+            with standing, kept, sharing([c for _, c in all_databases(d1)], STREAM_SHARE):
                 while True:
                     if began:  # again after a failure: only the run's time left
                         left = began[0] + options.seconds - time.monotonic()
@@ -265,6 +280,9 @@ def follow_queue(
                         if attempt:
                             earlier[:] = [earlier[0].plus(attempt[0]) if earlier else attempt[0]]
                         _reconnect_if_broken(pg)
+                        kept.close()
+                        if began:  # following the queue: keep it through the wait
+                            kept.enter_context(_keeping_queue(pg))
                         stop.wait(backoff)
                         backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
                         continue

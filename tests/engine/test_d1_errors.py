@@ -295,6 +295,36 @@ def test_a_read_only_or_locked_local_d1_is_temporary_never_dead_lettered(source_
     d1.close()
 
 
+def test_a_write_the_disk_refuses_at_commit_is_temporary_never_a_raw_sqlite_error(source_db, tmp_path):
+    """The file and its write-ahead log made immutable (`chattr +i`, as root on ext4: a disk gone read-only,
+    which binds root too): SQLite fails the COMMIT with an I/O error. That is D1's temporary error, not a
+    raw `sqlite3.OperationalError` that would end a streaming run; nothing is dead-lettered, and the next
+    apply, once the file is writable, lands everything."""
+    import subprocess
+
+    from d1sync_dagster.clients.d1_local import LocalD1Client
+    from tests.helpers import Pair
+
+    path = tmp_path / "d1.sqlite"
+    d1 = LocalD1Client(path)
+    files = [str(path), str(path) + "-wal"]
+    with PgmqClient(source_db) as pg:
+        setup(pg, d1, SCHEMA)
+        pair = Pair(pg, d1, SCHEMA)
+        pg.execute("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 50) g")
+        subprocess.run(["chattr", "+i", *files], check=True)
+        try:
+            with pytest.raises(D1Error) as e:
+                pair.apply()
+        finally:
+            subprocess.run(["chattr", "-i", *files], check=True)
+        assert e.value.kind == "temporary" and "SQLITE_IOERR" in str(e.value)
+        assert pair.dead_letters() == [] and pair.queue_depth() == 50
+        assert pair.apply().drained
+        pair.assert_in_sync()
+    d1.close()
+
+
 def test_a_read_only_answer_of_the_http_api_is_temporary():
     assert classify(400, 7500, "attempt to write a readonly database: SQLITE_READONLY") == "temporary"
 

@@ -267,7 +267,14 @@ def test_a_read_only_d1_is_waited_out_inside_the_stream(local_pair, source_db):
         assert _wait_for(lambda: any(x.following_since for x in out))
         pair.d1._conn.execute("PRAGMA query_only = ON")
         pair.sql("INSERT INTO apps (id, name) SELECT g, 'n' FROM generate_series(1, 30) g")
-        time.sleep(2.0)  # several tries are refused meanwhile
+        # Several tries are refused meanwhile. The run keeps the queue's lock through each wait, so a standby
+        # does not take the queue over from a run that only waits out a fault (its start-up would add to it).
+        free = 0
+        with PgmqClient(source_db) as watcher:
+            for _ in range(40):
+                free += not watcher.lock_holders()
+                time.sleep(0.05)
+        assert free <= 2, f"the lock was free in {free} of 40 looks"
         assert t.is_alive() and not errors
         pair.d1._conn.execute("PRAGMA query_only = OFF")
         assert _wait_for(lambda: d1_count(pair.d1) == 30), "the stream did not come back"
