@@ -56,24 +56,48 @@ class LocalD1Client:
         self.path = Path(path)
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = self._connect()
+        self._reopen = False  # opened read-only at the file's level: open it again before the next request
+        self._lock = threading.Lock()
+        self.requests = 0
+
+    def _connect(self) -> sqlite3.Connection:
         # No statement cache: apply's statements carry their values as literals, so no two texts are alike,
         # and the module's cache (128 by default) only kept the last 128 compiled multi-row statements alive:
         # 20-28 MB of a drain's peak memory.
-        self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, cached_statements=0)
+        conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False, cached_statements=0)
         # SQLite itself enforces D1's limits, so nothing that D1 would refuse slips through.
-        self._conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, MAX_BOUND_PARAMS)
-        self._conn.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, MAX_STATEMENT_BYTES)
-        self._conn.setlimit(sqlite3.SQLITE_LIMIT_COLUMN, MAX_RESULT_COLUMNS)
-        self._conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_ROW_BYTES)
-        self._conn.setlimit(sqlite3.SQLITE_LIMIT_FUNCTION_ARG, MAX_FUNCTION_ARGS)
-        self._conn.setlimit(sqlite3.SQLITE_LIMIT_EXPR_DEPTH, MAX_EXPR_DEPTH)
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, MAX_BOUND_PARAMS)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_SQL_LENGTH, MAX_STATEMENT_BYTES)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_COLUMN, MAX_RESULT_COLUMNS)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_ROW_BYTES)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_FUNCTION_ARG, MAX_FUNCTION_ARGS)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_EXPR_DEPTH, MAX_EXPR_DEPTH)
+        conn.execute("PRAGMA journal_mode=WAL")
         # WAL with synchronous=NORMAL cannot corrupt the file; a power cut may lose the last batches, which
         # the queue replays (nothing is deleted from it before the commit returns).
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("PRAGMA busy_timeout=10000")
-        self._lock = threading.Lock()
-        self.requests = 0
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=10000")
+        return conn
+
+    def _refuse(self, e: sqlite3.Error, index: int) -> D1Error:
+        """SQLite's error as D1's (`_refused`). A connection opened while the file could not be written (a disk
+        read-only for a while, `chattr +i`) stays read-only after the file is writable again: refused as
+        read-only while `query_only` is off, it is opened again before the next request."""
+        if (getattr(e, "sqlite_errorname", None) or "").startswith("SQLITE_READONLY"):
+            try:
+                pragma = self._conn.execute("PRAGMA query_only").fetchone()[0]
+            except sqlite3.Error:
+                pragma = 0
+            self._reopen = not pragma and str(self.path) != ":memory:"
+        return _refused(e, index)
+
+    def _fresh(self) -> None:
+        """Open the file again when the last answer said the connection itself is read-only."""
+        if self._reopen:
+            self._reopen = False
+            self._conn.close()
+            self._conn = self._connect()
 
     def close(self) -> None:
         self._conn.close()
@@ -119,11 +143,12 @@ class LocalD1Client:
         (encoded,) = encode_statements([Statement(sql, tuple(params))])
         with self._lock:
             self.requests += 1
+            self._fresh()
             try:
                 cur = self._conn.execute(sql, encoded["params"])
                 rows = [list(r) for r in cur.fetchall()]
             except sqlite3.Error as e:
-                raise _refused(e, 0) from None
+                raise self._refuse(e, 0) from None
         cols = [d[0] for d in cur.description or []]
         return cols, rows, {"rows_read": len(rows), "rows_written": 0}
 
@@ -136,10 +161,11 @@ class LocalD1Client:
         out = []
         with self._lock:
             self.requests += 1
+            self._fresh()
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as e:  # another process holds the file's write lock past busy_timeout
-                raise _refused(e, 0) from None
+                raise self._refuse(e, 0) from None
             try:
                 for i, (sql, params) in enumerate(stmts):
                     before = self._conn.total_changes
@@ -148,7 +174,7 @@ class LocalD1Client:
                         cur = self._conn.execute(sql, params)
                         rows = cur.fetchall()
                     except sqlite3.Error as e:
-                        raise _refused(e, i) from None
+                        raise self._refuse(e, i) from None
                     cols = [d[0] for d in cur.description or []]
                     changes = self._conn.total_changes - before
                     meta = {
@@ -162,7 +188,7 @@ class LocalD1Client:
                 try:
                     self._conn.execute("COMMIT")
                 except sqlite3.Error as e:  # the write itself failed: a disk gone read-only or full, an I/O error
-                    raise _refused(e, len(stmts) - 1) from None
+                    raise self._refuse(e, len(stmts) - 1) from None
             except BaseException:
                 if self._conn.in_transaction:
                     try:

@@ -2,6 +2,7 @@
 leave the queue intact and dead-letter nothing, SQL errors still isolate the change at fault, a lockout is
 waited out or deferred without a storm of requests."""
 
+import os
 import time
 
 import httpx
@@ -322,6 +323,39 @@ def test_a_write_the_disk_refuses_at_commit_is_temporary_never_a_raw_sqlite_erro
         assert pair.dead_letters() == [] and pair.queue_depth() == 50
         assert pair.apply().drained
         pair.assert_in_sync()
+    d1.close()
+
+
+def test_a_d1_file_opened_while_the_disk_was_read_only_is_opened_again_once_it_is_writable(tmp_path):
+    """SQLite opens a file it cannot write read-only, and the connection stays so after the file is writable
+    again: a run started during the spell would refuse every write for the rest of its life (seen in the daemon
+    soak: the run held the queue and applied nothing). The client opens the file again after such an answer."""
+    import subprocess
+
+    from d1sync_dagster.clients.d1_local import LocalD1Client
+    from d1sync_dagster.core.statements import Statement
+
+    path = tmp_path / "d1.sqlite"
+    first = LocalD1Client(path)
+    first.batch([Statement("CREATE TABLE t (x INTEGER)", ())])
+    first.close()
+    files = [str(path), str(path) + "-wal"]
+    subprocess.run(["chattr", "+i", *[f for f in files if os.path.exists(f)]], check=True)
+    try:
+        d1 = LocalD1Client(path)  # opened during the spell
+        with pytest.raises(D1Error) as e:
+            d1.batch([Statement("INSERT INTO t VALUES (1)", ())])
+        assert e.value.kind == "temporary" and "SQLITE_READONLY" in str(e.value)
+    finally:
+        subprocess.run(["chattr", "-i", *[f for f in files if os.path.exists(f)]], check=True)
+    d1.batch([Statement("INSERT INTO t VALUES (2)", ())])
+    assert d1.query("SELECT count(*) AS n FROM t")[0].results == [{"n": 1}]
+    # `PRAGMA query_only` (how the tests make a connection answer as a read-only database does) is left alone.
+    d1._conn.execute("PRAGMA query_only = ON")
+    with pytest.raises(D1Error):
+        d1.batch([Statement("INSERT INTO t VALUES (3)", ())])
+    with pytest.raises(D1Error):
+        d1.batch([Statement("INSERT INTO t VALUES (3)", ())])
     d1.close()
 
 
