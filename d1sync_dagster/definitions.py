@@ -16,12 +16,7 @@ import dagster as dg
 from d1sync_dagster import config
 from d1sync_dagster.defs.assets import build_table_assets, source_spec
 from d1sync_dagster.defs.checks import all_cheap_check_keys, build_reconcile_checks, build_source_checks
-from d1sync_dagster.defs.jobs import (
-    build_backfill_job,
-    build_doctor_job,
-    build_nuke_job,
-    build_setup_job,
-)
+from d1sync_dagster.defs.jobs import build_backfill_job, build_doctor_job, build_nuke_job, build_setup_job
 from d1sync_dagster.defs.keys import Wiring
 from d1sync_dagster.defs.resources import D1Resource, PostgresResource
 from d1sync_dagster.defs.sensors import build_depth_sensor
@@ -164,7 +159,7 @@ def _target_definitions(schema: Schema, target: Target, wiring: Wiring) -> dg.De
         f"Apply queued changes to every D1 table{where}, then run each table's checks"
         + (" (the sharded tables' changes too, recorded per shard)." if sharded and plain else "."),
     )
-    shard_jobs = []
+    shard_jobs, apply_shards_job = [], None
     if sharded:
         shard_jobs.append(
             _tables_job(
@@ -176,17 +171,16 @@ def _target_definitions(schema: Schema, target: Target, wiring: Wiring) -> dg.De
                 "backfills each shard in a run of its own, and the partitions show each shard's status.",
             )
         )
-        if plain:  # the sensor's run when only sharded tables have changes waiting
-            shard_jobs.append(
-                _tables_job(
-                    wiring.name("d1sync_apply_shards"),
-                    schema,
-                    list(sharded),
-                    wiring,
-                    f"Apply queued changes{where} (every table's), recording the sharded tables per shard reached. "
-                    "Launched with a partition, it backfills that shard instead.",
-                )
-            )
+    if sharded and plain:  # the sensor's run when only sharded tables have changes waiting
+        apply_shards_job = _tables_job(
+            wiring.name("d1sync_apply_shards"),
+            schema,
+            list(sharded),
+            wiring,
+            f"Apply queued changes{where} (every table's), recording the sharded tables per shard reached. "
+            "Launched with a partition, it backfills that shard instead.",
+        )
+        shard_jobs.append(apply_shards_job)
     reconcile_job = dg.define_asset_job(
         wiring.name("d1sync_reconcile"),
         selection=dg.AssetSelection.checks(drift),
@@ -209,7 +203,7 @@ def _target_definitions(schema: Schema, target: Target, wiring: Wiring) -> dg.De
     streaming = config.apply_mode() == "stream"
     sensor = build_depth_sensor(
         apply_job,
-        shard_job=shard_jobs[-1] if sharded and plain else None,
+        shard_job=apply_shards_job,
         sharded_tables=set(sharded),
         stream_job=stream_job if streaming else None,
         # Streaming, the sensor only watches over the runs (two cheap queries a tick): every 5 s, so that a

@@ -109,7 +109,7 @@ def recorded(
     there (the other figures are the table's, over its shards). A sharded table whose changes reached no
     shard (all dead-lettered or held) gets one materialization outside its partitions, so that its history
     still says what happened."""
-    if shards is None or not shards:
+    if not shards:
         return [dg.AssetMaterialization(asset_key=key, metadata=md)]
     return [
         dg.AssetMaterialization(
@@ -379,8 +379,10 @@ def _backfill_shard(
                 "applied_by": dg.MetadataValue.text(report.handed_to or "this run"),
             },
         )
-    keys = [k for k in context.selected_asset_check_keys if k.asset_key in {wiring.asset_key(t) for t in chosen}]
-    for outcome in table_outcomes(health, schema, keys, lag_threshold_seconds=lag_threshold_seconds, wiring=wiring):
+    # (a selected check of a table that does not route to this shard has no reading: it is left unevaluated)
+    for outcome in table_outcomes(
+        health, schema, context.selected_asset_check_keys, lag_threshold_seconds=lag_threshold_seconds, wiring=wiring
+    ):
         yield outcome.result()
 
 

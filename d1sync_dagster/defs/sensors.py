@@ -279,10 +279,10 @@ def build_depth_sensor(
         if holders and successor_of is None:  # (a standby expects the running one to hold it)
             return dg.SkipReason(f"{waiting}, but the queue's consumer lock is held by {describe_holders(holders)}")
         launched = run_job if stream_job is None else stream_job
-        # The D1 API's budget is the account's: the latest run of either apply job may have found it spent.
-        appliers = {launched.name} | ({job.name, shard_job.name} if stream_job is None and shard_job else set())
-        for name in sorted(appliers):
-            latest = context.instance.get_run_records(dg.RunsFilter(job_name=name), limit=1)
+        # The D1 API's budget is the account's: the latest run of any job this sensor starts may have found it
+        # spent.
+        for launches in jobs:
+            latest = context.instance.get_run_records(dg.RunsFilter(job_name=launches.name), limit=1)
             not_before = latest[0].dagster_run.tags.get(NOT_BEFORE_TAG) if latest else None
             if not_before and datetime.fromisoformat(not_before) > datetime.now(UTC):
                 return dg.SkipReason(
