@@ -107,30 +107,36 @@ $$;
 DO $install$
 DECLARE
   other text[];
+  less text;
+  one boolean;
 BEGIN
   -- The columns that are not replicated, as the table has them now: each record leaves them out.
   SELECT coalesce(pg_catalog.array_agg(a.attname::text ORDER BY a.attnum), '{}') INTO other
     FROM pg_catalog.pg_attribute a
    WHERE a.attrelid = '"public"."apps"'::regclass AND a.attnum > 0 AND NOT a.attisdropped
      AND a.attname <> ALL (ARRAY['id', 'owner_id', 'name', 'is_public', 'settings', 'rating', 'icon', 'created_at']::name[]);
-  EXECUTE pg_catalog.replace($body$CREATE OR REPLACE FUNCTION "d1sync"."capture_public_apps"() RETURNS trigger
+  less := CASE WHEN pg_catalog.cardinality(other) = 0 THEN ''
+    ELSE ' OPERATOR(pg_catalog.-) ' || pg_catalog.quote_literal(other::text) || '::text[]' END;
+  one := pg_catalog.cardinality(other) = 1;
+  EXECUTE pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(pg_catalog.replace($body$CREATE OR REPLACE FUNCTION "d1sync"."capture_public_apps"() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $fn$
+#variable_conflict use_variable
 DECLARE
   msgs jsonb[];
   xid jsonb := pg_catalog.to_jsonb(pg_catalog.txid_current());
 BEGIN
   IF TG_OP = 'INSERT' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', (pg_catalog.to_jsonb(r)/*@d1sync_less_other_columns@*/), 'old_record', NULL, 'type', 'INSERT', 'table', 'apps', 'xid', xid) AS m FROM new_rows r) s;
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.to_jsonb(c)/*@d1sync_less_record@*/ AS m FROM (SELECT /*@d1sync_record@*/ AS record, NULL::jsonb AS old_record, 'INSERT'::text AS type, 'apps'::text AS "table", xid AS xid FROM new_rows r) c) s;
     IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   ELSIF TG_OP = 'DELETE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', (pg_catalog.to_jsonb(r)/*@d1sync_less_other_columns@*/), 'type', 'DELETE', 'table', 'apps', 'xid', xid) AS m FROM old_rows r) s;
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.to_jsonb(c)/*@d1sync_less_old_record@*/ AS m FROM (SELECT NULL::jsonb AS record, /*@d1sync_record@*/ AS old_record, 'DELETE'::text AS type, 'apps'::text AS "table", xid AS xid FROM old_rows r) c) s;
     IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   ELSIF TG_OP = 'UPDATE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (WITH o AS (SELECT x.j->'id' AS k0, x.j/*@d1sync_less_other_columns@*/ AS r FROM (SELECT pg_catalog.to_jsonb(t) AS j FROM old_rows t OFFSET 0) x),
-           n AS (SELECT x.j->'id' AS k0, x.j/*@d1sync_less_other_columns@*/ AS r FROM (SELECT pg_catalog.to_jsonb(t) AS j FROM new_rows t OFFSET 0) x)
+      SELECT pg_catalog.now(), m FROM (WITH o AS (SELECT x.j->'id' AS k0, x.j/*@d1sync_less_other_columns@*/ AS r FROM (SELECT pg_catalog.to_jsonb(t.*) AS j FROM old_rows t OFFSET 0) x),
+           n AS (SELECT x.j->'id' AS k0, x.j/*@d1sync_less_other_columns@*/ AS r FROM (SELECT pg_catalog.to_jsonb(t.*) AS j FROM new_rows t OFFSET 0) x)
       SELECT m FROM (
         SELECT 0 AS ord, pg_catalog.jsonb_build_object('record', NULL, 'old_record', o.r, 'type', 'DELETE', 'table', 'apps', 'xid', xid) AS m
           FROM o WHERE NOT EXISTS (SELECT 1 FROM n WHERE n.k0 = o.k0)
@@ -147,9 +153,14 @@ BEGIN
   END IF;
   RETURN NULL;
 END
-$fn$;$body$, '/*@d1sync_less_other_columns@*/', CASE
-    WHEN pg_catalog.cardinality(other) = 0 THEN ''
-    ELSE ' OPERATOR(pg_catalog.-) ' || pg_catalog.quote_literal(other::text) || '::text[]' END);
+$fn$;$body$,
+    '/*@d1sync_less_other_columns@*/', less),
+    '/*@d1sync_record@*/', CASE WHEN less = '' OR one THEN 'COALESCE(r.*)'
+      ELSE '(pg_catalog.to_jsonb(r.*)' || less || ')' END),
+    '/*@d1sync_less_record@*/', CASE WHEN one THEN ' OPERATOR(pg_catalog.#-) '
+      || pg_catalog.quote_literal(ARRAY['record', other[1]]::text) || '::text[]' ELSE '' END),
+    '/*@d1sync_less_old_record@*/', CASE WHEN one THEN ' OPERATOR(pg_catalog.#-) '
+      || pg_catalog.quote_literal(ARRAY['old_record', other[1]]::text) || '::text[]' ELSE '' END);
 END
 $install$;
 DROP TRIGGER IF EXISTS "d1sync_capture_insert" ON "public"."apps";
@@ -178,30 +189,36 @@ DO UPDATE SET attnum = excluded.attnum, pg_type = excluded.pg_type, recorded_at 
 DO $install$
 DECLARE
   other text[];
+  less text;
+  one boolean;
 BEGIN
   -- The columns that are not replicated, as the table has them now: each record leaves them out.
   SELECT coalesce(pg_catalog.array_agg(a.attname::text ORDER BY a.attnum), '{}') INTO other
     FROM pg_catalog.pg_attribute a
    WHERE a.attrelid = '"public"."app_versions"'::regclass AND a.attnum > 0 AND NOT a.attisdropped
      AND a.attname <> ALL (ARRAY['app_id', 'version', 'manifest', 'downloads', 'released_at']::name[]);
-  EXECUTE pg_catalog.replace($body$CREATE OR REPLACE FUNCTION "d1sync"."capture_public_app_versions"() RETURNS trigger
+  less := CASE WHEN pg_catalog.cardinality(other) = 0 THEN ''
+    ELSE ' OPERATOR(pg_catalog.-) ' || pg_catalog.quote_literal(other::text) || '::text[]' END;
+  one := pg_catalog.cardinality(other) = 1;
+  EXECUTE pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(pg_catalog.replace($body$CREATE OR REPLACE FUNCTION "d1sync"."capture_public_app_versions"() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $fn$
+#variable_conflict use_variable
 DECLARE
   msgs jsonb[];
   xid jsonb := pg_catalog.to_jsonb(pg_catalog.txid_current());
 BEGIN
   IF TG_OP = 'INSERT' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', (pg_catalog.to_jsonb(r)/*@d1sync_less_other_columns@*/), 'old_record', NULL, 'type', 'INSERT', 'table', 'app_versions', 'xid', xid) AS m FROM new_rows r) s;
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.to_jsonb(c)/*@d1sync_less_record@*/ AS m FROM (SELECT /*@d1sync_record@*/ AS record, NULL::jsonb AS old_record, 'INSERT'::text AS type, 'app_versions'::text AS "table", xid AS xid FROM new_rows r) c) s;
     IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   ELSIF TG_OP = 'DELETE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', (pg_catalog.to_jsonb(r)/*@d1sync_less_other_columns@*/), 'type', 'DELETE', 'table', 'app_versions', 'xid', xid) AS m FROM old_rows r) s;
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.to_jsonb(c)/*@d1sync_less_old_record@*/ AS m FROM (SELECT NULL::jsonb AS record, /*@d1sync_record@*/ AS old_record, 'DELETE'::text AS type, 'app_versions'::text AS "table", xid AS xid FROM old_rows r) c) s;
     IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
   ELSIF TG_OP = 'UPDATE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (WITH o AS (SELECT x.j->'app_id' AS k0, x.j->'version' AS k1, x.j/*@d1sync_less_other_columns@*/ AS r FROM (SELECT pg_catalog.to_jsonb(t) AS j FROM old_rows t OFFSET 0) x),
-           n AS (SELECT x.j->'app_id' AS k0, x.j->'version' AS k1, x.j/*@d1sync_less_other_columns@*/ AS r FROM (SELECT pg_catalog.to_jsonb(t) AS j FROM new_rows t OFFSET 0) x)
+      SELECT pg_catalog.now(), m FROM (WITH o AS (SELECT x.j->'app_id' AS k0, x.j->'version' AS k1, x.j/*@d1sync_less_other_columns@*/ AS r FROM (SELECT pg_catalog.to_jsonb(t.*) AS j FROM old_rows t OFFSET 0) x),
+           n AS (SELECT x.j->'app_id' AS k0, x.j->'version' AS k1, x.j/*@d1sync_less_other_columns@*/ AS r FROM (SELECT pg_catalog.to_jsonb(t.*) AS j FROM new_rows t OFFSET 0) x)
       SELECT m FROM (
         SELECT 0 AS ord, pg_catalog.jsonb_build_object('record', NULL, 'old_record', o.r, 'type', 'DELETE', 'table', 'app_versions', 'xid', xid) AS m
           FROM o WHERE NOT EXISTS (SELECT 1 FROM n WHERE n.k0 = o.k0 AND n.k1 = o.k1)
@@ -218,9 +235,14 @@ BEGIN
   END IF;
   RETURN NULL;
 END
-$fn$;$body$, '/*@d1sync_less_other_columns@*/', CASE
-    WHEN pg_catalog.cardinality(other) = 0 THEN ''
-    ELSE ' OPERATOR(pg_catalog.-) ' || pg_catalog.quote_literal(other::text) || '::text[]' END);
+$fn$;$body$,
+    '/*@d1sync_less_other_columns@*/', less),
+    '/*@d1sync_record@*/', CASE WHEN less = '' OR one THEN 'COALESCE(r.*)'
+      ELSE '(pg_catalog.to_jsonb(r.*)' || less || ')' END),
+    '/*@d1sync_less_record@*/', CASE WHEN one THEN ' OPERATOR(pg_catalog.#-) '
+      || pg_catalog.quote_literal(ARRAY['record', other[1]]::text) || '::text[]' ELSE '' END),
+    '/*@d1sync_less_old_record@*/', CASE WHEN one THEN ' OPERATOR(pg_catalog.#-) '
+      || pg_catalog.quote_literal(ARRAY['old_record', other[1]]::text) || '::text[]' ELSE '' END);
 END
 $install$;
 DROP TRIGGER IF EXISTS "d1sync_capture_insert" ON "public"."app_versions";

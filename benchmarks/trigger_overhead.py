@@ -3,12 +3,16 @@ table; and the `send_batch` variant) vs the seed's per-row trigger calling `pgmq
 `--rows` rows and for as many single-row INSERTs (one statement each, in a server-side loop, so client round
 trips do not hide the trigger's cost).
 
-    .venv/bin/python benchmarks/trigger_overhead.py [--rows 100000] [--repeat 3] [--before FILE] [--all-replicated]
+    .venv/bin/python benchmarks/trigger_overhead.py [--rows 100000] [--repeat 3] [--before FILE ...]
+        [--only-before] [--all-replicated]
 
 `--before FILE` adds a variant installed from a saved capture migration (e.g. `d1sync generate-sql` of an
-earlier commit), measured interleaved with the others, so a change to capture is compared in one run.
+earlier commit), measured interleaved with the others, so a change to capture is compared in one run; give it
+more than once to compare several (each is named by its file's stem).
 `--all-replicated` drops `apps.secret_note` first (the one column schema.json leaves out), so every column
-of the table is replicated: the capture then sends a plain `to_jsonb` of each row, with nothing to subtract.
+of the table is replicated: the capture then puts each row into its message as it is, with nothing to take
+out. `--only-before` leaves out the `send_batch` and per-row variants. For figures that do not move between
+runs, count instructions instead (`capture_instructions.py`).
 Prints the median time of each variant and the ratios; docs/benchmarks.md quotes one run.
 """
 
@@ -62,8 +66,8 @@ BEGIN
 END $$
 """
 
-#: A saved migration to compare against (`--before`), and whether apps keeps its column that is not
-#: replicated (`--all-replicated`).
+#: Saved migrations to compare against (`--before`), by variant name, and whether apps keeps its column
+#: that is not replicated (`--all-replicated`).
 BEFORE: dict[str, str] = {}
 SETTINGS = {"all_replicated": False}
 
@@ -78,8 +82,8 @@ def reset(conn: psycopg.Connection, variant: str) -> None:
         conn.execute(migration(load_schema(ROOT / "schema.json")).encode())
     elif variant == "send_batch":
         conn.execute(migration(load_schema(ROOT / "schema.json"), via="send_batch").encode())
-    elif variant == "before":
-        conn.execute(BEFORE["sql"].encode())
+    elif variant in BEFORE:
+        conn.execute(BEFORE[variant].encode())
     elif variant == "per-row":
         conn.execute(SEED_PER_ROW.encode())
     conn.execute("CHECKPOINT")
@@ -102,23 +106,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rows", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--before", type=Path, help="a saved capture migration to measure beside today's")
+    ap.add_argument(
+        "--before",
+        type=Path,
+        action="append",
+        default=[],
+        help="a saved capture migration to measure beside today's (repeatable)",
+    )
     ap.add_argument("--shape", choices=["bulk", "single", "both"], default="both")
+    ap.add_argument("--only-before", action="store_true", help="measure plain, d1sync and --before only")
     ap.add_argument("--all-replicated", action="store_true", help="drop apps.secret_note: every column replicated")
     args = ap.parse_args()
     SETTINGS["all_replicated"] = args.all_replicated
-    variants = ["plain", "d1sync", "send_batch", "per-row"]
-    if args.before is not None:
-        BEFORE["sql"] = args.before.read_text(encoding="utf-8")
-        variants.insert(2, "before")
+    variants = ["plain", "d1sync"] if args.only_before else ["plain", "d1sync", "send_batch", "per-row"]
+    for i, path in enumerate(args.before):
+        name = f"{path.stem}" if len(args.before) > 1 else "before"
+        BEFORE[name] = path.read_text(encoding="utf-8")
+        variants.insert(2 + i, name)
     shapes = ["bulk", "single"] if args.shape == "both" else [args.shape]
     with fresh_database() as url:
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(migration(load_schema(ROOT / "schema.json")).split("-- apps ->")[0].encode())
             version = conn.execute("SELECT current_setting('server_version')").fetchone()[0]
         times = {(s, v): [] for s in shapes for v in variants}
-        for _ in range(args.repeat):
-            for shape, variant in times:  # interleaved, so drift on the machine hits every variant alike
+        for i in range(args.repeat):
+            # Interleaved, so drift on the machine hits every variant alike, and in an order that turns each
+            # repeat: the variant run right after `plain` was measured 10% slower than the same code later.
+            order = variants[i % len(variants) :] + variants[: i % len(variants)]
+            for shape, variant in ((s, v) for s in shapes for v in order):
                 elapsed, queued = measure(url, variant, args.rows, shape)
                 expected = 0 if variant == "plain" else args.rows
                 assert queued == expected, f"{variant}: {queued} messages queued, expected {expected}"
@@ -129,13 +144,11 @@ def main() -> None:
         columns = "every column replicated" if args.all_replicated else "one column not replicated"
         print(f"{what} {args.rows:,} rows into apps ({columns}), PostgreSQL {version}, median of {args.repeat}")
         for k, v in med.items():
-            print(f"  {k:10s} {v:7.3f} s   {args.rows / v:>10,.0f} rows/s   {v / med['plain']:.2f}x plain")
+            print(f"  {k:22s} {v:7.3f} s   {args.rows / v:>10,.0f} rows/s   {v / med['plain']:.2f}x plain")
         extra = {k: med[k] - med["plain"] for k in med}
-        print(f"  d1sync is {med['per-row'] / med['d1sync']:.2f}x faster than the per-row design in total time")
-        print(
-            f"  time the capture adds: d1sync {extra['d1sync']:.3f} s, send_batch {extra['send_batch']:.3f} s, "
-            f"per-row {extra['per-row']:.3f} s" + (f", before {extra['before']:.3f} s" if "before" in extra else "")
-        )
+        if "per-row" in med:
+            print(f"  d1sync is {med['per-row'] / med['d1sync']:.2f}x faster than the per-row design in total time")
+        print("  time the capture adds: " + ", ".join(f"{k} {extra[k]:.3f} s" for k in variants if k != "plain"))
 
 
 if __name__ == "__main__":

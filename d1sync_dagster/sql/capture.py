@@ -84,11 +84,27 @@ def source_relation(table: Table) -> str:
 
 
 def _message(table: Table, record: str, old_record: str, op: str) -> str:
-    """The seed's message shape, plus `xid`: the source transaction (`pg_current_xact_id()`, taken once per
-    statement into `xid`), so the consumer publishes each transaction whole (`core/txns.py`)."""
+    """The seed's message shape, plus `xid`: the source transaction (`txid_current()`, the 64-bit
+    `pg_current_xact_id()`, taken once per statement into `xid`), so the consumer publishes each transaction
+    whole (`core/txns.py`)."""
     return (
         f"pg_catalog.jsonb_build_object('record', {record}, 'old_record', {old_record}, "
         f"'type', '{op}', 'table', {literal(table.name)}, 'xid', xid)"
+    )
+
+
+def _row_message(table: Table, op: str, rows: str) -> str:
+    """The same message for each row of `rows` (an INSERT's new rows or a DELETE's old ones), built by one
+    `to_jsonb` of a composite whose `record` (or `old_record`) is the row itself: the row turns into JSON
+    once, straight inside the message, where `jsonb_build_object` over a `to_jsonb(r)` builds the row's
+    JSON and then copies it (and `jsonb_build_object` of the row itself costs more per call). The install
+    fills in how the columns that are not replicated leave (see `capture_function`)."""
+    key = "record" if op == "INSERT" else "old_record"
+    fields = {"record": "NULL::jsonb", "old_record": "NULL::jsonb", key: _RECORD}
+    return (
+        f"SELECT pg_catalog.to_jsonb(c){_LESS_IN_MESSAGE.format(key)} AS m FROM (SELECT {fields['record']} "
+        f"AS record, {fields['old_record']} AS old_record, '{op}'::text AS type, {literal(table.name)}::text "
+        f'AS "table", xid AS xid FROM {rows} r) c'
     )
 
 
@@ -117,6 +133,13 @@ def _enqueue(queue: str, select: str, via: SendVia) -> str:
 #: Where the install puts ` - '<the columns that are not replicated>'::text[]` (see `capture_function`), or
 #: nothing when every column of the table is replicated (a plain `to_jsonb`: no per-row subtraction).
 _LESS_OTHER_COLUMNS = "/*@d1sync_less_other_columns@*/"
+#: Where the install puts an INSERT's or DELETE's record: the row itself, or `(to_jsonb(r.*) - '<the
+#: others>'::text[])` where two or more columns are not replicated. The row is `COALESCE(r.*)`, not `r`: a
+#: bare `r` means the table's column of that name where it has one, and a bare `r.*` is its columns.
+_RECORD = "/*@d1sync_record@*/"
+#: Where the install puts ` #- '{record,<the one column not replicated>}'` (or `old_record`) when exactly one
+#: is not: taking it out of the finished message is one pass over it, where the subtraction above is two.
+_LESS_IN_MESSAGE = "/*@d1sync_less_{}@*/"
 
 
 def capture_function(table: Table, queue: str, *, via: SendVia = "insert") -> str:
@@ -124,10 +147,12 @@ def capture_function(table: Table, queue: str, *, via: SendVia = "insert") -> st
 
     No DDL on the table may make capture fail inside the application's transaction, and PL/pgSQL bodies are
     not dependencies: a column the function named could be dropped or renamed, and every later write would
-    fail. So the function names no column. A row's record is its whole `to_jsonb` less the columns that are
-    not replicated (`- text[]`, one pass; a plain `to_jsonb` where there are none), a list the block reads
-    from the catalog when it runs: only the replicated columns travel (benchmarks/trigger_overhead.py). After a
-    DDL the function keeps working unchanged:
+    fail. So the function names no column. A row's record is the whole row less the columns that are not
+    replicated, a list the block reads from the catalog when it runs: only the replicated columns travel.
+    Where every column is replicated, the row goes into the message as it is (one pass over it);
+    where one is not, it is taken out of the finished message (`#- '{record,col}'`); where more are not, the
+    record is the row's `to_jsonb` less them (`- text[]`). Each is the cheapest for its case
+    (benchmarks/trigger_overhead.py). After a DDL the function keeps working unchanged:
     - a replicated column dropped or renamed is missing from the record (a renamed one's values travel under
       its new name, so the change replays once schema.json follows); the consumer sees the missing column and
       holds the table's changes (`engine/drift.py`) instead of writing NULL for it;
@@ -135,14 +160,15 @@ def capture_function(table: Table, queue: str, *, via: SendVia = "insert") -> st
       convert;
     - a column added since the install travels too, ignored by the consumer, until `d1sync setup` runs again
       (`doctor` names it).
-    UPDATE rows are paired by their key values as JSON (`j->'k'`), for the same reason."""
+    UPDATE rows are paired by their key values as JSON (`j->'k'`), for the same reason. The function's own
+    variables win over a column of the same name (`#variable_conflict use_variable`): a source table may
+    well have a column `xid`, and an ambiguous name would fail every write."""
     check_queue_name(queue)
     fn = f"{ident(FUNCTION_SCHEMA)}.{ident(function_name(table, queue))}"
-    rec = f"(pg_catalog.to_jsonb(r){_LESS_OTHER_COLUMNS})"
-    insert = f"SELECT {_message(table, rec, 'NULL', 'INSERT')} AS m FROM new_rows r"
-    delete = f"SELECT {_message(table, 'NULL', rec, 'DELETE')} AS m FROM old_rows r"
+    insert = _row_message(table, "INSERT", "new_rows")
+    delete = _row_message(table, "DELETE", "old_rows")
     # The whole row once per row (OFFSET 0: not flattened, or each `j` below would compute it again).
-    rows = "(SELECT pg_catalog.to_jsonb(t) AS j FROM {} t OFFSET 0) x"
+    rows = "(SELECT pg_catalog.to_jsonb(t.*) AS j FROM {} t OFFSET 0) x"
     keys = ", ".join(f"x.j->{literal(k)} AS k{i}" for i, k in enumerate(table.key))
     pair = f"x.j{_LESS_OTHER_COLUMNS}"
     join = " AND ".join(f"n.k{i} = o.k{i}" for i in range(len(table.key)))
@@ -159,6 +185,7 @@ def capture_function(table: Table, queue: str, *, via: SendVia = "insert") -> st
     truncate = f"SELECT {_message(table, 'NULL', 'NULL', 'TRUNCATE')} AS m"
     body = f"""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $fn$
+#variable_conflict use_variable
 DECLARE
   msgs jsonb[];
   xid jsonb := pg_catalog.to_jsonb(pg_catalog.txid_current());
@@ -179,15 +206,25 @@ $fn$;"""
     return f"""DO $install$
 DECLARE
   other text[];
+  less text;
+  one boolean;
 BEGIN
   -- The columns that are not replicated, as the table has them now: each record leaves them out.
   SELECT coalesce(pg_catalog.array_agg(a.attname::text ORDER BY a.attnum), '{{}}') INTO other
     FROM pg_catalog.pg_attribute a
    WHERE a.attrelid = {literal(source_relation(table))}::regclass AND a.attnum > 0 AND NOT a.attisdropped
      AND a.attname <> ALL ({replicated});
-  EXECUTE pg_catalog.replace($body${body}$body$, {literal(_LESS_OTHER_COLUMNS)}, CASE
-    WHEN pg_catalog.cardinality(other) = 0 THEN ''
-    ELSE ' OPERATOR(pg_catalog.-) ' || pg_catalog.quote_literal(other::text) || '::text[]' END);
+  less := CASE WHEN pg_catalog.cardinality(other) = 0 THEN ''
+    ELSE ' OPERATOR(pg_catalog.-) ' || pg_catalog.quote_literal(other::text) || '::text[]' END;
+  one := pg_catalog.cardinality(other) = 1;
+  EXECUTE pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(pg_catalog.replace($body${body}$body$,
+    {literal(_LESS_OTHER_COLUMNS)}, less),
+    {literal(_RECORD)}, CASE WHEN less = '' OR one THEN 'COALESCE(r.*)'
+      ELSE '(pg_catalog.to_jsonb(r.*)' || less || ')' END),
+    {literal(_LESS_IN_MESSAGE.format("record"))}, CASE WHEN one THEN ' OPERATOR(pg_catalog.#-) '
+      || pg_catalog.quote_literal(ARRAY['record', other[1]]::text) || '::text[]' ELSE '' END),
+    {literal(_LESS_IN_MESSAGE.format("old_record"))}, CASE WHEN one THEN ' OPERATOR(pg_catalog.#-) '
+      || pg_catalog.quote_literal(ARRAY['old_record', other[1]]::text) || '::text[]' ELSE '' END);
 END
 $install$;"""
 

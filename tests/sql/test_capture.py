@@ -166,22 +166,26 @@ def test_every_message_carries_its_source_transaction(pg):
     assert got[:3] == [xid, xid, xid] and got[3] != xid
 
 
-def test_the_record_is_a_plain_to_jsonb_where_every_column_is_replicated(pg):
+def _body(pg, table) -> str:
+    return pg.execute(
+        "SELECT prosrc FROM pg_proc WHERE proname = %s AND pronamespace = %s::regnamespace",
+        [function_name(table), FUNCTION_SCHEMA],
+    )[0][0]
+
+
+def test_the_record_is_the_row_itself_where_every_column_is_replicated(pg):
     """The subtraction of the columns that are not replicated costs a pass over each row: it is left out of
-    the function where there are none (a column added later then travels, and apply ignores it)."""
+    the function where there are none (a column added later then travels, and apply ignores it), and where
+    one is left out it leaves the finished message (one pass, not two)."""
     pg.execute("CREATE TABLE plain (id int PRIMARY KEY, name text)")
     schema = parse_schema({"plain": {"primaryKey": "id", "columns": {"id": "INTEGER", "name": "TEXT"}}})
     setup_postgres(pg, schema)
-
-    def body(table) -> str:
-        return pg.execute(
-            "SELECT prosrc FROM pg_proc WHERE proname = %s AND pronamespace = %s::regnamespace",
-            [function_name(table), FUNCTION_SCHEMA],
-        )[0][0]
-
-    plain = body(schema.table("plain"))
-    assert "OPERATOR(pg_catalog.-)" not in plain and "@d1sync" not in plain
-    assert "'{secret_note}'::text[]" in body(SCHEMA.table("apps"))  # apps has a column schema.json leaves out
+    plain = _body(pg, schema.table("plain"))
+    assert "OPERATOR(pg_catalog.-)" not in plain and "#-" not in plain and "@d1sync" not in plain
+    assert "COALESCE(r.*) AS record" in plain
+    apps = _body(pg, SCHEMA.table("apps"))  # apps has one column schema.json leaves out
+    assert "OPERATOR(pg_catalog.#-) '{record,secret_note}'::text[]" in apps
+    assert "OPERATOR(pg_catalog.#-) '{old_record,secret_note}'::text[]" in apps
     pg.execute("INSERT INTO plain VALUES (1, 'a')")
     pg.execute("UPDATE plain SET name = 'b'")
     pg.execute("ALTER TABLE plain ADD COLUMN later int")
@@ -192,3 +196,42 @@ def test_the_record_is_a_plain_to_jsonb_where_every_column_is_replicated(pg):
         ("UPDATE", {"id": 1, "name": "b"}),
         ("UPDATE", {"id": 1, "name": "b", "later": 7}),
     ]
+
+
+#: Source columns named like the capture function's own names: its variables (`xid`, `msgs`), its aliases
+#: (`r`, `t`, `c`, `s`, `x`, `j`, `m`, `o`, `n`, `k0`, `ord`) and the message's keys.
+CLASHING = ["r", "t", "c", "s", "x", "j", "m", "o", "n", "k0", "ord", "xid", "msgs", "record", "type", "table"]
+
+
+@pytest.mark.parametrize("kept_out", [[], ["secret"], ["secret", 'we"ird,{x}']], ids=["none", "one", "two"])
+def test_columns_named_like_the_functions_own_names_travel_as_columns(pg, kept_out):
+    """A table with a column `xid` made every write fail (an ambiguous name in the function), and one with a
+    column `r` or `t` sent that column's value as the record. Every shape of the function (no column left
+    out, one, two with a hostile name) gets the whole row, less the columns left out."""
+
+    def quoted(c: str) -> str:
+        return '"' + c.replace('"', '""') + '"'
+
+    cols = ["id", *CLASHING]
+    ddl = ", ".join(f"{quoted(c)} {'int PRIMARY KEY' if c == 'id' else 'text'}" for c in [*cols, *kept_out])
+    pg.execute(f"CREATE TABLE clash ({ddl})")
+    types = {c: "INTEGER" if c == "id" else "TEXT" for c in cols}
+    setup_postgres(pg, parse_schema({"clash": {"primaryKey": "id", "columns": types}}))
+    written = [*cols, *kept_out]
+    values = [1] + [f"{c}!" for c in CLASHING] + ["not replicated"] * len(kept_out)
+    placeholders = ", ".join(["%s"] * len(written))
+    pg.execute(f"INSERT INTO clash ({', '.join(map(quoted, written))}) VALUES ({placeholders})", values)
+    pg.execute("UPDATE clash SET r = 'r2', xid = 'x2'")
+    pg.execute("UPDATE clash SET id = 2")
+    pg.execute("DELETE FROM clash")
+    got = [m for m in messages(pg) if m["table"] == "clash"]
+    row = {"id": 1} | {c: f"{c}!" for c in CLASHING}
+    changed = row | {"r": "r2", "xid": "x2"}
+    assert [(m["type"], m["record"], m["old_record"]) for m in got] == [
+        ("INSERT", row, None),
+        ("UPDATE", changed, row),
+        ("DELETE", None, changed),
+        ("UPDATE", changed | {"id": 2}, None),
+        ("DELETE", None, changed | {"id": 2}),
+    ]
+    assert all(isinstance(m["xid"], int) for m in got)
