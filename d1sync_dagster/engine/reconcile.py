@@ -306,7 +306,7 @@ def _missing(pg: PgmqClient, d1: D1Client, table: Table, chunk_size: int, drift:
             where = f"WHERE ({keys_sql}) > (" + ", ".join(f"%s::{t}" for t in types) + ")"
             params = offset_key
         rows = pg.execute(
-            f"SELECT to_jsonb(r), ARRAY[{', '.join(f'r.{ident(k)}::text' for k in table.key)}] FROM "
+            f"SELECT to_jsonb(r.*), ARRAY[{', '.join(f'r.{ident(k)}::text' for k in table.key)}] FROM "
             f"(SELECT {cols} FROM {source_relation(table)} {where} ORDER BY {keys_sql} LIMIT {int(chunk_size)}) r",
             params,
         )
@@ -347,7 +347,9 @@ def repair(pg: PgmqClient, table: Table, drift: TableDrift, scope: Scope = Scope
             table,
             types,
             fix,
-            lambda w, p: pg.execute(f"SELECT to_jsonb(r) FROM (SELECT {cols} FROM {source_relation(table)} {w}) r", p),
+            lambda w, p: pg.execute(
+                f"SELECT to_jsonb(r.*) FROM (SELECT {cols} FROM {source_relation(table)} {w}) r", p
+            ),
         )
         records = [r for (r,) in rows]
         rule = scope.rule

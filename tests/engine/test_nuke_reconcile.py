@@ -179,3 +179,21 @@ def test_verify_and_repair_a_100_column_table(pg_url, d1, real_columns):
         assert sorted(drift.different) == [(5,), (250,)] and drift.missing == [(77,)]
         assert reconcile(pg, d1, schema, chunk_size=120).tables["wide"].total == 0
         Pair(pg, d1, schema).assert_in_sync()
+
+
+def test_verify_and_repair_a_table_with_columns_named_like_the_queries_aliases(pg_url, d1):
+    """The compare and repair queries call the row `r`: a table with a column `r` had that column's value
+    read as the whole row."""
+    schema = parse_schema({"clash": {"primaryKey": "id", "columns": {"id": "INTEGER", "r": "TEXT", "t": "TEXT"}}})
+    with PgmqClient(pg_url) as pg:
+        pg.execute("CREATE TABLE clash (id bigint PRIMARY KEY, r text, t text)")
+        setup(pg, d1, schema)
+        pg.execute("INSERT INTO clash SELECT g, 'r' || g, 't' || g FROM generate_series(1, 50) g")
+        apply(pg, d1, schema)
+        assert reconcile(pg, d1, schema, chunk_size=20).tables["clash"].total == 0
+        d1.query("DELETE FROM clash WHERE id = 7")
+        d1.query("UPDATE clash SET r = 'tampered' WHERE id = 9")
+        drift = reconcile(pg, d1, schema, chunk_size=20, repair_drift=True).tables["clash"]
+        assert drift.missing == [(7,)] and drift.different == [(9,)]
+        assert reconcile(pg, d1, schema, chunk_size=20).tables["clash"].total == 0
+        Pair(pg, d1, schema).assert_in_sync()
