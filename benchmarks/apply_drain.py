@@ -11,7 +11,9 @@ is the drain's alone: that process's own peak resident size (VmHWM) and the plan
 
 In the same run, exact copies of the backlog (CREATE DATABASE ... TEMPLATE) are drained by two loops that do
 nothing but empty the queue, in batches of the same size: `raw` (SELECT by msg_id order + DELETE, the queue
-table's limit) and `pgmq` (pgmq.read + pgmq.delete). d1sync's rate is also given as a ratio of theirs.
+table's limit) and `pgmq` (pgmq.read + pgmq.delete). d1sync's rate is also given as a ratio of theirs: of the
+whole run (`ratio_to_raw`), and of the drain alone (`drain_ratio_to_raw`: the run less the VACUUM of the queue
+table that apply runs once the queue is empty and D1 complete, which the raw loops do not).
 Supabase-side cost per change, for capture and for each drain: row versions written in the queue table
 (inserts + updates + deletes, from pg_stat_user_tables) and WAL bytes (pg_current_wal_lsn before and after;
 nothing else should use this Postgres meanwhile).
@@ -180,6 +182,12 @@ def drain(args: argparse.Namespace) -> None:
                 "changes": report.messages,
                 "seconds": round(report.duration_seconds, 2),
                 "changes_per_second": round(report.changes_per_second),
+                # The drain alone: the run less the queue table's VACUUM after it (which the raw loops do not
+                # do; autovacuum would, later).
+                "vacuum_seconds": round(report.vacuum_seconds, 3),
+                "drain_changes_per_second": round(
+                    report.messages / max(report.duration_seconds - report.vacuum_seconds, 1e-9)
+                ),
                 "requests": report.requests,
                 "statements": report.statements,
                 "rows_per_request": round(report.rows_per_request),
@@ -228,6 +236,7 @@ def main() -> None:
                 fig = run_child(__file__, backend, url, ["--batch-size", str(args.batch_size)])
                 fig |= cost.stop(int(fig["changes"]))  # type: ignore[arg-type]
             fig["ratio_to_raw"] = round(fig["changes_per_second"] / raw["changes_per_second"], 2)  # type: ignore[operator]
+            fig["drain_ratio_to_raw"] = round(fig["drain_changes_per_second"] / raw["changes_per_second"], 2)  # type: ignore[operator]
             fig["ratio_to_pgmq_read"] = round(fig["changes_per_second"] / via_pgmq["changes_per_second"], 2)  # type: ignore[operator]
             print_figures(f"{backend} ({q['queued']:,} messages queued)", fig)
             print_figures("  capture (writer's statements, per queued change)", capture)

@@ -209,7 +209,9 @@ def apply(
             note = f"{report.split_transactions} in the run that ended {when}"
             d1.batch([Statement(upsert_meta(), ("last_split_transactions", note))])
         if report.drained and report.messages and options.vacuum_dead_rows is not None:
+            vacuum_started = time.monotonic()
             report.vacuumed = vacuum_queue(pg, options.vacuum_dead_rows)
+            report.vacuum_seconds = time.monotonic() - vacuum_started
     report.duration_seconds = time.monotonic() - started
     return report
 

@@ -51,6 +51,7 @@ _SUMMED = frozenset(
         "rows_sent",
         "dead_lettered",
         "duration_seconds",
+        "vacuum_seconds",
         "held",
         "released",
         "split_transactions",
@@ -73,6 +74,9 @@ class ApplyReport:
     drained: bool = False
     skipped: str | None = None
     vacuumed: bool = False
+    #: Of `duration_seconds`, the time the queue table's VACUUM after the drain took (the queue was empty and
+    #: D1 complete before it started).
+    vacuum_seconds: float = 0.0
     #: Peak resident memory of the planner process (`engine/planner.py`) in MB, when one ran (Linux).
     planner_peak_mb: float | None = None
     held: int = 0
