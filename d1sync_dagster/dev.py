@@ -349,14 +349,16 @@ def _run_until_stopped(
                 tail = scrub(_tail(log), url)
                 say(f"dagster {name} exited with code {p.returncode}; see {log}. Its last lines:\n{tail}")
                 return 3
-        if writes:
-            live_writes(pg, rows=opts.rows_per_tick)
-            ticks += 1
         now = time.monotonic()
         if now - last_report >= 10:
+            # Before this tick's writes: what the streaming apply left of the earlier ones (read just after
+            # a write, the depth was always that write's own changes, as if nothing had been applied).
             m = pg.metrics()
             say(f"[{now - started:5.0f}s] {ticks} write ticks, queue depth {m.queue_length}")
             last_report = now
+        if writes:
+            live_writes(pg, rows=opts.rows_per_tick)
+            ticks += 1
         if opts.stop_after_seconds is not None and now - started >= opts.stop_after_seconds:
             break
         stop.wait(opts.tick_seconds)
