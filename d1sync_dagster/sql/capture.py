@@ -152,7 +152,7 @@ def capture_function(table: Table, queue: str, *, via: SendVia = "insert") -> st
     Where every column is replicated, the row goes into the message as it is (one pass over it);
     where one is not, it is taken out of the finished message (`#- '{record,col}'`); where more are not, the
     record is the row's `to_jsonb` less them (`- text[]`). Each is the cheapest for its case
-    (benchmarks/trigger_overhead.py). After a DDL the function keeps working unchanged:
+    (benchmarks/capture_instructions.py). After a DDL the function keeps working unchanged:
     - a replicated column dropped or renamed is missing from the record (a renamed one's values travel under
       its new name, so the change replays once schema.json follows); the consumer sees the missing column and
       holds the table's changes (`engine/drift.py`) instead of writing NULL for it;
