@@ -53,6 +53,32 @@ CREATE TABLE IF NOT EXISTS "d1sync".source_columns (
   PRIMARY KEY (queue, table_schema, table_name, column_name)
 );
 
+-- Whether every column in `columns` is still a column of `rel`, and `rel` still the table `relid`. The capture
+-- functions ask it before they take a table's replicated columns by name. It reads the catalog, yet it is
+-- IMMUTABLE on purpose: the planner answers it once per plan, and any DDL on the table replans (see
+-- capture_function in d1sync_dagster/sql/capture.py). It looks the columns up as the planner does (the
+-- catalog caches, up to date), not with a query on pg_attribute: a REPEATABLE READ transaction reads the
+-- catalog as of its snapshot, and would find a column dropped since.
+CREATE OR REPLACE FUNCTION "d1sync".columns_in_place(rel text, relid oid, columns text[])
+RETURNS boolean LANGUAGE plpgsql IMMUTABLE SET search_path = '' AS $fn$
+DECLARE
+  col text;
+BEGIN
+  IF pg_catalog.to_regclass(rel) IS DISTINCT FROM relid THEN
+    RETURN false;
+  END IF;
+  FOREACH col IN ARRAY columns LOOP
+    -- NULL for a table that is gone; an error for a column that is.
+    IF pg_catalog.has_column_privilege(relid, col, 'SELECT') IS NULL THEN
+      RETURN false;
+    END IF;
+  END LOOP;
+  RETURN true;
+EXCEPTION WHEN undefined_column THEN
+  RETURN false;
+END
+$fn$;
+
 -- Names drift in the session that runs the DDL (a WARNING) and wakes the streaming apply. It never fails
 -- the DDL. Supabase lets its postgres role create event triggers (supautils), which then skip DDL run by
 -- superusers; where no event trigger may be created, drift is found at apply time and by d1sync doctor.
@@ -107,53 +133,90 @@ $$;
 DO $install$
 DECLARE
   other text[];
+  present int;
   less text;
   one boolean;
+  named text;
 BEGIN
   -- The columns that are not replicated, as the table has them now: each record leaves them out.
   SELECT coalesce(pg_catalog.array_agg(a.attname::text ORDER BY a.attnum), '{}') INTO other
     FROM pg_catalog.pg_attribute a
    WHERE a.attrelid = '"public"."apps"'::regclass AND a.attnum > 0 AND NOT a.attisdropped
      AND a.attname <> ALL (ARRAY['id', 'owner_id', 'name', 'is_public', 'settings', 'rating', 'icon', 'created_at']::name[]);
+  SELECT pg_catalog.count(*) INTO present
+    FROM pg_catalog.pg_attribute a
+   WHERE a.attrelid = '"public"."apps"'::regclass AND a.attnum > 0 AND NOT a.attisdropped
+     AND a.attname = ANY (ARRAY['id', 'owner_id', 'name', 'is_public', 'settings', 'rating', 'icon', 'created_at']::name[]);
   less := CASE WHEN pg_catalog.cardinality(other) = 0 THEN ''
     ELSE ' OPERATOR(pg_catalog.-) ' || pg_catalog.quote_literal(other::text) || '::text[]' END;
   one := pg_catalog.cardinality(other) = 1;
-  EXECUTE pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(pg_catalog.replace($body$CREATE OR REPLACE FUNCTION "d1sync"."capture_public_apps"() RETURNS trigger
+  -- By name only where it saves a pass (a column is left out) and every replicated column is there.
+  named := CASE WHEN pg_catalog.cardinality(other) = 0 OR present < pg_catalog.cardinality(ARRAY['id', 'owner_id', 'name', 'is_public', 'settings', 'rating', 'icon', 'created_at']::name[]) THEN 'false'
+    ELSE pg_catalog.format('"d1sync".columns_in_place(%L, %s::pg_catalog.oid, %L::text[]) AND '
+      'pg_catalog.num_nonnulls(TG_RELID, %L::pg_catalog.regclass) = 2', '"public"."apps"', '"public"."apps"'::regclass::oid,
+      ARRAY['id', 'owner_id', 'name', 'is_public', 'settings', 'rating', 'icon', 'created_at']::name[]::text, '"public"."apps"'::regclass::oid::text) END;
+  EXECUTE pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(
+    $body$CREATE OR REPLACE FUNCTION "d1sync"."capture_public_apps"() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $fn$
 #variable_conflict use_variable
 DECLARE
   msgs jsonb[];
+  notified text;
   xid jsonb := pg_catalog.to_jsonb(pg_catalog.txid_current());
 BEGIN
   IF TG_OP = 'INSERT' THEN
+    IF /*@d1sync_named@*/ THEN
+    INSERT INTO pgmq."q_replicate_data" (vt, message)
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.to_jsonb(c) AS m FROM (SELECT COALESCE(r.*) AS record, NULL::jsonb AS old_record, 'INSERT'::text AS type, 'apps'::text AS "table", xid AS xid FROM (SELECT n."id", n."owner_id", n."name", n."is_public", n."settings", n."rating", n."icon", n."created_at" FROM new_rows n) r) c) s;
+    IF FOUND THEN notified := pg_catalog.pg_notify('d1sync_replicate_data', '')::text; END IF;
+    ELSE
     INSERT INTO pgmq."q_replicate_data" (vt, message)
       SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.to_jsonb(c)/*@d1sync_less_record@*/ AS m FROM (SELECT /*@d1sync_record@*/ AS record, NULL::jsonb AS old_record, 'INSERT'::text AS type, 'apps'::text AS "table", xid AS xid FROM new_rows r) c) s;
-    IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
+    IF FOUND THEN notified := pg_catalog.pg_notify('d1sync_replicate_data', '')::text; END IF;
+    END IF;
   ELSIF TG_OP = 'DELETE' THEN
+    IF /*@d1sync_named@*/ THEN
+    INSERT INTO pgmq."q_replicate_data" (vt, message)
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.to_jsonb(c) AS m FROM (SELECT NULL::jsonb AS record, COALESCE(r.*) AS old_record, 'DELETE'::text AS type, 'apps'::text AS "table", xid AS xid FROM (SELECT n."id", n."owner_id", n."name", n."is_public", n."settings", n."rating", n."icon", n."created_at" FROM old_rows n) r) c) s;
+    IF FOUND THEN notified := pg_catalog.pg_notify('d1sync_replicate_data', '')::text; END IF;
+    ELSE
     INSERT INTO pgmq."q_replicate_data" (vt, message)
       SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.to_jsonb(c)/*@d1sync_less_old_record@*/ AS m FROM (SELECT NULL::jsonb AS record, /*@d1sync_record@*/ AS old_record, 'DELETE'::text AS type, 'apps'::text AS "table", xid AS xid FROM old_rows r) c) s;
-    IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
+    IF FOUND THEN notified := pg_catalog.pg_notify('d1sync_replicate_data', '')::text; END IF;
+    END IF;
   ELSIF TG_OP = 'UPDATE' THEN
+    IF /*@d1sync_named@*/ THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (WITH o AS (SELECT x.j->'id' AS k0, x.j/*@d1sync_less_other_columns@*/ AS r FROM (SELECT pg_catalog.to_jsonb(t.*) AS j FROM old_rows t OFFSET 0) x),
-           n AS (SELECT x.j->'id' AS k0, x.j/*@d1sync_less_other_columns@*/ AS r FROM (SELECT pg_catalog.to_jsonb(t.*) AS j FROM new_rows t OFFSET 0) x)
-      SELECT m FROM (
-        SELECT 0 AS ord, pg_catalog.jsonb_build_object('record', NULL, 'old_record', o.r, 'type', 'DELETE', 'table', 'apps', 'xid', xid) AS m
-          FROM o WHERE NOT EXISTS (SELECT 1 FROM n WHERE n.k0 = o.k0)
-        UNION ALL
-        SELECT 1 AS ord, pg_catalog.jsonb_build_object('record', n.r, 'old_record', o.r, 'type', 'UPDATE', 'table', 'apps', 'xid', xid) AS m
-          FROM n LEFT JOIN o ON n.k0 = o.k0
-          WHERE o.r IS DISTINCT FROM n.r
+      SELECT pg_catalog.now(), m FROM (SELECT m FROM (
+        SELECT n.k0 IS NOT NULL AS ord, pg_catalog.to_jsonb(c) AS m
+          FROM (SELECT t."id"::text COLLATE pg_catalog."C" AS k0, pg_catalog.to_jsonb(t.*) AS r FROM (SELECT n."id", n."owner_id", n."name", n."is_public", n."settings", n."rating", n."icon", n."created_at" FROM old_rows n) t OFFSET 0) o FULL JOIN (SELECT t."id"::text COLLATE pg_catalog."C" AS k0, pg_catalog.to_jsonb(t.*) AS r FROM (SELECT n."id", n."owner_id", n."name", n."is_public", n."settings", n."rating", n."icon", n."created_at" FROM new_rows n) t OFFSET 0) n ON n.k0 = o.k0
+          CROSS JOIN LATERAL (SELECT n.r AS record, o.r AS old_record,
+            CASE WHEN n.k0 IS NULL THEN 'DELETE' ELSE 'UPDATE' END::text AS type,
+            'apps'::text AS "table", xid AS xid) c
+         WHERE o.r IS DISTINCT FROM n.r
       ) c ORDER BY ord) s;
-    IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
+    IF FOUND THEN notified := pg_catalog.pg_notify('d1sync_replicate_data', '')::text; END IF;
+    ELSE
+    INSERT INTO pgmq."q_replicate_data" (vt, message)
+      SELECT pg_catalog.now(), m FROM (SELECT m FROM (
+        SELECT n.k0 IS NOT NULL AS ord, pg_catalog.to_jsonb(c) AS m
+          FROM (SELECT x.j->>'id' COLLATE pg_catalog."C" AS k0, x.j/*@d1sync_less_other_columns@*/ AS r FROM (SELECT pg_catalog.to_jsonb(t.*) AS j FROM old_rows t OFFSET 0) x OFFSET 0) o FULL JOIN (SELECT x.j->>'id' COLLATE pg_catalog."C" AS k0, x.j/*@d1sync_less_other_columns@*/ AS r FROM (SELECT pg_catalog.to_jsonb(t.*) AS j FROM new_rows t OFFSET 0) x OFFSET 0) n ON n.k0 = o.k0
+          CROSS JOIN LATERAL (SELECT n.r AS record, o.r AS old_record,
+            CASE WHEN n.k0 IS NULL THEN 'DELETE' ELSE 'UPDATE' END::text AS type,
+            'apps'::text AS "table", xid AS xid) c
+         WHERE o.r IS DISTINCT FROM n.r
+      ) c ORDER BY ord) s;
+    IF FOUND THEN notified := pg_catalog.pg_notify('d1sync_replicate_data', '')::text; END IF;
+    END IF;
   ELSIF TG_OP = 'TRUNCATE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
       SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', NULL, 'type', 'TRUNCATE', 'table', 'apps', 'xid', xid) AS m) s;
-    IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
+    IF FOUND THEN notified := pg_catalog.pg_notify('d1sync_replicate_data', '')::text; END IF;
   END IF;
   RETURN NULL;
 END
 $fn$;$body$,
+    '/*@d1sync_named@*/', named),
     '/*@d1sync_less_other_columns@*/', less),
     '/*@d1sync_record@*/', CASE WHEN less = '' OR one THEN 'COALESCE(r.*)'
       ELSE '(pg_catalog.to_jsonb(r.*)' || less || ')' END),
@@ -189,53 +252,90 @@ DO UPDATE SET attnum = excluded.attnum, pg_type = excluded.pg_type, recorded_at 
 DO $install$
 DECLARE
   other text[];
+  present int;
   less text;
   one boolean;
+  named text;
 BEGIN
   -- The columns that are not replicated, as the table has them now: each record leaves them out.
   SELECT coalesce(pg_catalog.array_agg(a.attname::text ORDER BY a.attnum), '{}') INTO other
     FROM pg_catalog.pg_attribute a
    WHERE a.attrelid = '"public"."app_versions"'::regclass AND a.attnum > 0 AND NOT a.attisdropped
      AND a.attname <> ALL (ARRAY['app_id', 'version', 'manifest', 'downloads', 'released_at']::name[]);
+  SELECT pg_catalog.count(*) INTO present
+    FROM pg_catalog.pg_attribute a
+   WHERE a.attrelid = '"public"."app_versions"'::regclass AND a.attnum > 0 AND NOT a.attisdropped
+     AND a.attname = ANY (ARRAY['app_id', 'version', 'manifest', 'downloads', 'released_at']::name[]);
   less := CASE WHEN pg_catalog.cardinality(other) = 0 THEN ''
     ELSE ' OPERATOR(pg_catalog.-) ' || pg_catalog.quote_literal(other::text) || '::text[]' END;
   one := pg_catalog.cardinality(other) = 1;
-  EXECUTE pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(pg_catalog.replace($body$CREATE OR REPLACE FUNCTION "d1sync"."capture_public_app_versions"() RETURNS trigger
+  -- By name only where it saves a pass (a column is left out) and every replicated column is there.
+  named := CASE WHEN pg_catalog.cardinality(other) = 0 OR present < pg_catalog.cardinality(ARRAY['app_id', 'version', 'manifest', 'downloads', 'released_at']::name[]) THEN 'false'
+    ELSE pg_catalog.format('"d1sync".columns_in_place(%L, %s::pg_catalog.oid, %L::text[]) AND '
+      'pg_catalog.num_nonnulls(TG_RELID, %L::pg_catalog.regclass) = 2', '"public"."app_versions"', '"public"."app_versions"'::regclass::oid,
+      ARRAY['app_id', 'version', 'manifest', 'downloads', 'released_at']::name[]::text, '"public"."app_versions"'::regclass::oid::text) END;
+  EXECUTE pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(
+    $body$CREATE OR REPLACE FUNCTION "d1sync"."capture_public_app_versions"() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $fn$
 #variable_conflict use_variable
 DECLARE
   msgs jsonb[];
+  notified text;
   xid jsonb := pg_catalog.to_jsonb(pg_catalog.txid_current());
 BEGIN
   IF TG_OP = 'INSERT' THEN
+    IF /*@d1sync_named@*/ THEN
+    INSERT INTO pgmq."q_replicate_data" (vt, message)
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.to_jsonb(c) AS m FROM (SELECT COALESCE(r.*) AS record, NULL::jsonb AS old_record, 'INSERT'::text AS type, 'app_versions'::text AS "table", xid AS xid FROM (SELECT n."app_id", n."version", n."manifest", n."downloads", n."released_at" FROM new_rows n) r) c) s;
+    IF FOUND THEN notified := pg_catalog.pg_notify('d1sync_replicate_data', '')::text; END IF;
+    ELSE
     INSERT INTO pgmq."q_replicate_data" (vt, message)
       SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.to_jsonb(c)/*@d1sync_less_record@*/ AS m FROM (SELECT /*@d1sync_record@*/ AS record, NULL::jsonb AS old_record, 'INSERT'::text AS type, 'app_versions'::text AS "table", xid AS xid FROM new_rows r) c) s;
-    IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
+    IF FOUND THEN notified := pg_catalog.pg_notify('d1sync_replicate_data', '')::text; END IF;
+    END IF;
   ELSIF TG_OP = 'DELETE' THEN
+    IF /*@d1sync_named@*/ THEN
+    INSERT INTO pgmq."q_replicate_data" (vt, message)
+      SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.to_jsonb(c) AS m FROM (SELECT NULL::jsonb AS record, COALESCE(r.*) AS old_record, 'DELETE'::text AS type, 'app_versions'::text AS "table", xid AS xid FROM (SELECT n."app_id", n."version", n."manifest", n."downloads", n."released_at" FROM old_rows n) r) c) s;
+    IF FOUND THEN notified := pg_catalog.pg_notify('d1sync_replicate_data', '')::text; END IF;
+    ELSE
     INSERT INTO pgmq."q_replicate_data" (vt, message)
       SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.to_jsonb(c)/*@d1sync_less_old_record@*/ AS m FROM (SELECT NULL::jsonb AS record, /*@d1sync_record@*/ AS old_record, 'DELETE'::text AS type, 'app_versions'::text AS "table", xid AS xid FROM old_rows r) c) s;
-    IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
+    IF FOUND THEN notified := pg_catalog.pg_notify('d1sync_replicate_data', '')::text; END IF;
+    END IF;
   ELSIF TG_OP = 'UPDATE' THEN
+    IF /*@d1sync_named@*/ THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
-      SELECT pg_catalog.now(), m FROM (WITH o AS (SELECT x.j->'app_id' AS k0, x.j->'version' AS k1, x.j/*@d1sync_less_other_columns@*/ AS r FROM (SELECT pg_catalog.to_jsonb(t.*) AS j FROM old_rows t OFFSET 0) x),
-           n AS (SELECT x.j->'app_id' AS k0, x.j->'version' AS k1, x.j/*@d1sync_less_other_columns@*/ AS r FROM (SELECT pg_catalog.to_jsonb(t.*) AS j FROM new_rows t OFFSET 0) x)
-      SELECT m FROM (
-        SELECT 0 AS ord, pg_catalog.jsonb_build_object('record', NULL, 'old_record', o.r, 'type', 'DELETE', 'table', 'app_versions', 'xid', xid) AS m
-          FROM o WHERE NOT EXISTS (SELECT 1 FROM n WHERE n.k0 = o.k0 AND n.k1 = o.k1)
-        UNION ALL
-        SELECT 1 AS ord, pg_catalog.jsonb_build_object('record', n.r, 'old_record', o.r, 'type', 'UPDATE', 'table', 'app_versions', 'xid', xid) AS m
-          FROM n LEFT JOIN o ON n.k0 = o.k0 AND n.k1 = o.k1
-          WHERE o.r IS DISTINCT FROM n.r
+      SELECT pg_catalog.now(), m FROM (SELECT m FROM (
+        SELECT n.k0 IS NOT NULL AS ord, pg_catalog.to_jsonb(c) AS m
+          FROM (SELECT t."app_id"::text COLLATE pg_catalog."C" AS k0, t."version"::text COLLATE pg_catalog."C" AS k1, pg_catalog.to_jsonb(t.*) AS r FROM (SELECT n."app_id", n."version", n."manifest", n."downloads", n."released_at" FROM old_rows n) t OFFSET 0) o FULL JOIN (SELECT t."app_id"::text COLLATE pg_catalog."C" AS k0, t."version"::text COLLATE pg_catalog."C" AS k1, pg_catalog.to_jsonb(t.*) AS r FROM (SELECT n."app_id", n."version", n."manifest", n."downloads", n."released_at" FROM new_rows n) t OFFSET 0) n ON n.k0 = o.k0 AND n.k1 = o.k1
+          CROSS JOIN LATERAL (SELECT n.r AS record, o.r AS old_record,
+            CASE WHEN n.k0 IS NULL THEN 'DELETE' ELSE 'UPDATE' END::text AS type,
+            'app_versions'::text AS "table", xid AS xid) c
+         WHERE o.r IS DISTINCT FROM n.r
       ) c ORDER BY ord) s;
-    IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
+    IF FOUND THEN notified := pg_catalog.pg_notify('d1sync_replicate_data', '')::text; END IF;
+    ELSE
+    INSERT INTO pgmq."q_replicate_data" (vt, message)
+      SELECT pg_catalog.now(), m FROM (SELECT m FROM (
+        SELECT n.k0 IS NOT NULL AS ord, pg_catalog.to_jsonb(c) AS m
+          FROM (SELECT x.j->>'app_id' COLLATE pg_catalog."C" AS k0, x.j->>'version' COLLATE pg_catalog."C" AS k1, x.j/*@d1sync_less_other_columns@*/ AS r FROM (SELECT pg_catalog.to_jsonb(t.*) AS j FROM old_rows t OFFSET 0) x OFFSET 0) o FULL JOIN (SELECT x.j->>'app_id' COLLATE pg_catalog."C" AS k0, x.j->>'version' COLLATE pg_catalog."C" AS k1, x.j/*@d1sync_less_other_columns@*/ AS r FROM (SELECT pg_catalog.to_jsonb(t.*) AS j FROM new_rows t OFFSET 0) x OFFSET 0) n ON n.k0 = o.k0 AND n.k1 = o.k1
+          CROSS JOIN LATERAL (SELECT n.r AS record, o.r AS old_record,
+            CASE WHEN n.k0 IS NULL THEN 'DELETE' ELSE 'UPDATE' END::text AS type,
+            'app_versions'::text AS "table", xid AS xid) c
+         WHERE o.r IS DISTINCT FROM n.r
+      ) c ORDER BY ord) s;
+    IF FOUND THEN notified := pg_catalog.pg_notify('d1sync_replicate_data', '')::text; END IF;
+    END IF;
   ELSIF TG_OP = 'TRUNCATE' THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
       SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.jsonb_build_object('record', NULL, 'old_record', NULL, 'type', 'TRUNCATE', 'table', 'app_versions', 'xid', xid) AS m) s;
-    IF FOUND THEN PERFORM pg_catalog.pg_notify('d1sync_replicate_data', ''); END IF;
+    IF FOUND THEN notified := pg_catalog.pg_notify('d1sync_replicate_data', '')::text; END IF;
   END IF;
   RETURN NULL;
 END
 $fn$;$body$,
+    '/*@d1sync_named@*/', named),
     '/*@d1sync_less_other_columns@*/', less),
     '/*@d1sync_record@*/', CASE WHEN less = '' OR one THEN 'COALESCE(r.*)'
       ELSE '(pg_catalog.to_jsonb(r.*)' || less || ')' END),

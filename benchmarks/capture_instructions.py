@@ -1,12 +1,14 @@
 """Capture cost as CPU instructions per row: exact and repeatable where wall-clock time is not.
 
     .venv/bin/python benchmarks/capture_instructions.py [--before FILE ...] [--all-replicated]
+        [--shape bulk|single|update|delete ...]
 
 `trigger_overhead.py` times the capture; on this shared 2-core machine its runs move by 5% and more, as much as
 the changes to compare. This script counts instead: it makes a throwaway cluster (initdb), one database per
-variant (no capture; today's; each `--before` migration), and runs the same statements as
-`trigger_overhead.py` (one bulk INSERT; single-row INSERTs in a server-side loop) in Postgres's single-user
-mode under `valgrind --tool=callgrind`, twice: with `--low` and with `--high` rows. The difference over the
+variant (no capture; today's; each `--before` migration; set up by `trigger_overhead.reset`), and runs the
+same statements as `trigger_overhead.py` (one bulk INSERT; single-row INSERTs in a server-side loop), and one
+UPDATE and one DELETE of every row (written before with capture off), in Postgres's single-user mode under
+`valgrind --tool=callgrind`, twice: with `--low` and with `--high` rows. The difference over the
 extra rows is the instructions one row costs, without start-up, planning or the function's first compile.
 Each variant's capture cost is its count less the plain insert's. Needs valgrind and Postgres's server
 binaries (`pg_config --bindir`, else /usr/lib/postgresql/*/bin); run as root, the cluster is the `postgres`
@@ -31,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import psycopg  # noqa: E402
 
-from benchmarks.trigger_overhead import INSERT, SINGLE  # noqa: E402
+from benchmarks.trigger_overhead import BEFORE, INSERT, SETTINGS, SINGLE, reset  # noqa: E402
 from d1sync_dagster.embedded import pgmq_sql  # noqa: E402
 from d1sync_dagster.schema import load_schema  # noqa: E402
-from d1sync_dagster.sql.capture import example_source_tables, migration  # noqa: E402
+from d1sync_dagster.sql.capture import migration  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 #: What every run ends with, so the next run of the same database starts from the same state (triggers off).
@@ -65,9 +67,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+#: What each shape measures, by name.
+SHAPES = {
+    "bulk": "one bulk INSERT into apps",
+    "single": "single-row INSERTs into apps",
+    "update": "one UPDATE of every row of apps",
+    "delete": "one DELETE of every row of apps",
+}
+
+
 def statement(shape: str, rows: int) -> str:
-    text = INSERT if shape == "bulk" else SINGLE
-    return text.replace("%s", str(rows)).replace("%%", "%").strip() + ";\n\n"
+    insert = INSERT.replace("%s", str(rows)).replace("%%", "%").strip() + ";\n\n"
+    if shape == "bulk":
+        return insert
+    if shape == "single":
+        return SINGLE.replace("%s", str(rows)).replace("%%", "%").strip() + ";\n\n"
+    # The rows are written first with capture off (the same for every variant, so it cancels out).
+    seeded = f"SET session_replication_role = replica;\n\n{insert}SET session_replication_role = origin;\n\n"
+    if shape == "update":
+        return seeded + "UPDATE public.apps SET name = name || '!', rating = rating + 1;\n\n"
+    return seeded + "DELETE FROM public.apps;\n\n"
 
 
 def instructions(bin_: Path, data: Path, db: str, script: str) -> int:
@@ -102,15 +121,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--before", type=Path, action="append", default=[], help="a saved capture migration (repeatable)")
     ap.add_argument("--all-replicated", action="store_true", help="drop apps.secret_note: every column replicated")
+    ap.add_argument("--shape", choices=list(SHAPES), action="append", help="what to measure (repeatable; all)")
     ap.add_argument("--low", type=int, default=1000)
     ap.add_argument("--high", type=int, default=4000)
     args = ap.parse_args()
     if not shutil.which("valgrind"):
         sys.exit("capture_instructions: needs valgrind (apt-get install valgrind)")
     bin_ = bindir()
-    today = migration(load_schema(ROOT / "schema.json"))
-    variants: dict[str, str | None] = {"plain": None, "d1sync": today}
-    variants |= {p.stem: p.read_text(encoding="utf-8") for p in args.before}
+    SETTINGS["all_replicated"] = args.all_replicated
+    BEFORE.update({p.stem: p.read_text(encoding="utf-8") for p in args.before})
+    variants = ["plain", "d1sync", *BEFORE]
+    queue_setup = migration(load_schema(ROOT / "schema.json")).split("-- apps ->")[0]
     work = Path(tempfile.mkdtemp(prefix="d1sync-instructions-"))
     try:
         os.chmod(work, 0o777)  # the postgres user writes its cluster and socket here
@@ -125,42 +146,34 @@ def main() -> None:
         subprocess.run(as_owner(start), check=True, stdout=subprocess.DEVNULL)
         try:
             url = f"host={work} port={port} user=postgres"
-            for i, sql in enumerate(variants.values()):
+            for i, variant in enumerate(variants):
                 with psycopg.connect(f"{url} dbname=postgres", autocommit=True) as conn:
                     conn.execute(f"CREATE DATABASE v{i}")
                 with psycopg.connect(f"{url} dbname=v{i}", autocommit=True) as conn:
                     conn.execute(pgmq_sql().encode())
-                    conn.execute(today.split("-- apps ->")[0].encode())
-                    conn.execute(example_source_tables().encode())
-                    if args.all_replicated:
-                        conn.execute("ALTER TABLE public.apps DROP COLUMN secret_note")
-                    if sql is not None:
-                        conn.execute(sql.encode())
+                    conn.execute(queue_setup.encode())
+                    reset(conn, variant)
                     conn.execute("VACUUM ANALYZE")
         finally:
             subprocess.run(
                 as_owner([str(bin_ / "pg_ctl"), "-D", str(data), "-w", "stop"]), check=True, capture_output=True
             )
         columns = "every column replicated" if args.all_replicated else "one column not replicated"
-        for shape in ("bulk", "single"):
+        for shape in args.shape or list(SHAPES):
             per_row = {}
             for i, name in enumerate(variants):
                 low, high = (
                     instructions(bin_, data, f"v{i}", statement(shape, n) + RESET) for n in (args.low, args.high)
                 )
                 per_row[name] = (high - low) / (args.high - args.low)
-            what = "one bulk INSERT" if shape == "bulk" else "single-row INSERTs"
-            print(f"{what} into apps ({columns}): instructions per row, rows {args.low:,} to {args.high:,}")
+            print(f"{SHAPES[shape]} ({columns}): instructions per row, rows {args.low:,} to {args.high:,}")
             plain = per_row["plain"]
             for name, n in per_row.items():
                 line = f"  {name:28s} {n:10,.0f}"
                 if name != "plain":
                     line += f"   capture {n - plain:9,.0f}"
-                    line += "".join(
-                        f"   {(n - plain) / (per_row[b] - plain) - 1:+.1%} vs {b}"
-                        for b in variants
-                        if b not in ("plain", "d1sync", name) and name == "d1sync"
-                    )
+                    if name == "d1sync":
+                        line += "".join(f"   {(n - plain) / (per_row[b] - plain) - 1:+.1%} vs {b}" for b in BEFORE)
                 print(line)
     finally:
         shutil.rmtree(work, ignore_errors=True)

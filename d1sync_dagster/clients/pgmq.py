@@ -647,6 +647,15 @@ class PgmqClient:
         )
         return (str(rows[0][0]), bool(rows[0][1])) if rows else ("", False)
 
+    def function_source(self, schema: str, name: str) -> str | None:
+        """The body of the function `schema.name` (without arguments), or None where there is none."""
+        rows = self.execute(
+            "SELECT p.prosrc FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = %s AND p.proname = %s AND p.pronargs = 0",
+            [schema, name],
+        )
+        return str(rows[0][0]) if rows else None
+
     def capture_triggers(
         self, relation: str, function_schema: str, function: str
     ) -> list[tuple[str, bool, bool, bool]]:

@@ -25,7 +25,14 @@ from d1sync_dagster.engine.drift import check as check_drift
 from d1sync_dagster.engine.status import d1_meta
 from d1sync_dagster.errors import D1Error, QueueError
 from d1sync_dagster.schema import Schema, Table
-from d1sync_dagster.sql.capture import FUNCTION_SCHEMA, function_name, source_relation, trigger_names
+from d1sync_dagster.sql.capture import (
+    COLUMNS_IN_PLACE,
+    FUNCTION_SCHEMA,
+    function_name,
+    named_form_table,
+    source_relation,
+    trigger_names,
+)
 from d1sync_dagster.sql.quoting import ident
 
 Level = Literal["ok", "warn", "fail"]
@@ -240,6 +247,28 @@ def _capture(dx: Diagnosis, pg: PgmqClient, table: Table) -> None:
             "d1sync setup as the role that owns the queue)",
         )
         return
+    body = pg.function_source(FUNCTION_SCHEMA, fn_name) or ""
+    target = named_form_table(body)
+    if target is not None:
+        # Through the catalog: this role may lack USAGE on the schema (to_regprocedure would then fail).
+        found = pg.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = %s AND p.proname = 'columns_in_place' "
+            "AND p.proargtypes = '25 26 1009'::oidvector)",  # (text, oid, text[])
+            [FUNCTION_SCHEMA],
+        )[0][0]
+        if not found:
+            dx.add(check, "fail", f"{COLUMNS_IN_PLACE} is missing: every write to {rel} fails", "d1sync setup")
+            return
+        if target != pg.execute("SELECT to_regclass(%s)::oid", [rel])[0][0]:
+            dx.add(
+                check,
+                "warn",
+                f"the capture function of {rel} was set up for a table of another oid (restored from a dump?): "
+                "it sends each change without naming the columns, which costs more per row",
+                "d1sync setup",
+            )
+            return
     dx.add(check, "ok", f"{rel}: four capture triggers enabled, writing to {pg.queue}")
 
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
+import re
+from collections.abc import Callable
 from typing import Literal
 
 from d1sync_dagster.schema import Schema, Table
@@ -93,18 +95,29 @@ def _message(table: Table, record: str, old_record: str, op: str) -> str:
     )
 
 
-def _row_message(table: Table, op: str, rows: str) -> str:
+def _named_columns(table: Table, rows: str) -> str:
+    """`rows` (a transition table) projected on the replicated columns by name: `(SELECT n."id", ... FROM
+    new_rows n)`. Qualified, so that a column named like one of the function's variables is the column."""
+    return f"(SELECT {', '.join(f'n.{ident(c)}' for c in table.columns)} FROM {rows} n)"
+
+
+def _row_message(table: Table, op: str, rows: str, *, named: bool = False) -> str:
     """The same message for each row of `rows` (an INSERT's new rows or a DELETE's old ones), built by one
     `to_jsonb` of a composite whose `record` (or `old_record`) is the row itself: the row turns into JSON
     once, straight inside the message, where `jsonb_build_object` over a `to_jsonb(r)` builds the row's
-    JSON and then copies it (and `jsonb_build_object` of the row itself costs more per call). The install
-    fills in how the columns that are not replicated leave (see `capture_function`)."""
+    JSON and then copies it (and `jsonb_build_object` of the row itself costs more per call).
+
+    `named`: the row is the replicated columns, named (one pass, whatever the table leaves out). Otherwise
+    the row is the whole row, and the install fills in how the columns that are not replicated leave (see
+    `capture_function`)."""
     key = "record" if op == "INSERT" else "old_record"
-    fields = {"record": "NULL::jsonb", "old_record": "NULL::jsonb", key: _RECORD}
+    fields = {"record": "NULL::jsonb", "old_record": "NULL::jsonb", key: "COALESCE(r.*)" if named else _RECORD}
+    source = f"{_named_columns(table, rows)} r" if named else f"{rows} r"
+    less = "" if named else _LESS_IN_MESSAGE.format(key)
     return (
-        f"SELECT pg_catalog.to_jsonb(c){_LESS_IN_MESSAGE.format(key)} AS m FROM (SELECT {fields['record']} "
+        f"SELECT pg_catalog.to_jsonb(c){less} AS m FROM (SELECT {fields['record']} "
         f"AS record, {fields['old_record']} AS old_record, '{op}'::text AS type, {literal(table.name)}::text "
-        f'AS "table", xid AS xid FROM {rows} r) c'
+        f'AS "table", xid AS xid FROM {source}) c'
     )
 
 
@@ -115,7 +128,9 @@ def notify_channel(queue: str) -> str:
 
 
 def _enqueue(queue: str, select: str, via: SendVia) -> str:
-    notify = f"PERFORM pg_catalog.pg_notify({literal(notify_channel(queue))}, '');"
+    # An assignment, not PERFORM: PL/pgSQL evaluates it as a simple expression, without starting the executor
+    # (PERFORM runs a query: 7,000 instructions more per statement, 5% of a single-row INSERT's capture).
+    notify = f"notified := pg_catalog.pg_notify({literal(notify_channel(queue))}, '')::text;"
     if via == "send_batch":
         return (
             f"msgs := ARRAY(SELECT m FROM ({select}) s);\n"
@@ -142,82 +157,152 @@ _RECORD = "/*@d1sync_record@*/"
 _LESS_IN_MESSAGE = "/*@d1sync_less_{}@*/"
 
 
+#: Where the install puts the condition under which the function takes the replicated columns by name:
+#: `false` where the table leaves no column out (the whole row is already one pass) or where a column of
+#: schema.json is missing, else a call of `columns_in_place` (see `capture_function`).
+_NAMED = "/*@d1sync_named@*/"
+
+
+#: The function that tells the capture functions whether they may take the columns by name.
+COLUMNS_IN_PLACE = f"{ident(FUNCTION_SCHEMA)}.columns_in_place(text, oid, text[])"
+
+
+def named_form_table(body: str) -> int | None:
+    """The oid of the table a capture function's named form checks (see `capture_function`), from its body;
+    None where the function has no named form (every column replicated, or a column missing at install)."""
+    found = re.search(r"columns_in_place\(.*?, (\d+)::pg_catalog\.oid, ", body)
+    return int(found.group(1)) if found else None
+
+
+def _update(table: Table, rows: Callable[[str], str]) -> str:
+    """An UPDATE statement's messages. `rows` (of a transition table) gives each row's key
+    columns as text (`k0`, ...) and its record (`r`, JSON). Old and new rows pair by key; a pair whose records
+    are equal sends nothing. Each message is one `to_jsonb` of a composite, as for an INSERT.
+
+    The keys compare as text in the "C" collation: cheap to hash and sort, and equal only where the values'
+    text is, so a key that changed in a way the type's own equality ignores (`citext` 'A' to 'a') is a
+    DELETE of the old key and an UPDATE of the new one, as D1 (which compares bytes) needs. The DELETEs go
+    first: a key whose text changed yet which D1 stores as the same value (numeric 1.0 to 1.00) is deleted,
+    then written."""
+    join = " AND ".join(f"n.k{i} = o.k{i}" for i in range(len(table.key)))
+    return f"""SELECT m FROM (
+        SELECT n.k0 IS NOT NULL AS ord, pg_catalog.to_jsonb(c) AS m
+          FROM ({rows("old_rows")} OFFSET 0) o FULL JOIN ({rows("new_rows")} OFFSET 0) n ON {join}
+          CROSS JOIN LATERAL (SELECT n.r AS record, o.r AS old_record,
+            CASE WHEN n.k0 IS NULL THEN 'DELETE' ELSE 'UPDATE' END::text AS type,
+            {literal(table.name)}::text AS "table", xid AS xid) c
+         WHERE o.r IS DISTINCT FROM n.r
+      ) c ORDER BY ord"""
+
+
 def capture_function(table: Table, queue: str, *, via: SendVia = "insert") -> str:
     """A `DO` block that creates (or replaces) the table's capture trigger function of `queue`.
 
     No DDL on the table may make capture fail inside the application's transaction, and PL/pgSQL bodies are
     not dependencies: a column the function named could be dropped or renamed, and every later write would
-    fail. So the function names no column. A row's record is the whole row less the columns that are not
-    replicated, a list the block reads from the catalog when it runs: only the replicated columns travel.
-    Where every column is replicated, the row goes into the message as it is (one pass over it);
-    where one is not, it is taken out of the finished message (`#- '{record,col}'`); where more are not, the
-    record is the row's `to_jsonb` less them (`- text[]`). Each is the cheapest for its case
-    (benchmarks/capture_instructions.py). After a DDL the function keeps working unchanged:
-    - a replicated column dropped or renamed is missing from the record (a renamed one's values travel under
-      its new name, so the change replays once schema.json follows); the consumer sees the missing column and
-      holds the table's changes (`engine/drift.py`) instead of writing NULL for it;
-    - a retyped column travels in its new type; the consumer holds the table when its values no longer
-      convert;
-    - a column added since the install travels too, ignored by the consumer, until `d1sync setup` runs again
-      (`doctor` names it).
-    UPDATE rows are paired by their key values as JSON (`j->'k'`), for the same reason. The function's own
-    variables win over a column of the same name (`#variable_conflict use_variable`): a source table may
-    well have a column `xid`, and an ambiguous name would fail every write."""
+    fail the next time the statement is planned. So each statement comes in two forms:
+    - **By name**, where the table keeps columns out of D1: the replicated columns, named, go into the message
+      in one pass, as cheap as a table that replicates every column. It runs only while
+      `d1sync.columns_in_place` says every replicated column is still there under its name. That function is
+      IMMUTABLE on purpose: the planner calls it once and keeps its answer in the condition's plan, which
+      holds a `regclass` constant of the table (`num_nonnulls(TG_RELID, '<oid>'::regclass)`, always true), so
+      any DDL on the table invalidates the plan and the next statement asks again. The query naming the
+      columns is planned only when it runs, so a dropped or renamed column never reaches it.
+    - **Name-free**, otherwise (and always where every column is replicated): a row's record is the whole row
+      less the columns that are not replicated, a list the block reads from the catalog when it runs. Where
+      every column is replicated, the row goes into the message as it is (one pass); where one is not, it is
+      taken out of the finished message (`#- '{record,col}'`); where more are not, the record is the row's
+      `to_jsonb` less them (`- text[]`). After a DDL this form keeps working unchanged:
+      - a replicated column dropped or renamed is missing from the record (a renamed one's values travel under
+        its new name, so the change replays once schema.json follows); the consumer sees the missing column
+        and holds the table's changes (`engine/drift.py`) instead of writing NULL for it;
+      - a retyped column travels in its new type; the consumer holds the table when its values no longer
+        convert;
+      - a column added since the install travels too, ignored by the consumer, until `d1sync setup` runs
+        again (`doctor` names it).
+    Both forms give the same messages for the same changes (tests/sql/test_capture.py runs every kind through
+    each; benchmarks/capture_instructions.py counts their cost). UPDATE rows are paired by their keys' text
+    (see `_update`). Every column is qualified (`n."id"`), and the function's own variables win over a
+    column of the same name (`#variable_conflict use_variable`): a source table may well have a column
+    `xid`, and an ambiguous name would fail every write."""
     check_queue_name(queue)
     fn = f"{ident(FUNCTION_SCHEMA)}.{ident(function_name(table, queue))}"
-    insert = _row_message(table, "INSERT", "new_rows")
-    delete = _row_message(table, "DELETE", "old_rows")
-    # The whole row once per row (OFFSET 0: not flattened, or each `j` below would compute it again).
-    rows = "(SELECT pg_catalog.to_jsonb(t.*) AS j FROM {} t OFFSET 0) x"
-    keys = ", ".join(f"x.j->{literal(k)} AS k{i}" for i, k in enumerate(table.key))
-    pair = f"x.j{_LESS_OTHER_COLUMNS}"
-    join = " AND ".join(f"n.k{i} = o.k{i}" for i in range(len(table.key)))
-    update = f"""WITH o AS (SELECT {keys}, {pair} AS r FROM {rows.format("old_rows")}),
-           n AS (SELECT {keys}, {pair} AS r FROM {rows.format("new_rows")})
-      SELECT m FROM (
-        SELECT 0 AS ord, {_message(table, "NULL", "o.r", "DELETE")} AS m
-          FROM o WHERE NOT EXISTS (SELECT 1 FROM n WHERE {join})
-        UNION ALL
-        SELECT 1 AS ord, {_message(table, "n.r", "o.r", "UPDATE")} AS m
-          FROM n LEFT JOIN o ON {join}
-          WHERE o.r IS DISTINCT FROM n.r
-      ) c ORDER BY ord"""
-    truncate = f"SELECT {_message(table, 'NULL', 'NULL', 'TRUNCATE')} AS m"
+
+    def either(by_name: str, whole: str) -> str:
+        return (
+            f"IF {_NAMED} THEN\n    {_enqueue(queue, by_name, via)}\n    ELSE\n"
+            f"    {_enqueue(queue, whole, via)}\n    END IF;"
+        )
+
+    insert = either(_row_message(table, "INSERT", "new_rows", named=True), _row_message(table, "INSERT", "new_rows"))
+    delete = either(_row_message(table, "DELETE", "old_rows", named=True), _row_message(table, "DELETE", "old_rows"))
+    collate = 'COLLATE pg_catalog."C"'
+    # Each row's JSON once (OFFSET 0: not flattened, or each use of `j` would compute it again).
+    whole_keys = ", ".join(f"x.j->>{literal(k)} {collate} AS k{i}" for i, k in enumerate(table.key))
+
+    def whole_rows(rel: str) -> str:
+        return (
+            f"SELECT {whole_keys}, x.j{_LESS_OTHER_COLUMNS} AS r "
+            f"FROM (SELECT pg_catalog.to_jsonb(t.*) AS j FROM {rel} t OFFSET 0) x"
+        )
+
+    named_keys = ", ".join(f"t.{ident(k)}::text {collate} AS k{i}" for i, k in enumerate(table.key))
+
+    def named_rows(rel: str) -> str:
+        return f"SELECT {named_keys}, pg_catalog.to_jsonb(t.*) AS r FROM {_named_columns(table, rel)} t"
+
+    update = either(_update(table, named_rows), _update(table, whole_rows))
+    truncate = _enqueue(queue, f"SELECT {_message(table, 'NULL', 'NULL', 'TRUNCATE')} AS m", via)
     body = f"""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $fn$
 #variable_conflict use_variable
 DECLARE
   msgs jsonb[];
+  notified text;
   xid jsonb := pg_catalog.to_jsonb(pg_catalog.txid_current());
 BEGIN
   IF TG_OP = 'INSERT' THEN
-    {_enqueue(queue, insert, via)}
+    {insert}
   ELSIF TG_OP = 'DELETE' THEN
-    {_enqueue(queue, delete, via)}
+    {delete}
   ELSIF TG_OP = 'UPDATE' THEN
-    {_enqueue(queue, update, via)}
+    {update}
   ELSIF TG_OP = 'TRUNCATE' THEN
-    {_enqueue(queue, truncate, via)}
+    {truncate}
   END IF;
   RETURN NULL;
 END
 $fn$;"""
+    rel = literal(source_relation(table))
     replicated = "ARRAY[" + ", ".join(literal(c) for c in table.columns) + "]::name[]"
     return f"""DO $install$
 DECLARE
   other text[];
+  present int;
   less text;
   one boolean;
+  named text;
 BEGIN
   -- The columns that are not replicated, as the table has them now: each record leaves them out.
   SELECT coalesce(pg_catalog.array_agg(a.attname::text ORDER BY a.attnum), '{{}}') INTO other
     FROM pg_catalog.pg_attribute a
-   WHERE a.attrelid = {literal(source_relation(table))}::regclass AND a.attnum > 0 AND NOT a.attisdropped
+   WHERE a.attrelid = {rel}::regclass AND a.attnum > 0 AND NOT a.attisdropped
      AND a.attname <> ALL ({replicated});
+  SELECT pg_catalog.count(*) INTO present
+    FROM pg_catalog.pg_attribute a
+   WHERE a.attrelid = {rel}::regclass AND a.attnum > 0 AND NOT a.attisdropped
+     AND a.attname = ANY ({replicated});
   less := CASE WHEN pg_catalog.cardinality(other) = 0 THEN ''
     ELSE ' OPERATOR(pg_catalog.-) ' || pg_catalog.quote_literal(other::text) || '::text[]' END;
   one := pg_catalog.cardinality(other) = 1;
-  EXECUTE pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(pg_catalog.replace($body${body}$body$,
+  -- By name only where it saves a pass (a column is left out) and every replicated column is there.
+  named := CASE WHEN pg_catalog.cardinality(other) = 0 OR present < pg_catalog.cardinality({replicated}) THEN 'false'
+    ELSE pg_catalog.format('{ident(FUNCTION_SCHEMA)}.columns_in_place(%L, %s::pg_catalog.oid, %L::text[]) AND '
+      'pg_catalog.num_nonnulls(TG_RELID, %L::pg_catalog.regclass) = 2', {rel}, {rel}::regclass::oid,
+      {replicated}::text, {rel}::regclass::oid::text) END;
+  EXECUTE pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(
+    $body${body}$body$,
+    {literal(_NAMED)}, named),
     {literal(_LESS_OTHER_COLUMNS)}, less),
     {literal(_RECORD)}, CASE WHEN less = '' OR one THEN 'COALESCE(r.*)'
       ELSE '(pg_catalog.to_jsonb(r.*)' || less || ')' END),
@@ -317,6 +402,32 @@ CREATE TABLE IF NOT EXISTS {SOURCE_COLUMNS} (
   recorded_at timestamptz NOT NULL DEFAULT now(),
   PRIMARY KEY (queue, table_schema, table_name, column_name)
 );
+
+-- Whether every column in `columns` is still a column of `rel`, and `rel` still the table `relid`. The capture
+-- functions ask it before they take a table's replicated columns by name. It reads the catalog, yet it is
+-- IMMUTABLE on purpose: the planner answers it once per plan, and any DDL on the table replans (see
+-- capture_function in d1sync_dagster/sql/capture.py). It looks the columns up as the planner does (the
+-- catalog caches, up to date), not with a query on pg_attribute: a REPEATABLE READ transaction reads the
+-- catalog as of its snapshot, and would find a column dropped since.
+CREATE OR REPLACE FUNCTION {ident(FUNCTION_SCHEMA)}.columns_in_place(rel text, relid oid, columns text[])
+RETURNS boolean LANGUAGE plpgsql IMMUTABLE SET search_path = '' AS $fn$
+DECLARE
+  col text;
+BEGIN
+  IF pg_catalog.to_regclass(rel) IS DISTINCT FROM relid THEN
+    RETURN false;
+  END IF;
+  FOREACH col IN ARRAY columns LOOP
+    -- NULL for a table that is gone; an error for a column that is.
+    IF pg_catalog.has_column_privilege(relid, col, 'SELECT') IS NULL THEN
+      RETURN false;
+    END IF;
+  END LOOP;
+  RETURN true;
+EXCEPTION WHEN undefined_column THEN
+  RETURN false;
+END
+$fn$;
 
 -- Names drift in the session that runs the DDL (a WARNING) and wakes the streaming apply. It never fails
 -- the DDL. Supabase lets its postgres role create event triggers (supautils), which then skip DDL run by

@@ -11,7 +11,7 @@ from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.engine.doctor import diagnose
 from d1sync_dagster.engine.setup import setup
 from d1sync_dagster.errors import QueueError
-from d1sync_dagster.sql.capture import capture_function
+from d1sync_dagster.sql.capture import FUNCTION_SCHEMA, capture_function, function_name, named_form_table
 
 
 class Borrowed:
@@ -82,6 +82,35 @@ def test_a_missing_trigger_and_a_trigger_of_another_queue_are_found(pair):
     )
     f = finding(run(pair), "capture apps")
     assert f.level == "fail" and "another queue" in f.detail and "--queue replicate_data" in f.fix
+
+
+def test_a_named_form_set_up_for_another_oid_or_missing_its_check_is_named(pair):
+    """apps keeps a column out, so its capture takes the replicated columns by name while
+    d1sync.columns_in_place says they are in place, for the table's oid written in at setup. A dump restored
+    elsewhere gives the table another oid: capture then always takes the slower name-free form (a warning).
+    Without columns_in_place, every write would fail (a failure)."""
+    fn = function_name(pair.schema.table("apps"))
+    assert finding(run(pair), "capture apps").level == "ok"
+    body = pair.pg.function_source(FUNCTION_SCHEMA, fn)
+    oid = named_form_table(body)
+    assert oid == pair.pg.execute("SELECT 'public.apps'::regclass::oid")[0][0]
+    (definition,) = pair.pg.execute(f"SELECT pg_get_functiondef('{FUNCTION_SCHEMA}.{fn}'::regproc)")[0]
+    stale = oid + 100_000
+    pair.sql(definition.replace(f"{oid}::pg_catalog.oid", f"{stale}::pg_catalog.oid").replace(f"'{oid}'", f"'{stale}'"))
+    f = finding(run(pair), "capture apps")
+    assert f.level == "warn" and "another oid" in f.detail and f.fix == "d1sync setup"
+    pair.sql("ALTER TABLE apps ADD COLUMN extra int")  # only the name-free form sends it
+    pair.sql("INSERT INTO apps (id, name, extra) VALUES (77, 'x', 7)")
+    (m,) = pair.pg.execute("SELECT message FROM pgmq.q_replicate_data ORDER BY msg_id DESC LIMIT 1")[0]
+    assert m["record"]["extra"] == 7 and "secret_note" not in m["record"]
+    pair.sql("ALTER TABLE apps DROP COLUMN extra")
+    setup(pair.pg, pair.d1, pair.schema)
+    assert finding(run(pair), "capture apps").level == "ok"
+    pair.sql(f"DROP FUNCTION {FUNCTION_SCHEMA}.columns_in_place(text, oid, text[])")
+    f = finding(run(pair), "capture apps")
+    assert f.level == "fail" and "every write" in f.detail and f.fix == "d1sync setup"
+    setup(pair.pg, pair.d1, pair.schema)
+    assert finding(run(pair), "capture apps").level == "ok"
 
 
 def test_dead_letters_and_an_out_of_date_d1_schema_fail(pair):

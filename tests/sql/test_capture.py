@@ -10,7 +10,15 @@ import pytest
 from d1sync_dagster.clients.pgmq import PgmqClient
 from d1sync_dagster.engine.setup import setup_postgres
 from d1sync_dagster.schema import load_schema, parse_schema
-from d1sync_dagster.sql.capture import FUNCTION_SCHEMA, function_name, migration
+from d1sync_dagster.sql.capture import (
+    _NAMED,
+    DEFAULT_QUEUE,
+    FUNCTION_SCHEMA,
+    capture_function,
+    function_name,
+    migration,
+)
+from d1sync_dagster.sql.quoting import literal as _literal
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = load_schema(ROOT / "schema.json")
@@ -175,15 +183,18 @@ def _body(pg, table) -> str:
 
 def test_the_record_is_the_row_itself_where_every_column_is_replicated(pg):
     """The subtraction of the columns that are not replicated costs a pass over each row: it is left out of
-    the function where there are none (a column added later then travels, and apply ignores it), and where
-    one is left out it leaves the finished message (one pass, not two)."""
+    the function where there are none (a column added later then travels, and apply ignores it). Where one is
+    left out, the function takes the others by name, and its name-free form takes the one out of the finished
+    message (one pass, not two)."""
     pg.execute("CREATE TABLE plain (id int PRIMARY KEY, name text)")
     schema = parse_schema({"plain": {"primaryKey": "id", "columns": {"id": "INTEGER", "name": "TEXT"}}})
     setup_postgres(pg, schema)
     plain = _body(pg, schema.table("plain"))
     assert "OPERATOR(pg_catalog.-)" not in plain and "#-" not in plain and "@d1sync" not in plain
     assert "COALESCE(r.*) AS record" in plain
+    assert "IF false THEN" in plain and "columns_in_place" not in plain  # no form by name: nothing to save
     apps = _body(pg, SCHEMA.table("apps"))  # apps has one column schema.json leaves out
+    assert '"d1sync".columns_in_place(' in apps and "IF false THEN" not in apps
     assert "OPERATOR(pg_catalog.#-) '{record,secret_note}'::text[]" in apps
     assert "OPERATOR(pg_catalog.#-) '{old_record,secret_note}'::text[]" in apps
     pg.execute("INSERT INTO plain VALUES (1, 'a')")
@@ -198,9 +209,27 @@ def test_the_record_is_the_row_itself_where_every_column_is_replicated(pg):
     ]
 
 
-#: Source columns named like the capture function's own names: its variables (`xid`, `msgs`), its aliases
+#: Source columns named like the capture function's own names: its variables (`xid`, `msgs`, `notified`), its aliases
 #: (`r`, `t`, `c`, `s`, `x`, `j`, `m`, `o`, `n`, `k0`, `ord`) and the message's keys.
-CLASHING = ["r", "t", "c", "s", "x", "j", "m", "o", "n", "k0", "ord", "xid", "msgs", "record", "type", "table"]
+CLASHING = [
+    "r",
+    "t",
+    "c",
+    "s",
+    "x",
+    "j",
+    "m",
+    "o",
+    "n",
+    "k0",
+    "ord",
+    "xid",
+    "msgs",
+    "notified",
+    "record",
+    "type",
+    "table",
+]
 
 
 @pytest.mark.parametrize("kept_out", [[], ["secret"], ["secret", 'we"ird,{x}']], ids=["none", "one", "two"])
@@ -235,3 +264,130 @@ def test_columns_named_like_the_functions_own_names_travel_as_columns(pg, kept_o
         ("DELETE", None, changed | {"id": 2}),
     ]
     assert all(isinstance(m["xid"], int) for m in got)
+
+
+def _name_free(sql: str) -> str:
+    """A capture install that always takes the name-free form (where the install would name the columns)."""
+    return sql.replace(f"{_literal(_NAMED)}, named)", f"{_literal(_NAMED)}, 'false')")
+
+
+def _workload(pg, table: str, kept_out: list[str]) -> list[dict]:
+    """Every kind of change, with values of many types, on `table` (key id, see the test below)."""
+    q = '"' + table + '"'
+    hidden = ", ".join(f'"{c.replace(chr(34), chr(34) * 2)}"' for c in kept_out)
+    pg.execute(
+        f"INSERT INTO {q} (id, name, doc, big, blob, at, r, xid, {hidden}) VALUES "
+        "(1, 'a', '{\"k\": [1, {\"z\": null}]}', 9007199254740993, '\\x00ff', '2024-02-29 12:00:00+00', 'r!', 'x!', "
+        + ", ".join(["'secret'"] * len(kept_out))
+        + "), (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, "
+        + ", ".join(["NULL"] * len(kept_out))
+        + ")"
+    )
+    pg.execute(f"UPDATE {q} SET name = 'b', doc = '[]' WHERE id = 1")
+    pg.execute(f"UPDATE {q} SET {', '.join(f'{c} = {c!s} || {chr(39)}?{chr(39)}' for c in hidden.split(', '))}")
+    pg.execute(f"UPDATE {q} SET id = id + 10, xid = 'x2'")
+    pg.execute(f"DELETE FROM {q} WHERE id = 11")
+    pg.execute(f"TRUNCATE {q}")
+    return [{k: v for k, v in m.items() if k != "xid"} for m in messages(pg) if m["table"] == table]
+
+
+@pytest.mark.parametrize("kept_out", [["secret"], ["secret", 'we"ird,{x}']], ids=["one", "two"])
+def test_a_table_that_keeps_columns_out_sends_the_same_messages_by_name_and_name_free(source_db, kept_out):
+    """Where a table keeps columns out of D1, capture takes the replicated columns by name (one pass over each
+    row) while they are all in place, and the whole row less the others (name-free) after a DDL moved one.
+    Both forms send the same messages for the same changes."""
+    cols = {"id": "INTEGER", "name": "TEXT", "doc": "JSON", "big": "INTEGER", "blob": "BLOB", "at": "TEXT"}
+    cols |= {"r": "TEXT", "xid": "TEXT", "my col,{z}": "TEXT"}  # named like the function's own names; hostile
+    schema = parse_schema({"mixed": {"primaryKey": "id", "columns": cols}})
+    hidden = ", ".join(f'"{c.replace(chr(34), chr(34) * 2)}" text' for c in kept_out)
+    ddl = (
+        "CREATE TABLE mixed (id int PRIMARY KEY, name text, doc jsonb, big bigint, blob bytea, at timestamptz, "
+        f'r text, xid text, "my col,{{z}}" text, {hidden})'
+    )
+    got = {}
+    for form in ("named", "name-free"):
+        with PgmqClient(source_db) as pg:
+            pg.execute("DROP TABLE IF EXISTS mixed")
+            pg.execute(ddl)
+            setup_postgres(pg, schema)
+            if form == "name-free":
+                pg.execute(_name_free(capture_function(schema.table("mixed"), DEFAULT_QUEUE)))
+            body = _body(pg, schema.table("mixed"))
+            assert ("columns_in_place(" in body) == (form == "named") == ("IF false THEN" not in body)
+            pg.execute("SELECT pgmq.purge_queue('replicate_data')")
+            got[form] = _workload(pg, "mixed", kept_out)
+    assert got["named"] == got["name-free"]
+    types = [m["type"] for m in got["named"]]
+    assert types == ["INSERT", "INSERT", "UPDATE", "DELETE", "DELETE", "UPDATE", "UPDATE", "DELETE", "TRUNCATE"]
+    first = got["named"][0]["record"]
+    assert set(first) == set(cols) and first["big"] == 9007199254740993 and first["doc"] == {"k": [1, {"z": None}]}
+    assert (first["r"], first["xid"], first["blob"]) == ("r!", "x!", "\\x00ff")
+
+
+def test_ddl_from_another_session_moves_a_writer_between_the_named_and_the_name_free_form(pg, source_db):
+    """A writer's session keeps its plans. A replicated column renamed or dropped, or the table renamed, by
+    another session, or earlier in the writer's own transaction, must move it to the name-free form before its
+    next write (its plan of the named form would fail), and back once the columns are in place again.
+    A column added since the install tells the forms apart: only the name-free form sends it."""
+
+    def last() -> dict:
+        return messages(pg)[-1]["record"]
+
+    pg.execute("ALTER TABLE apps ADD COLUMN extra int")
+    pg.execute("INSERT INTO apps (id, name, rating, extra) VALUES (1, 'a', 1.5, 7)")
+    assert "extra" not in last() and last()["rating"] == 1.5  # by name
+    with psycopg.connect(source_db, autocommit=True) as other:
+        other.execute("ALTER TABLE apps RENAME COLUMN rating TO score")
+        pg.execute("INSERT INTO apps (id, name, score, extra) VALUES (2, 'b', 2.5, 7)")
+        assert last()["score"] == 2.5 and "rating" not in last() and last()["extra"] == 7  # name-free
+        other.execute("ALTER TABLE apps RENAME COLUMN score TO rating")
+        pg.execute("INSERT INTO apps (id, name, rating, extra) VALUES (3, 'c', 3.5, 7)")
+        assert "extra" not in last() and last()["rating"] == 3.5  # by name again
+        other.execute("ALTER TABLE apps RENAME TO apps_moved")
+        pg.execute("INSERT INTO apps_moved (id, name, extra) VALUES (4, 'd', 7)")
+        assert last()["extra"] == 7 and "secret_note" not in last()
+        other.execute("ALTER TABLE apps_moved RENAME TO apps")
+        pg.execute("UPDATE apps SET name = 'e' WHERE id = 4")
+        assert "extra" not in last() and last()["name"] == "e"
+        other.execute("ALTER TABLE apps DROP COLUMN rating")
+        pg.execute("DELETE FROM apps WHERE id = 4")
+        gone = messages(pg)[-1]["old_record"]
+        assert gone["id"] == 4 and "rating" not in gone and gone["extra"] == 7
+    with pg.transaction():
+        pg.execute("ALTER TABLE apps ADD COLUMN rating double precision")
+        pg.execute("INSERT INTO apps (id, name, rating, extra) VALUES (5, 'f', 5.5, 7)")
+        assert "extra" not in last() and last()["rating"] == 5.5
+        pg.execute("ALTER TABLE apps DROP COLUMN name")
+        pg.execute("INSERT INTO apps (id, rating, extra) VALUES (6, 6.5, 7)")
+        assert "name" not in last() and last()["extra"] == 7
+
+
+def test_columns_in_place_checks_the_table_and_its_columns(pg):
+    (oid,) = pg.execute("SELECT 'public.apps'::regclass::oid")[0]
+
+    def check(rel: str, relid: int, columns: list[str]) -> bool:
+        return pg.execute("SELECT d1sync.columns_in_place(%s, %s, %s)", [rel, relid, columns])[0][0]
+
+    assert check('"public"."apps"', oid, ["id", "name", "rating"]) is True
+    assert check('"public"."apps"', oid, []) is True
+    assert check('"public"."apps"', oid, ["id", "nope"]) is False
+    assert check('"public"."apps"', oid + 1, ["id"]) is False  # an oid from before a dump and restore
+    assert check('"public"."gone"', oid, ["id"]) is False
+    pg.execute("ALTER TABLE apps DROP COLUMN rating")
+    assert check('"public"."apps"', oid, ["id", "rating"]) is False
+
+
+@pytest.mark.parametrize("isolation", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_a_writer_whose_snapshot_predates_the_ddl_still_writes(pg, source_db, isolation):
+    """A REPEATABLE READ transaction reads the catalog as of its first statement, while planning sees the
+    table as it is: the check for the named form must see what the planner sees, or the dropped column's
+    name reaches the planner and the write fails."""
+    pg.execute("INSERT INTO apps (id, name, rating) VALUES (1, 'a', 1.5)")  # this session plans the named form
+    with pg.transaction():
+        pg.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}")
+        pg.execute("SELECT 1")  # the transaction's snapshot, taken before the DDL (no lock on apps)
+        with psycopg.connect(source_db, autocommit=True) as other:
+            other.execute("ALTER TABLE apps DROP COLUMN rating")
+        pg.execute("INSERT INTO apps (id, name) VALUES (2, 'b')")
+    m = messages(pg)[-1]["record"]
+    assert m["id"] == 2 and "rating" not in m and "secret_note" not in m
