@@ -150,8 +150,8 @@ BEGIN
   less := CASE WHEN pg_catalog.cardinality(other) = 0 THEN ''
     ELSE ' OPERATOR(pg_catalog.-) ' || pg_catalog.quote_literal(other::text) || '::text[]' END;
   one := pg_catalog.cardinality(other) = 1;
-  -- By name only where it saves a pass (a column is left out) and every replicated column is there.
-  named := CASE WHEN pg_catalog.cardinality(other) = 0 OR present < pg_catalog.cardinality(ARRAY['id', 'owner_id', 'name', 'is_public', 'settings', 'rating', 'icon', 'created_at']::name[]) THEN 'false'
+  -- By name where every replicated column is there (else drift: the name-free form, which names none).
+  named := CASE WHEN present < pg_catalog.cardinality(ARRAY['id', 'owner_id', 'name', 'is_public', 'settings', 'rating', 'icon', 'created_at']::name[]) THEN 'false'
     ELSE pg_catalog.format('"d1sync".columns_in_place(%L, %s::pg_catalog.oid, %L::text[]) AND '
       'pg_catalog.num_nonnulls(TG_RELID, %L::pg_catalog.regclass) = 2', '"public"."apps"', '"public"."apps"'::regclass::oid,
       ARRAY['id', 'owner_id', 'name', 'is_public', 'settings', 'rating', 'icon', 'created_at']::name[]::text, '"public"."apps"'::regclass::oid::text) END;
@@ -189,11 +189,11 @@ BEGIN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
       SELECT pg_catalog.now(), m FROM (SELECT m FROM (
         SELECT n.k0 IS NOT NULL AS ord, pg_catalog.to_jsonb(c) AS m
-          FROM (SELECT t."id"::text COLLATE pg_catalog."C" AS k0, pg_catalog.to_jsonb(t.*) AS r FROM (SELECT n."id", n."owner_id", n."name", n."is_public", n."settings", n."rating", n."icon", n."created_at" FROM old_rows n) t OFFSET 0) o FULL JOIN (SELECT t."id"::text COLLATE pg_catalog."C" AS k0, pg_catalog.to_jsonb(t.*) AS r FROM (SELECT n."id", n."owner_id", n."name", n."is_public", n."settings", n."rating", n."icon", n."created_at" FROM new_rows n) t OFFSET 0) n ON n.k0 = o.k0
+          FROM (SELECT t."id"::text COLLATE pg_catalog."C" AS k0, COALESCE(t.*) AS r FROM (SELECT n."id", n."owner_id", n."name", n."is_public", n."settings", n."rating", n."icon", n."created_at" FROM old_rows n) t) o FULL JOIN (SELECT t."id"::text COLLATE pg_catalog."C" AS k0, COALESCE(t.*) AS r FROM (SELECT n."id", n."owner_id", n."name", n."is_public", n."settings", n."rating", n."icon", n."created_at" FROM new_rows n) t) n ON n.k0 = o.k0
           CROSS JOIN LATERAL (SELECT n.r AS record, o.r AS old_record,
             CASE WHEN n.k0 IS NULL THEN 'DELETE' ELSE 'UPDATE' END::text AS type,
             'apps'::text AS "table", xid AS xid) c
-         WHERE o.r IS DISTINCT FROM n.r
+         WHERE o.k0 IS NULL OR n.k0 IS NULL OR o.r OPERATOR(pg_catalog.*<>) n.r
       ) c ORDER BY ord) s;
     IF FOUND THEN notified := pg_catalog.pg_notify('d1sync_replicate_data', '')::text; END IF;
     ELSE
@@ -269,8 +269,8 @@ BEGIN
   less := CASE WHEN pg_catalog.cardinality(other) = 0 THEN ''
     ELSE ' OPERATOR(pg_catalog.-) ' || pg_catalog.quote_literal(other::text) || '::text[]' END;
   one := pg_catalog.cardinality(other) = 1;
-  -- By name only where it saves a pass (a column is left out) and every replicated column is there.
-  named := CASE WHEN pg_catalog.cardinality(other) = 0 OR present < pg_catalog.cardinality(ARRAY['app_id', 'version', 'manifest', 'downloads', 'released_at']::name[]) THEN 'false'
+  -- By name where every replicated column is there (else drift: the name-free form, which names none).
+  named := CASE WHEN present < pg_catalog.cardinality(ARRAY['app_id', 'version', 'manifest', 'downloads', 'released_at']::name[]) THEN 'false'
     ELSE pg_catalog.format('"d1sync".columns_in_place(%L, %s::pg_catalog.oid, %L::text[]) AND '
       'pg_catalog.num_nonnulls(TG_RELID, %L::pg_catalog.regclass) = 2', '"public"."app_versions"', '"public"."app_versions"'::regclass::oid,
       ARRAY['app_id', 'version', 'manifest', 'downloads', 'released_at']::name[]::text, '"public"."app_versions"'::regclass::oid::text) END;
@@ -308,11 +308,11 @@ BEGIN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
       SELECT pg_catalog.now(), m FROM (SELECT m FROM (
         SELECT n.k0 IS NOT NULL AS ord, pg_catalog.to_jsonb(c) AS m
-          FROM (SELECT t."app_id"::text COLLATE pg_catalog."C" AS k0, t."version"::text COLLATE pg_catalog."C" AS k1, pg_catalog.to_jsonb(t.*) AS r FROM (SELECT n."app_id", n."version", n."manifest", n."downloads", n."released_at" FROM old_rows n) t OFFSET 0) o FULL JOIN (SELECT t."app_id"::text COLLATE pg_catalog."C" AS k0, t."version"::text COLLATE pg_catalog."C" AS k1, pg_catalog.to_jsonb(t.*) AS r FROM (SELECT n."app_id", n."version", n."manifest", n."downloads", n."released_at" FROM new_rows n) t OFFSET 0) n ON n.k0 = o.k0 AND n.k1 = o.k1
+          FROM (SELECT t."app_id"::text COLLATE pg_catalog."C" AS k0, t."version"::text COLLATE pg_catalog."C" AS k1, COALESCE(t.*) AS r FROM (SELECT n."app_id", n."version", n."manifest", n."downloads", n."released_at" FROM old_rows n) t) o FULL JOIN (SELECT t."app_id"::text COLLATE pg_catalog."C" AS k0, t."version"::text COLLATE pg_catalog."C" AS k1, COALESCE(t.*) AS r FROM (SELECT n."app_id", n."version", n."manifest", n."downloads", n."released_at" FROM new_rows n) t) n ON n.k0 = o.k0 AND n.k1 = o.k1
           CROSS JOIN LATERAL (SELECT n.r AS record, o.r AS old_record,
             CASE WHEN n.k0 IS NULL THEN 'DELETE' ELSE 'UPDATE' END::text AS type,
             'app_versions'::text AS "table", xid AS xid) c
-         WHERE o.r IS DISTINCT FROM n.r
+         WHERE o.k0 IS NULL OR n.k0 IS NULL OR o.r OPERATOR(pg_catalog.*<>) n.r
       ) c ORDER BY ord) s;
     IF FOUND THEN notified := pg_catalog.pg_notify('d1sync_replicate_data', '')::text; END IF;
     ELSE

@@ -7,7 +7,8 @@
 the changes to compare. This script counts instead: it makes a throwaway cluster (initdb), one database per
 variant (no capture; today's; each `--before` migration; set up by `trigger_overhead.reset`), and runs the
 same statements as `trigger_overhead.py` (one bulk INSERT; single-row INSERTs in a server-side loop), and one
-UPDATE and one DELETE of every row (written before with capture off), in Postgres's single-user mode under
+UPDATE of every row, single-row UPDATEs (in the same loop) and one DELETE of every row (the rows written
+before with capture off), in Postgres's single-user mode under
 `valgrind --tool=callgrind`, twice: with `--low` and with `--high` rows. The difference over the
 extra rows is the instructions one row costs, without start-up, planning or the function's first compile.
 Each variant's capture cost is its count less the plain insert's. Needs valgrind and Postgres's server
@@ -72,6 +73,7 @@ SHAPES = {
     "bulk": "one bulk INSERT into apps",
     "single": "single-row INSERTs into apps",
     "update": "one UPDATE of every row of apps",
+    "single-update": "single-row UPDATEs of apps",
     "delete": "one DELETE of every row of apps",
 }
 
@@ -86,6 +88,11 @@ def statement(shape: str, rows: int) -> str:
     seeded = f"SET session_replication_role = replica;\n\n{insert}SET session_replication_role = origin;\n\n"
     if shape == "update":
         return seeded + "UPDATE public.apps SET name = name || '!', rating = rating + 1;\n\n"
+    if shape == "single-update":
+        loop = SINGLE.replace("%s", str(rows)).replace("%%", "%").strip()
+        start, end = loop.index("    INSERT"), loop.index("  END LOOP")
+        update = "    UPDATE public.apps SET name = name || '!', rating = rating + 1 WHERE id = g;\n"
+        return seeded + loop[:start] + update + loop[end:] + ";\n\n"
     return seeded + "DELETE FROM public.apps;\n\n"
 
 

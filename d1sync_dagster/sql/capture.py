@@ -158,8 +158,8 @@ _LESS_IN_MESSAGE = "/*@d1sync_less_{}@*/"
 
 
 #: Where the install puts the condition under which the function takes the replicated columns by name:
-#: `false` where the table leaves no column out (the whole row is already one pass) or where a column of
-#: schema.json is missing, else a call of `columns_in_place` (see `capture_function`).
+#: `false` where a column of schema.json is missing, else a call of `columns_in_place` (see
+#: `capture_function`).
 _NAMED = "/*@d1sync_named@*/"
 
 
@@ -169,29 +169,38 @@ COLUMNS_IN_PLACE = f"{ident(FUNCTION_SCHEMA)}.columns_in_place(text, oid, text[]
 
 def named_form_table(body: str) -> int | None:
     """The oid of the table a capture function's named form checks (see `capture_function`), from its body;
-    None where the function has no named form (every column replicated, or a column missing at install)."""
+    None where the function has no named form (a column of schema.json was missing at install)."""
     found = re.search(r"columns_in_place\(.*?, (\d+)::pg_catalog\.oid, ", body)
     return int(found.group(1)) if found else None
 
 
-def _update(table: Table, rows: Callable[[str], str]) -> str:
-    """An UPDATE statement's messages. `rows` (of a transition table) gives each row's key
-    columns as text (`k0`, ...) and its record (`r`, JSON). Old and new rows pair by key; a pair whose records
-    are equal sends nothing. Each message is one `to_jsonb` of a composite, as for an INSERT.
+def _update(table: Table, rows: Callable[[str], str], *, named: bool) -> str:
+    """An UPDATE statement's messages. `rows` (of a transition table) gives each row's key columns as text
+    (`k0`, ...) and its record `r`: the named replicated columns as a row (`named`), else the row's JSON less
+    the columns that are not replicated. Old and new rows pair by key in one full join; a pair whose records
+    are the same sends nothing. Each message is one `to_jsonb` of a composite, as for an INSERT.
 
-    The keys compare as text in the "C" collation: cheap to hash and sort, and equal only where the values'
-    text is, so a key that changed in a way the type's own equality ignores (`citext` 'A' to 'a') is a
-    DELETE of the old key and an UPDATE of the new one, as D1 (which compares bytes) needs. The DELETEs go
-    first: a key whose text changed yet which D1 stores as the same value (numeric 1.0 to 1.00) is deleted,
-    then written."""
+    - The keys compare as text in the "C" collation: cheap to hash and sort, and equal only where the values'
+      text is, so a key that changed in a way the type's own equality ignores (`citext` 'A' to 'a') is a
+      DELETE of the old key and an UPDATE of the new one, as D1 (which compares bytes) needs. The DELETEs go
+      first: a key whose text changed yet which D1 stores as the same value (numeric 1.0 to 1.00) is deleted,
+      then written.
+    - Named rows compare by their binary image (`*<>`: no equality operator needed, which `json` or `point`
+      lack, and no JSON built for a row that did not change; an image that differs for an equal value, numeric
+      1.0 against 1.00, sends an UPDATE that changes nothing). JSON rows compare as JSON; OFFSET 0 keeps each
+      row's JSON computed once."""
     join = " AND ".join(f"n.k{i} = o.k{i}" for i in range(len(table.key)))
+    changed = (
+        "o.k0 IS NULL OR n.k0 IS NULL OR o.r OPERATOR(pg_catalog.*<>) n.r" if named else "o.r IS DISTINCT FROM n.r"
+    )
+    offset = "" if named else " OFFSET 0"
     return f"""SELECT m FROM (
         SELECT n.k0 IS NOT NULL AS ord, pg_catalog.to_jsonb(c) AS m
-          FROM ({rows("old_rows")} OFFSET 0) o FULL JOIN ({rows("new_rows")} OFFSET 0) n ON {join}
+          FROM ({rows("old_rows")}{offset}) o FULL JOIN ({rows("new_rows")}{offset}) n ON {join}
           CROSS JOIN LATERAL (SELECT n.r AS record, o.r AS old_record,
             CASE WHEN n.k0 IS NULL THEN 'DELETE' ELSE 'UPDATE' END::text AS type,
             {literal(table.name)}::text AS "table", xid AS xid) c
-         WHERE o.r IS DISTINCT FROM n.r
+         WHERE {changed}
       ) c ORDER BY ord"""
 
 
@@ -201,18 +210,21 @@ def capture_function(table: Table, queue: str, *, via: SendVia = "insert") -> st
     No DDL on the table may make capture fail inside the application's transaction, and PL/pgSQL bodies are
     not dependencies: a column the function named could be dropped or renamed, and every later write would
     fail the next time the statement is planned. So each statement comes in two forms:
-    - **By name**, where the table keeps columns out of D1: the replicated columns, named, go into the message
-      in one pass, as cheap as a table that replicates every column. It runs only while
-      `d1sync.columns_in_place` says every replicated column is still there under its name. That function is
-      IMMUTABLE on purpose: the planner calls it once and keeps its answer in the condition's plan, which
-      holds a `regclass` constant of the table (`num_nonnulls(TG_RELID, '<oid>'::regclass)`, always true), so
-      any DDL on the table invalidates the plan and the next statement asks again. The query naming the
-      columns is planned only when it runs, so a dropped or renamed column never reaches it.
-    - **Name-free**, otherwise (and always where every column is replicated): a row's record is the whole row
-      less the columns that are not replicated, a list the block reads from the catalog when it runs. Where
-      every column is replicated, the row goes into the message as it is (one pass); where one is not, it is
-      taken out of the finished message (`#- '{record,col}'`); where more are not, the record is the row's
-      `to_jsonb` less them (`- text[]`). After a DDL this form keeps working unchanged:
+    - **By name**, while every replicated column is in place: the replicated columns, named, go into the
+      message in one pass, whatever the table keeps out of D1; an UPDATE compares old and new rows before any
+      JSON is built (see `_update`). It runs only while `d1sync.columns_in_place` says every replicated column
+      is still there under its name. That function is IMMUTABLE on purpose: the planner calls it once and
+      keeps its answer in the condition's plan, which holds a `regclass` constant of the table
+      (`num_nonnulls(TG_RELID, '<oid>'::regclass)`, always true), so any DDL on the table invalidates the plan
+      and the next statement asks again. The query naming the columns is planned only when it runs, so a
+      dropped or renamed column never reaches it. A column added since the install does not travel (apply
+      would ignore it; `doctor` names it).
+    - **Name-free**, otherwise (a replicated column dropped or renamed, the table renamed, or a dump restored
+      under another oid): a row's record is the whole row less the columns that are not replicated, a list the
+      block reads from the catalog when it runs. Where every column is replicated, the row goes into the
+      message as it is (one pass); where one is not, it is taken out of the finished message
+      (`#- '{record,col}'`); where more are not, the record is the row's `to_jsonb` less them (`- text[]`).
+      This form keeps working through any DDL:
       - a replicated column dropped or renamed is missing from the record (a renamed one's values travel under
         its new name, so the change replays once schema.json follows); the consumer sees the missing column
         and holds the table's changes (`engine/drift.py`) instead of writing NULL for it;
@@ -221,7 +233,8 @@ def capture_function(table: Table, queue: str, *, via: SendVia = "insert") -> st
       - a column added since the install travels too, ignored by the consumer, until `d1sync setup` runs
         again (`doctor` names it).
     Both forms give the same messages for the same changes (tests/sql/test_capture.py runs every kind through
-    each; benchmarks/capture_instructions.py counts their cost). UPDATE rows are paired by their keys' text
+    each; benchmarks/capture_instructions.py counts their cost), but for an UPDATE to an equal value of
+    another binary image (numeric 1.0 to 1.00), which the named form sends and the other does not. UPDATE rows are paired by their keys' text
     (see `_update`). Every column is qualified (`n."id"`), and the function's own variables win over a
     column of the same name (`#variable_conflict use_variable`): a source table may well have a column
     `xid`, and an ambiguous name would fail every write."""
@@ -249,9 +262,9 @@ def capture_function(table: Table, queue: str, *, via: SendVia = "insert") -> st
     named_keys = ", ".join(f"t.{ident(k)}::text {collate} AS k{i}" for i, k in enumerate(table.key))
 
     def named_rows(rel: str) -> str:
-        return f"SELECT {named_keys}, pg_catalog.to_jsonb(t.*) AS r FROM {_named_columns(table, rel)} t"
+        return f"SELECT {named_keys}, COALESCE(t.*) AS r FROM {_named_columns(table, rel)} t"
 
-    update = either(_update(table, named_rows), _update(table, whole_rows))
+    update = either(_update(table, named_rows, named=True), _update(table, whole_rows, named=False))
     truncate = _enqueue(queue, f"SELECT {_message(table, 'NULL', 'NULL', 'TRUNCATE')} AS m", via)
     body = f"""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $fn$
@@ -295,8 +308,8 @@ BEGIN
   less := CASE WHEN pg_catalog.cardinality(other) = 0 THEN ''
     ELSE ' OPERATOR(pg_catalog.-) ' || pg_catalog.quote_literal(other::text) || '::text[]' END;
   one := pg_catalog.cardinality(other) = 1;
-  -- By name only where it saves a pass (a column is left out) and every replicated column is there.
-  named := CASE WHEN pg_catalog.cardinality(other) = 0 OR present < pg_catalog.cardinality({replicated}) THEN 'false'
+  -- By name where every replicated column is there (else drift: the name-free form, which names none).
+  named := CASE WHEN present < pg_catalog.cardinality({replicated}) THEN 'false'
     ELSE pg_catalog.format('{ident(FUNCTION_SCHEMA)}.columns_in_place(%L, %s::pg_catalog.oid, %L::text[]) AND '
       'pg_catalog.num_nonnulls(TG_RELID, %L::pg_catalog.regclass) = 2', {rel}, {rel}::regclass::oid,
       {replicated}::text, {rel}::regclass::oid::text) END;
