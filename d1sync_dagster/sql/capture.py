@@ -235,9 +235,9 @@ def capture_function(table: Table, queue: str, *, via: SendVia = "insert") -> st
     Both forms give the same messages for the same changes (tests/sql/test_capture.py runs every kind through
     each; benchmarks/capture_instructions.py counts their cost), but for an UPDATE to an equal value of
     another binary image (numeric 1.0 to 1.00), which the named form sends and the other does not. UPDATE
-    rows are paired by their keys' text (see `_update`). Every column is qualified (`n."id"`), and the function's own variables win over a
-    column of the same name (`#variable_conflict use_variable`): a source table may well have a column
-    `xid`, and an ambiguous name would fail every write."""
+    rows are paired by their keys' text (see `_update`). Every column is qualified (`n."id"`), and the
+    function's own variables win over a column of the same name (`#variable_conflict use_variable`): a source
+    table may well have a column `xid`, and an ambiguous name would fail every write."""
     check_queue_name(queue)
     fn = f"{ident(FUNCTION_SCHEMA)}.{ident(function_name(table, queue))}"
 
