@@ -156,7 +156,7 @@ BEGIN
       'pg_catalog.num_nonnulls(TG_RELID, %L::pg_catalog.regclass) = 2', '"public"."apps"', '"public"."apps"'::regclass::oid,
       ARRAY['id', 'owner_id', 'name', 'is_public', 'settings', 'rating', 'icon', 'created_at']::name[]::text, '"public"."apps"'::regclass::oid::text) END;
   EXECUTE pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(
-    $body$CREATE OR REPLACE FUNCTION "d1sync"."capture_public_apps"() RETURNS trigger
+    pg_catalog.replace($body$CREATE OR REPLACE FUNCTION "d1sync"."capture_public_apps"() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $fn$
 #variable_conflict use_variable
 DECLARE
@@ -165,7 +165,7 @@ DECLARE
   xid jsonb := pg_catalog.to_jsonb(pg_catalog.txid_current());
 BEGIN
   IF TG_OP = 'INSERT' THEN
-    IF /*@d1sync_named@*/ THEN
+    IF /*@d1sync_named_rows@*/ THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
       SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.to_jsonb(c) AS m FROM (SELECT COALESCE(r.*) AS record, NULL::jsonb AS old_record, 'INSERT'::text AS type, 'apps'::text AS "table", xid AS xid FROM (SELECT n."id", n."owner_id", n."name", n."is_public", n."settings", n."rating", n."icon", n."created_at" FROM new_rows n) r) c) s;
     IF FOUND THEN notified := pg_catalog.pg_notify('d1sync_replicate_data', '')::text; END IF;
@@ -175,7 +175,7 @@ BEGIN
     IF FOUND THEN notified := pg_catalog.pg_notify('d1sync_replicate_data', '')::text; END IF;
     END IF;
   ELSIF TG_OP = 'DELETE' THEN
-    IF /*@d1sync_named@*/ THEN
+    IF /*@d1sync_named_rows@*/ THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
       SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.to_jsonb(c) AS m FROM (SELECT NULL::jsonb AS record, COALESCE(r.*) AS old_record, 'DELETE'::text AS type, 'apps'::text AS "table", xid AS xid FROM (SELECT n."id", n."owner_id", n."name", n."is_public", n."settings", n."rating", n."icon", n."created_at" FROM old_rows n) r) c) s;
     IF FOUND THEN notified := pg_catalog.pg_notify('d1sync_replicate_data', '')::text; END IF;
@@ -217,6 +217,7 @@ BEGIN
 END
 $fn$;$body$,
     '/*@d1sync_named@*/', named),
+    '/*@d1sync_named_rows@*/', CASE WHEN pg_catalog.cardinality(other) = 0 THEN 'false' ELSE named END),
     '/*@d1sync_less_other_columns@*/', less),
     '/*@d1sync_record@*/', CASE WHEN less = '' OR one THEN 'COALESCE(r.*)'
       ELSE '(pg_catalog.to_jsonb(r.*)' || less || ')' END),
@@ -275,7 +276,7 @@ BEGIN
       'pg_catalog.num_nonnulls(TG_RELID, %L::pg_catalog.regclass) = 2', '"public"."app_versions"', '"public"."app_versions"'::regclass::oid,
       ARRAY['app_id', 'version', 'manifest', 'downloads', 'released_at']::name[]::text, '"public"."app_versions"'::regclass::oid::text) END;
   EXECUTE pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(
-    $body$CREATE OR REPLACE FUNCTION "d1sync"."capture_public_app_versions"() RETURNS trigger
+    pg_catalog.replace($body$CREATE OR REPLACE FUNCTION "d1sync"."capture_public_app_versions"() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $fn$
 #variable_conflict use_variable
 DECLARE
@@ -284,7 +285,7 @@ DECLARE
   xid jsonb := pg_catalog.to_jsonb(pg_catalog.txid_current());
 BEGIN
   IF TG_OP = 'INSERT' THEN
-    IF /*@d1sync_named@*/ THEN
+    IF /*@d1sync_named_rows@*/ THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
       SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.to_jsonb(c) AS m FROM (SELECT COALESCE(r.*) AS record, NULL::jsonb AS old_record, 'INSERT'::text AS type, 'app_versions'::text AS "table", xid AS xid FROM (SELECT n."app_id", n."version", n."manifest", n."downloads", n."released_at" FROM new_rows n) r) c) s;
     IF FOUND THEN notified := pg_catalog.pg_notify('d1sync_replicate_data', '')::text; END IF;
@@ -294,7 +295,7 @@ BEGIN
     IF FOUND THEN notified := pg_catalog.pg_notify('d1sync_replicate_data', '')::text; END IF;
     END IF;
   ELSIF TG_OP = 'DELETE' THEN
-    IF /*@d1sync_named@*/ THEN
+    IF /*@d1sync_named_rows@*/ THEN
     INSERT INTO pgmq."q_replicate_data" (vt, message)
       SELECT pg_catalog.now(), m FROM (SELECT pg_catalog.to_jsonb(c) AS m FROM (SELECT NULL::jsonb AS record, COALESCE(r.*) AS old_record, 'DELETE'::text AS type, 'app_versions'::text AS "table", xid AS xid FROM (SELECT n."app_id", n."version", n."manifest", n."downloads", n."released_at" FROM old_rows n) r) c) s;
     IF FOUND THEN notified := pg_catalog.pg_notify('d1sync_replicate_data', '')::text; END IF;
@@ -336,6 +337,7 @@ BEGIN
 END
 $fn$;$body$,
     '/*@d1sync_named@*/', named),
+    '/*@d1sync_named_rows@*/', CASE WHEN pg_catalog.cardinality(other) = 0 THEN 'false' ELSE named END),
     '/*@d1sync_less_other_columns@*/', less),
     '/*@d1sync_record@*/', CASE WHEN less = '' OR one THEN 'COALESCE(r.*)'
       ELSE '(pg_catalog.to_jsonb(r.*)' || less || ')' END),

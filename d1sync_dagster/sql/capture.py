@@ -157,10 +157,13 @@ _RECORD = "/*@d1sync_record@*/"
 _LESS_IN_MESSAGE = "/*@d1sync_less_{}@*/"
 
 
-#: Where the install puts the condition under which the function takes the replicated columns by name:
-#: `false` where a column of schema.json is missing, else a call of `columns_in_place` (see
-#: `capture_function`).
+#: Where the install puts the condition under which an UPDATE takes the replicated columns by name: `false`
+#: where a column of schema.json is missing, else a call of `columns_in_place` (see `capture_function`).
 _NAMED = "/*@d1sync_named@*/"
+#: The same for an INSERT or a DELETE, and `false` also where every column is replicated: the whole row is
+#: then one pass already, and cheaper to start per statement than a row of named columns (its type is the
+#: table's, where a row of named columns is a record type looked up for each statement).
+_NAMED_ROWS = "/*@d1sync_named_rows@*/"
 
 
 #: The function that tells the capture functions whether they may take the columns by name.
@@ -212,13 +215,14 @@ def capture_function(table: Table, queue: str, *, via: SendVia = "insert") -> st
     fail the next time the statement is planned. So each statement comes in two forms:
     - **By name**, while every replicated column is in place: the replicated columns, named, go into the
       message in one pass, whatever the table keeps out of D1; an UPDATE compares old and new rows before any
-      JSON is built (see `_update`). It runs only while `d1sync.columns_in_place` says every replicated column
-      is still there under its name. That function is IMMUTABLE on purpose: the planner calls it once and
-      keeps its answer in the condition's plan, which holds a `regclass` constant of the table
-      (`num_nonnulls(TG_RELID, '<oid>'::regclass)`, always true), so any DDL on the table invalidates the plan
-      and the next statement asks again. The query naming the columns is planned only when it runs, so a
-      dropped or renamed column never reaches it. A column added since the install does not travel (apply
-      would ignore it; `doctor` names it).
+      JSON is built (see `_update`). INSERTs and DELETEs of a table that replicates every column keep the
+      name-free form, one pass too and cheaper per statement (`_NAMED_ROWS`). The form by name runs only
+      while `d1sync.columns_in_place` says every replicated column is still there under its name. That
+      function is IMMUTABLE on purpose: the planner calls it once and keeps its answer in the condition's
+      plan, which holds a `regclass` constant of the table (`num_nonnulls(TG_RELID, '<oid>'::regclass)`,
+      always true), so any DDL on the table invalidates the plan and the next statement asks again. The query
+      naming the columns is planned only when it runs, so a dropped or renamed column never reaches it. A
+      column added since the install does not travel there (apply would ignore it; `doctor` names it).
     - **Name-free**, otherwise (a replicated column dropped or renamed, the table renamed, or a dump restored
       under another oid): a row's record is the whole row less the columns that are not replicated, a list the
       block reads from the catalog when it runs. Where every column is replicated, the row goes into the
@@ -241,9 +245,9 @@ def capture_function(table: Table, queue: str, *, via: SendVia = "insert") -> st
     check_queue_name(queue)
     fn = f"{ident(FUNCTION_SCHEMA)}.{ident(function_name(table, queue))}"
 
-    def either(by_name: str, whole: str) -> str:
+    def either(by_name: str, whole: str, condition: str = _NAMED_ROWS) -> str:
         return (
-            f"IF {_NAMED} THEN\n    {_enqueue(queue, by_name, via)}\n    ELSE\n"
+            f"IF {condition} THEN\n    {_enqueue(queue, by_name, via)}\n    ELSE\n"
             f"    {_enqueue(queue, whole, via)}\n    END IF;"
         )
 
@@ -264,7 +268,7 @@ def capture_function(table: Table, queue: str, *, via: SendVia = "insert") -> st
     def named_rows(rel: str) -> str:
         return f"SELECT {named_keys}, COALESCE(t.*) AS r FROM {_named_columns(table, rel)} t"
 
-    update = either(_update(table, named_rows, named=True), _update(table, whole_rows, named=False))
+    update = either(_update(table, named_rows, named=True), _update(table, whole_rows, named=False), _NAMED)
     truncate = _enqueue(queue, f"SELECT {_message(table, 'NULL', 'NULL', 'TRUNCATE')} AS m", via)
     body = f"""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $fn$
@@ -314,8 +318,9 @@ BEGIN
       'pg_catalog.num_nonnulls(TG_RELID, %L::pg_catalog.regclass) = 2', {rel}, {rel}::regclass::oid,
       {replicated}::text, {rel}::regclass::oid::text) END;
   EXECUTE pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(
-    $body${body}$body$,
+    pg_catalog.replace($body${body}$body$,
     {literal(_NAMED)}, named),
+    {literal(_NAMED_ROWS)}, CASE WHEN pg_catalog.cardinality(other) = 0 THEN 'false' ELSE named END),
     {literal(_LESS_OTHER_COLUMNS)}, less),
     {literal(_RECORD)}, CASE WHEN less = '' OR one THEN 'COALESCE(r.*)'
       ELSE '(pg_catalog.to_jsonb(r.*)' || less || ')' END),
