@@ -138,15 +138,14 @@ DECLARE
   one boolean;
   named text;
 BEGIN
-  -- The columns that are not replicated, as the table has them now: each record leaves them out.
-  SELECT coalesce(pg_catalog.array_agg(a.attname::text ORDER BY a.attnum), '{}') INTO other
+  -- The columns that are not replicated, as the table has them now (each record leaves them out), and how
+  -- many of the replicated ones it has.
+  SELECT coalesce(pg_catalog.array_agg(a.attname::text ORDER BY a.attnum)
+           FILTER (WHERE a.attname <> ALL (ARRAY['id', 'owner_id', 'name', 'is_public', 'settings', 'rating', 'icon', 'created_at']::name[])), '{}'),
+         pg_catalog.count(*) FILTER (WHERE a.attname = ANY (ARRAY['id', 'owner_id', 'name', 'is_public', 'settings', 'rating', 'icon', 'created_at']::name[]))
+    INTO other, present
     FROM pg_catalog.pg_attribute a
-   WHERE a.attrelid = '"public"."apps"'::regclass AND a.attnum > 0 AND NOT a.attisdropped
-     AND a.attname <> ALL (ARRAY['id', 'owner_id', 'name', 'is_public', 'settings', 'rating', 'icon', 'created_at']::name[]);
-  SELECT pg_catalog.count(*) INTO present
-    FROM pg_catalog.pg_attribute a
-   WHERE a.attrelid = '"public"."apps"'::regclass AND a.attnum > 0 AND NOT a.attisdropped
-     AND a.attname = ANY (ARRAY['id', 'owner_id', 'name', 'is_public', 'settings', 'rating', 'icon', 'created_at']::name[]);
+   WHERE a.attrelid = '"public"."apps"'::regclass AND a.attnum > 0 AND NOT a.attisdropped;
   less := CASE WHEN pg_catalog.cardinality(other) = 0 THEN ''
     ELSE ' OPERATOR(pg_catalog.-) ' || pg_catalog.quote_literal(other::text) || '::text[]' END;
   one := pg_catalog.cardinality(other) = 1;
@@ -258,15 +257,14 @@ DECLARE
   one boolean;
   named text;
 BEGIN
-  -- The columns that are not replicated, as the table has them now: each record leaves them out.
-  SELECT coalesce(pg_catalog.array_agg(a.attname::text ORDER BY a.attnum), '{}') INTO other
+  -- The columns that are not replicated, as the table has them now (each record leaves them out), and how
+  -- many of the replicated ones it has.
+  SELECT coalesce(pg_catalog.array_agg(a.attname::text ORDER BY a.attnum)
+           FILTER (WHERE a.attname <> ALL (ARRAY['app_id', 'version', 'manifest', 'downloads', 'released_at']::name[])), '{}'),
+         pg_catalog.count(*) FILTER (WHERE a.attname = ANY (ARRAY['app_id', 'version', 'manifest', 'downloads', 'released_at']::name[]))
+    INTO other, present
     FROM pg_catalog.pg_attribute a
-   WHERE a.attrelid = '"public"."app_versions"'::regclass AND a.attnum > 0 AND NOT a.attisdropped
-     AND a.attname <> ALL (ARRAY['app_id', 'version', 'manifest', 'downloads', 'released_at']::name[]);
-  SELECT pg_catalog.count(*) INTO present
-    FROM pg_catalog.pg_attribute a
-   WHERE a.attrelid = '"public"."app_versions"'::regclass AND a.attnum > 0 AND NOT a.attisdropped
-     AND a.attname = ANY (ARRAY['app_id', 'version', 'manifest', 'downloads', 'released_at']::name[]);
+   WHERE a.attrelid = '"public"."app_versions"'::regclass AND a.attnum > 0 AND NOT a.attisdropped;
   less := CASE WHEN pg_catalog.cardinality(other) = 0 THEN ''
     ELSE ' OPERATOR(pg_catalog.-) ' || pg_catalog.quote_literal(other::text) || '::text[]' END;
   one := pg_catalog.cardinality(other) = 1;

@@ -300,15 +300,14 @@ DECLARE
   one boolean;
   named text;
 BEGIN
-  -- The columns that are not replicated, as the table has them now: each record leaves them out.
-  SELECT coalesce(pg_catalog.array_agg(a.attname::text ORDER BY a.attnum), '{{}}') INTO other
+  -- The columns that are not replicated, as the table has them now (each record leaves them out), and how
+  -- many of the replicated ones it has.
+  SELECT coalesce(pg_catalog.array_agg(a.attname::text ORDER BY a.attnum)
+           FILTER (WHERE a.attname <> ALL ({replicated})), '{{}}'),
+         pg_catalog.count(*) FILTER (WHERE a.attname = ANY ({replicated}))
+    INTO other, present
     FROM pg_catalog.pg_attribute a
-   WHERE a.attrelid = {rel}::regclass AND a.attnum > 0 AND NOT a.attisdropped
-     AND a.attname <> ALL ({replicated});
-  SELECT pg_catalog.count(*) INTO present
-    FROM pg_catalog.pg_attribute a
-   WHERE a.attrelid = {rel}::regclass AND a.attnum > 0 AND NOT a.attisdropped
-     AND a.attname = ANY ({replicated});
+   WHERE a.attrelid = {rel}::regclass AND a.attnum > 0 AND NOT a.attisdropped;
   less := CASE WHEN pg_catalog.cardinality(other) = 0 THEN ''
     ELSE ' OPERATOR(pg_catalog.-) ' || pg_catalog.quote_literal(other::text) || '::text[]' END;
   one := pg_catalog.cardinality(other) = 1;
