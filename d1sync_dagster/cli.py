@@ -34,6 +34,7 @@ from d1sync_dagster.engine.introspect import introspect
 from d1sync_dagster.engine.nuke import nuke
 from d1sync_dagster.engine.position import freshness, wait_for_applied
 from d1sync_dagster.engine.reconcile import reconcile
+from d1sync_dagster.engine.reports import ApplyReport
 from d1sync_dagster.engine.restore import restore
 from d1sync_dagster.engine.setup import ensure_schema, setup, teardown_postgres
 from d1sync_dagster.engine.status import status
@@ -114,6 +115,13 @@ def _clients(args: argparse.Namespace) -> Iterator[tuple[PgmqClient, D1Client]]:
             d1.close()
 
 
+def _not_drained(report: ApplyReport) -> str:
+    """Why an apply ended with changes still in the queue."""
+    if report.caught_up:
+        return "applied the backlog it found; the changes committed while it ran wait for the next run"
+    return "budget reached; the queue is not empty"
+
+
 def _cmd_apply(args: argparse.Namespace) -> int:
     schema = _schema(args)
     options = ApplyOptions(
@@ -149,7 +157,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             f"applied {report.messages} messages in {report.duration_seconds:.2f}s "
             f"({report.changes_per_second:,.0f}/s), {report.requests} D1 requests, "
             f"{report.rows_per_request:,.0f} rows/request, {report.dead_lettered} dead-lettered"
-            + ("" if report.drained else " (budget reached; the queue is not empty)")
+            + ("" if report.drained else f" ({_not_drained(report)})")
         )
         if config.d1_settings().backend == "local" and report.rows_written:
             print("(local D1 file: rows written counts table rows only; D1 also bills every index entry written)")
@@ -255,7 +263,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
             print(f"{name}: {t.rows:,} rows in {t.chunks} chunks, {t.rows_per_second:,.0f} rows/s{resumed}")
         a = report.apply
         if a is not None:
-            state = "queue drained" if a.drained else f"queue not drained ({a.skipped or 'budget'})"
+            state = "queue drained" if a.drained else f"queue not drained ({a.skipped or _not_drained(a)})"
             print(f"applied {a.messages} messages, {a.requests} D1 requests, {a.dead_lettered} dead-lettered; {state}")
     return 0 if report.apply is None or report.apply.dead_lettered == 0 else 1
 

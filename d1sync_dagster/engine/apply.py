@@ -99,7 +99,8 @@ def apply(
     *,
     after_d1_commit: Callable[[list[int]], None] | None = None,
 ) -> ApplyReport:
-    """Drain the queue (or stop at the message/time budget); returns figures per table.
+    """Drain the queue (or stop at the message/time budget, or, not following the queue, at the backlog it
+    found: `ApplyReport.caught_up`); returns figures per table.
 
     Pipelined in three stages: a reader thread reads batches ahead (on this connection; the consumer
     lock is held on one of its own), this thread decodes and plans them, and a worker thread sends each to
@@ -137,9 +138,22 @@ def apply(
             pages = TxnPages(pg)
             positions: dict[int, str] = {}  # a batch's last msg_id -> the position it completes
             final: list[str] = []  # the snapshot of the last empty read
+            # A run that does not follow the queue ends at the backlog it found: once a page has completed a
+            # snapshot taken in this run, a read that finds a message past the last one read by then
+            # (committed since) ends it, and those wait for the next run. Writers as fast as the apply would
+            # otherwise keep it running for ever. Messages read again (range markers put back for a later
+            # batch) and late commits of transactions open then are still the backlog's.
+            seen = [0, 0]  # the highest msg_id read; that of the backlog once a page completed a snapshot
 
             def read(qty: int) -> list[QueueMessage]:
                 page = pages.read(qty, skip=claimed.ids(), as_text=planning.enabled)
+                if page.msgs:
+                    if seen[1] and page.msgs[-1].msg_id > seen[1]:
+                        report.caught_up = True
+                        return []
+                    seen[0] = max(seen[0], page.msgs[-1].msg_id)
+                    if options.follow is None and page.complete and not seen[1]:
+                        seen[1] = seen[0]
                 msgs = ranges.resolve(decoded(page.msgs, backfill_only=True))
                 claimed.add(msgs)
                 if msgs and page.position is not None:
@@ -189,7 +203,7 @@ def apply(
                         in_flight.popleft().result()
                 while in_flight:
                     in_flight.popleft().result()
-                report.drained = batches.drained
+                report.drained = batches.drained and not report.caught_up
                 # Sharded: the databases a batch did not touch get the position at the drain's end too.
                 moved = final and (final[0] != report.position or isinstance(d1, ShardedD1))
                 if report.drained and report.batches and moved:

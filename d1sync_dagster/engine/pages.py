@@ -31,6 +31,9 @@ class Page:
     #: it, is in D1: the snapshot itself at the end of a window, else the window's snapshot with its
     #: transactions still to come counted as running (`core/txns.py`, `partial`).
     position: str | None
+    #: The page completes its snapshot: with it and the pages before it, D1 holds every message that snapshot
+    #: sees (the backlog as it stood when the snapshot was taken).
+    complete: bool = True
 
 
 @dataclass
@@ -71,4 +74,4 @@ class TxnPages:
         if cut >= w.end:
             self.window = None
             return Page(msgs, snapshot)
-        return Page(msgs, partial(snapshot, w.ranges, cut))
+        return Page(msgs, partial(snapshot, w.ranges, cut), complete=False)

@@ -72,6 +72,10 @@ class ApplyReport:
     dead_lettered: int = 0
     duration_seconds: float = 0.0
     drained: bool = False
+    #: The run ended at the backlog it found: every change committed when it began is in D1, and the changes
+    #: committed while it ran wait for the next run (they came in as fast as it applied them; a run that
+    #: follows the queue, the streaming one, goes on instead).
+    caught_up: bool = False
     skipped: str | None = None
     vacuumed: bool = False
     #: Of `duration_seconds`, the time the queue table's VACUUM after the drain took (the queue was empty and
@@ -198,6 +202,7 @@ class ApplyReport:
         self.duration_seconds += part.duration_seconds
         self.shards = add_shards(self.shards, part.shards)
         self.drained = part.drained
+        self.caught_up = part.caught_up
         self.skipped = part.skipped
         self.drift = part.drift or self.drift
         self.position = part.position or self.position

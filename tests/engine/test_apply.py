@@ -39,6 +39,35 @@ def test_many_batches_keep_order(pair):
     pair.assert_in_sync()
 
 
+def test_a_run_ends_at_the_backlog_it_found_while_writes_keep_coming(pair, source_db):
+    """Writers as fast as the apply: after every batch's D1 commit, a new change commits. The run applies the
+    backlog it found and ends (it used to follow such writers for as long as they wrote: a Dagster run or
+    `d1sync apply` that never ended); its position covers that backlog and none of what came after."""
+    from d1sync_dagster.core.txns import Snapshot
+
+    insert = "INSERT INTO apps (id, name) VALUES (%s, 'a') RETURNING pg_current_xact_id()::text::bigint"
+    backlog = [pair.sql(insert, [i])[0][0] for i in range(1, 41)]  # 40 transactions: 8 batches of 5
+    later: list[int] = []
+    with psycopg.connect(source_db, autocommit=True) as writer:
+
+        def more(_ids: list[int]) -> None:
+            if len(later) < 200:  # bounded: a regression fails here instead of running for ever
+                with writer.transaction():
+                    row = writer.execute(insert, [1000 + len(later)]).fetchone()
+                later.append(row[0])
+
+        report = apply(pair.pg, pair.d1, pair.schema, ApplyOptions(batch_size=5), after_d1_commit=more)
+    assert report.caught_up and not report.drained
+    assert 40 <= report.messages < 40 + len(later) and len(later) < 200
+    assert pair.queue_depth() == 40 + len(later) - report.messages  # what came since waits in the queue
+    position = Snapshot.parse(report.position)
+    assert all(position.visible(x) for x in backlog) and not any(position.visible(x) for x in later)
+    # with the writer gone, the next run drains the queue
+    final = pair.apply()
+    assert final.drained and not final.caught_up and pair.queue_depth() == 0
+    pair.assert_in_sync()
+
+
 def test_delete_then_reinsert_of_a_key(pair):
     pair.sql("INSERT INTO apps (id, name) VALUES (1, 'first')")
     pair.apply()
