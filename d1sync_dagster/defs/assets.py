@@ -283,6 +283,11 @@ def build_table_assets(
                 f"{report.requests} D1 requests ({report.rows_per_request:.0f} rows/request), "
                 f"{report.dead_lettered} dead-lettered"
             )
+            if report.caught_up:
+                context.log.info(
+                    "the run ended at the backlog it found: changes committed while it ran came in as fast as it "
+                    "applied them and wait for the next run (the streaming run follows the queue instead)"
+                )
             for found in report.drift.values():
                 for d in found:
                     context.log.warning(f"schema drift: {d}")
