@@ -39,7 +39,7 @@ from d1sync_dagster.core.messages import message_rows
 from d1sync_dagster.core.statements import Statement
 from d1sync_dagster.engine.drift import Holding, hold_split
 from d1sync_dagster.engine.maintenance import vacuum_queue
-from d1sync_dagster.engine.pages import TxnPages
+from d1sync_dagster.engine.pages import Page, TxnPages
 from d1sync_dagster.engine.planner import MIN_MESSAGES, Planner
 from d1sync_dagster.engine.prefetch import Prefetch
 from d1sync_dagster.engine.publish import IsolationStopped, Prepared, commit, decoded
@@ -138,22 +138,13 @@ def apply(
             pages = TxnPages(pg)
             positions: dict[int, str] = {}  # a batch's last msg_id -> the position it completes
             final: list[str] = []  # the snapshot of the last empty read
-            # A run that does not follow the queue ends at the backlog it found: once a page has completed a
-            # snapshot taken in this run, a read that finds a message past the last one read by then
-            # (committed since) ends it, and those wait for the next run. Writers as fast as the apply would
-            # otherwise keep it running for ever. Messages read again (range markers put back for a later
-            # batch) and late commits of transactions open then are still the backlog's.
-            seen = [0, 0]  # the highest msg_id read; that of the backlog once a page completed a snapshot
+            backlog = _Backlog() if options.follow is None else None
 
             def read(qty: int) -> list[QueueMessage]:
                 page = pages.read(qty, skip=claimed.ids(), as_text=planning.enabled)
-                if page.msgs:
-                    if seen[1] and page.msgs[-1].msg_id > seen[1]:
-                        report.caught_up = True
-                        return []
-                    seen[0] = max(seen[0], page.msgs[-1].msg_id)
-                    if options.follow is None and page.complete and not seen[1]:
-                        seen[1] = seen[0]
+                if backlog is not None and backlog.past(page):
+                    report.caught_up = True
+                    return []
                 msgs = ranges.resolve(decoded(page.msgs, backfill_only=True))
                 claimed.add(msgs)
                 if msgs and page.position is not None:
@@ -443,6 +434,30 @@ def _commit_and_finish(
         len(poison),
         report.requests,
     )
+
+
+class _Backlog:
+    """Where a run that does not follow the queue ends: at the backlog it found. Once a page has completed a
+    snapshot taken in the run, a page holding a message past the last one read by then (committed since)
+    ends the run, and those wait for the next one; writers as fast as the apply would otherwise keep it
+    running for ever. Messages read again (range markers put back for a later batch) and late commits of
+    transactions open at that snapshot are still the backlog's. Used by the reader thread only."""
+
+    def __init__(self) -> None:
+        self._highest = 0  # the highest msg_id read
+        self._end: int | None = None  # the backlog's last msg_id, once a page completed a snapshot
+
+    def past(self, page: Page) -> bool:
+        """Whether `page` goes past the backlog (the run ends without it); else it is noted as read."""
+        if not page.msgs:
+            return False
+        last = page.msgs[-1].msg_id  # pages are in msg_id order
+        if self._end is not None:
+            return last > self._end
+        self._highest = max(self._highest, last)
+        if page.complete:
+            self._end = self._highest
+        return False
 
 
 class _Claimed:
